@@ -1,0 +1,371 @@
+"""One typed config per run: YAML -> dataclasses, validated before any work starts.
+
+Every problem is reported as a single `UserError` line that names the key and the fix
+(unknown keys get the nearest valid name). Relative paths resolve against the current
+directory (the project root for `make` and `ray job submit --working-dir .`), after
+`${VAR}` / `${VAR:-default}` expansion, and are stored absolute in the frozen run config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UserError
+
+REQUIRED = "<required>"
+TINY_MODELS = ("tiny-llama", "tiny-gptneo")
+METHODS = ("icu", "ga", "gd", "npo")
+SUITES = ("forget", "unseen", "ppl", "classification", "dialogue", "mia")
+
+
+def path_field(default: Any = REQUIRED, *, default_factory: Any = None, **meta: Any) -> Any:
+    """A field holding a filesystem path: expanded, made absolute, checked to exist."""
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata={"path": True, **meta})
+    return field(default=default, metadata={"path": True, **meta})
+
+
+@dataclass
+class ModelConfig:
+    name: str = "default"  # "default" (SmolLM2-135M), "tiny-llama", "tiny-gptneo", or a local HF folder
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.name != "default" and self.name not in TINY_MODELS:
+            self.name = _resolve_path("model.name", self.name, "a local Hugging Face model folder, "
+                                      f"'default', or one of {', '.join(TINY_MODELS)}")
+
+
+@dataclass
+class RequestsConfig:
+    path: str = path_field(hint="the erasure request file (jsonl, csv, parquet) or a saved dataset folder")
+    format: str = "auto"
+    text_column: str = "text"
+    id_column: str | None = None
+    prefix_tokens: int = 50
+    suffix_tokens: int = 50
+    max_tokens: int | None = 200  # the paper's sequence length; null = the model's context
+    too_long: str = "truncate"
+    limit: int | None = None  # take only the first N rows (demos, smoke tests)
+
+    def validate(self) -> None:
+        _one_of("requests.format", self.format, ("auto", "jsonl", "json", "csv", "parquet", "dataset"))
+        _one_of("requests.too_long", self.too_long, ("truncate", "reject"))
+        _positive("requests.prefix_tokens", self.prefix_tokens)
+        _positive("requests.suffix_tokens", self.suffix_tokens)
+        _positive("requests.limit", self.limit)
+        need = self.prefix_tokens + self.suffix_tokens
+        if self.max_tokens is not None and self.max_tokens < need:
+            raise UserError(f"requests.max_tokens: {self.max_tokens} is shorter than prefix_tokens + "
+                            f"suffix_tokens = {need}; fix: raise max_tokens or lower the prefix/suffix")
+
+
+@dataclass
+class RetainConfig:
+    paths: list[str] = path_field(default_factory=list, hint="retain text files (jsonl, csv, parquet, "
+                                  "txt) or folders")
+    text_column: str = "text"
+    chunk_tokens: int | None = None  # null = requests.max_tokens
+    max_items: int | None = None
+
+    def validate(self) -> None:
+        _positive("retain.chunk_tokens", self.chunk_tokens)
+        _positive("retain.max_items", self.max_items)
+
+
+@dataclass
+class RetrievalConfig:
+    embedder: str = "minilm"  # "minilm" (the paper's all-MiniLM-L6-v2), "lm" (target model), or a folder
+    k: int = 10
+    pairs_per_request: int = 1  # the paper trains on the top-1 neighbour
+    index: str = "auto"
+    exact_max: int = 200_000
+    leak_threshold: float = 0.9
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        _positive("retrieval.k", self.k)
+        _positive("retrieval.batch_size", self.batch_size)
+        _positive("retrieval.exact_max", self.exact_max)
+        _one_of("retrieval.index", self.index, ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw"))
+        if not 1 <= self.pairs_per_request <= self.k:
+            raise UserError(f"retrieval.pairs_per_request: {self.pairs_per_request} must be between 1 and "
+                            f"retrieval.k = {self.k}; fix: lower it or raise k")
+        _in_range("retrieval.leak_threshold", self.leak_threshold, 0.0, 1.0)
+        if self.embedder not in ("minilm", "lm"):
+            self.embedder = _resolve_path("retrieval.embedder", self.embedder,
+                                          "'minilm', 'lm' or a sentence-transformers folder")
+
+
+@dataclass
+class UnlearningConfig:
+    method: str = "icu"
+    lr: float = 5e-5
+    uw: float = 1.0
+    lw: float = 0.5
+    kl: float = 1.0
+    npo_beta: float = 0.1
+    batch_size: int = 8  # per worker
+    max_epochs: int = 30
+    seed: int = 42
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    bertscore_threshold: float = 0.3
+    bleu_threshold: float = 0.01
+    ma_threshold: float | None = None  # null = measured on the unseen set for this model
+    el_threshold: float | None = None
+    num_beams: int = 2
+    keep_checkpoints: int = 2
+    ds_config: str = path_field("ds_configs/zero3_cpu.json", hint="a DeepSpeed JSON config")
+
+    def validate(self) -> None:
+        _one_of("unlearning.method", self.method, METHODS)
+        for key in ("lr", "batch_size", "max_epochs", "num_beams", "keep_checkpoints", "grad_clip"):
+            _positive(f"unlearning.{key}", getattr(self, key))
+        for key in ("uw", "lw", "kl", "npo_beta", "weight_decay", "warmup_steps"):
+            if getattr(self, key) < 0:
+                raise UserError(f"unlearning.{key}: must be >= 0, got {getattr(self, key)}")
+        for key in ("bertscore_threshold", "bleu_threshold", "ma_threshold", "el_threshold"):
+            if getattr(self, key) is not None:
+                _in_range(f"unlearning.{key}", getattr(self, key), 0.0, 1.0)
+
+
+@dataclass
+class EvaluationConfig:
+    suites: list[str] = field(default_factory=lambda: list(SUITES))
+    max_samples: dict[str, int] = field(default_factory=dict)  # per-suite caps
+    data_dir: str = path_field("../shared/data", hint="the shared benchmark data folder")
+    el_n: int = 10
+    el_range: str = "icu"  # "icu": prompts t = 0.75T..T-1; "ku": t = 1..T-1
+    ppl_chunk: int = 512
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        for suite in self.suites:
+            _one_of("evaluation.suites", suite, SUITES)
+        for suite, cap in self.max_samples.items():
+            _one_of("evaluation.max_samples", suite, SUITES)
+            _positive(f"evaluation.max_samples.{suite}", cap)
+        _one_of("evaluation.el_range", self.el_range, ("icu", "ku"))
+        for key in ("el_n", "ppl_chunk", "batch_size"):
+            _positive(f"evaluation.{key}", getattr(self, key))
+
+
+@dataclass
+class ResourcesConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    embed_actors: int = 1
+    eval_actors: int = 1
+    max_failures: int = 2
+
+    def validate(self) -> None:
+        for key in ("num_workers", "cpus_per_worker", "embed_actors", "eval_actors"):
+            _positive(f"resources.{key}", getattr(self, key))
+        if self.max_failures < 0:
+            raise UserError(f"resources.max_failures: must be >= 0, got {self.max_failures}")
+
+
+@dataclass
+class StorageConfig:
+    runs_dir: str = path_field("runs", must_exist=False, hint="where run directories are created")
+    name: str = ""  # default: the config file's stem
+
+    def validate(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise UserError(f"storage.name: {self.name!r} is not a valid run name; fix: use letters, "
+                            "digits, '.', '_' and '-'")
+
+
+@dataclass
+class Config:
+    requests: RequestsConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    retain: RetainConfig = field(default_factory=RetainConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage.runs_dir) / self.storage.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
+    """Read, build and validate a run config; `overrides` maps dotted keys to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}; fix: pass the path of a run YAML "
+                        "(examples in ray_jobs/configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}; fix the syntax there") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; fix: save the config as UTF-8") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (model:, requests:, ...)")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    data.setdefault("storage", {})
+    if isinstance(data["storage"], dict):
+        data["storage"].setdefault("name", path.stem)
+    return build_config(data)
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    """Build a `Config` from plain data (already parsed YAML) and validate every section."""
+    config = _build(Config, data, "")
+    for section in dataclasses.fields(config):
+        getattr(config, section.name).validate()
+    return config
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ, as 'key (old -> new)' lines, sorted."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    return [f"{key} ({flat_old.get(key)!r} -> {flat_new.get(key)!r})"
+            for key in sorted(set(flat_old) | set(flat_new)) if flat_old.get(key) != flat_new.get(key)]
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_kind(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean '{prefix}{near[0]}'?" if near else f"valid keys: {', '.join(fields)}"
+            raise UserError(f"{prefix}{key}: unknown key; {hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], data.get(name, {}), f"{key}.")
+            continue
+        if name not in data:
+            if f.default is REQUIRED or (f.default is dataclasses.MISSING
+                                         and f.default_factory is dataclasses.MISSING):
+                raise UserError(f"{key}: missing; fix: set it to {f.metadata.get('hint', 'a value')}")
+            continue
+        value = _coerce(key, data[name], hints[name])
+        if f.metadata.get("path"):
+            value = _resolve_paths(key, value, f.metadata)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    for name, f in fields.items():  # defaults that are paths are resolved too
+        if f.metadata.get("path") and name not in data:
+            setattr(obj, name, _resolve_paths(f"{prefix}{name}", getattr(obj, name), f.metadata))
+    return obj
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {_kind(value)}; fix: write it as [a, b] or one "
+                            "'- item' per line")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {_kind(value)}")
+        return {_coerce(key, k, args[0]): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 5e-5 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise UserError(f"{key}: expected {tp.__name__}, got {_kind(value)} {value!r}")
+    return value
+
+
+def _resolve_paths(key: str, value: Any, meta: dict[str, Any]) -> Any:
+    if isinstance(value, list):
+        return [_resolve_paths(f"{key}[{i}]", v, meta) for i, v in enumerate(value)]
+    if meta.get("must_exist", True):
+        return _resolve_path(key, value, meta.get("hint", "an existing path"))
+    return os.path.abspath(Path(_expand(key, value)).expanduser())
+
+
+def _resolve_path(key: str, value: str, hint: str) -> str:
+    path = Path(os.path.abspath(Path(_expand(key, value)).expanduser()))
+    if not path.exists():
+        raise UserError(f"{key}: path not found: {path}; fix: set it to {hint}")
+    return str(path)
+
+
+def _expand(key: str, value: str) -> str:
+    def sub(match: re.Match) -> str:
+        name, default = match.group(1), match.group(3)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise UserError(f"{key}: environment variable {name} is not set; fix: export it or write "
+                            f"${{{name}:-default}}")
+        return default
+
+    return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", sub, value)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _flatten(data: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in data.items() for key, value in values.items()}
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise UserError(f"{key}: {value!r} is not valid; {hint}choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"{key}: must be > 0, got {value}")
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise UserError(f"{key}: must be between {low} and {high}, got {value}")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__

@@ -1,0 +1,114 @@
+"""The pipeline driver: open a run, then run each stage unless it is already complete.
+
+A stage is skipped when the manifest says it finished with the same input fingerprint
+and its outputs are still on disk; otherwise it reruns and overwrites its own folder.
+The same driver backs `icu run`, `icu <stage>` and the Ray job entrypoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline import modeling
+from pipeline.config import Config, load_config
+from pipeline.store import STAGES, RunStore, file_digest, fingerprint
+
+log = logging.getLogger("icu")
+
+
+def open_run(config_path: str, overrides: dict[str, Any] | None = None,
+             restart_from: str | None = None) -> tuple[Config, RunStore]:
+    """Load and validate the config, then freeze it in the run directory (or check it matches)."""
+    cfg = load_config(config_path, overrides)
+    store = RunStore(cfg.run_dir)
+    store.freeze_config(cfg.to_dict(), restart_from=restart_from)
+    _log_to_run(store)
+    return cfg, store
+
+
+def run_ingest(cfg: Config, store: RunStore) -> dict[str, Any]:
+    """Validate the erasure requests into requests/accepted.parquet and rejected.parquet."""
+    from pipeline.requests import ingest
+
+    key = fingerprint("ingest", cfg.requests, cfg.model, file_digest(cfg.requests.path))
+    if store.is_done("ingest", key):
+        return _skipped(store, "ingest")
+    model_dir = modeling.resolve_model_dir(cfg.model.name)
+    tokenizer = modeling.load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    max_len = modeling.context_length(model_dir)
+    if cfg.requests.max_tokens is not None:
+        max_len = min(max_len, cfg.requests.max_tokens)
+    with store.run_stage("ingest", key) as result:
+        out = store.stage_dir("ingest")
+        counts = ingest(cfg.requests, tokenizer, max_len, out)
+        result["outputs"] += [out / "accepted.parquet", out / "rejected.parquet"]
+        result["summary"] = counts
+    reasons = ", ".join(f"{k}={v}" for k, v in counts["reasons"].items()) or "none"
+    log.info("ingest: %d rows read, %d accepted, %d rejected (%s)", counts["rows"], counts["accepted"],
+             counts["rejected"], reasons)
+    return counts
+
+
+STAGE_RUNNERS: dict[str, Callable[[Config, RunStore], dict[str, Any]]] = {"ingest": run_ingest}
+
+
+def run_pipeline(cfg: Config, store: RunStore) -> dict[str, dict[str, Any]]:
+    """Run every implemented stage in order; returns each stage's summary."""
+    summaries = {}
+    for stage in STAGES:
+        if stage in STAGE_RUNNERS:
+            started = time.time()
+            summaries[stage] = STAGE_RUNNERS[stage](cfg, store)
+            log.info("%s: finished in %.1f s", stage, time.time() - started)
+    return summaries
+
+
+def status_lines(run_dir: str | Path) -> list[str]:
+    """One line per stage: state, timing or progress, and where a stopped run resumes."""
+    store = RunStore(run_dir)
+    stages = store.manifest()["stages"]
+    lines = [f"run {Path(run_dir).resolve()}"]
+    resume = None
+    for stage in STAGES:
+        entry = stages.get(stage, {"status": "pending"})
+        state = entry["status"]
+        detail = ""
+        if state == "done":
+            detail = f"{entry.get('seconds', 0):.1f} s  {_short(entry.get('summary', {}))}"
+        elif "progress" in entry:
+            p = entry["progress"]
+            detail = f"{p['done']}/{p['total']} {p.get('note', '')}".strip()
+        elif state == "failed":
+            detail = entry.get("error", "")
+        if state != "done" and resume is None:
+            resume = stage
+        impl = "" if stage in STAGE_RUNNERS else "  (not implemented yet)"
+        lines.append(f"  {stage:<9} {state:<8} {detail}{impl}")
+    lines.append(f"  resumes at: {resume}" if resume else "  all stages done")
+    return lines
+
+
+def _skipped(store: RunStore, stage: str) -> dict[str, Any]:
+    log.info("%s: already complete with the same inputs; skipped", stage)
+    return store.stage(stage).get("summary", {})
+
+
+def _short(summary: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)))
+
+
+def _log_to_run(store: RunStore) -> None:
+    """Append this process's log to the run's logs/ folder (ids and counts only, never text)."""
+    logs = store.path("logs")
+    logs.mkdir(exist_ok=True)
+    root = logging.getLogger("icu")
+    if root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    target = str(logs / "driver.log")
+    if not any(getattr(h, "baseFilename", None) == target for h in root.handlers):
+        handler = logging.FileHandler(target, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)

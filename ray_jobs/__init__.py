@@ -1,0 +1,1 @@
+"""Ray job entrypoints: `python -m ray_jobs.<stage> CONFIG`, one per stage plus `run`."""

@@ -1,0 +1,44 @@
+"""Shared test setup: offline hub, CPU DeepSpeed, and the location of the shared data."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ICU_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only benchmark data folder (../shared/data from the project root)."""
+    if not (SHARED_DATA / "icu_benchmark").is_dir():
+        pytest.fail(f"shared data not found at {SHARED_DATA}; the tests need ../shared/data beside the "
+                    "project (or ICU_DATA pointing at it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir() -> Path:
+    from pipeline import modeling
+
+    return modeling.tiny_model_dir("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from pipeline import modeling
+
+    return modeling.default_model_dir()
+
+
+def write_config(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    """Write a YAML config into tmp_path; runs go to tmp_path/runs."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path

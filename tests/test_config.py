@@ -1,0 +1,106 @@
+"""Config validation: every mistake is one line naming the key and the fix, exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import config_diff, load_config
+
+from conftest import REPO, write_config
+
+
+@pytest.fixture
+def requests_file(tmp_path):
+    path = tmp_path / "requests.csv"
+    path.write_text("text\nhello\n", encoding="utf-8")
+    return path
+
+
+def base(requests_file, extra: str = "", model: str = "tiny-llama", requests: str = "") -> str:
+    return f"model:\n  name: {model}\nrequests:\n  path: {requests_file}\n{requests}" \
+           f"storage:\n  runs_dir: {requests_file.parent}/runs\n{extra}"
+
+
+CASES = {
+    "unknown key": ("unlearning:\n  lrr: 0.1\n", ["unlearning.lrr", "did you mean 'unlearning.lr'"]),
+    "unknown section": ("unlerning:\n  lr: 0.1\n", ["unlerning", "did you mean 'unlearning'"]),
+    "wrong type": ("unlearning:\n  max_epochs: many\n", ["unlearning.max_epochs", "expected int"]),
+    "bool for int": ("unlearning:\n  batch_size: true\n", ["unlearning.batch_size", "expected int"]),
+    "out of range": ("unlearning:\n  lr: -1\n", ["unlearning.lr", "> 0"]),
+    "threshold range": ("unlearning:\n  bleu_threshold: 2\n", ["unlearning.bleu_threshold", "between"]),
+    "bad choice": ("unlearning:\n  method: icuu\n", ["unlearning.method", "did you mean 'icu'"]),
+    "missing path": ("retain:\n  paths: [/nonexistent/pool.csv]\n", ["retain.paths[0]", "not found"]),
+    "missing model folder": ("", ["model.name", "not found"]),
+    "cross-field": ("retrieval:\n  k: 2\n  pairs_per_request: 3\n", ["retrieval.pairs_per_request"]),
+    "prefix too long": ("  max_tokens: 60\n", ["requests.max_tokens"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_config_errors_are_one_line(case, requests_file, tmp_path, capsys):
+    extra, expected = CASES[case]
+    if case == "missing model folder":
+        text = base(requests_file, model="/nonexistent/model")
+    elif case == "prefix too long":
+        text = base(requests_file, requests=extra)
+    else:
+        text = base(requests_file, extra)
+    rc = main(["ingest", str(write_config(tmp_path, text))])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for needle in expected:
+        assert needle in err
+
+
+def test_missing_required_key(tmp_path, capsys):
+    rc = main(["ingest", str(write_config(tmp_path, "model:\n  name: tiny-llama\n"))])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip() == ("icu: error: requests.path: missing; fix: set it to the erasure request file "
+                           "(jsonl, csv, parquet) or a saved dataset folder")
+
+
+def test_invalid_yaml_and_missing_file(tmp_path, capsys):
+    assert main(["run", str(write_config(tmp_path, "model: [unclosed\n"))]) == 2
+    assert "not valid YAML at line" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "absent.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_console_script_prints_no_traceback(requests_file, tmp_path):
+    cfg = write_config(tmp_path, base(requests_file, "unlearning:\n  lr: 0\n"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("icu: error: unlearning.lr: must be > 0")
+    assert "Traceback" not in proc.stderr
+
+
+def test_env_expansion_and_defaults(requests_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("REQ_DIR", str(requests_file.parent))
+    text = base(requests_file).replace(str(requests_file), "${REQ_DIR}/requests.csv")
+    text += "retain:\n  paths: ['${NOT_SET_ANYWHERE:-" + str(requests_file.parent) + "}/requests.csv']\n"
+    cfg = load_config(write_config(tmp_path, text))
+    assert cfg.requests.path == str(requests_file)
+    assert cfg.retain.paths == [str(requests_file)]
+    assert cfg.unlearning.lr == 5e-5 and cfg.unlearning.ds_config.endswith("ds_configs/zero3_cpu.json")
+    assert cfg.storage.name == "run"
+
+
+def test_config_diff_names_changed_keys(requests_file, tmp_path):
+    a = load_config(write_config(tmp_path, base(requests_file))).to_dict()
+    b = load_config(write_config(tmp_path, base(requests_file, "unlearning:\n  lr: 1.0e-4\n"))).to_dict()
+    assert config_diff(a, a) == []
+    assert config_diff(a, b) == ["unlearning.lr (5e-05 -> 0.0001)"]
+
+
+def test_example_configs_validate(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    load_config(REPO / "ray_jobs" / "configs" / "demo.yaml")
+    monkeypatch.setenv("ICU_MODELS", str(tmp_path))
+    with pytest.raises(Exception, match="model.name: path not found"):
+        load_config(REPO / "ray_jobs" / "configs" / "paper_gptneo_1.3b.yaml")
