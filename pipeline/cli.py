@@ -28,6 +28,11 @@ EPILOG = """examples:
 """
 
 
+STAGE_HELP = {
+    "ingest": "validate erasure requests into accepted/rejected parquet",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="icu", description="Remove memorized data from a causal LM with Iterative Contrastive "
@@ -39,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(run)
     run.add_argument("--restart-from", choices=STAGES, help="rerun this stage and all later ones "
                      "(required to change the config of an existing run)")
-    ingest = sub.add_parser("ingest", help="validate erasure requests into accepted/rejected parquet")
-    _config_args(ingest)
+    for stage, help_text in STAGE_HELP.items():
+        _config_args(sub.add_parser(stage, help=help_text))
     status = sub.add_parser("status", help="show each stage's state, progress and timings")
     status.add_argument("run_dir", help="a run directory, e.g. runs/demo")
     return parser

@@ -172,8 +172,12 @@ class ResourcesConfig:
     embed_actors: int = 1
     eval_actors: int = 1
     max_failures: int = 2
+    launcher: str = "ray"  # "ray" (Ray Train) or "torchrun" (GPU machines without Ray)
+    placement: str = "PACK"  # Ray placement of the training workers: PACK or SPREAD
 
     def validate(self) -> None:
+        _one_of("resources.launcher", self.launcher, ("ray", "torchrun"))
+        _one_of("resources.placement", self.placement, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
         for key in ("num_workers", "cpus_per_worker", "embed_actors", "eval_actors"):
             _positive(f"resources.{key}", getattr(self, key))
         if self.max_failures < 0:

@@ -52,6 +52,34 @@ def run_ingest(cfg: Config, store: RunStore) -> dict[str, Any]:
     return counts
 
 
+def run_unlearn(cfg: Config, store: RunStore) -> dict[str, Any]:
+    """Unlearn the accepted requests with the configured launcher (Ray Train or torchrun)."""
+    import json
+    import shutil
+
+    from pipeline import launch
+
+    upstream = [store.stage(s).get("fingerprint") for s in ("ingest", "retrieve")]
+    key = fingerprint("unlearn", cfg.model, cfg.requests, cfg.retrieval, cfg.unlearning, cfg.evaluation,
+                      cfg.resources.num_workers, upstream)
+    if store.is_done("unlearn", key):
+        return _skipped(store, "unlearn")
+    out = store.stage_dir("unlearn")
+    stamp = out / "checkpoints" / "fingerprint"
+    if stamp.exists() and stamp.read_text() != key:  # checkpoints of other inputs: start over
+        log.info("unlearn: inputs changed since the last checkpoint; starting from epoch 0")
+        shutil.rmtree(out / "checkpoints")
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key)
+    with store.run_stage("unlearn", key) as result:
+        (launch.ray_train if cfg.resources.launcher == "ray" else launch.torchrun)(cfg, store)
+        summary = json.loads((out / "result.json").read_text())
+        result["outputs"] += [out / "result.json", out / "history.parquet", out / "checkpoints" / "final"]
+        result["summary"] = {k: v for k, v in summary.items() if k != "thresholds"}
+    return summary
+
+
+# run_unlearn is not registered yet: the ZeRO-3 worker loop is still being debugged (issue 5).
 STAGE_RUNNERS: dict[str, Callable[[Config, RunStore], dict[str, Any]]] = {"ingest": run_ingest}
 
 

@@ -1,0 +1,236 @@
+"""Unlearning objectives as pure tensor functions (no I/O, no distributed calls).
+
+Conventions shared by every loss:
+- `logits` are [B, T, V] causal-LM outputs for `ids` [B, T] with attention `mask` [B, T]
+  (1 = real token, 0 = pad). Half-precision logits are upcast to float32 for the
+  softmax; float32/float64 are used as given.
+- Causal shift: logits[:, t] predicts ids[:, t + 1]. A prediction counts only when both
+  the target token and the token it is predicted from are real, so right and left
+  padding are both handled.
+- Per-sequence values are token means (NLL, KL) or token sums (NPO's sequence log-prob).
+- Batch reduction: mean over *active* rows of the per-sequence values. A row is active
+  when it has at least one counted position. An inactive row (all-zero mask: the empty
+  row a rank pads in when it has no live sample) adds exactly zero to the loss and to
+  the gradient, and an all-inactive batch gives a loss of 0 that still backpropagates,
+  so every rank can run backward.
+
+Methods (registry `LOSSES`, dispatched by `unlearning_loss`):
+- icu: -uw * NLL(forget) + lw * NLL(neighbour) + kl * KL(p_ref || p_theta on neighbour).
+  Forget row i and neighbour row i are a pair; the neighbour is passed as `retain_*`.
+- ga:  -NLL(forget)                                    (Knowledge Unlearning).
+- gd:  -NLL(forget) + retain_weight * NLL(retain)       (gradient difference).
+- npo: -(2 / beta) * logsigmoid(-beta * (logp_theta(x_f) - logp_ref(x_f)))
+       [+ retain_weight * NLL(retain), i.e. NPO+RT, when retain_weight > 0: the default,
+       as in open-unlearning; set retain_weight=0 for plain NPO].
+A term whose weight is 0 is skipped, so `needs_reference` / `needs_retain` tell the
+training loop exactly which extra forward passes (frozen model, retain batch) to run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    uw: float = 1.0  # icu: weight of the forget (gradient-ascent) term
+    lw: float = 0.5  # icu: weight of the neighbour NLL
+    kl: float = 1.0  # icu: weight of the neighbour KL to the frozen model
+    npo_beta: float = 0.1
+    retain_weight: float = 1.0  # gd and npo: weight of the retain NLL
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """Everything a loss may read; optional fields are required only by some methods."""
+
+    forget_logits: Tensor
+    forget_ids: Tensor
+    forget_mask: Tensor
+    retain_logits: Tensor | None = None
+    retain_ids: Tensor | None = None
+    retain_mask: Tensor | None = None
+    ref_retain_logits: Tensor | None = None
+    ref_forget_logits: Tensor | None = None
+
+
+def _upcast(logits: Tensor) -> Tensor:
+    """float32 for half types (bf16 softmax loses digits); otherwise the tensor itself, no copy."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _predicted(mask: Tensor) -> Tensor:
+    """[B, T-1] positions whose target ids[:, t+1] and context token ids[:, t] are both real."""
+    return mask[:, 1:].bool() & mask[:, :-1].bool()
+
+
+def _shifted_nll(logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-position NLL [B, T-1] of ids[:, 1:] (0 where not counted) and the counted positions.
+
+    logsumexp - gathered logit avoids keeping a full log-softmax copy of [B, T, V].
+    """
+    valid = _predicted(mask)
+    logits = _upcast(logits[:, :-1])
+    targets = ids[:, 1:].masked_fill(~valid, 0).unsqueeze(-1)  # pads may hold -100
+    nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets).squeeze(-1)
+    return torch.where(valid, nll, 0.0), valid
+
+
+def token_nll(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """[B] token-mean causal-LM cross-entropy per sequence; 0 for rows with nothing to predict."""
+    nll, valid = _shifted_nll(logits, ids, mask)
+    return nll.sum(1) / valid.sum(1).clamp(min=1)
+
+
+def sequence_logprob(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """[B] sum of token log-probs of ids[:, 1:] over counted positions (NPO's log p(x))."""
+    nll, _ = _shifted_nll(logits, ids, mask)
+    return -nll.sum(1)
+
+
+def kl_to_reference(logits: Tensor, ref_logits: Tensor, mask: Tensor) -> Tensor:
+    """[B] token-mean KL(p_ref || p_theta) over the real positions of each row.
+
+    Every real position counts (no shift: no labels are involved). The reference side
+    carries no gradient. The per-token sums over V are einsums (batched matmuls), so no
+    elementwise [B, T, V] product is materialised; what stays alive for backward is
+    log p_theta and p_ref, one [B, T, V] float32 tensor each.
+    """
+    logp = F.log_softmax(_upcast(logits), dim=-1)
+    with torch.no_grad():
+        ref_logp = F.log_softmax(_upcast(ref_logits), dim=-1)
+        ref_p = ref_logp.exp()
+        ref_neg_entropy = torch.einsum("btv,btv->bt", ref_p, ref_logp)
+        del ref_logp
+    kl = ref_neg_entropy - torch.einsum("btv,btv->bt", ref_p, logp)
+    valid = mask.bool()
+    return torch.where(valid, kl, 0.0).sum(1) / valid.sum(1).clamp(min=1)
+
+
+def _row_mean(values: Tensor, active: Tensor) -> Tensor:
+    """Mean of values [B] over active rows; 0 (still in the graph) when none is active."""
+    return torch.where(active, values, 0.0).sum() / active.sum().clamp(min=1)
+
+
+def _mean_nll(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """Batch NLL: mean over active rows of the per-sequence token means."""
+    return _row_mean(token_nll(logits, ids, mask), _predicted(mask).any(1))
+
+
+def _mean_kl(logits: Tensor, ref_logits: Tensor, mask: Tensor) -> Tensor:
+    return _row_mean(kl_to_reference(logits, ref_logits, mask), mask.bool().any(1))
+
+
+Parts = dict[str, Tensor]
+
+
+def _forget_nll(x: LossInputs) -> Tensor:
+    return _mean_nll(x.forget_logits, x.forget_ids, x.forget_mask)
+
+
+def _retain_nll(x: LossInputs) -> Tensor:
+    return _mean_nll(x.retain_logits, x.retain_ids, x.retain_mask)
+
+
+def _icu(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+    parts = {"forget_nll": _forget_nll(x)}
+    loss = -w.uw * parts["forget_nll"]
+    if w.lw > 0:
+        parts["neighbour_nll"] = _retain_nll(x)
+        loss = loss + w.lw * parts["neighbour_nll"]
+    if w.kl > 0:
+        parts["kl"] = _mean_kl(x.retain_logits, x.ref_retain_logits, x.retain_mask)
+        loss = loss + w.kl * parts["kl"]
+    return loss, parts
+
+
+def _ga(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+    parts = {"forget_nll": _forget_nll(x)}
+    return -parts["forget_nll"], parts
+
+
+def _with_retain(loss: Tensor, parts: Parts, x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+    """Adds retain_weight * NLL(retain) when the weight is positive (gd, NPO+RT)."""
+    if w.retain_weight > 0:
+        parts["retain_nll"] = _retain_nll(x)
+        loss = loss + w.retain_weight * parts["retain_nll"]
+    return loss, parts
+
+
+def _gd(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+    return _with_retain(*_ga(x, w), x, w)
+
+
+def _npo(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+    logp = sequence_logprob(x.forget_logits, x.forget_ids, x.forget_mask)
+    with torch.no_grad():
+        ref_logp = sequence_logprob(x.ref_forget_logits, x.forget_ids, x.forget_mask)
+    per_row = -(2.0 / w.npo_beta) * F.logsigmoid(-w.npo_beta * (logp - ref_logp))
+    active = _predicted(x.forget_mask).any(1)
+    parts = {"npo": _row_mean(per_row, active)}
+    return _with_retain(parts["npo"], parts, x, w)
+
+
+LOSSES: dict[str, Callable[[LossInputs, LossWeights], tuple[Tensor, Parts]]] = {
+    "icu": _icu,
+    "ga": _ga,
+    "gd": _gd,
+    "npo": _npo,
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in LOSSES:
+        raise ValueError(f"unknown unlearning method {name!r}; valid: {', '.join(LOSSES)}")
+
+
+def needs_reference(name: str, weights: LossWeights = LossWeights()) -> bool:
+    """Whether the loss reads the frozen original model's logits (icu's KL, npo)."""
+    _check_name(name)
+    return name == "npo" or (name == "icu" and weights.kl > 0)
+
+
+def needs_retain(name: str, weights: LossWeights = LossWeights()) -> bool:
+    """Whether the loss reads a retain/neighbour batch (`retain_*`)."""
+    _check_name(name)
+    if name == "icu":
+        return weights.lw > 0 or weights.kl > 0
+    return name in ("gd", "npo") and weights.retain_weight > 0
+
+
+def _check_inputs(name: str, x: LossInputs, weights: LossWeights) -> None:
+    required = []
+    if needs_retain(name, weights):
+        required += ["retain_logits", "retain_ids", "retain_mask"]
+    if needs_reference(name, weights):
+        required.append("ref_retain_logits" if name == "icu" else "ref_forget_logits")
+    missing = [key for key in required if getattr(x, key) is None]
+    if missing:
+        raise ValueError(f"method {name!r} with {weights} needs {', '.join(missing)}")
+
+
+def unlearning_loss(
+    name: str,
+    *,
+    forget_logits: Tensor,
+    forget_ids: Tensor,
+    forget_mask: Tensor,
+    retain_logits: Tensor | None = None,
+    retain_ids: Tensor | None = None,
+    retain_mask: Tensor | None = None,
+    ref_retain_logits: Tensor | None = None,
+    ref_forget_logits: Tensor | None = None,
+    weights: LossWeights = LossWeights(),
+) -> tuple[Tensor, dict[str, float]]:
+    """The scalar training loss of method `name` and its detached parts (plus "loss") for logging."""
+    _check_name(name)
+    x = LossInputs(forget_logits, forget_ids, forget_mask, retain_logits, retain_ids, retain_mask,
+                   ref_retain_logits, ref_forget_logits)
+    _check_inputs(name, x, weights)
+    loss, parts = LOSSES[name](x, weights)
+    return loss, {"loss": loss.item(), **{key: value.item() for key, value in parts.items()}}

@@ -1,0 +1,348 @@
+"""Evaluation metrics as pure functions of a causal LM and token ids (see METHOD.md, "Metrics").
+
+Conventions shared by every function here:
+- Batches are RIGHT-padded `input_ids` with an `attention_mask` marking real tokens; lists of
+  token-id lists are padded here. Pad ids are never scored, so any valid id may fill them.
+- The caller puts the model in eval mode (dropout would make greedy decoding random).
+- `torch.no_grad`, not `inference_mode`: DeepSpeed ZeRO-3 gathers parameters in forward hooks,
+  which fails on inference tensors.
+- Greedy means plain argmax: no EOS stop, no repetition penalty or other processor from the
+  model's `generation_config`. Batched, KV-cached generation equals the one-prompt-at-a-time
+  definition except where two logits tie to float rounding (padding changes summation order).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, PreTrainedModel
+
+PromptRange = Literal["icu", "ku"]
+
+# An id no vocabulary reaches: used as EOS/pad inside generate() so that generation never stops
+# early and an EOS-like token is scored like any other.
+_NEVER_GENERATED = 2**31 - 1
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+# --- padding and batching -------------------------------------------------------------------
+
+def _pad(seqs: Sequence[Sequence[int]], pad_token_id: int, left: bool,
+         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for ragged sequences, padded on the left or the right."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, cols] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _chunks(order: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(order), size):
+        yield list(order[start:start + size])
+
+
+def _unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    return [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+
+
+# --- teacher-forced scoring -----------------------------------------------------------------
+
+def _token_logits(model: PreTrainedModel, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 logits predicting each next token, the targets, and which targets are real tokens.
+
+    Upcast because bf16 log-softmax over a 50k+ vocabulary is too coarse for PPL and MIA.
+    """
+    device = model.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    return logits, input_ids[:, 1:], attention_mask[:, 1:].bool()
+
+
+def _token_nll(model: PreTrainedModel, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position NLL of x_t given x_<t, shape [B, T-1] (0 on pads), and the valid mask."""
+    logits, targets, valid = _token_logits(model, input_ids, attention_mask)
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return nll.masked_fill(~valid, 0.0), valid
+
+
+@torch.no_grad()
+def memorization_accuracy(model: PreTrainedModel, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor) -> torch.Tensor:
+    """MA per row: share of t in 1..T_i-1 with argmax p(.|x_<t) == x_t, from one forward pass.
+
+    Teacher forcing gives exactly the reference's 199 one-token generate() calls. Rows with
+    fewer than two tokens score 0.
+    """
+    logits, targets, valid = _token_logits(model, input_ids, attention_mask)
+    hits = (logits.argmax(-1) == targets) & valid
+    return (hits.sum(-1).double() / valid.sum(-1).clamp_min(1)).cpu()
+
+
+# --- generation -----------------------------------------------------------------------------
+
+def _generation_config(max_new_tokens: int, num_beams: int) -> GenerationConfig:
+    """Pure greedy/beam decoding of exactly `max_new_tokens` tokens.
+
+    generate() fills every field left None from the model's own generation_config, so each
+    knob that could alter argmax decoding (sampling, penalties, EOS) is set explicitly.
+    """
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_length=0, do_sample=False, num_beams=num_beams,
+        num_return_sequences=1, length_penalty=1.0, early_stopping=False, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, temperature=1.0, top_k=50, top_p=1.0, use_cache=True,
+        eos_token_id=_NEVER_GENERATED, pad_token_id=_NEVER_GENERATED,
+    )
+
+
+def _generation_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int,
+                        same_length: bool) -> Iterator[list[int]]:
+    """Consecutive runs of `order`, cut at batch_size and, if asked, wherever the length changes."""
+    batch: list[int] = []
+    for k in order:
+        if batch and (len(batch) == batch_size or (same_length and lengths[k] != lengths[batch[0]])):
+            yield batch
+            batch = []
+        batch.append(k)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def greedy_continuations(model: PreTrainedModel, prompts: Sequence[Sequence[int]],
+                         lengths: Sequence[int], *, num_beams: int = 1, batch_size: int = 64,
+                         synced_gpus: bool = False, pad_token_id: int = 0) -> list[list[int]]:
+    """Exactly lengths[k] greedy (or beam-search) tokens after each prompt, in input order.
+
+    Jobs are sorted by (length, prompt length) and run in left-padded, KV-cached batches, so
+    similar jobs share a generate() call and padding waste stays small. Greedy decoding is
+    prefix-consistent, so a batch generates its longest length and shorter jobs are cut;
+    beam search is not, so its batches hold one length only.
+    Under ZeRO-3 (`synced_gpus=True`) every rank must reach the same number of batches.
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_continuations: every prompt needs at least one token")
+    out: list[list[int]] = [[] for _ in prompts]
+    order = sorted((k for k, n in enumerate(lengths) if n > 0),
+                   key=lambda k: (lengths[k], len(prompts[k])), reverse=True)
+    for group in _generation_batches(order, lengths, batch_size, same_length=num_beams > 1):
+        ids, mask = _pad([prompts[k] for k in group], pad_token_id, left=True, device=model.device)
+        longest = max(lengths[k] for k in group)
+        new = model.generate(input_ids=ids, attention_mask=mask, synced_gpus=synced_gpus,
+                             generation_config=_generation_config(longest, num_beams))
+        for k, row in zip(group, new[:, ids.shape[1]:].tolist()):
+            out[k] = row[:lengths[k]]
+    return out
+
+
+# --- extraction likelihood ------------------------------------------------------------------
+
+def el_prompt_lengths(seq_len: int, n: int, prompt_range: PromptRange) -> range:
+    """Prompt lengths t scored by EL_n for a sequence of `seq_len` tokens.
+
+    "ku": t = 1..T-1 (Knowledge Unlearning); "icu": t = round(0.75 T)..T-1 (the ICU code's
+    150..199 at T=200), rounding halves up. Prompts whose true continuation has fewer than n
+    tokens have no n-gram and are left out, so t stops at T-n.
+    """
+    if prompt_range not in ("icu", "ku"):
+        raise ValueError(f"prompt_range must be 'icu' or 'ku', got {prompt_range!r}")
+    start = 1 if prompt_range == "ku" else max(1, (3 * seq_len + 2) // 4)
+    return range(start, seq_len - n + 1)
+
+
+def _ngram_hit_rate(generated: Sequence[int], truth: Sequence[int], n: int) -> float:
+    """Generated n-grams (with multiplicity) found in the SET of true n-grams, over the count of
+    true n-grams: the Knowledge Unlearning code's definition, not a clipped BLEU precision."""
+    true_grams = {tuple(truth[j:j + n]) for j in range(len(truth) - n + 1)}
+    hits = sum(tuple(generated[j:j + n]) in true_grams for j in range(len(generated) - n + 1))
+    return hits / (len(truth) - n + 1)
+
+
+def extraction_likelihood(model: PreTrainedModel, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor, n: int = 10,
+                          prompt_range: PromptRange = "icu", *, batch_size: int = 64,
+                          synced_gpus: bool = False, pad_token_id: int = 0) -> torch.Tensor:
+    """EL_n per row: mean over prompt lengths t of the n-gram hit rate of the greedy
+    (T_i - t)-token continuation of x_<t against x_>=t (0.0 when no t qualifies).
+
+    All (row, t) prompts of the batch go through `greedy_continuations` together.
+    """
+    rows = _unpad(input_ids, attention_mask)
+    jobs = [(i, t) for i, row in enumerate(rows) for t in el_prompt_lengths(len(row), n, prompt_range)]
+    generated = greedy_continuations(
+        model, [rows[i][:t] for i, t in jobs], [len(rows[i]) - t for i, t in jobs],
+        batch_size=batch_size, synced_gpus=synced_gpus, pad_token_id=pad_token_id)
+    scores: list[list[float]] = [[] for _ in rows]
+    for (i, t), gen in zip(jobs, generated):
+        scores[i].append(_ngram_hit_rate(gen, rows[i][t:], n))
+    return torch.tensor([sum(s) / len(s) if s else 0.0 for s in scores], dtype=torch.float64)
+
+
+# --- perplexity -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def chunk_losses(model: PreTrainedModel, token_ids: Sequence[Sequence[int]] | torch.Tensor,
+                 chunk_size: int = 512, *, batch_size: int = 8,
+                 pad_token_id: int = 0) -> torch.Tensor:
+    """Mean token NLL of each non-overlapping `chunk_size` chunk of the concatenated documents.
+
+    Nothing is dropped except a final 1-token chunk, which predicts no token. Documents are
+    joined as given: append an EOS to each beforehand if separators are wanted.
+    """
+    stream = (token_ids.flatten().tolist() if isinstance(token_ids, torch.Tensor)
+              else [tok for doc in token_ids for tok in doc])
+    chunks = [stream[s:s + chunk_size] for s in range(0, len(stream), chunk_size)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    losses = []
+    for group in _chunks(range(len(chunks)), batch_size):
+        ids, mask = _pad([chunks[k] for k in group], pad_token_id, left=False, device=model.device)
+        nll, valid = _token_nll(model, ids, mask)
+        losses.append(nll.sum(-1).double() / valid.sum(-1))
+    return torch.cat(losses).cpu() if losses else torch.empty(0, dtype=torch.float64)
+
+
+def perplexity(model: PreTrainedModel, token_ids: Sequence[Sequence[int]] | torch.Tensor,
+               chunk_size: int = 512, *, batch_size: int = 8, pad_token_id: int = 0) -> float:
+    """exp(mean chunk loss) over non-overlapping chunks (METHOD.md: Pile/WikiText PPL)."""
+    losses = chunk_losses(model, token_ids, chunk_size, batch_size=batch_size,
+                          pad_token_id=pad_token_id)
+    if losses.numel() == 0:
+        raise ValueError("perplexity: need at least 2 tokens")
+    return float(losses.mean().exp())
+
+
+# --- classification -------------------------------------------------------------------------
+
+@torch.no_grad()
+def _score_continuations(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
+                         continuations: Sequence[Sequence[int]], batch_size: int,
+                         pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of each continuation given its context, and whether every continuation token
+    is the teacher-forced argmax (i.e. greedy decoding would reproduce it exactly)."""
+    if any(len(c) == 0 for c in contexts) or any(len(c) == 0 for c in continuations):
+        raise ValueError("contexts and continuations need at least one token each")
+    seqs = [list(c) + list(x) for c, x in zip(contexts, continuations)]
+    nll_sum = torch.zeros(len(seqs), dtype=torch.float64)
+    greedy = torch.zeros(len(seqs), dtype=torch.bool)
+    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]), reverse=True)
+    for group in _chunks(order, batch_size):
+        ids, mask = _pad([seqs[k] for k in group], pad_token_id, left=False, device=model.device)
+        logits, targets, _ = _token_logits(model, ids, mask)
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        hit = logits.argmax(-1) == targets
+        # target position p predicts token p+1: the continuation is predicted from len(ctx)-1 on
+        pos = torch.arange(targets.shape[1], device=targets.device)
+        first = torch.tensor([len(contexts[k]) - 1 for k in group], device=targets.device)
+        end = torch.tensor([len(seqs[k]) - 1 for k in group], device=targets.device)
+        span = (pos >= first[:, None]) & (pos < end[:, None])
+        nll_sum[group] = (nll.double() * span).sum(-1).cpu()
+        greedy[group] = (hit | ~span).all(-1).cpu()
+    return nll_sum, greedy
+
+
+def continuation_nll(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
+                     continuations: Sequence[Sequence[int]], *, batch_size: int = 16,
+                     pad_token_id: int = 0) -> torch.Tensor:
+    """Summed NLL (nats) of each continuation given its context, float64 [N]."""
+    return _score_continuations(model, contexts, continuations, batch_size, pad_token_id)[0]
+
+
+def multiple_choice_predictions(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
+                                choices: Sequence[Sequence[Sequence[int]]], *,
+                                batch_size: int = 16, pad_token_id: int = 0) -> list[int]:
+    """Index of the lowest summed-NLL choice per example (the first one on ties)."""
+    flat_ctx = [ctx for ctx, opts in zip(contexts, choices) for _ in opts]
+    flat_opt = [opt for opts in choices for opt in opts]
+    nll = continuation_nll(model, flat_ctx, flat_opt, batch_size=batch_size,
+                           pad_token_id=pad_token_id).tolist()
+    picks, start = [], 0
+    for opts in choices:
+        scores = nll[start:start + len(opts)]
+        picks.append(scores.index(min(scores)))
+        start += len(opts)
+    return picks
+
+
+def lambada_accuracy(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
+                     targets: Sequence[Sequence[int]], *, batch_size: int = 16,
+                     pad_token_id: int = 0) -> float:
+    """Share of examples whose greedy len(target)-token continuation equals the target tokens.
+
+    Greedy decoding reproduces the target iff each target token is the argmax given the
+    context and the target tokens before it, so one teacher-forced pass decides it.
+    """
+    greedy = _score_continuations(model, contexts, targets, batch_size, pad_token_id)[1]
+    return float(greedy.double().mean())
+
+
+# --- dialogue -------------------------------------------------------------------------------
+
+def _normalize_answer(text: str) -> list[str]:
+    """SQuAD/ParlAI normalisation (as in the Knowledge Unlearning code): lower-case, drop
+    punctuation and the articles a/an/the, split on whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def unigram_f1(prediction: str, reference: str) -> float:
+    """Unigram F1 with multiset overlap; 0.0 when nothing overlaps (including both empty)."""
+    pred, ref = _normalize_answer(prediction), _normalize_answer(reference)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+# --- membership inference -------------------------------------------------------------------
+
+@torch.no_grad()
+def mia_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               texts: Sequence[str], *, min_k: float = 0.2) -> dict[str, torch.Tensor]:
+    """Membership scores per row, every one oriented so that HIGHER = more likely a member.
+
+    - "loss":  -mean token NLL (Yeom et al.).
+    - "zlib":  -mean token NLL / len(zlib.compress(text.encode("utf-8"))) bytes (Carlini et
+               al. 2021 divide the log-perplexity, i.e. the MEAN NLL, by the zlib length).
+    - "min_k": mean log-prob of the max(1, floor(min_k * n)) least likely tokens (Min-K% Prob,
+               Shi et al. 2024), n = number of predicted tokens of the row.
+    `texts[i]` is the decoded text of row i (for the zlib length only).
+    """
+    nll, valid = _token_nll(model, input_ids, attention_mask)
+    count = valid.sum(-1)
+    if bool((count == 0).any()):
+        raise ValueError("mia_scores: every row needs at least 2 tokens")
+    mean_nll = nll.sum(-1).double() / count
+    zlib_len = torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in texts],
+                            dtype=torch.float64, device=mean_nll.device)
+    k = (count.double() * min_k).floor().long().clamp_min(1)
+    lowest = (-nll).masked_fill(~valid, float("inf")).sort(-1).values  # ascending log-probs
+    take = torch.arange(lowest.shape[1], device=lowest.device) < k[:, None]
+    min_k_score = lowest.masked_fill(~take, 0.0).sum(-1).double() / k
+    return {"loss": (-mean_nll).cpu(), "zlib": (-mean_nll / zlib_len).cpu(),
+            "min_k": min_k_score.cpu()}
+
+
+def auc(member_scores: Sequence[float] | torch.Tensor,
+        nonmember_scores: Sequence[float] | torch.Tensor) -> float:
+    """ROC AUC of separating members (higher scores) from non-members, exactly:
+    P(member > non-member) + 1/2 P(tie), the Mann-Whitney U over all pairs."""
+    members = torch.as_tensor(member_scores, dtype=torch.float64).flatten()
+    others = torch.as_tensor(nonmember_scores, dtype=torch.float64).flatten().sort().values
+    if members.numel() == 0 or others.numel() == 0:
+        raise ValueError("auc: need at least one member and one non-member score")
+    below = torch.searchsorted(others, members, right=False).sum().item()
+    at_or_below = torch.searchsorted(others, members, right=True).sum().item()
+    return (below + at_or_below) / (2 * members.numel() * others.numel())

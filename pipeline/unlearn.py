@@ -1,0 +1,387 @@
+"""The ICU training loop: one process per rank, DeepSpeed ZeRO-3, per-request stopping.
+
+Runs unchanged as a Ray Train worker (`train_worker`, launched by `ray_jobs.unlearn`)
+and under plain torchrun (`python -m torch.distributed.run ... -m pipeline.unlearn RUN_DIR`).
+
+Per epoch: IUR checks every request (sharded across ranks, flags gathered); the still
+remembered requests and their retain neighbours are trained on with the configured loss;
+a checkpoint (sharded engine state + loop state) is written atomically. Check k happens
+after k epochs of training; the run stops when every request is forgotten, when the
+set-level thresholds hold, or at max_epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+from pipeline import benchmarks, modeling
+from pipeline.config import Config, build_config
+from pipeline.losses import LossWeights, needs_reference, needs_retain, unlearning_loss
+from pipeline.refine import Thresholds, check_requests, memorization, pad_batch
+from pipeline.store import RunStore, atomic_write_json, atomic_write_text
+
+log = logging.getLogger("icu.unlearn")
+COMPLETE = "latest_complete"
+
+
+@dataclass
+class LoopState:
+    """Everything besides the engine that a resumed run needs to continue identically."""
+    epoch: int = 0  # epochs of training done
+    history: list[dict] = field(default_factory=list)  # one row per (check, request)
+    epochs: list[dict] = field(default_factory=list)  # one row per training epoch
+    thresholds: dict | None = None
+
+
+@dataclass
+class Pairs:
+    """Request rows and their retain neighbours, paired by index (neighbour [] = none found)."""
+    request_ids: list[str]
+    requests: list[list[int]]
+    pair_request: list[int]
+    pair_neighbour: list[list[int]]
+
+
+def load_pairs(store: RunStore, pairs_per_request: int) -> Pairs:
+    """Requests from ingest; neighbours (top `pairs_per_request`) from retrieval, if it ran."""
+    accepted = pd.read_parquet(store.path("requests", "accepted.parquet"), columns=["id", "input_ids"])
+    ids = accepted["id"].tolist()
+    rows = [list(map(int, r)) for r in accepted["input_ids"]]
+    table = store.path("retrieval", "neighbours.parquet")
+    neighbours: dict[str, list[list[int]]] = {}
+    if table.exists():
+        pairs = pd.read_parquet(table)
+        items = pd.read_parquet(store.path("retrieval", "retain_items.parquet"), columns=["id", "input_ids"])
+        by_id = dict(zip(items["id"], items["input_ids"]))
+        for rid, nid in pairs[pairs["rank"] < pairs_per_request].sort_values(["request_id", "rank"])[
+                ["request_id", "neighbour_id"]].itertuples(index=False):
+            neighbours.setdefault(rid, []).append(list(map(int, by_id[nid])))
+    pair_request, pair_neighbour = [], []
+    for i, rid in enumerate(ids):
+        for row in neighbours.get(rid) or [[]]:
+            pair_request.append(i)
+            pair_neighbour.append(row)
+    return Pairs(ids, rows, pair_request, pair_neighbour)
+
+
+def deepspeed_config(cfg: Config, world: int, with_optimizer: bool = True) -> dict:
+    """The JSON config from `unlearning.ds_config`, completed from the run config.
+
+    Batch size, clipping, optimizer (torch AdamW on CPU: nothing JIT-compiled) and the
+    warmup schedule come from the run config unless the JSON sets them itself.
+    """
+    u = cfg.unlearning
+    ds = json.loads(Path(u.ds_config).read_text())
+    ds.update(train_micro_batch_size_per_gpu=u.batch_size, gradient_accumulation_steps=1,
+              train_batch_size=u.batch_size * world)
+    ds.setdefault("gradient_clipping", u.grad_clip)
+    if with_optimizer:
+        ds.setdefault("optimizer", {"type": "AdamW", "params": {
+            "lr": u.lr, "weight_decay": u.weight_decay, "torch_adam": not torch.cuda.is_available()}})
+        if u.warmup_steps > 0:
+            ds.setdefault("scheduler", {"type": "WarmupLR", "params": {
+                "warmup_min_lr": 0.0, "warmup_max_lr": u.lr, "warmup_num_steps": u.warmup_steps,
+                "warmup_type": "linear"}})
+    else:
+        ds.pop("optimizer", None)
+        ds.pop("scheduler", None)
+    return ds
+
+
+def epoch_batches(active_pairs: list[int], epoch: int, seed: int, rank: int, world: int,
+                  batch_size: int) -> list[list[int | None]]:
+    """This rank's batches of pair indices for one epoch (None = an empty padding row).
+
+    The active pairs are shuffled with a (seed, epoch) generator, padded to a multiple of
+    world * batch_size, and dealt round-robin, so every rank runs the same number of
+    steps (ZeRO-3 collectives must line up) and no pair is dropped or repeated.
+    """
+    order = list(active_pairs)
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    span = world * batch_size
+    padded = order + [None] * (-len(order) % span)
+    mine = padded[rank::world]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+class Worker:
+    """One rank of the unlearning job; `run()` trains to a stop and writes the results."""
+
+    def __init__(self, run_dir: str):
+        self.store = RunStore(run_dir)
+        self.cfg = build_config(self.store.config())
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = _device()
+        self.model_dir = modeling.resolve_model_dir(self.cfg.model.name)
+        self.tok = modeling.load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
+        u = self.cfg.unlearning
+        self.weights = LossWeights(uw=u.uw, lw=u.lw, kl=u.kl, npo_beta=u.npo_beta, retain_weight=u.lw)
+        self.pairs = load_pairs(self.store, self.cfg.retrieval.pairs_per_request)
+        self.ckpt_dir = self.store.path("unlearn", "checkpoints")
+
+    def build_engines(self) -> None:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        ds = deepspeed_config(self.cfg, self.world)
+        self._hf_ds = HfDeepSpeedConfig(ds)  # must stay alive: from_pretrained shards under it
+        model = self._load_model()
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        self.ref = None
+        if needs_reference(self.cfg.unlearning.method, self.weights):
+            ref_ds = deepspeed_config(self.cfg, self.world, with_optimizer=False)
+            ref = self._load_model()
+            ref.requires_grad_(False)
+            self.ref, *_ = deepspeed.initialize(model=ref, config=ref_ds)
+            self.ref.eval()
+
+    def _load_model(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=modeling.torch_dtype(self.cfg.model.dtype), local_files_only=True,
+            trust_remote_code=self.cfg.model.trust_remote_code)
+
+    # -- checkpoints ---------------------------------------------------------------
+    def resume(self) -> LoopState:
+        marker = self.ckpt_dir / COMPLETE
+        if not marker.exists():
+            return LoopState()
+        tag = marker.read_text().strip()
+        self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_module_strict=True)
+        state = LoopState(**json.loads((self.ckpt_dir / tag / "loop_state.json").read_text()))
+        rng = self.ckpt_dir / tag / f"rng-rank{self.rank}.pt"
+        if rng.exists():
+            torch.set_rng_state(torch.load(rng, weights_only=True))
+        if self.rank == 0:
+            log.info("unlearn: resuming from checkpoint %s (after epoch %d)", tag, state.epoch)
+        return state
+
+    def save(self, state: LoopState) -> None:
+        """Engine shards from every rank, then the loop state, then the completion marker."""
+        tag = f"epoch-{state.epoch}"
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
+        torch.save(torch.get_rng_state(), self.ckpt_dir / tag / f"rng-rank{self.rank}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            atomic_write_json(self.ckpt_dir / tag / "loop_state.json", state.__dict__)
+            atomic_write_text(self.ckpt_dir / COMPLETE, tag)
+            self._prune(keep=self.cfg.unlearning.keep_checkpoints, current=tag)
+        dist.barrier()
+
+    def _prune(self, keep: int, current: str) -> None:
+        tags = sorted((p for p in self.ckpt_dir.glob("epoch-*") if p.is_dir()),
+                      key=lambda p: int(p.name.split("-")[1]))
+        for old in tags[:-keep]:
+            if old.name != current:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # -- IUR -----------------------------------------------------------------------
+    def thresholds(self, state: LoopState) -> Thresholds:
+        """Fixed values from the config, else the model's mean MA / EL_n on unseen text."""
+        u, e = self.cfg.unlearning, self.cfg.evaluation
+        if state.thresholds is None:
+            ma, el = u.ma_threshold, u.el_threshold
+            if ma is None or el is None:
+                r = self.cfg.requests
+                rows = benchmarks.unseen_rows(e.data_dir, self.tok, r.max_tokens or 200,
+                                              r.prefix_tokens + r.suffix_tokens, e.max_samples.get("unseen", 64))
+                pairs = self._sharded(rows, lambda part: list(zip(*memorization(
+                    self.engine.module, part, el_n=e.el_n, el_range=e.el_range, batch_size=e.batch_size,
+                    pad_id=self.tok.pad_token_id, synced_gpus=True))))
+                ma = float(np.mean([m for m, _ in pairs])) if ma is None else ma
+                el = float(np.mean([x for _, x in pairs])) if el is None else el
+            state.thresholds = Thresholds(ma, el, u.bertscore_threshold, u.bleu_threshold).to_dict()
+        return Thresholds(**state.thresholds)
+
+    def _sharded(self, rows: list, fn) -> list:
+        """Apply fn to this rank's equal-sized share of rows; gather results in row order.
+
+        Shares are padded with copies so every rank makes the same model calls.
+        """
+        per_rank = -(-len(rows) // self.world)
+        mine = [i for i in range(self.rank, per_rank * self.world, self.world)]
+        part = [rows[i % len(rows)] for i in mine] if rows else []
+        results = fn(part)
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, list(zip(mine, results)))
+        ordered = dict(pair for shard in gathered for pair in shard)
+        return [ordered[i] for i in range(len(rows))]
+
+    def check(self, epoch: int, thr: Thresholds, scorer) -> list[dict]:
+        c = self.cfg
+        self.engine.module.eval()
+        records = self._sharded(self.pairs.requests, lambda part: check_requests(
+            self.engine.module, self.tok, part, prefix=c.requests.prefix_tokens,
+            suffix=c.requests.suffix_tokens, num_beams=c.unlearning.num_beams, el_n=c.evaluation.el_n,
+            el_range=c.evaluation.el_range, batch_size=c.evaluation.batch_size, scorer=scorer,
+            thresholds=thr, synced_gpus=True))
+        self.engine.module.train()
+        return [dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)]
+
+    # -- training ------------------------------------------------------------------
+    def train_epoch(self, epoch: int, forgotten: set[int]) -> dict:
+        from tqdm import tqdm
+
+        u = self.cfg.unlearning
+        active = [k for k, i in enumerate(self.pairs.pair_request) if i not in forgotten]
+        batches = epoch_batches(active, epoch, u.seed, self.rank, self.world, u.batch_size)
+        sums: dict[str, float] = {}
+        started = time.time()
+        for batch in tqdm(batches, desc=f"epoch {epoch}", disable=self.rank != 0 or None, mininterval=5):
+            parts = self.step(batch)
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value
+        return dict(epoch=epoch, steps=len(batches), active_pairs=len(active), seconds=time.time() - started,
+                    **{f"mean_{k}": v / max(len(batches), 1) for k, v in sums.items()})
+
+    def step(self, batch: list[int | None]) -> dict[str, float]:
+        """One optimizer step on paired forget/neighbour rows (None rows are masked out)."""
+        method, p, pad = self.cfg.unlearning.method, self.pairs, self.tok.pad_token_id
+        forget = [p.requests[p.pair_request[k]] if k is not None else [] for k in batch]
+        use_retain = needs_retain(method, self.weights)
+        retain = [p.pair_neighbour[k] if k is not None else [] for k in batch] if use_retain else []
+        ids, mask = pad_batch(forget + retain, pad)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        attend = mask.clone()
+        attend[:, 0] = 1  # an empty row still attends to one token, so attention has no NaN
+        logits = self.engine(input_ids=ids, attention_mask=attend).logits
+        n = len(forget)
+        ref_logits = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_logits = self.ref(input_ids=ids, attention_mask=attend).logits
+        kwargs = dict(forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n], weights=self.weights)
+        if use_retain:
+            kwargs.update(retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:])
+        if ref_logits is not None:
+            kwargs.update(ref_retain_logits=ref_logits[n:] if use_retain else None,
+                          ref_forget_logits=ref_logits[:n])
+        loss, parts = unlearning_loss(method, **kwargs)
+        self.engine.backward(loss)
+        self.engine.step()
+        return parts
+
+    # -- the loop ------------------------------------------------------------------
+    def run(self) -> dict:
+        from pipeline.similarity import BertScorer
+
+        self.build_engines()
+        state = self.resume()
+        thr = self.thresholds(state)
+        scorer = BertScorer()
+        n, u = len(self.pairs.requests), self.cfg.unlearning
+        while True:
+            records = self.check(state.epoch, thr, scorer)
+            state.history += records
+            forgotten = {i for i, r in enumerate(records) if r["forgotten"]}
+            reason = stop_reason(records, thr, state.epoch, u.max_epochs)
+            self._report(state, len(forgotten), n)
+            if reason:
+                break
+            state.epochs.append(self.train_epoch(state.epoch + 1, forgotten))
+            state.epoch += 1
+            self.save(state)
+        result = dict(stop_reason=reason, epochs=state.epoch, requests=n, forgotten=len(forgotten),
+                      thresholds=thr.to_dict(), method=u.method)
+        self.finish(state, result)
+        return result
+
+    def finish(self, state: LoopState, result: dict) -> None:
+        """Final engine checkpoint (for export) and, on rank 0, history and result files."""
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag="final", save_latest=False)
+        dist.barrier()
+        if self.rank == 0:
+            out = self.store.path("unlearn")
+            _write_parquet(pd.DataFrame(state.history), out / "history.parquet")
+            _write_parquet(pd.DataFrame(state.epochs), out / "epochs.parquet")
+            atomic_write_json(out / "result.json", dict(result, final_tag="final"))
+            log.info("unlearn: stopped after %d epochs (%s); %d/%d requests forgotten", result["epochs"],
+                     result["stop_reason"], result["forgotten"], result["requests"])
+        dist.barrier()
+
+    def _report(self, state: LoopState, forgotten: int, total: int) -> None:
+        if self.rank == 0:
+            note = f"{forgotten}/{total} requests forgotten after epoch {state.epoch}"
+            log.info("unlearn: %s", note)
+            self.store.progress("unlearn", state.epoch, self.cfg.unlearning.max_epochs, note)
+
+
+def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: int) -> str | None:
+    """Why training stops after this check, or None to keep going."""
+    if all(r["forgotten"] for r in records):
+        return "all_forgotten"
+    if np.mean([r["ma"] for r in records]) < thr.ma and np.mean([r["el"] for r in records]) < thr.el:
+        return "set_thresholds"
+    if epoch >= max_epochs:
+        return "max_epochs"
+    return None
+
+
+def train_worker(config: dict) -> None:
+    """Entry point for one rank (Ray Train's train_loop_per_worker, or torchrun via main())."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _init_distributed()
+    torch.manual_seed(0)
+    Worker(config["run_dir"]).run()
+
+
+def consolidated_state_dict(run_dir: str | Path, tag: str = "final") -> dict[str, torch.Tensor]:
+    """Full fp32 weights from the sharded checkpoint `tag` (offline, one process)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(Path(run_dir) / "unlearn" / "checkpoints"), tag=tag)
+
+
+def _init_distributed() -> None:
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=600))
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    from pipeline.store import atomic_path
+
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun entry: `python -m torch.distributed.run --nproc_per_node N -m pipeline.unlearn RUN_DIR`."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        print("usage: torchrun --nproc_per_node N -m pipeline.unlearn RUN_DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    train_worker({"run_dir": args[0]})
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Losses against naive per-row, per-position references (python loops, pads skipped)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import losses
+from pipeline.losses import LossWeights, kl_to_reference, sequence_logprob, token_nll, unlearning_loss
+
+V = 7
+TOL = 1e-5
+
+
+def make_batch(lengths: list[int], T: int = 6, seed: int = 0, dtype=torch.float32, scale: float = 3.0):
+    """Right-padded batch: random logits (leaf, requires grad), ids with garbage in pads, mask."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (scale * torch.randn(len(lengths), T, V, generator=g, dtype=torch.float64)).to(dtype)
+    ids = torch.randint(0, V, (len(lengths), T), generator=g)
+    mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
+    return logits.requires_grad_(), ids, mask
+
+
+# ---- naive references: loops over rows and positions, pads skipped ----
+
+def naive_token_terms(logits, ids, mask) -> list[list[torch.Tensor]]:
+    """Per row, the -log softmax(logits[t])[ids[t+1]] of every position whose target is real."""
+    rows = []
+    for b in range(logits.shape[0]):
+        terms = []
+        for t in range(logits.shape[1] - 1):
+            if mask[b, t] and mask[b, t + 1]:
+                probs = torch.softmax(logits[b, t].double(), dim=-1)
+                terms.append(-torch.log(probs[ids[b, t + 1]]))
+        rows.append(terms)
+    return rows
+
+
+def naive_kl_terms(logits, ref_logits, mask) -> list[list[torch.Tensor]]:
+    rows = []
+    for b in range(logits.shape[0]):
+        terms = []
+        for t in range(logits.shape[1]):
+            if mask[b, t]:
+                p = torch.softmax(logits[b, t].double(), dim=-1)
+                q = torch.softmax(ref_logits[b, t].double(), dim=-1)
+                terms.append(sum(q[v] * (torch.log(q[v]) - torch.log(p[v])) for v in range(V)))
+        rows.append(terms)
+    return rows
+
+
+def row_means(rows) -> torch.Tensor:
+    return torch.stack([sum(r) / len(r) if r else torch.zeros((), dtype=torch.float64) for r in rows])
+
+
+def batch_mean(values: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the rows that had any term (the module's active-row convention)."""
+    return sum(values) / len(values) if values else torch.zeros((), dtype=torch.float64)
+
+
+def naive_mean_nll(logits, ids, mask):
+    return batch_mean([sum(r) / len(r) for r in naive_token_terms(logits, ids, mask) if r])
+
+
+def naive_mean_kl(logits, ref_logits, mask):
+    return batch_mean([sum(r) / len(r) for r in naive_kl_terms(logits, ref_logits, mask) if r])
+
+
+def naive_npo(logits, ref_logits, ids, mask, beta):
+    per_row = []
+    for terms, ref_terms in zip(naive_token_terms(logits, ids, mask), naive_token_terms(ref_logits, ids, mask)):
+        if terms:
+            log_ratio = -sum(terms) + sum(ref_terms).detach()
+            per_row.append(-(2 / beta) * torch.nn.functional.logsigmoid(-beta * log_ratio))
+    return batch_mean(per_row)
+
+
+def assert_close_with_grads(ours: torch.Tensor, naive: torch.Tensor, leaves: list[torch.Tensor]) -> None:
+    assert torch.allclose(ours.double(), naive, atol=TOL, rtol=0), (ours, naive)
+    grads_ours = torch.autograd.grad(ours.sum(), leaves, retain_graph=True, allow_unused=True)
+    grads_naive = torch.autograd.grad(naive.sum(), leaves, allow_unused=True)
+    for a, b in zip(grads_ours, grads_naive):
+        if a is None or b is None:  # a leaf the loss does not read (ga's retain batch)
+            assert a is None and b is None
+            continue
+        assert torch.allclose(a.double(), b.double(), atol=TOL, rtol=0)
+
+
+LENGTHS = [6, 4, 2, 0, 5]
+
+
+# ---- per-sequence functions ----
+
+def test_token_nll_matches_naive():
+    logits, ids, mask = make_batch(LENGTHS)
+    assert_close_with_grads(token_nll(logits, ids, mask), row_means(naive_token_terms(logits, ids, mask)), [logits])
+
+
+def test_sequence_logprob_matches_naive():
+    logits, ids, mask = make_batch(LENGTHS)
+    naive = torch.stack([-sum(r) if r else torch.zeros((), dtype=torch.float64)
+                         for r in naive_token_terms(logits, ids, mask)])
+    assert_close_with_grads(sequence_logprob(logits, ids, mask), naive, [logits])
+
+
+def test_kl_matches_naive():
+    logits, _, mask = make_batch(LENGTHS, seed=1)
+    ref, _, _ = make_batch(LENGTHS, seed=2)
+    ref = ref.detach()
+    assert_close_with_grads(kl_to_reference(logits, ref, mask), row_means(naive_kl_terms(logits, ref, mask)), [logits])
+
+
+def test_token_nll_value_by_hand_with_math_log():
+    logits, ids, mask = make_batch([3], T=4, seed=5)
+    expected = 0.0
+    for t in (0, 1):
+        z = [math.exp(x) for x in logits[0, t].tolist()]
+        expected -= math.log(z[ids[0, t + 1]] / sum(z))
+    assert token_nll(logits, ids, mask).item() == pytest.approx(expected / 2, abs=TOL)
+
+
+def test_pad_labels_of_minus_100_are_ignored():
+    logits, ids, mask = make_batch(LENGTHS)
+    assert torch.equal(token_nll(logits, ids.masked_fill(mask == 0, -100), mask), token_nll(logits, ids, mask))
+
+
+def test_left_padding_equals_right_padding():
+    logits, ids, mask = make_batch([4], T=6)
+    left = (logits.roll(2, dims=1), ids.roll(2, dims=1), mask.roll(2, dims=1))
+    assert torch.allclose(token_nll(*left), token_nll(logits, ids, mask), atol=1e-6)
+
+
+def test_kl_nonnegative_and_zero_at_reference():
+    logits, _, mask = make_batch(LENGTHS, seed=3)
+    ref, _, _ = make_batch(LENGTHS, seed=4)
+    assert (kl_to_reference(logits, ref, mask) >= 0).all()
+    assert (kl_to_reference(logits, logits.detach(), mask) == 0).all()
+
+
+def test_official_cross_entropy_form_has_the_same_gradient_on_unpadded_rows():
+    """Official ICU: -(p_ref * log p_theta).sum(-1).mean(); it differs from KL by the constant entropy."""
+    logits, _, mask = make_batch([6, 6, 6], seed=6)
+    ref, _, _ = make_batch([6, 6, 6], seed=7)
+    ref = ref.detach()
+    official = -(torch.softmax(ref, -1) * torch.log_softmax(logits, -1)).sum(-1).mean()
+    ours = losses._mean_kl(logits, ref, mask)
+    (g_official,) = torch.autograd.grad(official, logits)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    assert torch.allclose(g_official, g_ours, atol=1e-6)
+
+
+def test_bf16_logits_are_computed_in_float32():
+    logits, ids, mask = make_batch(LENGTHS, dtype=torch.bfloat16)
+    out = token_nll(logits, ids, mask)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, token_nll(logits.float(), ids, mask), atol=1e-6)
+    kl = kl_to_reference(logits, logits.detach().roll(1, dims=0), mask)
+    assert kl.dtype == torch.float32 and torch.isfinite(kl).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(0.1, 30.0), n=st.integers(1, 6))
+def test_kl_property_nonnegative(seed: int, scale: float, n: int):
+    logits, _, mask = make_batch([n, 6], seed=seed, scale=scale)
+    ref, _, _ = make_batch([n, 6], seed=seed + 1, scale=scale)
+    assert (kl_to_reference(logits, ref, mask) >= -1e-6).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(0, 5), extra=st.integers(1, 4))
+def test_property_pad_content_is_irrelevant(seed: int, n: int, extra: int):
+    """Whatever the logits and ids at pad positions, per-sequence values do not change."""
+    logits, ids, mask = make_batch([n], T=5, seed=seed)
+    noise, noise_ids, _ = make_batch([n], T=5 + extra, seed=seed + 1, scale=50.0)
+    long_logits = noise.detach().clone()
+    long_logits[:, :5] = logits.detach()
+    long_ids = noise_ids.clone()
+    long_ids[:, :5] = ids
+    long_mask = torch.cat([mask, torch.zeros(1, extra, dtype=mask.dtype)], dim=1)
+    assert torch.allclose(token_nll(long_logits, long_ids, long_mask), token_nll(logits, ids, mask), atol=1e-6)
+    ref = logits.detach().flip(-1)
+    long_ref = long_logits.flip(-1)
+    assert torch.allclose(kl_to_reference(long_logits, long_ref, long_mask), kl_to_reference(logits, ref, mask),
+                          atol=1e-6)
+
+
+# ---- methods ----
+
+WEIGHTS = LossWeights(uw=0.7, lw=0.3, kl=1.5, npo_beta=0.2, retain_weight=0.4)
+
+
+def method_inputs(forget_lengths=LENGTHS, retain_lengths=(6, 3, 5, 0, 6)):
+    forget_logits, forget_ids, forget_mask = make_batch(list(forget_lengths), seed=10)
+    retain_logits, retain_ids, retain_mask = make_batch(list(retain_lengths), seed=11)
+    return dict(
+        forget_logits=forget_logits, forget_ids=forget_ids, forget_mask=forget_mask,
+        retain_logits=retain_logits, retain_ids=retain_ids, retain_mask=retain_mask,
+        ref_retain_logits=make_batch(list(retain_lengths), seed=12)[0].detach(),
+        ref_forget_logits=make_batch(list(forget_lengths), seed=13)[0].detach(),
+    )
+
+
+def naive_method(name: str, w: LossWeights, x: dict) -> torch.Tensor:
+    forget = naive_mean_nll(x["forget_logits"], x["forget_ids"], x["forget_mask"])
+    retain = naive_mean_nll(x["retain_logits"], x["retain_ids"], x["retain_mask"])
+    if name == "icu":
+        kl = naive_mean_kl(x["retain_logits"], x["ref_retain_logits"], x["retain_mask"])
+        return -w.uw * forget + w.lw * retain + w.kl * kl
+    if name == "ga":
+        return -forget
+    if name == "gd":
+        return -forget + w.retain_weight * retain
+    npo = naive_npo(x["forget_logits"], x["ref_forget_logits"], x["forget_ids"], x["forget_mask"], w.npo_beta)
+    return npo + w.retain_weight * retain
+
+
+@pytest.mark.parametrize("weights", [LossWeights(), WEIGHTS], ids=["defaults", "custom"])
+@pytest.mark.parametrize("name", ["icu", "ga", "gd", "npo"])
+def test_methods_match_naive(name: str, weights: LossWeights):
+    x = method_inputs()
+    loss, parts = unlearning_loss(name, **x, weights=weights)
+    assert_close_with_grads(loss, naive_method(name, weights, x), [x["forget_logits"], x["retain_logits"]])
+    assert parts["loss"] == pytest.approx(loss.item())
+    assert all(isinstance(v, float) for v in parts.values())
+
+
+def test_icu_parts_and_defaults():
+    assert LossWeights() == LossWeights(uw=1.0, lw=0.5, kl=1.0, npo_beta=0.1, retain_weight=1.0)
+    loss, parts = unlearning_loss("icu", **method_inputs())
+    assert set(parts) == {"loss", "forget_nll", "neighbour_nll", "kl"}
+    assert loss.item() == pytest.approx(-parts["forget_nll"] + 0.5 * parts["neighbour_nll"] + parts["kl"], abs=1e-6)
+
+
+def test_plain_npo_without_retain():
+    x = method_inputs()
+    w = LossWeights(retain_weight=0.0)
+    assert not losses.needs_retain("npo", w)
+    loss, parts = unlearning_loss("npo", forget_logits=x["forget_logits"], forget_ids=x["forget_ids"],
+                                  forget_mask=x["forget_mask"], ref_forget_logits=x["ref_forget_logits"], weights=w)
+    assert set(parts) == {"loss", "npo"}
+    # NPO at the reference model is (2/beta) log 2 per sample
+    at_ref, _ = unlearning_loss("npo", forget_logits=x["forget_logits"], forget_ids=x["forget_ids"],
+                                forget_mask=x["forget_mask"], ref_forget_logits=x["forget_logits"].detach(),
+                                weights=w)
+    assert at_ref.item() == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["icu", "ga", "gd", "npo"])
+def test_empty_rows_add_nothing(name: str):
+    """An all-zero-mask row: no NaN, zero gradient, and the loss of the batch without it."""
+    x = method_inputs()
+    loss, _ = unlearning_loss(name, **x, weights=WEIGHTS)
+    grads = torch.autograd.grad(loss, [x["forget_logits"], x["retain_logits"]], allow_unused=True)
+    grads = [g for g in grads if g is not None]
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert all((g[3] == 0).all() for g in grads)  # row 3 is empty in both batches
+    keep = [0, 1, 2, 4]
+    without = {k: v[keep].detach().requires_grad_(v.requires_grad) for k, v in x.items()}
+    loss_without, _ = unlearning_loss(name, **without, weights=WEIGHTS)
+    assert loss.item() == pytest.approx(loss_without.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["icu", "ga", "gd", "npo"])
+def test_all_empty_batch_is_zero_and_backpropagates(name: str):
+    x = method_inputs(forget_lengths=[0, 0], retain_lengths=[0, 0])
+    loss, parts = unlearning_loss(name, **x)
+    assert loss.item() == 0.0 and all(v == 0.0 for v in parts.values())
+    loss.backward()
+    assert (x["forget_logits"].grad == 0).all()
+
+
+def test_requirements_are_discoverable():
+    table = {name: (losses.needs_reference(name), losses.needs_retain(name)) for name in losses.LOSSES}
+    assert table == {"icu": (True, True), "ga": (False, False), "gd": (False, True), "npo": (True, True)}
+    assert not losses.needs_reference("icu", LossWeights(kl=0.0))
+    assert not losses.needs_retain("icu", LossWeights(kl=0.0, lw=0.0))
+    assert not losses.needs_retain("gd", LossWeights(retain_weight=0.0))
+
+
+def test_icu_without_reference_when_kl_is_off():
+    x = method_inputs()
+    del x["ref_retain_logits"]
+    _, parts = unlearning_loss("icu", **x, weights=LossWeights(kl=0.0))
+    assert "kl" not in parts
+
+
+def test_unknown_method_names_the_valid_ones():
+    x = method_inputs()
+    for call in (lambda: unlearning_loss("rmu", **x), lambda: losses.needs_reference("rmu"),
+                 lambda: losses.needs_retain("rmu")):
+        with pytest.raises(ValueError, match="rmu.*icu, ga, gd, npo"):
+            call()
+
+
+def test_missing_inputs_are_named():
+    x = method_inputs()
+    with pytest.raises(ValueError, match="ref_forget_logits"):
+        unlearning_loss("npo", **{k: v for k, v in x.items() if k != "ref_forget_logits"})
+    with pytest.raises(ValueError, match="retain_logits"):
+        unlearning_loss("gd", forget_logits=x["forget_logits"], forget_ids=x["forget_ids"],
+                        forget_mask=x["forget_mask"])
