@@ -34,10 +34,13 @@ _PUNCTUATION = frozenset(string.punctuation)
 
 # --- padding and batching -------------------------------------------------------------------
 
-def _pad(seqs: Sequence[Sequence[int]], pad_token_id: int, left: bool,
-         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) for ragged sequences, padded on the left or the right."""
-    width = max(len(s) for s in seqs)
+def pad_rows(seqs: Sequence[Sequence[int]], pad_token_id: int, left: bool = False,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for ragged sequences, padded on the left or the right.
+
+    Empty rows become all-pad rows with a zero mask (width at least 1).
+    """
+    width = max([len(s) for s in seqs] + [1])
     ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, seq in enumerate(seqs):
@@ -138,7 +141,7 @@ def greedy_continuations(model: PreTrainedModel, prompts: Sequence[Sequence[int]
     order = sorted((k for k, n in enumerate(lengths) if n > 0),
                    key=lambda k: (lengths[k], len(prompts[k])), reverse=True)
     for group in _generation_batches(order, lengths, batch_size, same_length=num_beams > 1):
-        ids, mask = _pad([prompts[k] for k in group], pad_token_id, left=True, device=model.device)
+        ids, mask = pad_rows([prompts[k] for k in group], pad_token_id, left=True, device=model.device)
         longest = max(lengths[k] for k in group)
         new = model.generate(input_ids=ids, attention_mask=mask, synced_gpus=synced_gpus,
                              generation_config=_generation_config(longest, num_beams))
@@ -207,7 +210,7 @@ def chunk_losses(model: PreTrainedModel, token_ids: Sequence[Sequence[int]] | to
     chunks = [c for c in chunks if len(c) >= 2]
     losses = []
     for group in _chunks(range(len(chunks)), batch_size):
-        ids, mask = _pad([chunks[k] for k in group], pad_token_id, left=False, device=model.device)
+        ids, mask = pad_rows([chunks[k] for k in group], pad_token_id, left=False, device=model.device)
         nll, valid = _token_nll(model, ids, mask)
         losses.append(nll.sum(-1).double() / valid.sum(-1))
     return torch.cat(losses).cpu() if losses else torch.empty(0, dtype=torch.float64)
@@ -238,7 +241,7 @@ def _score_continuations(model: PreTrainedModel, contexts: Sequence[Sequence[int
     greedy = torch.zeros(len(seqs), dtype=torch.bool)
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]), reverse=True)
     for group in _chunks(order, batch_size):
-        ids, mask = _pad([seqs[k] for k in group], pad_token_id, left=False, device=model.device)
+        ids, mask = pad_rows([seqs[k] for k in group], pad_token_id, left=False, device=model.device)
         logits, targets, _ = _token_logits(model, ids, mask)
         nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         hit = logits.argmax(-1) == targets

@@ -41,25 +41,13 @@ def is_forgotten(bleu: float, bertscore: float, ma: float, el: float, thr: Thres
     return dissimilar and ma <= thr.ma and el <= thr.el
 
 
-def pad_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [B, T] ids and attention mask."""
-    width = max([len(r) for r in rows] + [1])
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def memorization(model, rows: list[list[int]], *, el_n: int, el_range: str, batch_size: int,
                  pad_id: int, synced_gpus: bool = False) -> tuple[list[float], list[float]]:
     """(MA, EL_n) of each row, in batches of `batch_size` rows."""
     ma, el = [], []
     for start in range(0, len(rows), batch_size):
-        ids, mask = pad_batch(rows[start:start + batch_size], pad_id)
-        ids, mask = ids.to(model.device), mask.to(model.device)
+        ids, mask = metrics.pad_rows(rows[start:start + batch_size], pad_id, device=model.device)
         ma += metrics.memorization_accuracy(model, ids, mask).tolist()
         el += metrics.extraction_likelihood(model, ids, mask, n=el_n, prompt_range=el_range,
                                             synced_gpus=synced_gpus, pad_token_id=pad_id).tolist()

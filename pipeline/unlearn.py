@@ -31,7 +31,8 @@ import torch.distributed as dist
 from pipeline import benchmarks, modeling
 from pipeline.config import Config, build_config
 from pipeline.losses import LossWeights, needs_reference, needs_retain, unlearning_loss
-from pipeline.refine import Thresholds, check_requests, memorization, pad_batch
+from pipeline.metrics import pad_rows
+from pipeline.refine import Thresholds, check_requests, memorization
 from pipeline.store import RunStore, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("icu.unlearn")
@@ -255,7 +256,7 @@ class Worker:
         forget = [p.requests[p.pair_request[k]] if k is not None else [] for k in batch]
         use_retain = needs_retain(method, self.weights)
         retain = [p.pair_neighbour[k] if k is not None else [] for k in batch] if use_retain else []
-        ids, mask = pad_batch(forget + retain, pad)
+        ids, mask = pad_rows(forget + retain, pad)
         ids, mask = ids.to(self.device), mask.to(self.device)
         attend = mask.clone()
         attend[:, 0] = 1  # an empty row still attends to one token, so attention has no NaN

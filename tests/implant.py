@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from pipeline import modeling
-from pipeline.refine import pad_batch
+from pipeline.metrics import pad_rows
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar "
          "papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
@@ -39,7 +39,7 @@ def implant(out_dir: Path, texts: list[str], steps: int = 400, lr: float = 3e-3)
     model = modeling.load_model(base).train()
     tok = modeling.load_tokenizer(base)
     rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    ids, mask = pad_batch(rows, tok.pad_token_id)
+    ids, mask = pad_rows(rows, tok.pad_token_id)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     torch.manual_seed(0)
     for _ in range(steps):
