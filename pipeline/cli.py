@@ -1,7 +1,7 @@
 """`icu`: run the unlearning pipeline, one stage, or show a run's status.
 
     icu run CONFIG [--restart-from STAGE] [--set key=value ...]
-    icu ingest CONFIG
+    icu ingest CONFIG | icu retrieve CONFIG
     icu status RUN_DIR
 
 Bad input is reported as one line on stderr with exit code 2, never a traceback.
@@ -24,12 +24,14 @@ EPILOG = """examples:
   icu run ray_jobs/configs/demo.yaml           whole pipeline, skipping completed stages
   icu run demo.yaml --set unlearning.lr=1e-5 --restart-from unlearn
   icu ingest ray_jobs/configs/demo.yaml        validate erasure requests only
+  icu retrieve ray_jobs/configs/demo.yaml      retain neighbours (runs after ingest)
   icu status runs/demo                         per-stage state and where it resumes
 """
 
 
 STAGE_HELP = {
     "ingest": "validate erasure requests into accepted/rejected parquet",
+    "retrieve": "embed the retain pool and find each request's nearest retain neighbours",
 }
 
 
@@ -80,7 +82,7 @@ def dispatch(args: argparse.Namespace) -> int:
         driver.run_pipeline(cfg, store)
         print("\n".join(driver.status_lines(store.root)))
     else:
-        driver.STAGE_RUNNERS[args.command](cfg, store)
+        driver.run_pipeline(cfg, store, until=args.command)
     return 0
 
 

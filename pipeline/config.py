@@ -92,13 +92,19 @@ class RetrievalConfig:
     pairs_per_request: int = 1  # the paper trains on the top-1 neighbour
     index: str = "auto"
     exact_max: int = 200_000
-    leak_threshold: float = 0.9
+    leak_threshold: float = 0.9  # cosine at which a pool item counts as a near-copy of a request
+    ngram_threshold: float = 0.3  # word 8-gram overlap at which it does
     batch_size: int = 64
+    shard_rows: int = 4096  # pool items per embedding shard (the unit of resume)
+    index_shards: int = 1  # >1: one index per slice of the pool, searched in parallel
 
     def validate(self) -> None:
         _positive("retrieval.k", self.k)
         _positive("retrieval.batch_size", self.batch_size)
         _positive("retrieval.exact_max", self.exact_max)
+        _positive("retrieval.shard_rows", self.shard_rows)
+        _positive("retrieval.index_shards", self.index_shards)
+        _in_range("retrieval.ngram_threshold", self.ngram_threshold, 0.0, 1.0)
         _one_of("retrieval.index", self.index, ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw"))
         if not 1 <= self.pairs_per_request <= self.k:
             raise UserError(f"retrieval.pairs_per_request: {self.pairs_per_request} must be between 1 and "

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from pipeline import modeling
 from pipeline.config import Config, load_config
+from pipeline.errors import UserError
 from pipeline.store import STAGES, RunStore, file_digest, fingerprint
 
 log = logging.getLogger("icu")
@@ -52,6 +53,29 @@ def run_ingest(cfg: Config, store: RunStore) -> dict[str, Any]:
     return counts
 
 
+def run_retrieve(cfg: Config, store: RunStore) -> dict[str, Any]:
+    """Find each accepted request's retain neighbours (retrieval/neighbours.parquet)."""
+    from pipeline import retrieve
+
+    if not cfg.retain.paths:
+        raise UserError("retain.paths: empty, but ICU needs retain text to pair with every request; fix: "
+                        "list retain files (jsonl, csv, parquet, a saved dataset or a folder of .txt files)")
+    pool_key = fingerprint("pool", *retrieve.pool_fingerprint_parts(cfg))
+    key = fingerprint("retrieve", pool_key, cfg.retrieval, store.stage("ingest").get("fingerprint"))
+    if store.is_done("retrieve", key):
+        return _skipped(store, "retrieve")
+    with store.run_stage("retrieve", key) as result:
+        counts = retrieve.build_pool(cfg, store, pool_key)
+        summary = retrieve.find_request_neighbours(cfg, store, counts)
+        out = store.stage_dir("retrieve")
+        result["outputs"] += [out / "neighbours.parquet", out / "retain_items.parquet", out / "stats.json"]
+        result["summary"] = summary
+    log.info("retrieve: %d requests, pool %d items, %s index; %d pool items excluded by the leak guard, "
+             "%d requests short of k", summary["requests"], summary["pool_items"], summary["index"],
+             summary["excluded_by_leak_guard"], summary["short_of_k"])
+    return summary
+
+
 def run_unlearn(cfg: Config, store: RunStore) -> dict[str, Any]:
     """Unlearn the accepted requests with the configured launcher (Ray Train or torchrun)."""
     import json
@@ -80,13 +104,17 @@ def run_unlearn(cfg: Config, store: RunStore) -> dict[str, Any]:
 
 
 # run_unlearn is not registered yet: the ZeRO-3 worker loop is still being debugged (issue 5).
-STAGE_RUNNERS: dict[str, Callable[[Config, RunStore], dict[str, Any]]] = {"ingest": run_ingest}
+STAGE_RUNNERS: dict[str, Callable[[Config, RunStore], dict[str, Any]]] = {"ingest": run_ingest,
+                                                                          "retrieve": run_retrieve}
 
 
-def run_pipeline(cfg: Config, store: RunStore) -> dict[str, dict[str, Any]]:
-    """Run every implemented stage in order; returns each stage's summary."""
+def run_pipeline(cfg: Config, store: RunStore, until: str | None = None) -> dict[str, dict[str, Any]]:
+    """Run every implemented stage in order (up to and including `until`); returns each stage's summary.
+
+    Completed stages are skipped, so `icu retrieve` on a fresh run ingests first.
+    """
     summaries = {}
-    for stage in STAGES:
+    for stage in STAGES[:STAGES.index(until) + 1] if until else STAGES:
         if stage in STAGE_RUNNERS:
             started = time.time()
             summaries[stage] = STAGE_RUNNERS[stage](cfg, store)

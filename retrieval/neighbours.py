@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from retrieval.embed import l2_normalise
-from retrieval.index import IndexSpec, as_matrix, build_index, exact_scores, index_params, order_results
+from retrieval.index import IndexSpec, ShardedIndex, as_matrix, build_index, exact_scores, index_params, order_results
 
 LEAK_THRESHOLD = 0.90
 NGRAM_N = 8
@@ -63,17 +63,19 @@ _PRIME = np.uint64(1099511628211)  # FNV-64 prime: mixes word hashes into one sh
 def find_neighbours(request_vecs: np.ndarray, request_ids: Sequence, pool_vecs: np.ndarray, pool_ids: Sequence,
                     k: int = 10, index_spec: IndexSpec | None = None, leak_threshold: float = LEAK_THRESHOLD,
                     request_texts: Sequence[str] | None = None, pool_texts: Sequence[str] | None = None,
-                    ngram_n: int = NGRAM_N, ngram_threshold: float = NGRAM_THRESHOLD,
+                    ngram_n: int = NGRAM_N, ngram_threshold: float = NGRAM_THRESHOLD, n_shards: int = 1,
                     ) -> tuple[pd.DataFrame, dict]:
     """Neighbour table [request_id, rank (0 = nearest), neighbour_id, score] and stats.
 
     Scores are exact squared L2 (metric "l2", smaller is nearer) or inner product ("ip").
     Texts are optional; without them only the embedding and cosine-1 tests run.
+    `n_shards` > 1 splits the pool into that many indexes searched in parallel (pools
+    too large for one index); the merged result is the same.
     """
     request_vecs, pool_vecs = as_matrix(request_vecs), as_matrix(pool_vecs)
     _check_inputs(request_vecs, request_ids, pool_vecs, pool_ids, request_texts, pool_texts, k)
     spec = index_spec or IndexSpec()
-    index = build_index(pool_vecs, spec)
+    index = ShardedIndex.build(pool_vecs, spec, n_shards) if n_shards > 1 else build_index(pool_vecs, spec)
     guard = LeakGuard(request_vecs, request_ids, leak_threshold, request_texts, ngram_n, ngram_threshold)
     verdicts: dict[int, str | None] = {}
     kept: dict[int, list[tuple[int, float]]] = {}
@@ -95,7 +97,8 @@ def find_neighbours(request_vecs: np.ndarray, request_ids: Sequence, pool_vecs: 
         fetch = min(len(pool_vecs), 4 * fetch)
     table = _table(kept, request_ids, pool_ids)
     stats = _stats(table, kept, fetched, verdicts, request_ids, pool_ids, len(pool_vecs), k)
-    return table, {**stats, "index": index_params(index)}
+    params = index_params(index.shards[0]) if n_shards > 1 else index_params(index)
+    return table, {**stats, "index": {**params, "size": len(pool_vecs), "shards": n_shards}}
 
 
 def _check_inputs(request_vecs, request_ids, pool_vecs, pool_ids, request_texts, pool_texts, k) -> None:

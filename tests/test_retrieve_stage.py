@@ -1,0 +1,143 @@
+"""The retrieve stage end to end: pool chunking, sharded resumable embedding, Ray Data, leak guard, errors.
+
+Requests are exp0 texts cut to 180 characters; the tiny byte-level model does the chunking
+(200 tokens = 200 bytes), MiniLM does the embedding, so each run takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import driver, retrieve
+from pipeline.cli import main
+from pipeline.errors import UserError
+
+from conftest import REPO, write_config
+
+CONFIG = """
+model: {{name: tiny-llama}}
+requests: {{path: {requests}, id_column: id, prefix_tokens: 50, suffix_tokens: 50, max_tokens: 200}}
+retain: {{paths: [{retain}], max_items: {max_items}}}
+retrieval: {{shard_rows: {shard_rows}, k: 5}}
+resources: {{launcher: torchrun, embed_actors: 2}}
+evaluation: {{data_dir: {data}}}
+storage: {{runs_dir: {runs}, name: {name}}}
+"""
+
+
+def _near_copy(text: str) -> str:
+    words = text.split(" ")
+    words[len(words) // 3] = "banana"
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, shared_data):
+    """Requests (20 exp0 texts, 180 chars) and a retain pool of pile text plus 5 planted near-copies."""
+    root = tmp_path_factory.mktemp("retrieve")
+    exp0 = pd.read_csv(shared_data / "icu_benchmark/forget_sets/exp0/lm_extraction_128_0.csv").head(20)
+    requests = pd.DataFrame({"id": [f"r{i}" for i in range(20)], "text": exp0["text"].str.slice(0, 180)})
+    requests.to_json(root / "requests.jsonl", orient="records", lines=True)
+    pile = pd.read_csv(shared_data / "icu_benchmark/pile.csv").head(120)
+    planted = [_near_copy(t) for t in requests["text"][:5]]
+    pool = pd.DataFrame({"text": planted + pile["text"].tolist() + [requests["text"][7]]})  # + one exact copy
+    pool.to_json(root / "retain.jsonl", orient="records", lines=True)
+    return root
+
+
+def _config(inputs: Path, tmp: Path, name: str, max_items: int = 100_000, shard_rows: int = 64) -> Path:
+    text = CONFIG.format(requests=inputs / "requests.jsonl", retain=inputs / "retain.jsonl", max_items=max_items,
+                         shard_rows=shard_rows, data=REPO.parent / "shared" / "data", runs=tmp / "runs", name=name)
+    return write_config(tmp, text, f"{name}.yaml")
+
+
+def _run(config: Path) -> Path:
+    cfg, store = driver.open_run(str(config))
+    driver.run_pipeline(cfg, store, until="retrieve")
+    return store.root / "retrieval"
+
+
+def test_stage_output_and_leak_guard(inputs, tmp_path):
+    out = _run(_config(inputs, tmp_path, "guard"))
+    table = pd.read_parquet(out / "neighbours.parquet")
+    stats = json.loads((out / "stats.json").read_text())
+    planted = {f"retain:{i}:0" for i in range(5)} | {"retain:125:0"}  # chunk 0 of each copy holds it all
+    assert not planted & set(table.neighbour_id)
+    assert planted <= set(stats["excluded"]) and stats["excluded_count"] >= 6
+    assert (table.groupby("request_id").size() == 5).all() and table.request_id.nunique() == 20
+    assert (table.groupby("request_id")["score"].apply(lambda s: s.is_monotonic_increasing)).all()
+    items = pd.read_parquet(out / "retain_items.parquet")
+    assert set(items.id) == set(table.neighbour_id)
+    assert all(0 < len(ids) <= 200 for ids in items.input_ids)  # chunked to the request length
+    counts = stats["pool_counts"]
+    assert counts["rows"] == 126 and counts["unusable_rows"] == 0 and counts["shards"] == -(-counts["items"] // 64)
+
+
+def test_ray_data_embeddings_equal_in_process(inputs, tmp_path):
+    ray = pytest.importorskip("ray")
+    out = _run(_config(inputs, tmp_path, "local", max_items=160, shard_rows=32))  # in-process embedding
+    pool = out / "pool"
+    counts = json.loads((pool / "counts.json").read_text())
+    ray_pool = tmp_path / "ray_pool"
+    ray_pool.mkdir()
+    for s in range(counts["shards"]):
+        shutil.copy(retrieve.items_path(pool, s), ray_pool)
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        spec = {"kind": "minilm", "batch_size": 16, "device": "cpu", "cpus": 1}
+        retrieve.embed_shards(ray_pool, list(range(counts["shards"])), spec, use_ray=True, actors=2)
+    finally:
+        ray.shutdown()
+    for s in range(counts["shards"]):
+        np.testing.assert_allclose(np.load(retrieve.emb_path(ray_pool, s)), np.load(retrieve.emb_path(pool, s)),
+                                   atol=1e-5)
+
+
+def test_kill_during_embedding_then_resume(inputs, tmp_path):
+    config = _config(inputs, tmp_path, "killed", max_items=480, shard_rows=24)
+    pool = tmp_path / "runs" / "killed" / "retrieval" / "pool"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "retrieve", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while len(list(pool.glob("emb-*.npy"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in pool.glob("emb-*.npy")}
+    total = json.loads((pool / "counts.json").read_text())["shards"]
+    assert 3 <= len(done_before) < total, f"kill landed after {len(done_before)} of {total} shards"
+    assert not (pool.parent / "neighbours.parquet").exists()
+
+    resumed = _run(config)
+    after = {p.name: p.stat().st_mtime_ns for p in pool.glob("emb-*.npy")}
+    assert len(after) == total and all(after[name] == t for name, t in done_before.items())
+
+    fresh = _run(_config(inputs, tmp_path, "uninterrupted", max_items=480, shard_rows=24))
+    pd.testing.assert_frame_equal(pd.read_parquet(resumed / "neighbours.parquet"),
+                                  pd.read_parquet(fresh / "neighbours.parquet"))
+
+
+def test_bad_retain_input_is_one_clear_error(inputs, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"other": "x"}\n')
+    config = _config(inputs, tmp_path, "bad")
+    config.write_text(config.read_text().replace(str(inputs / "retain.jsonl"), str(empty)))
+    assert main(["retrieve", str(config)]) == 2
+    assert "retain.text_column" in capsys.readouterr().err
+
+    no_pool = tmp_path / "nopool.yaml"
+    no_pool.write_text(config.read_text().replace(f"paths: [{empty}]", "paths: []").replace("name: bad", "name: np"))
+    with pytest.raises(UserError, match="retain.paths: empty"):
+        _run(no_pool)
