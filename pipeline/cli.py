@@ -1,7 +1,7 @@
 """`icu`: run the unlearning pipeline, one stage, or show a run's status.
 
     icu run CONFIG [--restart-from STAGE] [--set key=value ...]
-    icu ingest CONFIG | icu retrieve CONFIG
+    icu ingest|retrieve|unlearn CONFIG   (runs earlier stages first when needed)
     icu status RUN_DIR
 
 Bad input is reported as one line on stderr with exit code 2, never a traceback.
@@ -32,6 +32,7 @@ EPILOG = """examples:
 STAGE_HELP = {
     "ingest": "validate erasure requests into accepted/rejected parquet",
     "retrieve": "embed the retain pool and find each request's nearest retain neighbours",
+    "unlearn": "unlearn the requests with ICU under DeepSpeed ZeRO-3 (Ray Train or torchrun)",
 }
 
 

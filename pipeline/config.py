@@ -95,7 +95,7 @@ class RetrievalConfig:
     leak_threshold: float = 0.9  # cosine at which a pool item counts as a near-copy of a request
     ngram_threshold: float = 0.3  # word 8-gram overlap at which it does
     batch_size: int = 64
-    shard_rows: int = 4096  # pool items per embedding shard (the unit of resume)
+    shard_rows: int = 1024  # pool items per embedding shard (the unit of resume)
     index_shards: int = 1  # >1: one index per slice of the pool, searched in parallel
 
     def validate(self) -> None:
@@ -123,6 +123,7 @@ class UnlearningConfig:
     lw: float = 0.5
     kl: float = 1.0
     npo_beta: float = 0.1
+    retain_weight: float = 1.0  # gd and npo: weight of the retain NLL (0 = plain NPO); icu uses lw
     batch_size: int = 8  # per worker
     max_epochs: int = 30
     seed: int = 42
@@ -141,7 +142,7 @@ class UnlearningConfig:
         _one_of("unlearning.method", self.method, METHODS)
         for key in ("lr", "batch_size", "max_epochs", "num_beams", "keep_checkpoints", "grad_clip"):
             _positive(f"unlearning.{key}", getattr(self, key))
-        for key in ("uw", "lw", "kl", "npo_beta", "weight_decay", "warmup_steps"):
+        for key in ("uw", "lw", "kl", "npo_beta", "retain_weight", "weight_decay", "warmup_steps"):
             if getattr(self, key) < 0:
                 raise UserError(f"unlearning.{key}: must be >= 0, got {getattr(self, key)}")
         for key in ("bertscore_threshold", "bleu_threshold", "ma_threshold", "el_threshold"):

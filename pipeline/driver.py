@@ -103,9 +103,8 @@ def run_unlearn(cfg: Config, store: RunStore) -> dict[str, Any]:
     return summary
 
 
-# run_unlearn is not registered yet: the ZeRO-3 worker loop is still being debugged (issue 5).
-STAGE_RUNNERS: dict[str, Callable[[Config, RunStore], dict[str, Any]]] = {"ingest": run_ingest,
-                                                                          "retrieve": run_retrieve}
+STAGE_RUNNERS: dict[str, Callable[[Config, RunStore], dict[str, Any]]] = {
+    "ingest": run_ingest, "retrieve": run_retrieve, "unlearn": run_unlearn}
 
 
 def run_pipeline(cfg: Config, store: RunStore, until: str | None = None) -> dict[str, dict[str, Any]]:

@@ -17,7 +17,7 @@ import re
 import string
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel
 
 PromptRange = Literal["icu", "ku"]
+SyncCalls = Callable[[int], int]  # this rank's generate() call count -> the count every rank must make
 
 # An id no vocabulary reaches: used as EOS/pad inside generate() so that generation never stops
 # early and an EOS-like token is scored like any other.
@@ -126,27 +127,36 @@ def _generation_batches(order: Sequence[int], lengths: Sequence[int], batch_size
 @torch.no_grad()
 def greedy_continuations(model: PreTrainedModel, prompts: Sequence[Sequence[int]],
                          lengths: Sequence[int], *, num_beams: int = 1, batch_size: int = 64,
-                         synced_gpus: bool = False, pad_token_id: int = 0) -> list[list[int]]:
+                         sync_calls: SyncCalls | None = None, pad_token_id: int = 0) -> list[list[int]]:
     """Exactly lengths[k] greedy (or beam-search) tokens after each prompt, in input order.
 
     Jobs are sorted by (length, prompt length) and run in left-padded, KV-cached batches, so
     similar jobs share a generate() call and padding waste stays small. Greedy decoding is
     prefix-consistent, so a batch generates its longest length and shorter jobs are cut;
     beam search is not, so its batches hold one length only.
-    Under ZeRO-3 (`synced_gpus=True`) every rank must reach the same number of batches.
+    Under ZeRO-3 every rank must make the same number of generate() calls, each with
+    `synced_gpus=True` (its forwards gather the sharded weights collectively). The caller
+    then passes `sync_calls`: given this rank's call count, it returns the largest over
+    all ranks (an all-reduce the training loop owns); short ranks make 1-token dummy calls.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_continuations: every prompt needs at least one token")
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted((k for k, n in enumerate(lengths) if n > 0),
                    key=lambda k: (lengths[k], len(prompts[k])), reverse=True)
-    for group in _generation_batches(order, lengths, batch_size, same_length=num_beams > 1):
+    synced = sync_calls is not None
+    groups = list(_generation_batches(order, lengths, batch_size, same_length=num_beams > 1))
+    for group in groups:
         ids, mask = pad_rows([prompts[k] for k in group], pad_token_id, left=True, device=model.device)
         longest = max(lengths[k] for k in group)
-        new = model.generate(input_ids=ids, attention_mask=mask, synced_gpus=synced_gpus,
+        new = model.generate(input_ids=ids, attention_mask=mask, synced_gpus=synced,
                              generation_config=_generation_config(longest, num_beams))
         for k, row in zip(group, new[:, ids.shape[1]:].tolist()):
             out[k] = row[:lengths[k]]
+    for _ in range(sync_calls(len(groups)) - len(groups) if synced else 0):
+        ids, mask = pad_rows([[pad_token_id]], pad_token_id, device=model.device)
+        model.generate(input_ids=ids, attention_mask=mask, synced_gpus=True,
+                       generation_config=_generation_config(1, 1))
     return out
 
 
@@ -176,7 +186,7 @@ def _ngram_hit_rate(generated: Sequence[int], truth: Sequence[int], n: int) -> f
 def extraction_likelihood(model: PreTrainedModel, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor, n: int = 10,
                           prompt_range: PromptRange = "icu", *, batch_size: int = 64,
-                          synced_gpus: bool = False, pad_token_id: int = 0) -> torch.Tensor:
+                          sync_calls: SyncCalls | None = None, pad_token_id: int = 0) -> torch.Tensor:
     """EL_n per row: mean over prompt lengths t of the n-gram hit rate of the greedy
     (T_i - t)-token continuation of x_<t against x_>=t (0.0 when no t qualifies).
 
@@ -186,7 +196,7 @@ def extraction_likelihood(model: PreTrainedModel, input_ids: torch.Tensor,
     jobs = [(i, t) for i, row in enumerate(rows) for t in el_prompt_lengths(len(row), n, prompt_range)]
     generated = greedy_continuations(
         model, [rows[i][:t] for i, t in jobs], [len(rows[i]) - t for i, t in jobs],
-        batch_size=batch_size, synced_gpus=synced_gpus, pad_token_id=pad_token_id)
+        batch_size=batch_size, sync_calls=sync_calls, pad_token_id=pad_token_id)
     scores: list[list[float]] = [[] for _ in rows]
     for (i, t), gen in zip(jobs, generated):
         scores[i].append(_ngram_hit_rate(gen, rows[i][t:], n))

@@ -98,6 +98,14 @@ def context_length(model_dir: Path) -> int:
                     "max_position_embeddings to it")
 
 
+def hidden_size(model_dir: Path) -> int:
+    """Width of the residual stream (DeepSpeed's "auto" bucket sizes derive from it)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+
+
 def torch_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32

@@ -43,31 +43,31 @@ def is_forgotten(bleu: float, bertscore: float, ma: float, el: float, thr: Thres
 
 @torch.no_grad()
 def memorization(model, rows: list[list[int]], *, el_n: int, el_range: str, batch_size: int,
-                 pad_id: int, synced_gpus: bool = False) -> tuple[list[float], list[float]]:
+                 pad_id: int, sync_calls: metrics.SyncCalls | None = None) -> tuple[list[float], list[float]]:
     """(MA, EL_n) of each row, in batches of `batch_size` rows."""
     ma, el = [], []
     for start in range(0, len(rows), batch_size):
         ids, mask = metrics.pad_rows(rows[start:start + batch_size], pad_id, device=model.device)
         ma += metrics.memorization_accuracy(model, ids, mask).tolist()
         el += metrics.extraction_likelihood(model, ids, mask, n=el_n, prompt_range=el_range,
-                                            synced_gpus=synced_gpus, pad_token_id=pad_id).tolist()
+                                            sync_calls=sync_calls, pad_token_id=pad_id).tolist()
     return ma, el
 
 
 @torch.no_grad()
 def check_requests(model, tokenizer, rows: list[list[int]], *, prefix: int, suffix: int, num_beams: int,
                    el_n: int, el_range: str, batch_size: int, scorer, thresholds: Thresholds,
-                   synced_gpus: bool = False) -> list[dict]:
+                   sync_calls: metrics.SyncCalls | None = None) -> list[dict]:
     """One IUR record per row: bleu, bertscore, ma, el, forgotten."""
     pad_id = tokenizer.pad_token_id
     generated = metrics.greedy_continuations(
         model, [r[:prefix] for r in rows], [len(r[prefix:prefix + suffix]) for r in rows],
-        num_beams=num_beams, batch_size=batch_size, synced_gpus=synced_gpus, pad_token_id=pad_id)
+        num_beams=num_beams, batch_size=batch_size, sync_calls=sync_calls, pad_token_id=pad_id)
     truths = [tokenizer.decode(r[prefix:prefix + suffix], skip_special_tokens=True) for r in rows]
     guesses = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
     bleu = [sentence_bleu4(t, g) for t, g in zip(truths, guesses)]
     bert = scorer.f1(truths, guesses).tolist() if rows else []
     ma, el = memorization(model, rows, el_n=el_n, el_range=el_range, batch_size=batch_size, pad_id=pad_id,
-                          synced_gpus=synced_gpus)
+                          sync_calls=sync_calls)
     return [dict(bleu=b, bertscore=s, ma=m, el=e, forgotten=is_forgotten(b, s, m, e, thresholds))
             for b, s, m, e in zip(bleu, bert, ma, el)]

@@ -37,6 +37,7 @@ from pipeline.store import RunStore, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("icu.unlearn")
 COMPLETE = "latest_complete"
+HISTORY_COLUMNS = ["epoch", "request_id", "bleu", "bertscore", "ma", "el", "forgotten"]
 
 
 @dataclass
@@ -46,6 +47,7 @@ class LoopState:
     history: list[dict] = field(default_factory=list)  # one row per (check, request)
     epochs: list[dict] = field(default_factory=list)  # one row per training epoch
     thresholds: dict | None = None
+    resumed_from: list[str] = field(default_factory=list)  # checkpoint tags this run restarted from
 
 
 @dataclass
@@ -79,7 +81,7 @@ def load_pairs(store: RunStore, pairs_per_request: int) -> Pairs:
     return Pairs(ids, rows, pair_request, pair_neighbour)
 
 
-def deepspeed_config(cfg: Config, world: int, with_optimizer: bool = True) -> dict:
+def deepspeed_config(cfg: Config, world: int, hidden: int, with_optimizer: bool = True) -> dict:
     """The JSON config from `unlearning.ds_config`, completed from the run config.
 
     Batch size, clipping, optimizer (torch AdamW on CPU: nothing JIT-compiled) and the
@@ -87,9 +89,16 @@ def deepspeed_config(cfg: Config, world: int, with_optimizer: bool = True) -> di
     """
     u = cfg.unlearning
     ds = json.loads(Path(u.ds_config).read_text())
+    zero = ds.setdefault("zero_optimization", {})
+    for key, size in (("reduce_bucket_size", hidden * hidden),
+                      ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                      ("stage3_param_persistence_threshold", 10 * hidden)):
+        if zero.get(key) == "auto":  # the sizes transformers' Trainer derives from the hidden size
+            zero[key] = size
     ds.update(train_micro_batch_size_per_gpu=u.batch_size, gradient_accumulation_steps=1,
               train_batch_size=u.batch_size * world)
-    ds.setdefault("gradient_clipping", u.grad_clip)
+    if ds.get("gradient_clipping", "auto") == "auto":  # "auto" (the HF convention) = take the run config's
+        ds["gradient_clipping"] = u.grad_clip
     if with_optimizer:
         ds.setdefault("optimizer", {"type": "AdamW", "params": {
             "lr": u.lr, "weight_decay": u.weight_decay, "torch_adam": not torch.cuda.is_available()}})
@@ -129,8 +138,9 @@ class Worker:
         self.device = _device()
         self.model_dir = modeling.resolve_model_dir(self.cfg.model.name)
         self.tok = modeling.load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
+        self.hidden = modeling.hidden_size(self.model_dir)
         u = self.cfg.unlearning
-        self.weights = LossWeights(uw=u.uw, lw=u.lw, kl=u.kl, npo_beta=u.npo_beta, retain_weight=u.lw)
+        self.weights = LossWeights(uw=u.uw, lw=u.lw, kl=u.kl, npo_beta=u.npo_beta, retain_weight=u.retain_weight)
         self.pairs = load_pairs(self.store, self.cfg.retrieval.pairs_per_request)
         self.ckpt_dir = self.store.path("unlearn", "checkpoints")
 
@@ -138,13 +148,13 @@ class Worker:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        ds = deepspeed_config(self.cfg, self.world)
+        ds = deepspeed_config(self.cfg, self.world, self.hidden)
         self._hf_ds = HfDeepSpeedConfig(ds)  # must stay alive: from_pretrained shards under it
         model = self._load_model()
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
         self.ref = None
         if needs_reference(self.cfg.unlearning.method, self.weights):
-            ref_ds = deepspeed_config(self.cfg, self.world, with_optimizer=False)
+            ref_ds = deepspeed_config(self.cfg, self.world, self.hidden, with_optimizer=False)
             ref = self._load_model()
             ref.requires_grad_(False)
             self.ref, *_ = deepspeed.initialize(model=ref, config=ref_ds)
@@ -165,6 +175,7 @@ class Worker:
         tag = marker.read_text().strip()
         self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_module_strict=True)
         state = LoopState(**json.loads((self.ckpt_dir / tag / "loop_state.json").read_text()))
+        state.resumed_from.append(tag)
         rng = self.ckpt_dir / tag / f"rng-rank{self.rank}.pt"
         if rng.exists():
             torch.set_rng_state(torch.load(rng, weights_only=True))
@@ -203,7 +214,7 @@ class Worker:
                                               r.prefix_tokens + r.suffix_tokens, e.max_samples.get("unseen", 64))
                 pairs = self._sharded(rows, lambda part: list(zip(*memorization(
                     self.engine.module, part, el_n=e.el_n, el_range=e.el_range, batch_size=e.batch_size,
-                    pad_id=self.tok.pad_token_id, synced_gpus=True))))
+                    pad_id=self.tok.pad_token_id, sync_calls=_max_over_ranks))))
                 ma = float(np.mean([m for m, _ in pairs])) if ma is None else ma
                 el = float(np.mean([x for _, x in pairs])) if el is None else el
             state.thresholds = Thresholds(ma, el, u.bertscore_threshold, u.bleu_threshold).to_dict()
@@ -230,7 +241,7 @@ class Worker:
             self.engine.module, self.tok, part, prefix=c.requests.prefix_tokens,
             suffix=c.requests.suffix_tokens, num_beams=c.unlearning.num_beams, el_n=c.evaluation.el_n,
             el_range=c.evaluation.el_range, batch_size=c.evaluation.batch_size, scorer=scorer,
-            thresholds=thr, synced_gpus=True))
+            thresholds=thr, sync_calls=_max_over_ranks))
         self.engine.module.train()
         return [dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)]
 
@@ -262,16 +273,14 @@ class Worker:
         attend[:, 0] = 1  # an empty row still attends to one token, so attention has no NaN
         logits = self.engine(input_ids=ids, attention_mask=attend).logits
         n = len(forget)
-        ref_logits = None
-        if self.ref is not None:
-            with torch.no_grad():
-                ref_logits = self.ref(input_ids=ids, attention_mask=attend).logits
         kwargs = dict(forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n], weights=self.weights)
         if use_retain:
             kwargs.update(retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:])
-        if ref_logits is not None:
-            kwargs.update(ref_retain_logits=ref_logits[n:] if use_retain else None,
-                          ref_forget_logits=ref_logits[:n])
+        if self.ref is not None:  # the frozen model sees only the rows its term reads
+            rows = slice(n, None) if method == "icu" else slice(0, n)
+            with torch.no_grad():
+                ref_logits = self.ref(input_ids=ids[rows], attention_mask=attend[rows]).logits
+            kwargs["ref_retain_logits" if method == "icu" else "ref_forget_logits"] = ref_logits
         loss, parts = unlearning_loss(method, **kwargs)
         self.engine.backward(loss)
         self.engine.step()
@@ -281,10 +290,10 @@ class Worker:
     def run(self) -> dict:
         from pipeline.similarity import BertScorer
 
+        scorer = BertScorer()  # before build_engines: from_pretrained under a live ZeRO-3 config would shard it
         self.build_engines()
         state = self.resume()
         thr = self.thresholds(state)
-        scorer = BertScorer()
         n, u = len(self.pairs.requests), self.cfg.unlearning
         while True:
             records = self.check(state.epoch, thr, scorer)
@@ -298,17 +307,27 @@ class Worker:
             state.epoch += 1
             self.save(state)
         result = dict(stop_reason=reason, epochs=state.epoch, requests=n, forgotten=len(forgotten),
-                      thresholds=thr.to_dict(), method=u.method)
+                      thresholds=thr.to_dict(), method=u.method, resumed_from=state.resumed_from)
         self.finish(state, result)
         return result
 
+    def partition(self) -> dict:
+        """How many parameter elements each rank holds vs the model's total (ZeRO-3: about 1/world each)."""
+        held = sum(p.ds_tensor.numel() for p in self.engine.module.parameters())
+        per_rank: list = [None] * self.world
+        dist.all_gather_object(per_rank, (held, _node_id()))
+        return {"total": sum(p.ds_numel for p in self.engine.module.parameters()),
+                "held_per_rank": [h for h, _ in per_rank], "nodes": [n for _, n in per_rank]}
+
     def finish(self, state: LoopState, result: dict) -> None:
         """Final engine checkpoint (for export) and, on rank 0, history and result files."""
+        result["partition"] = self.partition()
         self.engine.save_checkpoint(str(self.ckpt_dir), tag="final", save_latest=False)
         dist.barrier()
         if self.rank == 0:
             out = self.store.path("unlearn")
-            _write_parquet(pd.DataFrame(state.history), out / "history.parquet")
+            # Column order fixed: rows restored from a checkpoint's JSON come back with sorted keys.
+            _write_parquet(pd.DataFrame(state.history, columns=HISTORY_COLUMNS), out / "history.parquet")
             _write_parquet(pd.DataFrame(state.epochs), out / "epochs.parquet")
             atomic_write_json(out / "result.json", dict(result, final_tag="final"))
             log.info("unlearn: stopped after %d epochs (%s); %d/%d requests forgotten", result["epochs"],
@@ -356,6 +375,25 @@ def _init_distributed() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=600))
+
+
+def _max_over_ranks(count: int) -> int:
+    """The largest `count` over all ranks (ZeRO-3 generate() calls must pair up across ranks)."""
+    value = torch.tensor([count], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def _node_id() -> str:
+    """The Ray node this rank runs on (the host name under torchrun)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    import socket
+
+    return socket.gethostname()
 
 
 def _device() -> torch.device:

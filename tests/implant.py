@@ -1,65 +1,69 @@
-"""Implant-then-forget fixtures: a tiny model that has memorized known sequences.
+"""Implant-then-forget fixtures: a tiny model that knows some English and has memorized 16 sequences.
 
-A random tiny Llama is fine-tuned until it reproduces 16 sequences verbatim; 8 of them
-become erasure requests and the other 8 are their retain neighbours.
+The tiny byte-level Llama is trained on a mixture: 64-byte windows of wikitext (general
+English, so that its MA on unseen Pile text, the forgetting threshold, is that of a
+model with language knowledge, not of a random one) and 16 other wikitext windows
+repeated until reproduced verbatim. 8 of those become erasure requests, the other 8 the
+retain pool. Nothing here comes from pile.csv, the unseen set the thresholds use.
 """
 
 from __future__ import annotations
 
-import random
+import json
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from pipeline import modeling
-from pipeline.metrics import pad_rows
+from pipeline.metrics import memorization_accuracy, pad_rows
 
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar "
-         "papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
 LENGTH = 64  # bytes = tokens with the byte tokenizer
 
 
-def sequences(n: int = 16, seed: int = 7) -> list[str]:
-    """n distinct pseudo-sentences of exactly LENGTH bytes."""
-    rng = random.Random(seed)
+def windows(data_dir: Path, n_memorize: int = 16, n_general: int = 2048) -> tuple[list[str], list[str]]:
+    """(sequences to memorize, general text windows): disjoint 64-byte ASCII windows of wikitext."""
+    texts = pd.read_csv(data_dir / "icu_benchmark" / "wikitext.csv")["text"].dropna().astype(str)
     out = []
-    while len(out) < n:
-        text = " ".join(rng.choice(WORDS) for _ in range(20))[:LENGTH]
-        if text not in out:
-            out.append(text)
-    return out
+    for text in texts:
+        text = " ".join(text.split())
+        out += [text[i:i + LENGTH] for i in range(0, len(text) - LENGTH + 1, LENGTH)
+                if text[i:i + LENGTH].isascii()]
+    return out[:n_memorize], out[n_memorize:n_memorize + n_general]
 
 
-def implant(out_dir: Path, texts: list[str], steps: int = 400, lr: float = 3e-3) -> float:
-    """Fine-tune the tiny Llama on `texts` until memorized; save to out_dir; return its mean MA."""
-    from pipeline.metrics import memorization_accuracy
-
+def implant(out_dir: Path, memorize: list[str], general: list[str], steps: int = 600, lr: float = 3e-3) -> float:
+    """Train the tiny Llama on general + memorized windows; save to out_dir; return the memorized MA."""
     base = modeling.tiny_model_dir("tiny-llama")
     model = modeling.load_model(base).train()
     tok = modeling.load_tokenizer(base)
-    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    ids, mask = pad_rows(rows, tok.pad_token_id)
+    enc = lambda texts: pad_rows([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id)
+    mem_ids, mem_mask = enc(memorize)
+    gen_ids, _ = enc(general)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        pick = torch.randint(0, len(gen_ids), (48,), generator=gen)
+        ids = torch.cat([mem_ids, gen_ids[pick]])
+        loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
-    return memorization_accuracy(model, ids, mask).mean().item()
+    return memorization_accuracy(model, mem_ids, mem_mask).mean().item()
 
 
-def write_neighbours(run_dir: Path, request_ids: list[str], retain_texts: list[str], tokenizer) -> None:
-    """Pair request i with retain text i, as the retrieval stage would write it."""
-    folder = run_dir / "retrieval"
-    folder.mkdir(parents=True, exist_ok=True)
-    ids = [f"retain-{i}" for i in range(len(retain_texts))]
-    pd.DataFrame({"request_id": request_ids, "rank": 0, "neighbour_id": ids, "score": 0.0}).to_parquet(
-        folder / "neighbours.parquet")
-    pd.DataFrame({"id": ids, "text": retain_texts,
-                  "input_ids": [tokenizer(t, add_special_tokens=False)["input_ids"] for t in retain_texts]}
-                 ).to_parquet(folder / "retain_items.parquet")
+def write_inputs(root: Path, memorize: list[str]) -> tuple[Path, Path]:
+    """requests.jsonl (the first 8 memorized windows) and retain.jsonl (the other 8).
+
+    Odd requests are cut to 48 bytes: the two ranks then hold rows of different lengths,
+    so their IUR checks need different numbers of generate() calls, which ZeRO-3 must sync.
+    """
+    requests, retain = root / "requests.jsonl", root / "retain.jsonl"
+    requests.write_text("".join(json.dumps({"id": f"req{i}", "text": t[:48] if i % 2 else t}) + "\n"
+                                for i, t in enumerate(memorize[:8])))
+    retain.write_text("".join(json.dumps({"text": t}) + "\n" for t in memorize[8:]))
+    return requests, retain

@@ -194,7 +194,8 @@ def test_beam_continuations_match_textbook_beam_search(model):
     assert got == [naive_beam(model, p, n) for p, n in zip(prompts, lengths)]
 
 
-def test_synced_gpus_reaches_generate(monkeypatch):
+def test_sync_calls_pads_generate_calls_to_the_busiest_rank(monkeypatch):
+    """Under ZeRO-3 every generate() is synced and a rank with fewer batches makes dummy calls."""
     model = MODELS["llama"]
     seen = []
     real_generate = model.generate
@@ -205,8 +206,12 @@ def test_synced_gpus_reaches_generate(monkeypatch):
 
     monkeypatch.setattr(model, "generate", spy)
     ids, mask = right_pad([[3, 4, 5, 6, 7, 8, 9, 10]])
-    metrics.extraction_likelihood(model, ids, mask, n=2, synced_gpus=True)
-    assert seen and all(seen)
+    plain = metrics.extraction_likelihood(model, ids, mask, n=2)
+    local = len(seen)
+    seen.clear()
+    synced = metrics.extraction_likelihood(model, ids, mask, n=2, sync_calls=lambda n: n + 3)
+    assert len(seen) == local + 3 and all(seen)
+    torch.testing.assert_close(synced, plain)
 
 
 # --- perplexity ------------------------------------------------------------------------------

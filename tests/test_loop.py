@@ -1,0 +1,49 @@
+"""Pure parts of the unlearning loop: the per-rank sampler, DeepSpeed config completion, stopping."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import build_config
+from pipeline.refine import Thresholds
+from pipeline.unlearn import deepspeed_config, epoch_batches, stop_reason
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("pairs,world,batch", [(13, 2, 4), (8, 2, 4), (1, 2, 8), (0, 2, 4), (30, 3, 4)])
+def test_epoch_batches_deal_every_active_pair_once(pairs, world, batch):
+    active = list(range(0, 2 * pairs, 2))  # not 0..n-1: indexes of the still-remembered pairs
+    per_rank = [epoch_batches(active, 3, 42, r, world, batch) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # every rank runs the same number of ZeRO-3 steps
+    dealt = [k for rank in per_rank for b in rank for k in b if k is not None]
+    assert sorted(dealt) == active
+    assert all(len(b) == batch for rank in per_rank for b in rank)
+
+
+def test_epoch_batches_reshuffle_each_epoch_deterministically():
+    a = epoch_batches(list(range(40)), 1, 7, 0, 2, 4)
+    assert a == epoch_batches(list(range(40)), 1, 7, 0, 2, 4)
+    assert a != epoch_batches(list(range(40)), 2, 7, 0, 2, 4)
+
+
+def test_deepspeed_config_fills_auto_from_the_run_config():
+    cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
+                        "unlearning": {"batch_size": 3, "grad_clip": 0.5, "lr": 1e-4, "warmup_steps": 10,
+                                       "ds_config": str(REPO / "ds_configs" / "zero3.json")}})
+    ds = deepspeed_config(cfg, world=4, hidden=64)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["train_batch_size"] == 12
+    assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 1e-4
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 10
+    assert "auto" not in str(ds["zero_optimization"]) and ds["zero_optimization"]["stage"] == 3
+    ref = deepspeed_config(cfg, world=4, hidden=64, with_optimizer=False)
+    assert "optimizer" not in ref and "scheduler" not in ref
+
+
+def test_stop_reasons():
+    thr = Thresholds(ma=0.3, el=0.05)
+    rec = lambda f, ma=0.5, el=0.5: {"forgotten": f, "ma": ma, "el": el}
+    assert stop_reason([rec(True), rec(True)], thr, 1, 30) == "all_forgotten"
+    assert stop_reason([rec(False, 0.1, 0.0), rec(True, 0.2, 0.01)], thr, 1, 30) == "set_thresholds"
+    assert stop_reason([rec(False), rec(True)], thr, 30, 30) == "max_epochs"
+    assert stop_reason([rec(False), rec(True)], thr, 3, 30) is None
