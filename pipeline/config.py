@@ -135,11 +135,13 @@ class UnlearningConfig:
     ma_threshold: float | None = None  # null = measured on the unseen set for this model
     el_threshold: float | None = None
     num_beams: int = 2
+    check_replica: str = "auto"  # IUR generates from an unsharded copy: auto (if <= 16 GiB), always, never
     keep_checkpoints: int = 2
     ds_config: str = path_field("ds_configs/zero3_cpu.json", hint="a DeepSpeed JSON config")
 
     def validate(self) -> None:
         _one_of("unlearning.method", self.method, METHODS)
+        _one_of("unlearning.check_replica", self.check_replica, ("auto", "always", "never"))
         for key in ("lr", "batch_size", "max_epochs", "num_beams", "keep_checkpoints", "grad_clip"):
             _positive(f"unlearning.{key}", getattr(self, key))
         for key in ("uw", "lw", "kl", "npo_beta", "retain_weight", "weight_decay", "warmup_steps"):

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,7 @@ from pipeline.store import RunStore, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("icu.unlearn")
 COMPLETE = "latest_complete"
+REPLICA_MAX_BYTES = 16 * 2**30  # check_replica: auto uses a replica up to this size
 HISTORY_COLUMNS = ["epoch", "request_id", "bleu", "bertscore", "ma", "el", "forgotten"]
 
 
@@ -160,6 +162,21 @@ class Worker:
             self.ref, *_ = deepspeed.initialize(model=ref, config=ref_ds)
             self.ref.eval()
 
+    def _replica(self):
+        """An unsharded model of the same architecture for IUR generation, or None (see `checker`)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        mode = self.cfg.unlearning.check_replica
+        config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True,
+                                            trust_remote_code=self.cfg.model.trust_remote_code)
+        dtype = modeling.torch_dtype(self.cfg.model.dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=self.cfg.model.trust_remote_code)
+        size = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+        if mode == "never" or (mode == "auto" and size > REPLICA_MAX_BYTES):
+            return None
+        return model.to(self.device).eval().requires_grad_(False)
+
     def _load_model(self):
         from transformers import AutoModelForCausalLM
 
@@ -212,9 +229,10 @@ class Worker:
                 r = self.cfg.requests
                 rows = benchmarks.unseen_rows(e.data_dir, self.tok, r.max_tokens or 200,
                                               r.prefix_tokens + r.suffix_tokens, e.max_samples.get("unseen", 64))
+                model, sync = self.checker()
                 pairs = self._sharded(rows, lambda part: list(zip(*memorization(
-                    self.engine.module, part, el_n=e.el_n, el_range=e.el_range, batch_size=e.batch_size,
-                    pad_id=self.tok.pad_token_id, sync_calls=_max_over_ranks))))
+                    model, part, el_n=e.el_n, el_range=e.el_range, batch_size=e.batch_size,
+                    pad_id=self.tok.pad_token_id, sync_calls=sync))))
                 ma = float(np.mean([m for m, _ in pairs])) if ma is None else ma
                 el = float(np.mean([x for _, x in pairs])) if el is None else el
             state.thresholds = Thresholds(ma, el, u.bertscore_threshold, u.bleu_threshold).to_dict()
@@ -234,14 +252,33 @@ class Worker:
         ordered = dict(pair for shard in gathered for pair in shard)
         return [ordered[i] for i in range(len(rows))]
 
+    def checker(self) -> tuple[torch.nn.Module, Callable[[int], int] | None]:
+        """The model IUR generates with, and the generate() call sync it needs.
+
+        Generating from the ZeRO-3 engine gathers every layer's weights for every new
+        token (minutes per check even for a 135M model on CPU). When a full copy fits
+        (`unlearning.check_replica`), the current weights are gathered once into a plain
+        replica on each rank, which then generates on its own with no collectives.
+        """
+        if self.replica is None:
+            self.engine.module.eval()
+            return self.engine.module, _max_over_ranks
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params), torch.no_grad():
+            for mine, full in zip(self.replica.parameters(), params):
+                mine.copy_(full.data)
+        return self.replica, None
+
     def check(self, epoch: int, thr: Thresholds, scorer) -> list[dict]:
         c = self.cfg
-        self.engine.module.eval()
+        model, sync = self.checker()
         records = self._sharded(self.pairs.requests, lambda part: check_requests(
-            self.engine.module, self.tok, part, prefix=c.requests.prefix_tokens,
+            model, self.tok, part, prefix=c.requests.prefix_tokens,
             suffix=c.requests.suffix_tokens, num_beams=c.unlearning.num_beams, el_n=c.evaluation.el_n,
             el_range=c.evaluation.el_range, batch_size=c.evaluation.batch_size, scorer=scorer,
-            thresholds=thr, sync_calls=_max_over_ranks))
+            thresholds=thr, sync_calls=sync))
         self.engine.module.train()
         return [dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)]
 
@@ -290,7 +327,9 @@ class Worker:
     def run(self) -> dict:
         from pipeline.similarity import BertScorer
 
-        scorer = BertScorer()  # before build_engines: from_pretrained under a live ZeRO-3 config would shard it
+        # Both before build_engines: a model made under a live ZeRO-3 config would be sharded.
+        scorer = BertScorer()
+        self.replica = self._replica()
         self.build_engines()
         state = self.resume()
         thr = self.thresholds(state)

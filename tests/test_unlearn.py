@@ -33,7 +33,7 @@ model: {{name: {model}}}
 requests: {{path: {requests}, id_column: id, prefix_tokens: 20, suffix_tokens: 20, max_tokens: 64}}
 retain: {{paths: [{retain}]}}
 retrieval: {{k: 8, pairs_per_request: 8}}
-unlearning: {{lr: 3.0e-4, max_epochs: 20, batch_size: 4}}
+unlearning: {{lr: 2.0e-4, max_epochs: 30, batch_size: 4}}
 evaluation: {{data_dir: {data}, batch_size: 8}}
 resources: {{num_workers: 2, launcher: {launcher}, max_failures: 2}}
 storage: {{runs_dir: {runs}, name: {name}}}
