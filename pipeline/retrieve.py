@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
@@ -310,9 +311,8 @@ def find_request_neighbours(cfg: Config, store: RunStore, counts: dict[str, Any]
                                    n_shards=r.index_shards)
     with atomic_path(out / "neighbours.parquet") as tmp:
         table.to_parquet(tmp, index=False)
-    used = pa.concat_tables([pq.read_table(items_path(out / "pool", s), columns=["id", "text", "input_ids"])
-                             for s in range(counts["shards"])])
-    used = used.filter(pa.compute.is_in(used["id"], value_set=pa.array(table["neighbour_id"].unique())))
+    wanted = pa.array(table["neighbour_id"].unique())
+    used = pa.concat_tables([_rows_with_ids(items_path(out / "pool", s), wanted) for s in range(counts["shards"])])
     with atomic_path(out / "retain_items.parquet") as tmp:
         pq.write_table(used, tmp)
     stats = {**stats, "pool_counts": counts, "requests_without_neighbours":
@@ -321,6 +321,11 @@ def find_request_neighbours(cfg: Config, store: RunStore, counts: dict[str, Any]
     return {"requests": len(requests), "pool_items": len(pool_ids), "k": k, "index": stats["index"]["kind"],
             "excluded_by_leak_guard": stats["excluded_count"], "short_of_k": stats["short_count"],
             "median_score": stats["score_percentiles"].get("p50")}
+
+
+def _rows_with_ids(path: Path, ids: pa.Array) -> pa.Table:
+    table = pq.read_table(path, columns=["id", "text", "input_ids"])
+    return table.filter(pc.is_in(table["id"], value_set=ids))
 
 
 def pool_fingerprint_parts(cfg: Config) -> list[Any]:

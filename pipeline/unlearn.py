@@ -173,9 +173,11 @@ class Worker:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=self.cfg.model.trust_remote_code)
         size = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
-        if mode == "never" or (mode == "auto" and size > REPLICA_MAX_BYTES):
-            return None
-        return model.to(self.device).eval().requires_grad_(False)
+        use = mode == "always" or (mode == "auto" and size <= REPLICA_MAX_BYTES)
+        if self.rank == 0:
+            log.info("unlearn: IUR generates from %s (model %.0f MB)", "an unsharded replica per rank" if use
+                     else "the ZeRO-3 engine, generate() synced across ranks", size / 2**20)
+        return model.to(self.device).eval().requires_grad_(False) if use else None
 
     def _load_model(self):
         from transformers import AutoModelForCausalLM
