@@ -1,7 +1,8 @@
 """`icu`: run the unlearning pipeline, one stage, or show a run's status.
 
     icu run CONFIG [--restart-from STAGE] [--set key=value ...]
-    icu ingest|retrieve|unlearn CONFIG   (runs earlier stages first when needed)
+    icu ingest|retrieve|unlearn|evaluate CONFIG   (runs earlier stages first when needed)
+    icu evaluate --model PATH [--suites ppl,classification] [--out DIR] [--set key=value ...]
     icu status RUN_DIR
 
 Bad input is reported as one line on stderr with exit code 2, never a traceback.
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.config import SUITES
 from pipeline.store import STAGES
 
 EPILOG = """examples:
@@ -25,6 +27,9 @@ EPILOG = """examples:
   icu run demo.yaml --set unlearning.lr=1e-5 --restart-from unlearn
   icu ingest ray_jobs/configs/demo.yaml        validate erasure requests only
   icu retrieve ray_jobs/configs/demo.yaml      retain neighbours (runs after ingest)
+  icu evaluate ray_jobs/configs/demo.yaml      before/after metrics and eval/report.md
+  icu evaluate --model runs/demo/unlearn/model --suites ppl,classification
+                                               any model folder on its own
   icu status runs/demo                         per-stage state and where it resumes
 """
 
@@ -33,6 +38,7 @@ STAGE_HELP = {
     "ingest": "validate erasure requests into accepted/rejected parquet",
     "retrieve": "embed the retain pool and find each request's nearest retain neighbours",
     "unlearn": "unlearn the requests with ICU under DeepSpeed ZeRO-3 (Ray Train or torchrun)",
+    "evaluate": "score the original and the unlearned model; write eval/metrics.json and report.md",
 }
 
 
@@ -49,13 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "(required to change the config of an existing run)")
     for stage, help_text in STAGE_HELP.items():
         _config_args(sub.add_parser(stage, help=help_text))
+    evaluate = sub.choices["evaluate"]
+    evaluate.add_argument("--model", help="evaluate this model folder on its own (CONFIG is then optional "
+                          "and only supplies evaluation settings)")
+    evaluate.add_argument("--suites", help=f"with --model: comma-separated subset of {','.join(SUITES)}")
+    evaluate.add_argument("--out", help="with --model: output folder (default: runs/eval-<folder name>)")
     status = sub.add_parser("status", help="show each stage's state, progress and timings")
     status.add_argument("run_dir", help="a run directory, e.g. runs/demo")
     return parser
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="run config YAML (see ray_jobs/configs/)")
+    parser.add_argument("config", nargs="?" if parser.prog.endswith("evaluate") else None,
+                        help="run config YAML (see ray_jobs/configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. unlearning.lr=1e-5 (repeatable)")
 
@@ -78,12 +90,48 @@ def dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"status: {args.run_dir} is not a run directory; fix: pass runs/<name>")
         print("\n".join(driver.status_lines(args.run_dir)))
         return 0
+    if args.command == "evaluate" and args.model:
+        return evaluate_folder(args)
+    if args.config is None:
+        raise UserError(f"{args.command}: a run config is required; fix: icu {args.command} CONFIG")
     cfg, store = driver.open_run(args.config, parse_overrides(args.set), getattr(args, "restart_from", None))
     if args.command == "run":
         driver.run_pipeline(cfg, store)
         print("\n".join(driver.status_lines(store.root)))
     else:
         driver.run_pipeline(cfg, store, until=args.command)
+    return 0
+
+
+def evaluate_folder(args: argparse.Namespace) -> int:
+    """`icu evaluate --model PATH`: score one model folder without a run."""
+    from pathlib import Path
+
+    from pipeline import evaluate
+    from pipeline.config import build_config, load_config, set_dotted
+
+    overrides = parse_overrides(args.set)
+    if args.suites:
+        overrides["evaluation.suites"] = [s.strip() for s in args.suites.split(",") if s.strip()]
+    overrides["model.name"] = args.model
+    if args.config:
+        cfg = load_config(args.config, overrides)
+    else:  # no run: the request file is never read, any existing path satisfies the schema
+        data: dict[str, Any] = {"requests": {"path": args.model}, "storage": {"name": "eval"}}
+        for key, value in overrides.items():
+            set_dotted(data, key, value)
+        cfg = build_config(data)
+    model_dir = Path(cfg.model.name)
+    if not set(cfg.evaluation.suites) - {"forget", "mia"}:
+        raise UserError("evaluate --model: the forget and mia suites need a run's requests; fix: choose from "
+                        "unseen, ppl, classification, dialogue")
+    cfg.evaluation.suites = [s for s in cfg.evaluation.suites if s not in ("forget", "mia")]
+    out = Path(args.out or Path(cfg.storage.runs_dir) / f"eval-{model_dir.name}")
+    results = evaluate.evaluate_folder(model_dir, cfg, out)
+    from pipeline.report import paper_table
+
+    print(paper_table(results))
+    print(f"report: {out / 'report.md'}")
     return 0
 
 

@@ -240,7 +240,7 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections (model:, requests:, ...)")
     for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
+        set_dotted(data, dotted, value)
     data.setdefault("storage", {})
     if isinstance(data["storage"], dict):
         data["storage"].setdefault("name", path.stem)
@@ -351,7 +351,7 @@ def _expand(key: str, value: str) -> str:
     return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", sub, value)
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = data
     for part in parents:

@@ -81,7 +81,7 @@ def run_unlearn(cfg: Config, store: RunStore) -> dict[str, Any]:
     import json
     import shutil
 
-    from pipeline import launch
+    from pipeline import export, launch
 
     upstream = [store.stage(s).get("fingerprint") for s in ("ingest", "retrieve")]
     key = fingerprint("unlearn", cfg.model, cfg.requests, cfg.retrieval, cfg.unlearning, cfg.evaluation,
@@ -98,13 +98,33 @@ def run_unlearn(cfg: Config, store: RunStore) -> dict[str, Any]:
     with store.run_stage("unlearn", key) as result:
         (launch.ray_train if cfg.resources.launcher == "ray" else launch.torchrun)(cfg, store)
         summary = json.loads((out / "result.json").read_text())
-        result["outputs"] += [out / "result.json", out / "history.parquet", out / "checkpoints" / "final"]
+        export.consolidate(out / "checkpoints", summary["final_tag"], modeling.resolve_model_dir(cfg.model.name),
+                           out / "model", dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        result["outputs"] += [out / "result.json", out / "history.parquet", out / "checkpoints" / "final",
+                              out / "model"]
         result["summary"] = {k: v for k, v in summary.items() if k != "thresholds"}
     return summary
 
 
+def run_evaluate(cfg: Config, store: RunStore) -> dict[str, Any]:
+    """Score the original and the unlearned model on the suites; write metrics, samples and report."""
+    from pipeline import evaluate
+
+    upstream = [store.stage(s).get("fingerprint") for s in ("ingest", "unlearn")]
+    key = fingerprint("evaluate", cfg.model, cfg.requests, cfg.evaluation, cfg.unlearning.num_beams, upstream)
+    if store.is_done("evaluate", key):
+        return _skipped(store, "evaluate")
+    with store.run_stage("evaluate", key) as result:
+        summary = evaluate.evaluate_run(cfg, store, key)
+        out = store.stage_dir("evaluate")
+        result["outputs"] += [out / "metrics.json", out / "per_sample.parquet", out / "report.md"]
+        result["summary"] = summary
+    log.info("evaluate: report at %s", store.path("eval", "report.md"))
+    return summary
+
+
 STAGE_RUNNERS: dict[str, Callable[[Config, RunStore], dict[str, Any]]] = {
-    "ingest": run_ingest, "retrieve": run_retrieve, "unlearn": run_unlearn}
+    "ingest": run_ingest, "retrieve": run_retrieve, "unlearn": run_unlearn, "evaluate": run_evaluate}
 
 
 def run_pipeline(cfg: Config, store: RunStore, until: str | None = None) -> dict[str, dict[str, Any]]:

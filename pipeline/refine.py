@@ -55,10 +55,10 @@ def memorization(model, rows: list[list[int]], *, el_n: int, el_range: str, batc
 
 
 @torch.no_grad()
-def check_requests(model, tokenizer, rows: list[list[int]], *, prefix: int, suffix: int, num_beams: int,
-                   el_n: int, el_range: str, batch_size: int, scorer, thresholds: Thresholds,
+def score_requests(model, tokenizer, rows: list[list[int]], *, prefix: int, suffix: int, num_beams: int,
+                   el_n: int, el_range: str, batch_size: int, scorer,
                    sync_calls: metrics.SyncCalls | None = None) -> list[dict]:
-    """One IUR record per row: bleu, bertscore, ma, el, forgotten."""
+    """bleu, bertscore (the generated suffix vs the true one), ma and el of each row."""
     pad_id = tokenizer.pad_token_id
     generated = metrics.greedy_continuations(
         model, [r[:prefix] for r in rows], [len(r[prefix:prefix + suffix]) for r in rows],
@@ -69,5 +69,10 @@ def check_requests(model, tokenizer, rows: list[list[int]], *, prefix: int, suff
     bert = scorer.f1(truths, guesses).tolist() if rows else []
     ma, el = memorization(model, rows, el_n=el_n, el_range=el_range, batch_size=batch_size, pad_id=pad_id,
                           sync_calls=sync_calls)
-    return [dict(bleu=b, bertscore=s, ma=m, el=e, forgotten=is_forgotten(b, s, m, e, thresholds))
-            for b, s, m, e in zip(bleu, bert, ma, el)]
+    return [dict(bleu=b, bertscore=s, ma=m, el=e) for b, s, m, e in zip(bleu, bert, ma, el)]
+
+
+def check_requests(model, tokenizer, rows: list[list[int]], *, thresholds: Thresholds, **kwargs) -> list[dict]:
+    """One IUR record per row: `score_requests`' scores and whether the row counts as forgotten."""
+    return [dict(rec, forgotten=is_forgotten(rec["bleu"], rec["bertscore"], rec["ma"], rec["el"], thresholds))
+            for rec in score_requests(model, tokenizer, rows, **kwargs)]

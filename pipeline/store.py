@@ -70,6 +70,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def write_parquet(frame, path: str | os.PathLike) -> None:
+    """A pandas frame as a parquet file, atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 of a file, or of a folder's files (relative names + contents), streamed."""
     path = Path(path)
@@ -101,7 +107,7 @@ class RunStore:
         return self.root.joinpath(*parts)
 
     def stage_dir(self, stage: str) -> Path:
-        folder = {"ingest": "requests", "retrieve": "retrieval"}.get(stage, stage)
+        folder = {"ingest": "requests", "retrieve": "retrieval", "evaluate": "eval"}.get(stage, stage)
         path = self.path(folder)
         path.mkdir(parents=True, exist_ok=True)
         return path

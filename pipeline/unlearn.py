@@ -34,7 +34,7 @@ from pipeline.config import Config, build_config
 from pipeline.losses import LossWeights, needs_reference, needs_retain, unlearning_loss
 from pipeline.metrics import pad_rows
 from pipeline.refine import Thresholds, check_requests, memorization
-from pipeline.store import RunStore, atomic_write_json, atomic_write_text
+from pipeline.store import RunStore, atomic_write_json, atomic_write_text, write_parquet
 
 log = logging.getLogger("icu.unlearn")
 COMPLETE = "latest_complete"
@@ -353,12 +353,16 @@ class Worker:
         return result
 
     def partition(self) -> dict:
-        """How many parameter elements each rank holds vs the model's total (ZeRO-3: about 1/world each)."""
+        """Per rank: parameter elements held (ZeRO-3: about 1/world of the total), node, peak host RSS."""
+        import resource
+
         held = sum(p.ds_tensor.numel() for p in self.engine.module.parameters())
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         per_rank: list = [None] * self.world
-        dist.all_gather_object(per_rank, (held, _node_id()))
+        dist.all_gather_object(per_rank, (held, _node_id(), peak_mb))
         return {"total": sum(p.ds_numel for p in self.engine.module.parameters()),
-                "held_per_rank": [h for h, _ in per_rank], "nodes": [n for _, n in per_rank]}
+                "held_per_rank": [h for h, _, _ in per_rank], "nodes": [n for _, n, _ in per_rank],
+                "peak_rss_mb": [round(m, 1) for _, _, m in per_rank]}
 
     def finish(self, state: LoopState, result: dict) -> None:
         """Final engine checkpoint (for export) and, on rank 0, history and result files."""
@@ -368,8 +372,8 @@ class Worker:
         if self.rank == 0:
             out = self.store.path("unlearn")
             # Column order fixed: rows restored from a checkpoint's JSON come back with sorted keys.
-            _write_parquet(pd.DataFrame(state.history, columns=HISTORY_COLUMNS), out / "history.parquet")
-            _write_parquet(pd.DataFrame(state.epochs), out / "epochs.parquet")
+            write_parquet(pd.DataFrame(state.history, columns=HISTORY_COLUMNS), out / "history.parquet")
+            write_parquet(pd.DataFrame(state.epochs), out / "epochs.parquet")
             atomic_write_json(out / "result.json", dict(result, final_tag="final"))
             log.info("unlearn: stopped after %d epochs (%s); %d/%d requests forgotten", result["epochs"],
                      result["stop_reason"], result["forgotten"], result["requests"])
@@ -441,13 +445,6 @@ def _device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    from pipeline.store import atomic_path
-
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,6 +157,17 @@ def test_extraction_likelihood_matches_naive_definition(model, prompt_range, n, 
     assert len(set(want)) >= 3 and max(want) > 0.5 and min(want) < max(want)
 
 
+def test_prefix_continuations_equal_one_prompt_at_a_time_generation(model):
+    """Every prompt row[:t] (chained, decoded, or leaving the batch early) gets exactly the
+    tokens naive greedy decoding of that prompt alone produces."""
+    rows = memorized_rows(model, [30, 26], seed=11)
+    for row in rows:
+        starts = list(range(1, len(row) - 1))
+        got, calls = metrics.prefix_continuations(model, row, starts, batch_size=5)
+        assert got == [naive_greedy(model, row[:t], len(row) - t) for t in starts]
+        assert 1 < calls < sum(len(row) - t for t in starts)  # chaining and batching saved forwards
+
+
 def test_extraction_likelihood_without_scorable_prompt_is_zero(model):
     ids, mask = right_pad([[5, 6, 7], [5, 6, 7, 8, 9, 10]])
     assert metrics.extraction_likelihood(model, ids, mask, n=10, prompt_range="ku").tolist() == [0.0, 0.0]
@@ -205,12 +216,32 @@ def test_sync_calls_pads_generate_calls_to_the_busiest_rank(monkeypatch):
         return real_generate(*args, synced_gpus=False, **kwargs)
 
     monkeypatch.setattr(model, "generate", spy)
-    ids, mask = right_pad([[3, 4, 5, 6, 7, 8, 9, 10]])
-    plain = metrics.extraction_likelihood(model, ids, mask, n=2)
+    prompts, lengths = [[3, 4, 5], [6, 7]], [4, 2]
+    plain = metrics.greedy_continuations(model, prompts, lengths)
     local = len(seen)
     seen.clear()
-    synced = metrics.extraction_likelihood(model, ids, mask, n=2, sync_calls=lambda n: n + 3)
+    synced = metrics.greedy_continuations(model, prompts, lengths, sync_calls=lambda n: n + 3)
     assert len(seen) == local + 3 and all(seen)
+    assert synced == plain
+
+
+def test_sync_calls_pads_el_forwards_to_the_busiest_rank():
+    """EL decodes with plain forwards; under ZeRO-3 each one gathers weights, so a rank that
+    made fewer makes dummy one-token forwards up to the busiest rank's count."""
+    model = MODELS["llama"]
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        ids, mask = right_pad([[3, 4, 5, 6, 7, 8, 9, 10]])
+        plain = metrics.extraction_likelihood(model, ids, mask, n=2)
+        local = len(calls)
+        calls.clear()
+        asked = []
+        synced = metrics.extraction_likelihood(model, ids, mask, n=2,
+                                               sync_calls=lambda n: asked.append(n) or n + 3)
+    finally:
+        hook.remove()
+    assert asked == [local] and len(calls) == local + 3
     torch.testing.assert_close(synced, plain)
 
 

@@ -34,7 +34,7 @@ requests: {{path: {requests}, id_column: id, prefix_tokens: 20, suffix_tokens: 2
 retain: {{paths: [{retain}]}}
 retrieval: {{k: 8, pairs_per_request: 8}}
 unlearning: {{lr: 2.0e-4, max_epochs: 30, batch_size: 4}}
-evaluation: {{data_dir: {data}, batch_size: 8}}
+evaluation: {{data_dir: {data}, batch_size: 8, max_samples: {{unseen: 64, ppl: 4, classification: 8, dialogue: 4}}}}
 resources: {{num_workers: 2, launcher: {launcher}, max_failures: 2}}
 storage: {{runs_dir: {runs}, name: {name}}}
 """
@@ -154,6 +154,39 @@ def _same_run(a: Path, b: Path) -> None:
     assert not hb.duplicated(["epoch", "request_id"]).any()
     assert sorted(hb.epoch.unique()) == list(range(hb.epoch.max() + 1))
     pd.testing.assert_frame_equal(ha, hb, check_exact=False, atol=1e-6)
+
+
+def test_evaluate_reports_before_and_after(implanted, ray_run):
+    """The evaluate stage on the finished run: the exported weights are the engine's, the
+    original remembers the requests and the unlearned model does not, and the report renders."""
+    import ray
+
+    root, result = ray_run
+    exported = modeling.load_model(root / "unlearn" / "model")
+    final = consolidated_state_dict(root)
+    assert max((p - final[k]).abs().max().item() for k, p in exported.state_dict().items() if k in final) == 0
+    cfg, store = driver.open_run(str(root / "config.yaml"))
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        driver.run_pipeline(cfg, store, until="evaluate")
+    finally:
+        ray.shutdown()
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    before, after = metrics["models"]["original"], metrics["models"]["unlearned"]
+    assert metrics["thresholds"] == result["thresholds"]
+    assert before["forget"]["below_thresholds"] == 0 and after["forget"]["below_thresholds"] == 8
+    assert after["forget"]["ma"] < before["forget"]["ma"] - 0.5
+    assert after["mia_auc"]["loss"] < before["mia_auc"]["loss"]
+    # Measured: WikiText PPL 27.6 -> 246 on this tiny model (it was fine-tuned on WikiText windows, and
+    # lr 2e-4 over many epochs is harsh); utility on a real model is the demo's business, not this test's.
+    assert all(0 < m["ppl"][name] < float("inf") for m in (before, after) for name in ("pile", "wikitext"))
+    print(f"\ntiny implanted model before/after: {before}\n{after}")
+    samples = pd.read_parquet(root / "eval" / "per_sample.parquet")
+    assert set(samples["model"]) == {"original", "unlearned"}
+    report = (root / "eval" / "report.md").read_text()
+    assert "| unlearned |" in report and "forget_distributions.png" in report
+    assert all((root / "eval" / png).stat().st_size > 5000 for png in
+               ("forget_distributions.png", "forgotten_per_epoch.png", "loss_curves.png"))
 
 
 def test_two_node_cluster_with_spread_workers(implanted, ray_run, tmp_path):

@@ -1,0 +1,300 @@
+"""Score a model folder on the evaluation suites, data-parallel over model replicas.
+
+The tasks of `pipeline.suites` are cut into units of UNIT_SIZE examples. A unit is the
+unit of work of one replica and is always batched the same way, so per-sample results
+do not depend on how many replicas ran (Ray Data actor pool) or on which one took it.
+Results are long-format rows (suite, task, sample_id, metric, value); `summarize`
+turns them into the paper's table numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import metrics, modeling
+from pipeline.refine import memorization, score_requests
+from pipeline.store import atomic_write_json, write_parquet
+from pipeline.suites import SPEAKERS, Task
+
+UNIT_SIZE = 16
+REPLY_TOKENS = 32  # dialogue replies (METHOD.md)
+COLUMNS = ["suite", "task", "sample_id", "metric", "value"]
+
+
+@dataclass(frozen=True)
+class Options:
+    """How examples are scored; the same for every model of a run."""
+    el_n: int = 10
+    el_range: str = "icu"
+    batch_size: int = 8
+    prefix: int = 50
+    suffix: int = 50
+    num_beams: int = 2
+
+
+def make_units(tasks: list[Task], unit_size: int = UNIT_SIZE) -> list[dict[str, Any]]:
+    return [{"suite": t.suite, "task": t.name, "kind": t.kind, "examples": t.examples[s:s + unit_size]}
+            for t in tasks for s in range(0, len(t.examples), unit_size)]
+
+
+class Scorer:
+    """A model replica that scores units; the BERTScore encoder is loaded on first need."""
+
+    def __init__(self, model, tokenizer, options: Options):
+        self.model, self.tok, self.opt = model, tokenizer, options
+        self._bert = None
+
+    @property
+    def bert(self):
+        if self._bert is None:
+            from pipeline.similarity import BertScorer
+
+            self._bert = BertScorer()
+        return self._bert
+
+    def score(self, unit: dict[str, Any]) -> list[dict[str, Any]]:
+        values = getattr(self, f"_{unit['kind']}")(unit["examples"])
+        return [{"suite": unit["suite"], "task": unit["task"], "sample_id": ex["id"], "metric": name,
+                 "value": float(v)}
+                for ex, scores in zip(unit["examples"], values) for name, v in scores.items()]
+
+    @torch.no_grad()
+    def _requests(self, examples: list[dict]) -> list[dict[str, float]]:
+        """Erasure requests: IUR's scores (generation similarity, MA, EL) and membership scores."""
+        o, rows = self.opt, [ex["ids"] for ex in examples]
+        recs = score_requests(self.model, self.tok, rows, prefix=o.prefix, suffix=o.suffix, num_beams=o.num_beams,
+                              el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size, scorer=self.bert)
+        return [dict(rec, **mia) for rec, mia in zip(recs, self._mia(rows))]
+
+    @torch.no_grad()
+    def _memorization(self, examples: list[dict]) -> list[dict[str, float]]:
+        """Unseen text: MA and EL (the forgetting thresholds) and membership scores (MIA non-members)."""
+        o, rows = self.opt, [ex["ids"] for ex in examples]
+        ma, el = memorization(self.model, rows, el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size,
+                              pad_id=self.tok.pad_token_id)
+        return [dict(ma=m, el=e, **mia) for m, e, mia in zip(ma, el, self._mia(rows))]
+
+    def _mia(self, rows: list[list[int]]) -> list[dict[str, float]]:
+        ids, mask = metrics.pad_rows(rows, self.tok.pad_token_id)
+        texts = [self.tok.decode(r, skip_special_tokens=True) for r in rows]
+        scores = metrics.mia_scores(self.model, ids, mask, texts)
+        return [{f"mia_{k}": float(v[i]) for k, v in scores.items()} for i in range(len(rows))]
+
+    def _ppl(self, examples: list[dict]) -> list[dict[str, float]]:
+        rows = [ex["ids"] for ex in examples]
+        losses = metrics.sequence_losses(self.model, rows, batch_size=self.opt.batch_size,
+                                         pad_token_id=self.tok.pad_token_id)
+        return [{"loss": float(loss), "tokens": len(r) - 1} for loss, r in zip(losses, rows)]
+
+    def _choice(self, examples: list[dict]) -> list[dict[str, float]]:
+        picks = metrics.multiple_choice_predictions(
+            self.model, [ex["context"] for ex in examples], [ex["choices"] for ex in examples],
+            batch_size=self.opt.batch_size, pad_token_id=self.tok.pad_token_id)
+        return [{"correct": float(p == ex["label"])} for p, ex in zip(picks, examples)]
+
+    def _lambada(self, examples: list[dict]) -> list[dict[str, float]]:
+        hits = metrics.greedy_matches(self.model, [ex["context"] for ex in examples],
+                                      [ex["target"] for ex in examples], batch_size=self.opt.batch_size,
+                                      pad_token_id=self.tok.pad_token_id)
+        return [{"correct": float(h)} for h in hits]
+
+    def _dialogue(self, examples: list[dict]) -> list[dict[str, float]]:
+        replies = metrics.greedy_continuations(
+            self.model, [ex["context"] for ex in examples], [REPLY_TOKENS] * len(examples),
+            batch_size=self.opt.batch_size, pad_token_id=self.tok.pad_token_id)
+        return [{"f1": metrics.unigram_f1(cut_reply(self.tok.decode(r, skip_special_tokens=True)), ex["reference"])}
+                for r, ex in zip(replies, examples)]
+
+
+def cut_reply(text: str) -> str:
+    """The generated reply up to the next speaker tag."""
+    cut = min([i for i in (text.find(tag) for tag in SPEAKERS) if i >= 0] + [len(text)])
+    return text[:cut].strip()
+
+
+class EvalActor:
+    """Ray Data `map_batches` callable: one replica; units (JSON) in, result rows (JSON) out."""
+
+    def __init__(self, spec: dict[str, Any]):
+        torch.set_num_threads(max(1, int(spec["cpus"])))  # Ray pins OMP threads to 1 otherwise
+        self.scorer = _replica(spec)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"rows": np.array([json.dumps(self.scorer.score(json.loads(u))) for u in batch["unit"]])}
+
+
+def _replica(spec: dict[str, Any]) -> Scorer:
+    model_dir = Path(spec["model_dir"])
+    tok = modeling.load_tokenizer(model_dir, spec["trust_remote_code"])
+    model = modeling.load_model(model_dir, spec["dtype"], spec["trust_remote_code"]).to(spec["device"])
+    return Scorer(model, tok, Options(**spec["options"]))
+
+
+def score_model(spec: dict[str, Any], units: list[dict[str, Any]], actors: int, use_ray: bool = True,
+                desc: str = "evaluating") -> pd.DataFrame:
+    """Score every unit with the model of `spec` on `actors` replicas (or in this process)."""
+    from tqdm import tqdm
+
+    if not use_ray:
+        scorer = _replica(spec)
+        rows = [r for u in tqdm(units, desc=desc, unit=" units", disable=None) for r in scorer.score(u)]
+    else:
+        import ray
+
+        from pipeline.launch import ensure_ray
+
+        ensure_ray()
+        ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
+        ds = ds.map_batches(EvalActor, fn_constructor_kwargs={"spec": spec}, batch_size=1, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=spec["cpus"],
+                            num_gpus=1 if spec["device"] == "cuda" else 0)
+        rows = [r for batch in ds.iter_batches(batch_size=None, batch_format="numpy")
+                for chunk in batch["rows"] for r in json.loads(chunk)]
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    return frame.sort_values(["suite", "task", "sample_id", "metric"], kind="stable", ignore_index=True)
+
+
+def model_spec(model_dir: str | Path, options: Options, *, dtype: str = "auto", trust_remote_code: bool = False,
+               cpus: float = 1.0, use_gpu: bool = False) -> dict[str, Any]:
+    return {"model_dir": str(model_dir), "dtype": dtype, "trust_remote_code": trust_remote_code, "cpus": cpus,
+            "device": "cuda" if use_gpu else "cpu", "options": options.__dict__}
+
+
+# --- aggregation -----------------------------------------------------------------------------
+
+def summarize(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """The paper's table numbers for one model (percentages where the paper uses them).
+
+    A forget row counts as below the thresholds when its MA and EL are at most the
+    unseen-set means (`thresholds` {"ma", "el"}; the unlearning run's, or this model's).
+    """
+    out: dict[str, Any] = {}
+    by = {k: g for k, g in frame.groupby("task")}
+
+    def mean(task: str, metric: str) -> float:
+        values = by[task][by[task]["metric"] == metric]["value"]
+        return float(values.mean())
+
+    if "forget" in by:
+        out["forget"] = {m: mean("forget", m) for m in ("el", "ma", "bertscore", "bleu")}
+        if thresholds:
+            wide = by["forget"].pivot(index="sample_id", columns="metric", values="value")
+            below = (wide["ma"] <= thresholds["ma"]) & (wide["el"] <= thresholds["el"])
+            out["forget"].update(below_thresholds=int(below.sum()), requests=int(len(wide)))
+    if "pile_unseen" in by:
+        out["unseen"] = {m: mean("pile_unseen", m) for m in ("el", "ma")}
+    if "forget" in by and "pile_unseen" in by:
+        out["mia_auc"] = {k: metrics.auc(_values(by["forget"], f"mia_{k}"), _values(by["pile_unseen"], f"mia_{k}"))
+                          for k in ("loss", "zlib", "min_k")}
+    ppl = {t: _perplexity(g) for t, g in by.items() if t in ("pile", "wikitext")}
+    if ppl:
+        out["ppl"] = ppl
+    for suite, metric in (("classification", "correct"), ("dialogue", "f1")):
+        tasks = sorted(frame[frame["suite"] == suite]["task"].unique())
+        if tasks:
+            scores = {t: 100 * mean(t, metric) for t in tasks}
+            out[suite] = dict(scores, average=float(np.mean(list(scores.values()))))
+    return out
+
+
+def _values(group: pd.DataFrame, metric: str) -> list[float]:
+    return group[group["metric"] == metric].sort_values("sample_id")["value"].tolist()
+
+
+def _perplexity(group: pd.DataFrame) -> float:
+    """exp of the mean chunk loss (METHOD.md), chunks weighted equally."""
+    return math.exp(group[group["metric"] == "loss"]["value"].mean())
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+def options(cfg) -> Options:
+    e, r = cfg.evaluation, cfg.requests
+    return Options(el_n=e.el_n, el_range=e.el_range, batch_size=e.batch_size, prefix=r.prefix_tokens,
+                   suffix=r.suffix_tokens, num_beams=cfg.unlearning.num_beams)
+
+
+def evaluate_run(cfg, store, key: str) -> dict[str, Any]:
+    """Before/after evaluation of a run: eval/metrics.json, per_sample.parquet, report.md + plots.
+
+    Each model's scores are kept in eval/partial/ once complete, so a stopped stage
+    resumes with the model it had not finished.
+    """
+    from pipeline import report, suites
+
+    out = store.stage_dir("evaluate")
+    accepted = pd.read_parquet(store.path("requests", "accepted.parquet"), columns=["id", "input_ids"])
+    tok = modeling.load_tokenizer(modeling.resolve_model_dir(cfg.model.name), cfg.model.trust_remote_code)
+    tasks = suites.build_tasks(
+        cfg.evaluation.suites, cfg.evaluation.data_dir, tok,
+        forget_rows=[list(map(int, r)) for r in accepted["input_ids"]], forget_ids=accepted["id"].tolist(),
+        max_tokens=cfg.requests.max_tokens or modeling.context_length(modeling.resolve_model_dir(cfg.model.name)),
+        min_tokens=cfg.requests.prefix_tokens + cfg.requests.suffix_tokens, ppl_chunk=cfg.evaluation.ppl_chunk,
+        caps=cfg.evaluation.max_samples)
+    units = make_units(tasks)
+    models = {"original": modeling.resolve_model_dir(cfg.model.name), "unlearned": store.path("unlearn", "model")}
+    frames = {}
+    for label, model_dir in models.items():
+        spec = model_spec(model_dir, options(cfg), dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                          cpus=cfg.resources.cpus_per_worker, use_gpu=cfg.resources.use_gpu)
+        frames[label] = _scores_once(out / "partial", key, label, lambda: score_model(
+            spec, units, cfg.resources.eval_actors, desc=f"evaluating the {label} model"))
+    result_path = store.path("unlearn", "result.json")
+    unlearn = json.loads(result_path.read_text()) if result_path.exists() else {}
+    thresholds = unlearn.get("thresholds") or summarize(frames["original"]).get("unseen")
+    results = {
+        "thresholds": thresholds,
+        "models": {label: summarize(frame, thresholds) for label, frame in frames.items()},
+        "unlearn": {k: unlearn[k] for k in ("method", "epochs", "stop_reason", "forgotten", "requests")
+                    if k in unlearn},
+    }
+    samples = pd.concat([f.assign(model=label) for label, f in frames.items()], ignore_index=True)
+    write_parquet(samples, out / "per_sample.parquet")
+    atomic_write_json(out / "metrics.json", results)
+    report.write_report(out, results, samples, store.path("unlearn"))
+    return report.headline(results)
+
+
+def evaluate_folder(model_dir: Path, cfg, out: Path) -> dict[str, Any]:
+    """Evaluate one model folder on its own (no run): metrics.json, per_sample.parquet, report.md."""
+    from pipeline import report, suites
+
+    tok = modeling.load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    tasks = suites.build_tasks(cfg.evaluation.suites, cfg.evaluation.data_dir, tok, forget_rows=None,
+                               forget_ids=None, max_tokens=cfg.requests.max_tokens or modeling.context_length(model_dir),
+                               min_tokens=cfg.requests.prefix_tokens + cfg.requests.suffix_tokens,
+                               ppl_chunk=cfg.evaluation.ppl_chunk, caps=cfg.evaluation.max_samples)
+    frame = score_model(model_spec(model_dir, options(cfg), dtype=cfg.model.dtype,
+                                   trust_remote_code=cfg.model.trust_remote_code, cpus=cfg.resources.cpus_per_worker,
+                                   use_gpu=cfg.resources.use_gpu), make_units(tasks), cfg.resources.eval_actors)
+    results = {"thresholds": None, "models": {model_dir.name: summarize(frame)}, "unlearn": {}}
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(frame.assign(model=model_dir.name), out / "per_sample.parquet")
+    atomic_write_json(out / "metrics.json", results)
+    report.write_report(out, results, frame.assign(model=model_dir.name), None)
+    return results
+
+
+def _scores_once(partial: Path, key: str, label: str, compute) -> pd.DataFrame:
+    """One model's scores: read back if an earlier attempt of this stage finished them."""
+    stamp = partial / "fingerprint"
+    if stamp.exists() and stamp.read_text() != key:
+        import shutil
+
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key)
+    path = partial / f"{label}.parquet"
+    if path.exists():
+        return pd.read_parquet(path)
+    frame = compute()
+    write_parquet(frame, path)
+    return frame

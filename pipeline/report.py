@@ -1,0 +1,152 @@
+"""eval/report.md: the paper-style table, per-task scores and plots a person can read."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.store import atomic_path, atomic_write_text
+
+TABLE = [  # (column, how to read it from one model's summary, format)
+    ("EL10 %", lambda m: 100 * m["forget"]["el"], "{:.1f}"),
+    ("MA %", lambda m: 100 * m["forget"]["ma"], "{:.1f}"),
+    ("BERTScore-F1", lambda m: m["forget"]["bertscore"], "{:.3f}"),
+    ("BLEU-4", lambda m: m["forget"]["bleu"], "{:.3f}"),
+    ("Below thr.", lambda m: f"{m['forget']['below_thresholds']}/{m['forget']['requests']}", "{}"),
+    ("Classification avg", lambda m: m["classification"]["average"], "{:.1f}"),
+    ("Dialogue avg F1", lambda m: m["dialogue"]["average"], "{:.1f}"),
+    ("Pile PPL", lambda m: m["ppl"]["pile"], "{:.2f}"),
+    ("WikiText PPL", lambda m: m["ppl"]["wikitext"], "{:.2f}"),
+    ("MIA AUC (LOSS)", lambda m: m["mia_auc"]["loss"], "{:.3f}"),
+    ("MIA AUC (Min-K%)", lambda m: m["mia_auc"]["min_k"], "{:.3f}"),
+]
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """A few numbers per model for the run manifest and `icu status`."""
+    out = {}
+    for label, m in results["models"].items():
+        for name, get, _ in TABLE[:2] + TABLE[7:8]:
+            value = _try(get, m)
+            if value is not None:
+                out[f"{label} {name}"] = round(value, 2)
+    return out
+
+
+def paper_table(results: dict[str, Any]) -> str:
+    """One row per model; columns a model lacks (a suite not run) are shown as '-'."""
+    columns = [c for c in TABLE if any(_try(c[1], m) is not None for m in results["models"].values())]
+    epochs = results.get("unlearn", {}).get("epochs")
+    head = ["Model"] + [c[0] for c in columns] + (["Epochs"] if epochs is not None else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, m in results["models"].items():
+        cells = [label] + [_cell(get, m, fmt) for _, get, fmt in columns]
+        if epochs is not None:
+            cells.append(str(epochs) if label == "unlearned" else "0")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, results: dict[str, Any], samples: pd.DataFrame, unlearn_dir: Path | None) -> Path:
+    """report.md next to its PNG plots; returns the report's path."""
+    parts = ["# Evaluation report", "", paper_table(results), ""]
+    thr = results.get("thresholds")
+    if thr:
+        parts += [f"Forgetting thresholds (the original model's mean on unseen Pile text): MA {thr['ma']:.3f}, "
+                  f"EL10 {thr['el']:.4f}. EL10 uses the ICU prompt range (t = 0.75T..T-1). BERTScore-F1 runs on "
+                  "all-MiniLM-L6-v2 token embeddings (bert-base-uncased is not available offline).", ""]
+    u = results.get("unlearn") or {}
+    if u:
+        parts += [f"Unlearning: method {u.get('method')}, {u.get('forgotten')}/{u.get('requests')} requests flagged "
+                  f"forgotten by IUR after {u.get('epochs')} epochs (stopped: {u.get('stop_reason')}).", ""]
+    parts += _task_tables(results)
+    for png, caption in _plots(out, results, samples, unlearn_dir):
+        parts += [f"![{caption}]({png.name})", ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(parts))
+    return path
+
+
+def _task_tables(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for suite, unit in (("classification", "accuracy %"), ("dialogue", "unigram F1 x100")):
+        tasks = sorted({t for m in results["models"].values() for t in m.get(suite, {}) if t != "average"})
+        if not tasks:
+            continue
+        labels = list(results["models"])
+        lines += [f"## {suite.capitalize()} ({unit})", "", "| Task | " + " | ".join(labels) + " |",
+                  "|" + "---|" * (len(labels) + 1)]
+        for task in tasks:
+            lines.append(f"| {task} | " + " | ".join(
+                f"{results['models'][lab].get(suite, {}).get(task, math.nan):.1f}" for lab in labels) + " |")
+        lines.append("")
+    return lines
+
+
+def _plots(out: Path, results: dict[str, Any], samples: pd.DataFrame,
+           unlearn_dir: Path | None) -> list[tuple[Path, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    forget = samples[(samples["task"] == "forget") & samples["metric"].isin(["ma", "el"])]
+    if not forget.empty:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, metric, name in zip(axes, ("ma", "el"), ("MA", "EL10")):
+            for label, group in forget[forget["metric"] == metric].groupby("model", sort=False):
+                ax.hist(group["value"], bins=20, range=(0, 1), alpha=0.6, label=label)
+            thr = (results.get("thresholds") or {}).get(metric)
+            if thr is not None:
+                ax.axvline(thr, color="black", linestyle="--", label="threshold")
+            ax.set(title=f"{name} of the erasure requests", xlabel=name, ylabel="requests")
+            ax.legend()
+        made.append(_save(fig, out / "forget_distributions.png", "MA and EL10 of each request, before and after"))
+    history = unlearn_dir / "history.parquet" if unlearn_dir else None
+    if history is not None and history.exists():
+        frame = pd.read_parquet(history)
+        per_epoch = frame.groupby("epoch")["forgotten"].sum()
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        ax.plot(per_epoch.index, per_epoch.values, marker="o")
+        ax.axhline(frame["request_id"].nunique(), color="gray", linestyle=":", label="all requests")
+        ax.set(title="Requests flagged forgotten by IUR", xlabel="epoch", ylabel="requests")
+        ax.legend()
+        made.append(_save(fig, out / "forgotten_per_epoch.png", "Requests forgotten per epoch"))
+    epochs = unlearn_dir / "epochs.parquet" if unlearn_dir else None
+    if epochs is not None and epochs.exists():
+        frame = pd.read_parquet(epochs)
+        terms = [c for c in frame.columns if c.startswith("mean_")]
+        if terms and not frame.empty:
+            fig, ax = plt.subplots(figsize=(6, 3.8))
+            for term in terms:
+                ax.plot(frame["epoch"], frame[term], marker="o", label=term[5:])
+            ax.set(title="Training loss terms (mean per step)", xlabel="epoch", ylabel="value")
+            ax.legend()
+            made.append(_save(fig, out / "loss_curves.png", "Loss terms per epoch"))
+    return made
+
+
+def _save(fig, path: Path, caption: str) -> tuple[Path, str]:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path, caption
+
+
+def _try(get, m: dict[str, Any]):
+    try:
+        return get(m)
+    except (KeyError, TypeError):
+        return None
+
+
+def _cell(get, m: dict[str, Any], fmt: str) -> str:
+    value = _try(get, m)
+    return "-" if value is None else fmt.format(value)

@@ -1,0 +1,161 @@
+"""What the evaluation scores: each suite as a list of tasks of tokenized examples.
+
+A task has a `kind` that names how its examples are scored (see `pipeline.evaluate`):
+- "requests": erasure requests; generation similarity (as IUR), MA, EL_n, membership scores.
+- "memorization": unseen text; MA, EL_n (the forgetting thresholds), membership scores.
+- "ppl": non-overlapping chunks of the concatenated documents; mean token NLL per chunk.
+- "choice": a context and candidate continuations; correct when the label has the
+  lowest summed NLL (PubMedQA and the BIG-bench sets).
+- "lambada": a context and its last word; correct when greedy decoding reproduces it.
+- "dialogue": the turns before a conversation's last reply; unigram F1 of a 32-token
+  greedy reply, cut at the next speaker tag, against that reply.
+Examples are built here once, in a fixed order, so every replica scores the same tokens.
+The `mia` suite has no examples of its own: it compares the forget and unseen rows'
+membership scores.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.benchmarks import read_texts, unseen_rows
+from pipeline.errors import UserError
+
+BIGBENCH_TASKS = ("cause_and_effect", "physical_intuition", "winowhy", "social_iqa", "truthful_qa_mc")
+DIALOGUE_TASKS = ("wizard_of_wikipedia", "wizard_of_internet", "empathetic_dialogues", "blended_skill_talk")
+SPEAKERS = ("Person 1:", "Person 2:")
+DIALOGUE_TURNS = 4  # turns of context before the reply
+CONTEXT_TOKENS = 384  # contexts are cut from the left to this many tokens
+
+
+@dataclass
+class Task:
+    suite: str
+    name: str
+    kind: str
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_tasks(suites: list[str], data_dir: str | Path, tokenizer, *, forget_rows: list[list[int]] | None,
+                forget_ids: list[str] | None, max_tokens: int, min_tokens: int, ppl_chunk: int,
+                caps: dict[str, int]) -> list[Task]:
+    """The tasks of the chosen suites; `caps[suite]` limits examples per task."""
+    data = Path(data_dir)
+    wanted = set(suites) | ({"forget", "unseen"} if "mia" in suites else set())
+    tasks: list[Task] = []
+    if "forget" in wanted:
+        if not forget_rows:
+            raise UserError("evaluation.suites: 'forget' and 'mia' need erasure requests; fix: run them in a "
+                            "pipeline run, or leave them out when evaluating a model on its own")
+        rows = forget_rows[:caps.get("forget")]
+        tasks.append(Task("forget", "forget", "requests",
+                          [{"id": rid, "ids": r} for rid, r in zip(forget_ids, rows)]))
+    if "unseen" in wanted:
+        rows = unseen_rows(data, tokenizer, max_tokens, min_tokens, caps.get("unseen", 64))
+        tasks.append(Task("unseen", "pile_unseen", "memorization",
+                          [{"id": f"pile:{i}", "ids": r} for i, r in enumerate(rows)]))
+    if "ppl" in wanted:
+        tasks += [_ppl_task(name, data / "icu_benchmark" / f"{name}.csv", tokenizer, ppl_chunk, caps.get("ppl"))
+                  for name in ("pile", "wikitext")]
+    if "classification" in wanted:
+        cap = caps.get("classification")
+        tasks.append(_lambada(data / "icu_benchmark" / "lambada.csv", tokenizer, cap))
+        tasks.append(_pubmed_qa(data / "icu_benchmark" / "pubmed_qa.csv", tokenizer, cap))
+        tasks += [_bigbench(data / "bigbench_mc" / f"{name}.json", tokenizer, cap) for name in BIGBENCH_TASKS]
+    if "dialogue" in wanted:
+        tasks += [_dialogue(data / "icu_benchmark" / f"{name}.json", tokenizer, caps.get("dialogue"))
+                  for name in DIALOGUE_TASKS]
+    return tasks
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise UserError(f"{path}: not found; fix: set evaluation.data_dir to the shared data folder "
+                        "(it holds icu_benchmark/ and bigbench_mc/)")
+    return path
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _context(tokenizer, text: str) -> list[int]:
+    return _encode(tokenizer, text)[-CONTEXT_TOKENS:]
+
+
+def _ppl_task(name: str, path: Path, tokenizer, chunk: int, cap: int | None) -> Task:
+    """Chunks of `chunk` tokens of the documents joined with EOS (cap = number of chunks)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for text in read_texts(path):
+        stream += _encode(tokenizer, text) + eos
+        if cap and len(stream) >= cap * chunk:
+            break
+    chunks = [stream[s:s + chunk] for s in range(0, len(stream), chunk)]
+    chunks = [c for c in chunks if len(c) >= 2][:cap]
+    return Task("ppl", name, "ppl", [{"id": f"{name}:{i}", "ids": c} for i, c in enumerate(chunks)])
+
+
+def _lambada(path: Path, tokenizer, cap: int | None) -> Task:
+    examples = []
+    for i, text in enumerate(read_texts(path, limit=cap)):
+        context, _, word = text.strip().rpartition(" ")
+        if context and word:
+            examples.append({"id": f"lambada:{i}", "context": _context(tokenizer, context),
+                             "target": _encode(tokenizer, " " + word)})
+    return Task("classification", "lambada", "lambada", examples)
+
+
+def _pubmed_qa(path: Path, tokenizer, cap: int | None) -> Task:
+    frame = pd.read_csv(_need(path), nrows=cap)
+    options = ("yes", "no", "maybe")
+    examples = [{"id": f"pubmed_qa:{row.pubid}",
+                 "context": _context(tokenizer, f"Abstract: {row.abstract}\nQuestion: {row.question}\nAnswer:"),
+                 "choices": [_encode(tokenizer, " " + o) for o in options],
+                 "label": options.index(row.final_decision)}
+                for row in frame.itertuples() if row.final_decision in options]
+    return Task("classification", "pubmed_qa", "choice", examples)
+
+
+def _bigbench(path: Path, tokenizer, cap: int | None) -> Task:
+    """BIG-bench's zero-shot multiple-choice prompt: task prefix, input prefix, input
+    (with the choices listed when the task asks for it), output prefix; then each choice."""
+    spec = json.loads(_need(path).read_text(encoding="utf-8"))
+    in_prefix = spec.get("example_input_prefix", "\nQ: ")
+    out_prefix = spec.get("example_output_prefix", "\nA: ")
+    examples = []
+    for i, ex in enumerate(spec["examples"][:cap]):
+        choices = list(ex["target_scores"])
+        text = ex["input"]
+        if spec.get("append_choices_to_input", True):
+            text += "".join(f"\n  choice: {c}" for c in choices)
+        prompt = spec.get("task_prefix", "") + in_prefix + text + out_prefix.rstrip(" ")
+        sep = " " if out_prefix.endswith(" ") else ""
+        examples.append({"id": f"{path.stem}:{i}", "context": _context(tokenizer, prompt),
+                         "choices": [_encode(tokenizer, sep + c) for c in choices],
+                         "label": max(range(len(choices)), key=lambda k: ex["target_scores"][choices[k]])})
+    return Task("classification", path.stem, "choice", examples)
+
+
+def _dialogue(path: Path, tokenizer, cap: int | None) -> Task:
+    """Each conversation's last turn is the reply to predict from the turns before it."""
+    turns = json.loads(_need(path).read_text(encoding="utf-8"))["text"]
+    examples = []
+    for key in sorted(turns, key=int):
+        convo = [t.strip() for t in turns[key] if isinstance(t, str) and t.strip()]
+        if len(convo) < 2:
+            continue
+        history = convo[:-1][-DIALOGUE_TURNS:]
+        first = (len(convo) - 1 - len(history)) % 2
+        lines = [f"{SPEAKERS[(first + j) % 2]} {t}" for j, t in enumerate(history)]
+        reply_speaker = SPEAKERS[(first + len(history)) % 2]
+        examples.append({"id": f"{path.stem}:{key}", "reference": convo[-1],
+                         "context": _context(tokenizer, "\n".join(lines) + f"\n{reply_speaker}")})
+        if cap and len(examples) >= cap:
+            break
+    return Task("dialogue", path.stem, "dialogue", examples)
