@@ -190,16 +190,15 @@ def extraction_likelihood(model: PreTrainedModel, input_ids: torch.Tensor,
     """EL_n per row: mean over prompt lengths t of the n-gram hit rate of the greedy
     (T_i - t)-token continuation of x_<t against x_>=t (0.0 when no t qualifies).
 
-    The prompts of one row are prefixes of each other, so `prefix_continuations` prefills
-    them all with one forward pass over the row.
+    A row's prompts are prefixes of each other, so `prefix_continuations` prefills them
+    all with one forward pass over the batch of rows.
     """
     rows = _unpad(input_ids, attention_mask)
-    scores, calls = [], 0
-    for row in rows:
-        starts = list(el_prompt_lengths(len(row), n, prompt_range))
-        generated, used = prefix_continuations(model, row, starts, batch_size=batch_size)
-        calls += used
-        hits = [_ngram_hit_rate(gen, row[t:], n) for t, gen in zip(starts, generated)]
+    starts = [list(el_prompt_lengths(len(row), n, prompt_range)) for row in rows]
+    conts, calls = prefix_continuations(model, rows, starts, batch_size=batch_size, pad_token_id=pad_token_id)
+    scores = []
+    for row, ts, gens in zip(rows, starts, conts):
+        hits = [_ngram_hit_rate(gen, row[t:], n) for t, gen in zip(ts, gens)]
         scores.append(sum(hits) / len(hits) if hits else 0.0)
     if sync_calls is not None:
         _dummy_forwards(model, sync_calls(calls) - calls, pad_token_id)
@@ -207,72 +206,79 @@ def extraction_likelihood(model: PreTrainedModel, input_ids: torch.Tensor,
 
 
 @torch.no_grad()
-def prefix_continuations(model: PreTrainedModel, row: Sequence[int], starts: Sequence[int], *,
-                         batch_size: int = 64) -> tuple[list[list[int]], int]:
-    """Greedy continuations of row[:t] to the row's length, for each t in `starts`, and the
-    number of forward calls made. Equal to generating from each prompt on its own (up to
-    float summation order), at a fraction of the cost:
-    - one forward pass over the row gives every prompt's first token (its logits at t-1)
-      and its KV cache (the first t entries);
+def prefix_continuations(model: PreTrainedModel, rows: Sequence[Sequence[int]], starts: Sequence[Sequence[int]],
+                         *, batch_size: int = 64, pad_token_id: int = 0) -> tuple[list[list[list[int]]], int]:
+    """For each row r and t in starts[r], the greedy continuation of rows[r][:t] to the row's
+    length; and the number of forward calls made. Equal to generating from each prompt on
+    its own (up to float summation order), at a fraction of the cost:
+    - one forward pass over the rows gives every prompt's first token (its logits at t-1)
+      and its KV cache (the row's first t entries);
     - greedy decoding is deterministic, so when the first token of prompt t is the true
       x_t, prompt t continues exactly like prompt t+1: [x_t] + continuation(t+1). Only the
       other prompts are decoded (few of them on memorized text);
-    - those decode in batches laid out like left-padded generation (a prompt's cached
-      entries end at the batch's longest prompt; the masked gap comes first, so sliding-
-      window attention sees true distances), new tokens at positions t, t+1, ..., and a
-      prompt leaves the batch once it has its T - t tokens.
+    - those decode in batches (across rows) laid out like left-padded generation: a
+      prompt's cached entries end at the batch's longest prompt, the masked gap comes first
+      (so sliding-window attention sees true distances), new tokens take positions t,
+      t+1, ..., and a prompt leaves the batch once it has its T - t tokens.
     """
-    if not starts:
-        return [], 0
-    if min(starts) < 1 or max(starts) >= len(row):
+    todo = [r for r, ts in enumerate(starts) if ts]
+    if any(min(starts[r]) < 1 or max(starts[r]) >= len(rows[r]) for r in todo):
         raise ValueError("prefix_continuations: need 1 <= t < len(row) for every start")
-    out = model(input_ids=torch.tensor([list(row[:max(starts)])], device=model.device), use_cache=True)
-    first = out.logits[0].argmax(-1).tolist()
-    layers = [(layer.keys, layer.values) for layer in out.cache.layers]
-    chained = {t for t in starts if t + 1 in set(starts) and first[t - 1] == row[t]}
-    decode = sorted(set(starts) - chained, reverse=True)  # shortest continuations first: batches shrink sooner
+    if not todo:
+        return [[] for _ in rows], 0
+    ids, mask = pad_rows([rows[r][:max(starts[r])] for r in todo], pad_token_id, device=model.device)
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    first = dict(zip(todo, out.logits.argmax(-1).tolist()))
+    cache = [(layer.keys, layer.values) for layer in out.cache.layers]
+    slot = {r: j for j, r in enumerate(todo)}
+    chained = [(r, t) for r in todo for t in starts[r] if t + 1 in set(starts[r]) and first[r][t - 1] == rows[r][t]]
+    jobs = sorted({(r, t) for r in todo for t in starts[r]} - set(chained),
+                  key=lambda job: (len(rows[job[0]]) - job[1], job))  # shortest first: batches shrink sooner
     conts, calls = {}, 1
-    for batch in _chunks(decode, batch_size):
-        conts.update(zip(batch, _decode_batch(model, layers, first, batch, len(row))))
-        calls += len(row) - min(batch) - 1
-    for t in sorted(chained, reverse=True):
-        conts[t] = [row[t]] + conts[t + 1]
-    return [conts[t] for t in starts], calls
+    for batch in _chunks(jobs, batch_size):
+        needs = [len(rows[r]) - t for r, t in batch]
+        conts.update(zip(batch, _decode_batch(model, cache, [slot[r] for r, _ in batch], [t for _, t in batch],
+                                              [first[r][t - 1] for r, t in batch], needs)))
+        calls += max(needs) - 1
+    for r, t in sorted(chained, key=lambda job: -job[1]):
+        conts[(r, t)] = [rows[r][t]] + conts[(r, t + 1)]
+    return [[conts[(r, t)] for t in starts[r]] for r in range(len(rows))], calls
 
 
-def _decode_batch(model: PreTrainedModel, layers: list[tuple[torch.Tensor, torch.Tensor]], first: list[int],
-                  starts: list[int], length: int) -> list[list[int]]:
-    """Greedy tokens after each prompt row[:t] (t in `starts`) up to `length`, from the shared cache."""
+def _decode_batch(model: PreTrainedModel, cache: list[tuple[torch.Tensor, torch.Tensor]], slots: list[int],
+                  starts: list[int], firsts: list[int], needs: list[int]) -> list[list[int]]:
+    """needs[i] greedy tokens after prompt i: the first `starts[i]` cache entries of row `slots[i]`,
+    whose next token is firsts[i]."""
     from transformers import DynamicCache
 
     device, width = model.device, max(starts)
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(_left_aligned(k, starts, width), _left_aligned(v, starts, width), i)
+    kv = DynamicCache()
+    for i, (k, v) in enumerate(cache):
+        kv.update(_left_aligned(k, slots, starts, width), _left_aligned(v, slots, starts, width), i)
     t = torch.tensor(starts, device=device)
     mask = (torch.arange(width, device=device) >= width - t[:, None]).long()
-    tokens = [[first[s - 1]] for s in starts]
-    live = list(range(len(starts)))  # the batch rows still in the cache, in cache order
-    for step in range(1, length - min(starts)):
-        keep = [j for j, i in enumerate(live) if len(tokens[i]) < length - starts[i]]
+    tokens = [[f] for f in firsts]
+    live = list(range(len(starts)))  # the prompts still in the cache, in cache order
+    for step in range(1, max(needs)):
+        keep = [j for j, i in enumerate(live) if len(tokens[i]) < needs[i]]
         if len(keep) < len(live):
             index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
+            kv.batch_select_indices(index)
             mask, t, live = mask[index], t[index], [live[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         last = torch.tensor([tokens[i][-1] for i in live], device=device)[:, None]
-        logits = model(input_ids=last, attention_mask=mask, position_ids=(t + step - 1)[:, None], cache=cache,
+        logits = model(input_ids=last, attention_mask=mask, position_ids=(t + step - 1)[:, None], cache=kv,
                        use_cache=True).logits
         for i, tok in zip(live, logits[:, -1].argmax(-1).tolist()):
             tokens[i].append(tok)
     return tokens
 
 
-def _left_aligned(states: torch.Tensor, starts: Sequence[int], width: int) -> torch.Tensor:
-    """[len(starts), heads, width, dim]: row i holds the first starts[i] cached entries at its right end."""
+def _left_aligned(states: torch.Tensor, slots: list[int], starts: list[int], width: int) -> torch.Tensor:
+    """[len(starts), heads, width, dim]: prompt i's first starts[i] entries of row slots[i], at the right end."""
     out = states.new_zeros(len(starts), states.shape[1], width, states.shape[3])
-    for i, t in enumerate(starts):
-        out[i, :, width - t:] = states[0, :, :t]
+    for i, (row, t) in enumerate(zip(slots, starts)):
+        out[i, :, width - t:] = states[row, :, :t]
     return out
 
 

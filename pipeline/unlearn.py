@@ -145,6 +145,7 @@ class Worker:
         self.weights = LossWeights(uw=u.uw, lw=u.lw, kl=u.kl, npo_beta=u.npo_beta, retain_weight=u.retain_weight)
         self.pairs = load_pairs(self.store, self.cfg.retrieval.pairs_per_request)
         self.ckpt_dir = self.store.path("unlearn", "checkpoints")
+        self.replica = None  # set by run(): the unsharded model IUR generates with, if it fits
 
     def build_engines(self) -> None:
         import deepspeed
@@ -301,7 +302,13 @@ class Worker:
                     **{f"mean_{k}": v / max(len(batches), 1) for k, v in sums.items()})
 
     def step(self, batch: list[int | None]) -> dict[str, float]:
-        """One optimizer step on paired forget/neighbour rows (None rows are masked out)."""
+        """One optimizer step on paired forget/neighbour rows.
+
+        The sampler's None slots are dropped: ZeRO-3 needs the same number of forward,
+        backward and step calls on every rank, not the same rows, and empty rows add
+        nothing to the loss. A rank left with no pair runs one empty row.
+        """
+        batch = [k for k in batch if k is not None] or [None]
         method, p, pad = self.cfg.unlearning.method, self.pairs, self.tok.pad_token_id
         forget = [p.requests[p.pair_request[k]] if k is not None else [] for k in batch]
         use_retain = needs_retain(method, self.weights)

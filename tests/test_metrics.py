@@ -158,14 +158,14 @@ def test_extraction_likelihood_matches_naive_definition(model, prompt_range, n, 
 
 
 def test_prefix_continuations_equal_one_prompt_at_a_time_generation(model):
-    """Every prompt row[:t] (chained, decoded, or leaving the batch early) gets exactly the
-    tokens naive greedy decoding of that prompt alone produces."""
-    rows = memorized_rows(model, [30, 26], seed=11)
-    for row in rows:
-        starts = list(range(1, len(row) - 1))
-        got, calls = metrics.prefix_continuations(model, row, starts, batch_size=5)
-        assert got == [naive_greedy(model, row[:t], len(row) - t) for t in starts]
-        assert 1 < calls < sum(len(row) - t for t in starts)  # chaining and batching saved forwards
+    """Every prompt row[:t] (chained, decoded, or leaving the batch early; rows of different
+    lengths decoded together) gets exactly the tokens naive greedy decoding of it alone gives."""
+    rows = memorized_rows(model, [30, 26, 18], seed=11)
+    starts = [list(range(1, len(row) - 1)) for row in rows[:2]] + [[]]
+    got, calls = metrics.prefix_continuations(model, rows, starts, batch_size=7)
+    for row, ts, gens in zip(rows, starts, got):
+        assert gens == [naive_greedy(model, row[:t], len(row) - t) for t in ts]
+    assert 1 < calls < sum(len(row) - t for row, ts in zip(rows, starts) for t in ts)  # work was saved
 
 
 def test_extraction_likelihood_without_scorable_prompt_is_zero(model):

