@@ -8,8 +8,9 @@ that are kept whole (their count is printed) unless `--full-length-only`.
 Model: the default model (SmolLM2-135M-Instruct) in fp32, eval mode, on the CPU.
 
 - ours: `pipeline.metrics.memorization_accuracy` (one teacher-forced forward) and
-  `pipeline.metrics.extraction_likelihood` (ICU range, n=10, batched KV-cached greedy
-  generation), called per row batch exactly as `pipeline.refine.memorization` calls them.
+  `pipeline.metrics.extraction_likelihood` (ICU range, n=10: one prefill per batch of rows,
+  only the prompts whose first greedy token misses are decoded, across rows, with a KV cache),
+  called per row batch exactly as `pipeline.refine.memorization` calls them.
 - reference: MA = for each t in 1..T-1, `model.generate(x_<t, max_new_tokens=1)` == x_t;
   EL10 = for each prompt t in round(0.75T)..T-10, `model.generate(x_<t, max_new_tokens=T-t)`
   one prompt at a time, scored with the n-gram hit rate of `pipeline.metrics`. Both use
