@@ -1,7 +1,7 @@
 """`icu`: run the unlearning pipeline, one stage, or show a run's status.
 
     icu run CONFIG [--restart-from STAGE] [--set key=value ...]
-    icu ingest|retrieve|unlearn|evaluate CONFIG   (runs earlier stages first when needed)
+    icu ingest|retrieve|unlearn|evaluate|export CONFIG   (runs earlier stages first when needed)
     icu evaluate --model PATH [--suites ppl,classification] [--out DIR] [--set key=value ...]
     icu status RUN_DIR
 
@@ -39,6 +39,7 @@ STAGE_HELP = {
     "retrieve": "embed the retain pool and find each request's nearest retain neighbours",
     "unlearn": "unlearn the requests with ICU under DeepSpeed ZeRO-3 (Ray Train or torchrun)",
     "evaluate": "score the original and the unlearned model; write eval/metrics.json and report.md",
+    "export": "verify the unlearned model folder and write it to model/ with a model card and erasure receipt",
 }
 
 

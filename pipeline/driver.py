@@ -101,7 +101,7 @@ def run_unlearn(cfg: Config, store: RunStore) -> dict[str, Any]:
         export.consolidate(out / "checkpoints", summary["final_tag"], modeling.resolve_model_dir(cfg.model.name),
                            out / "model", dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
         result["outputs"] += [out / "result.json", out / "history.parquet", out / "checkpoints" / "final",
-                              out / "model"]
+                              out / "model", out / "probe.pt"]
         result["summary"] = {k: v for k, v in summary.items() if k != "thresholds"}
     return summary
 
@@ -123,8 +123,25 @@ def run_evaluate(cfg: Config, store: RunStore) -> dict[str, Any]:
     return summary
 
 
+def run_export(cfg: Config, store: RunStore) -> dict[str, Any]:
+    """The serving hand-off: verified model folder, model card, checksums and erasure receipt in model/."""
+    from pipeline import export
+
+    upstream = [store.stage(s).get("fingerprint") for s in ("ingest", "unlearn", "evaluate")]
+    key = fingerprint("export", cfg.model, upstream)
+    if store.is_done("export", key):
+        return _skipped(store, "export")
+    with store.run_stage("export", key) as result:
+        summary = export.export_run(cfg, store)
+        result["outputs"] += [store.path("model")]
+        result["summary"] = summary
+    log.info("export: model folder, model card and receipt at %s", store.path("model"))
+    return summary
+
+
 STAGE_RUNNERS: dict[str, Callable[[Config, RunStore], dict[str, Any]]] = {
-    "ingest": run_ingest, "retrieve": run_retrieve, "unlearn": run_unlearn, "evaluate": run_evaluate}
+    "ingest": run_ingest, "retrieve": run_retrieve, "unlearn": run_unlearn, "evaluate": run_evaluate,
+    "export": run_export}
 
 
 def run_pipeline(cfg: Config, store: RunStore, until: str | None = None) -> dict[str, dict[str, Any]]:

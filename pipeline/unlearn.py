@@ -34,11 +34,12 @@ from pipeline.config import Config, build_config
 from pipeline.losses import LossWeights, needs_reference, needs_retain, unlearning_loss
 from pipeline.metrics import pad_rows
 from pipeline.refine import Thresholds, check_requests, memorization
-from pipeline.store import RunStore, atomic_write_json, atomic_write_text, write_parquet
+from pipeline.store import RunStore, atomic_path, atomic_write_json, atomic_write_text, write_parquet
 
 log = logging.getLogger("icu.unlearn")
 COMPLETE = "latest_complete"
 REPLICA_MAX_BYTES = 16 * 2**30  # check_replica: auto uses a replica up to this size
+PROBE_ROWS = 4  # request prefixes whose final logits export verifies
 HISTORY_COLUMNS = ["epoch", "request_id", "bleu", "bertscore", "ma", "el", "forgotten"]
 
 
@@ -374,10 +375,13 @@ class Worker:
     def finish(self, state: LoopState, result: dict) -> None:
         """Final engine checkpoint (for export) and, on rank 0, history and result files."""
         result["partition"] = self.partition()
+        probe = self.probe()
         self.engine.save_checkpoint(str(self.ckpt_dir), tag="final", save_latest=False)
         dist.barrier()
         if self.rank == 0:
             out = self.store.path("unlearn")
+            with atomic_path(out / "probe.pt") as tmp:
+                torch.save(probe, tmp)
             # Column order fixed: rows restored from a checkpoint's JSON come back with sorted keys.
             write_parquet(pd.DataFrame(state.history, columns=HISTORY_COLUMNS), out / "history.parquet")
             write_parquet(pd.DataFrame(state.epochs), out / "epochs.parquet")
@@ -385,6 +389,16 @@ class Worker:
             log.info("unlearn: stopped after %d epochs (%s); %d/%d requests forgotten", result["epochs"],
                      result["stop_reason"], result["forgotten"], result["requests"])
         dist.barrier()
+
+    def probe(self) -> dict[str, torch.Tensor]:
+        """The final engine's logits on fixed prompts (request prefixes): export checks the
+        consolidated folder against them. A forward under ZeRO-3, so every rank runs it."""
+        rows = [r[:self.cfg.requests.prefix_tokens] for r in self.pairs.requests[:PROBE_ROWS]]
+        ids, mask = pad_rows(rows, self.tok.pad_token_id)
+        self.engine.module.eval()
+        with torch.no_grad():
+            logits = self.engine.module(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        return {"input_ids": ids, "attention_mask": mask, "logits": logits.float().cpu()}
 
     def _report(self, state: LoopState, forgotten: int, total: int) -> None:
         if self.rank == 0:

@@ -189,6 +189,53 @@ def test_evaluate_reports_before_and_after(implanted, ray_run):
                ("forget_distributions.png", "forgotten_per_epoch.png", "loss_curves.png"))
 
 
+def test_export_hands_off_a_verified_folder_and_a_receipt(implanted, ray_run, tmp_path):
+    import hashlib
+    import shutil
+
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import export
+
+    root, result = ray_run
+    cfg, store = driver.open_run(str(root / "config.yaml"))
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        driver.run_pipeline(cfg, store, until="export")
+    finally:
+        ray.shutdown()
+    model_dir = root / "model"
+    receipt = json.loads((model_dir / "receipt.json").read_text())
+    ingest = store.stage("ingest")["summary"]
+    assert len(receipt["requests"]) == ingest["rows"] == ingest["accepted"] + ingest["rejected"]
+    assert receipt["counts"]["forgotten"] == result["forgotten"] == 8
+    assert all(r["epoch_forgotten"] is not None and r["ma_after"] <= r["ma_threshold"] for r in receipt["requests"])
+    for line in (model_dir / "checksums.sha256").read_text().splitlines():
+        digest, name = line.split("  ")
+        assert hashlib.sha256((model_dir / name).read_bytes()).hexdigest() == digest
+    assert "| unlearned |" in (model_dir / "README.md").read_text()
+    served = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    tok = modeling.load_tokenizer(model_dir)
+    out = served.generate(**tok("The", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > 1
+    # The request texts appear in no log and in nothing handed to serving.
+    texts = [t[:40] for t in implanted["memorize"][:8]]
+    for path in [*(root / "logs").rglob("*"), *model_dir.rglob("*")]:
+        if path.is_file() and path.suffix != ".safetensors":
+            content = path.read_text(errors="ignore")
+            assert not any(t in content for t in texts), f"request text found in {path}"
+    # A folder whose weights drifted from the engine's fails verification.
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    model = AutoModelForCausalLM.from_pretrained(bad)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    model.save_pretrained(bad)
+    with pytest.raises(RuntimeError, match="verification failed"):
+        export.verify(bad, torch.load(root / "unlearn" / "probe.pt", weights_only=True))
+
+
 def test_two_node_cluster_with_spread_workers(implanted, ray_run, tmp_path):
     """Two Ray nodes of 1 CPU each; SPREAD puts one training worker on each; same result."""
     import ray
