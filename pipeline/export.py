@@ -58,7 +58,12 @@ RECEIPT_COLUMNS = ["request_id", "content_hash", "status", "epoch_forgotten", "r
 
 
 def verify(model_dir: Path, probe: dict[str, torch.Tensor], tolerance: float = 1e-5) -> float:
-    """Max |logit difference| between the folder (loaded as serving would) and the final engine."""
+    """Max |logit difference| between the folder (loaded as serving would) and the final engine.
+
+    The bound is `tolerance` times the logits' scale (at least 1): the same fp32 weights run
+    through ZeRO-3's linear and torch's differ by float rounding (measured 9e-5 on
+    SmolLM2-135M's logits of size ~30, 0 on the tiny test model).
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
@@ -66,9 +71,10 @@ def verify(model_dir: Path, probe: dict[str, torch.Tensor], tolerance: float = 1
         logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits.float()
     mask = probe["attention_mask"].bool()
     diff = float((logits - probe["logits"])[mask].abs().max())
+    tolerance *= max(1.0, float(probe["logits"][mask].abs().max()))
     if not diff <= tolerance:
         raise RuntimeError(f"export verification failed: {model_dir} gives logits {diff:.3g} away from the final "
-                           f"engine's (tolerance {tolerance}); the consolidated checkpoint does not match training")
+                           f"engine's (tolerance {tolerance:.3g}); the consolidated checkpoint does not match training")
     return diff
 
 

@@ -230,7 +230,7 @@ def test_export_hands_off_a_verified_folder_and_a_receipt(implanted, ray_run, tm
     shutil.copytree(model_dir, bad)
     model = AutoModelForCausalLM.from_pretrained(bad)
     with torch.no_grad():
-        next(model.parameters()).add_(1e-3)
+        next(model.parameters()).add_(1e-2)
     model.save_pretrained(bad)
     with pytest.raises(RuntimeError, match="verification failed"):
         export.verify(bad, torch.load(root / "unlearn" / "probe.pt", weights_only=True))
