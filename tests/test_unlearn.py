@@ -156,21 +156,27 @@ def _same_run(a: Path, b: Path) -> None:
     pd.testing.assert_frame_equal(ha, hb, check_exact=False, atol=1e-6)
 
 
+def _continue_run(root: Path, until: str):
+    """Run the finished unlearning run's later stages (their Ray Data pools need a local Ray)."""
+    import ray
+
+    cfg, store = driver.open_run(str(root / "config.yaml"))
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        driver.run_pipeline(cfg, store, until=until)
+    finally:
+        ray.shutdown()
+    return store
+
+
 def test_evaluate_reports_before_and_after(implanted, ray_run):
     """The evaluate stage on the finished run: the exported weights are the engine's, the
     original remembers the requests and the unlearned model does not, and the report renders."""
-    import ray
-
     root, result = ray_run
     exported = modeling.load_model(root / "unlearn" / "model")
     final = consolidated_state_dict(root)
     assert max((p - final[k]).abs().max().item() for k, p in exported.state_dict().items() if k in final) == 0
-    cfg, store = driver.open_run(str(root / "config.yaml"))
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        driver.run_pipeline(cfg, store, until="evaluate")
-    finally:
-        ray.shutdown()
+    _continue_run(root, "evaluate")
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     before, after = metrics["models"]["original"], metrics["models"]["unlearned"]
     assert metrics["thresholds"] == result["thresholds"]
@@ -193,18 +199,12 @@ def test_export_hands_off_a_verified_folder_and_a_receipt(implanted, ray_run, tm
     import hashlib
     import shutil
 
-    import ray
     from transformers import AutoModelForCausalLM
 
     from pipeline import export
 
     root, result = ray_run
-    cfg, store = driver.open_run(str(root / "config.yaml"))
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        driver.run_pipeline(cfg, store, until="export")
-    finally:
-        ray.shutdown()
+    store = _continue_run(root, "export")
     model_dir = root / "model"
     receipt = json.loads((model_dir / "receipt.json").read_text())
     ingest = store.stage("ingest")["summary"]
