@@ -2,8 +2,10 @@
 
 Every problem is reported as a single `UserError` line that names the key and the fix
 (unknown keys get the nearest valid name). Relative paths resolve against the current
-directory (the project root for `make` and `ray job submit --working-dir .`), after
-`${VAR}` / `${VAR:-default}` expansion, and are stored absolute in the frozen run config.
+directory (the project root for `make`; `--base-dir` for Ray jobs), after `${VAR}` /
+`${VAR:-default}` expansion, and are stored absolute in the frozen run config. An input
+path that does not exist there but does inside the project (`ds_configs/zero3.json`)
+resolves to the project's file.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ REQUIRED = "<required>"
 TINY_MODELS = ("tiny-llama", "tiny-gptneo")
 METHODS = ("icu", "ga", "gd", "npo")
 SUITES = ("forget", "unseen", "ppl", "classification", "dialogue", "mia")
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 def path_field(default: Any = REQUIRED, *, default_factory: Any = None, **meta: Any) -> Any:
@@ -157,6 +160,8 @@ class EvaluationConfig:
     suites: list[str] = field(default_factory=lambda: list(SUITES))
     max_samples: dict[str, int] = field(default_factory=dict)  # per-suite caps
     data_dir: str = path_field("../shared/data", hint="the shared benchmark data folder")
+    # text the model must keep remembering (e.g. the customers not erased): MA / EL before and after
+    keep_path: str | None = path_field(None, hint="a jsonl/csv/parquet file with a text column")
     el_n: int = 10
     el_range: str = "icu"  # "icu": prompts t = 0.75T..T-1; "ku": t = 1..T-1
     ppl_chunk: int = 512
@@ -324,6 +329,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def _resolve_paths(key: str, value: Any, meta: dict[str, Any]) -> Any:
+    if value is None:
+        return None
     if isinstance(value, list):
         return [_resolve_paths(f"{key}[{i}]", v, meta) for i, v in enumerate(value)]
     if meta.get("must_exist", True):
@@ -332,7 +339,10 @@ def _resolve_paths(key: str, value: Any, meta: dict[str, Any]) -> Any:
 
 
 def _resolve_path(key: str, value: str, hint: str) -> str:
-    path = Path(os.path.abspath(Path(_expand(key, value)).expanduser()))
+    given = Path(_expand(key, value)).expanduser()
+    path = Path(os.path.abspath(given))
+    if not path.exists() and not given.is_absolute() and (PROJECT / given).exists():
+        path = PROJECT / given  # a file shipped with the project (ds_configs/...), run from elsewhere
     if not path.exists():
         raise UserError(f"{key}: path not found: {path}; fix: set it to {hint}")
     return str(path)

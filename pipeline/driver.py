@@ -95,6 +95,8 @@ def run_unlearn(cfg: Config, store: RunStore) -> dict[str, Any]:
         shutil.rmtree(out / "checkpoints")
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(key)
+    if (out / "checkpoints" / "latest_complete").exists():
+        log.info("unlearn: resuming from checkpoint %s", (out / "checkpoints" / "latest_complete").read_text())
     with store.run_stage("unlearn", key) as result:
         (launch.ray_train if cfg.resources.launcher == "ray" else launch.torchrun)(cfg, store)
         summary = json.loads((out / "result.json").read_text())

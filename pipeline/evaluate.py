@@ -191,6 +191,8 @@ def summarize(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -
             out["forget"].update(below_thresholds=int(below.sum()), requests=int(len(wide)))
     if "pile_unseen" in by:
         out["unseen"] = {m: mean("pile_unseen", m) for m in ("el", "ma")}
+    if "keep" in by:
+        out["keep"] = {m: mean("keep", m) for m in ("el", "ma")}
     if "forget" in by and "pile_unseen" in by:
         out["mia_auc"] = {k: metrics.auc(_values(by["forget"], f"mia_{k}"), _values(by["pile_unseen"], f"mia_{k}"))
                           for k in ("loss", "zlib", "min_k")}
@@ -238,7 +240,7 @@ def evaluate_run(cfg, store, key: str) -> dict[str, Any]:
         forget_rows=[list(map(int, r)) for r in accepted["input_ids"]], forget_ids=accepted["id"].tolist(),
         max_tokens=cfg.requests.max_tokens or modeling.context_length(modeling.resolve_model_dir(cfg.model.name)),
         min_tokens=cfg.requests.prefix_tokens + cfg.requests.suffix_tokens, ppl_chunk=cfg.evaluation.ppl_chunk,
-        caps=cfg.evaluation.max_samples)
+        caps=cfg.evaluation.max_samples, keep_path=cfg.evaluation.keep_path)
     units = make_units(tasks)
     models = {"original": modeling.resolve_model_dir(cfg.model.name), "unlearned": store.path("unlearn", "model")}
     frames = {}

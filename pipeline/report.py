@@ -16,6 +16,7 @@ TABLE = [  # (column, how to read it from one model's summary, format)
     ("BERTScore-F1", lambda m: m["forget"]["bertscore"], "{:.3f}"),
     ("BLEU-4", lambda m: m["forget"]["bleu"], "{:.3f}"),
     ("Below thr.", lambda m: f"{m['forget']['below_thresholds']}/{m['forget']['requests']}", "{}"),
+    ("Kept MA %", lambda m: 100 * m["keep"]["ma"], "{:.1f}"),
     ("Classification avg", lambda m: m["classification"]["average"], "{:.1f}"),
     ("Dialogue avg F1", lambda m: m["dialogue"]["average"], "{:.1f}"),
     ("Pile PPL", lambda m: m["ppl"]["pile"], "{:.2f}"),
@@ -24,12 +25,14 @@ TABLE = [  # (column, how to read it from one model's summary, format)
     ("MIA AUC (Min-K%)", lambda m: m["mia_auc"]["min_k"], "{:.3f}"),
 ]
 
+HEADLINE = ("EL10 %", "MA %", "Kept MA %", "Pile PPL")
+
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
     """A few numbers per model for the run manifest and `icu status`."""
     out = {}
     for label, m in results["models"].items():
-        for name, get, _ in TABLE[:2] + TABLE[7:8]:
+        for name, get, _ in (c for c in TABLE if c[0] in HEADLINE):
             value = _try(get, m)
             if value is not None:
                 out[f"{label} {name}"] = round(value, 2)
@@ -43,7 +46,7 @@ def paper_table(results: dict[str, Any]) -> str:
     head = ["Model"] + [c[0] for c in columns] + (["Epochs"] if epochs is not None else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, m in results["models"].items():
-        cells = [label] + [_cell(get, m, fmt) for _, get, fmt in columns]
+        cells = [label] + [cell(get, m, fmt) for _, get, fmt in columns]
         if epochs is not None:
             cells.append(str(epochs) if label == "unlearned" else "0")
         lines.append("| " + " | ".join(cells) + " |")
@@ -147,6 +150,6 @@ def _try(get, m: dict[str, Any]):
         return None
 
 
-def _cell(get, m: dict[str, Any], fmt: str) -> str:
+def cell(get, m: dict[str, Any], fmt: str) -> str:
     value = _try(get, m)
     return "-" if value is None else fmt.format(value)

@@ -43,8 +43,12 @@ class Task:
 
 def build_tasks(suites: list[str], data_dir: str | Path, tokenizer, *, forget_rows: list[list[int]] | None,
                 forget_ids: list[str] | None, max_tokens: int, min_tokens: int, ppl_chunk: int,
-                caps: dict[str, int]) -> list[Task]:
-    """The tasks of the chosen suites; `caps[suite]` limits examples per task."""
+                caps: dict[str, int], keep_path: str | None = None) -> list[Task]:
+    """The tasks of the chosen suites; `caps[suite]` limits examples per task.
+
+    `keep_path`: text that should stay memorized, scored like the unseen set (its own task,
+    "keep"), so collateral damage to neighbours of the requests shows.
+    """
     data = Path(data_dir)
     wanted = set(suites) | ({"forget", "unseen"} if "mia" in suites else set())
     tasks: list[Task] = []
@@ -59,6 +63,9 @@ def build_tasks(suites: list[str], data_dir: str | Path, tokenizer, *, forget_ro
         rows = unseen_rows(data, tokenizer, max_tokens, min_tokens, caps.get("unseen", 64))
         tasks.append(Task("unseen", "pile_unseen", "memorization",
                           [{"id": f"pile:{i}", "ids": r} for i, r in enumerate(rows)]))
+    if keep_path:
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in read_texts(keep_path)]
+        tasks.append(Task("keep", "keep", "memorization", [{"id": f"keep:{i}", "ids": r} for i, r in enumerate(rows)]))
     if "ppl" in wanted:
         tasks += [_ppl_task(name, data / "icu_benchmark" / f"{name}.csv", tokenizer, ppl_chunk, caps.get("ppl"))
                   for name in ("pile", "wikitext")]

@@ -422,6 +422,8 @@ def train_worker(config: dict) -> None:
     """Entry point for one rank (Ray Train's train_loop_per_worker, or torchrun via main())."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not logging.getLogger().handlers:  # a Ray Train worker: its stderr reaches the job's log
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _init_distributed()
     torch.manual_seed(0)
     Worker(config["run_dir"]).run()
@@ -474,7 +476,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: torchrun --nproc_per_node N -m pipeline.unlearn RUN_DIR", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     train_worker({"run_dir": args[0]})
     dist.barrier()
     dist.destroy_process_group()

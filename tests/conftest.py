@@ -42,3 +42,16 @@ def write_config(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def implanted(tmp_path_factory, shared_data):
+    """A tiny Llama that memorized 16 sequences: 8 become erasure requests, 8 the retain pool."""
+    from implant import implant, windows, write_inputs
+
+    root = tmp_path_factory.mktemp("implant")
+    memorize, general = windows(shared_data)
+    ma = implant(root / "model", memorize, general)
+    assert ma > 0.9, f"the tiny model did not memorize its sequences (MA {ma:.3f})"
+    requests, retain = write_inputs(root, memorize)
+    return dict(root=root, memorize=memorize, requests=requests, retain=retain, data=shared_data)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
 from pipeline import modeling
+from pipeline.config import set_dotted
 from pipeline.metrics import memorization_accuracy, pad_rows
 
 LENGTH = 64  # bytes = tokens with the byte tokenizer
@@ -67,3 +69,27 @@ def write_inputs(root: Path, memorize: list[str]) -> tuple[Path, Path]:
                                 for i, t in enumerate(memorize[:8])))
     retain.write_text("".join(json.dumps({"text": t}) + "\n" for t in memorize[8:]))
     return requests, retain
+
+
+def run_config(implanted: dict, tmp: Path, name: str, overrides: dict | None = None) -> Path:
+    """A run config forgetting the implanted requests (retain pool: the other 8), written to tmp/<name>.yaml.
+
+    `overrides` maps dotted keys to values, as `icu --set` does.
+    """
+    data = {
+        "model": {"name": str(implanted["root"] / "model")},
+        "requests": {"path": str(implanted["requests"]), "id_column": "id", "prefix_tokens": 20,
+                     "suffix_tokens": 20, "max_tokens": 64},
+        "retain": {"paths": [str(implanted["retain"])]},
+        "retrieval": {"k": 8, "pairs_per_request": 8},
+        "unlearning": {"lr": 5.0e-4, "max_epochs": 30, "batch_size": 4},
+        "evaluation": {"data_dir": str(implanted["data"]), "batch_size": 8,
+                       "max_samples": {"unseen": 64, "ppl": 2, "classification": 4, "dialogue": 2}},
+        "resources": {"num_workers": 2, "max_failures": 2},
+        "storage": {"runs_dir": str(tmp / "runs"), "name": name},
+    }
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path

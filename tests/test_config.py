@@ -99,8 +99,21 @@ def test_config_diff_names_changed_keys(requests_file, tmp_path):
 
 
 def test_example_configs_validate(monkeypatch, tmp_path):
+    """Every shipped config loads: the demo once its inputs are prepared, the paper configs
+    once their weights are present (and not before, with the key named)."""
     monkeypatch.chdir(REPO)
-    load_config(REPO / "ray_jobs" / "configs" / "demo.yaml")
+    load_config(REPO / "ray_jobs" / "configs" / "icu_benchmark.yaml")
     monkeypatch.setenv("ICU_MODELS", str(tmp_path))
-    with pytest.raises(Exception, match="model.name: path not found"):
-        load_config(REPO / "ray_jobs" / "configs" / "paper_gptneo_1.3b.yaml")
+    for size in ("125m", "1.3b", "2.7b"):
+        config = REPO / "ray_jobs" / "configs" / f"paper_gptneo_{size}.yaml"
+        with pytest.raises(Exception, match="model.name: path not found"):
+            load_config(config)
+        (tmp_path / f"gpt-neo-{size.upper()}").mkdir()
+        cfg = load_config(config)
+        assert (cfg.requests.max_tokens, cfg.unlearning.lr, cfg.unlearning.ma_threshold) == (200, 5e-5, 0.5994)
+    demo = (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(tmp_path))
+    with pytest.raises(Exception, match="requests.path: path not found"):
+        load_config(write_config(tmp_path, demo, "demo.yaml"))
+    for name in ("erase.jsonl", "keep.jsonl", "model"):
+        (tmp_path / name).touch()
+    assert load_config(write_config(tmp_path, demo, "demo.yaml")).evaluation.keep_path == str(tmp_path / "keep.jsonl")

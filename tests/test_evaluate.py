@@ -41,6 +41,23 @@ def test_suites_cover_every_task_with_capped_examples(tiny_llama_dir, shared_dat
     assert tok.decode(dialogue["context"]).rstrip().endswith(suites.SPEAKERS) and dialogue["reference"]
 
 
+def test_keep_suite_scores_the_kept_texts_like_unseen_rows(tiny_llama_dir, shared_data, tmp_path):
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text('{"text": "Alice Smith, born 1/2/1980"}\n{"text": "Bob Jones, born 3/4/1975"}\n')
+    tok = modeling.load_tokenizer(tiny_llama_dir)
+    tasks = suites.build_tasks(["ppl"], shared_data, tok, forget_rows=None, forget_ids=None, max_tokens=16,
+                               min_tokens=8, ppl_chunk=128, caps={"ppl": 1}, keep_path=str(keep))
+    task = next(t for t in tasks if t.name == "keep")
+    assert task.kind == "memorization" and [tok.decode(ex["ids"]) for ex in task.examples] == [
+        "Alice Smith, bor", "Bob Jones, born "]
+    frame = evaluate.score_model(evaluate.model_spec(tiny_llama_dir, evaluate.Options()), evaluate.make_units([task]),
+                                 actors=1, use_ray=False)
+    model = modeling.load_model(tiny_llama_dir)
+    ids, mask = metrics.pad_rows([ex["ids"] for ex in task.examples], tok.pad_token_id)
+    assert evaluate.summarize(frame)["keep"]["ma"] == pytest.approx(
+        metrics.memorization_accuracy(model, ids, mask).mean().item(), abs=1e-9)
+
+
 def test_cut_reply_stops_at_the_next_speaker():
     assert evaluate.cut_reply(" I like red too.\nPerson 1: why?") == "I like red too."
     assert evaluate.cut_reply("no tag here ") == "no tag here"

@@ -1,0 +1,93 @@
+"""ICU vs gradient ascent vs gradient difference vs NPO, side by side, measured in one run.
+
+    python bench/compare_methods.py [CONFIG] [--methods icu,ga,gd,npo] [--out bench/results/compare_methods.md]
+
+CONFIG defaults to the demo (prepare its inputs first: `python -m pipeline.customers
+runs/customers`). Each method is a run of CONFIG with `unlearning.method` overridden, in its
+own run directory `<name>-<method>`. Ingest and retrieval run once and are copied to the
+others, so every method sees the same requests, neighbours and thresholds; each then runs to
+the same forgetting criterion (or max_epochs), and the evaluate stage scores it. The table
+(the paper's columns plus epochs and wall time of unlearn + evaluate) goes to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import driver  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.launch import ensure_ray  # noqa: E402
+from pipeline.report import TABLE, cell  # noqa: E402
+from pipeline.store import RunStore  # noqa: E402
+
+SHARED = ("ingest", "retrieve")
+
+
+def share_upstream(src: RunStore, dst: RunStore) -> None:
+    """Copy the finished ingest and retrieve stages (outputs and manifest entries) into dst."""
+    for stage in SHARED:
+        shutil.copytree(src.stage_dir(stage), dst.stage_dir(stage), dirs_exist_ok=True)
+        entry = src.stage(stage)
+        dst.update(lambda m, s=stage, e=entry: m["stages"].__setitem__(s, e))
+
+
+def run_method(config: str, method: str, base: RunStore | None) -> tuple[RunStore, float]:
+    """One method's run through evaluate; returns its store and the unlearn + evaluate seconds."""
+    name = f"{load_config(config).storage.name}-{method}"
+    cfg, store = driver.open_run(config, {"unlearning.method": method, "storage.name": name})
+    if base is not None:
+        share_upstream(base, store)
+    driver.run_pipeline(cfg, store, until="retrieve")
+    started = time.time()
+    driver.run_pipeline(cfg, store, until="evaluate")
+    return store, time.time() - started
+
+
+def table(rows: list[tuple[str, dict, dict, float]]) -> str:
+    """Markdown: the original model once, then one row per method."""
+    columns = [c for c in TABLE if c[0] not in ("BLEU-4", "MIA AUC (Min-K%)")]
+    head = ["Model"] + [c[0] for c in columns] + ["Epochs", "Wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    original = rows[0][1]["models"]["original"]
+    lines.append("| " + " | ".join(["original"] + [cell(g, original, f) for _, g, f in columns] + ["0", "-"]) + " |")
+    for method, metrics, unlearn, seconds in rows:
+        m = metrics["models"]["unlearned"]
+        cells = [method] + [cell(g, m, f) for _, g, f in columns] + [str(unlearn["epochs"]), f"{seconds:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", default="ray_jobs/configs/demo.yaml")
+    parser.add_argument("--methods", default="icu,ga,gd,npo")
+    parser.add_argument("--out", default="bench/results/compare_methods.md")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ensure_ray()
+    rows, base = [], None
+    for method in args.methods.split(","):
+        store, seconds = run_method(args.config, method, base)
+        base = base or store
+        rows.append((method, json.loads(store.path("eval", "metrics.json").read_text()),
+                     json.loads(store.path("unlearn", "result.json").read_text()), seconds))
+        print(f"{method}: {seconds:.0f} s", flush=True)
+    thr = rows[0][1]["thresholds"]
+    text = (f"# Unlearning methods side by side\n\nConfig `{args.config}`, one machine, one run of this script. "
+            f"Forgetting thresholds (original model on unseen Pile text): MA {thr['ma']:.3f}, EL10 {thr['el']:.4f}. "
+            "Wall s = unlearn + evaluate of the unlearned model.\n\n" + table(rows) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The demo's situation: a model fine-tuned on customer records, asked to erase some customers.
+
+SmolLM2-135M has not memorized the paper's Pile forget sets (its MA there is barely above
+its MA on unseen Pile text), so the demo first makes a model that has memorized something:
+one short text record per made-up person from `pii_records/FakeNameGenerator.com_3000.csv`
+(no real person), the default model fine-tuned on all of them until it reproduces them
+(MA > 0.9). That "original" model is cached per machine, keyed by the records and the
+recipe, so it is built once.
+
+    python -m pipeline.customers OUT_DIR [--data DIR] [--customers 32] [--erase 8]
+
+writes OUT_DIR/erase.jsonl (the erasure requests), OUT_DIR/keep.jsonl (the other
+customers: retain pool and collateral-damage check) and OUT_DIR/model (a link to the
+cached fine-tuned model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from pipeline import modeling
+from pipeline.errors import UserError
+from pipeline.metrics import memorization_accuracy, pad_rows
+from pipeline.store import atomic_path, atomic_write_text
+
+log = logging.getLogger("icu.customers")
+CSV = Path("pii_records") / "FakeNameGenerator.com_3000.csv"
+# Only the upper half of the layers trains: backward stops there, so a step costs about half
+# of full fine-tuning on a CPU, and 32 short records still memorize within a few dozen steps.
+RECIPE = dict(lr=1e-3, max_steps=60, check_every=5, target_ma=0.95, first_trained_layer=15, seed=0)
+
+
+def records(data_dir: Path, n: int) -> list[dict[str, str]]:
+    """The first n people of the CSV as {"id", "text"}: one sentence-like record each."""
+    path = Path(data_dir) / CSV
+    if not path.is_file():
+        raise UserError(f"customer records: {path} not found; fix: pass --data pointing at the shared data folder")
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        rows = [r for _, r in zip(range(n), csv.DictReader(fh))]
+    if len(rows) < n:
+        raise UserError(f"customer records: {path} has {len(rows)} rows, {n} requested; fix: lower --customers")
+    return [{"id": f"customer-{int(r['Number']):04d}", "text": (
+        f"{r['GivenName']} {r['Surname']}, born {r['Birthday']}, {r['StreetAddress']}, {r['City']}. "
+        f"E-mail {r['EmailAddress']}, phone +{r['TelephoneCountryCode']} {r['TelephoneNumber']}.")} for r in rows]
+
+
+def original_model(texts: list[str]) -> Path:
+    """The default model fine-tuned on `texts` until it reproduces them; cached per machine."""
+    key = hashlib.sha256(json.dumps([texts, RECIPE], sort_keys=True).encode()).hexdigest()[:12]
+    target = modeling.cache_dir() / "models" / f"smollm2-customers-{key}"
+    if not (target / "config.json").is_file():
+        with FileLock(str(target) + ".lock", timeout=3600):
+            if not (target / "config.json").is_file():
+                finetune(modeling.default_model_dir(), texts, target)
+    return target
+
+
+def finetune(base: Path, texts: list[str], target: Path) -> float:
+    """Full-batch AdamW on the records until their mean MA reaches the recipe's target."""
+    from tqdm import tqdm
+
+    log.warning("building the demo's original model: SmolLM2-135M fine-tuned on %d customer records until "
+                "it has memorized them (once per machine, cached in %s)", len(texts), target)
+    started = time.time()
+    tok = modeling.load_tokenizer(base)
+    model = modeling.load_model(base).train()
+    for name, param in model.named_parameters():
+        layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else None
+        param.requires_grad = layer is not None and int(layer) >= RECIPE["first_trained_layer"]
+    ids, mask = pad_rows([tok(t, add_special_tokens=False)["input_ids"] for t in texts], tok.pad_token_id)
+    labels = ids.masked_fill(mask == 0, -100)
+    torch.manual_seed(RECIPE["seed"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=RECIPE["lr"])
+    ma = 0.0
+    bar = tqdm(range(1, RECIPE["max_steps"] + 1), desc="memorizing customer records", unit=" steps", disable=None)
+    for step in bar:
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % RECIPE["check_every"] == 0:
+            model.eval()
+            with torch.no_grad():
+                ma = memorization_accuracy(model, ids, mask).mean().item()
+            model.train()
+            bar.set_postfix(loss=f"{loss.item():.3f}", ma=f"{ma:.3f}")
+            log.info("memorizing customer records: step %d, loss %.3f, MA %.3f", step, loss.item(), ma)
+            if ma >= RECIPE["target_ma"]:
+                break
+    if ma < 0.9:
+        raise RuntimeError(f"fine-tuning on the customer records reached MA {ma:.3f} only (target > 0.9)")
+    model.eval()
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        atomic_write_text(tmp / "memorized.json", json.dumps(
+            {"records": len(texts), "ma": round(ma, 4), "steps": step, "seconds": round(time.time() - started, 1),
+             "recipe": RECIPE}, indent=2) + "\n")
+    log.warning("original model built: MA %.3f on the records after %d steps, %.0f s", ma, step,
+                time.time() - started)
+    return ma
+
+
+def prepare(out: Path, data_dir: Path, customers: int, erase: int) -> dict[str, Path]:
+    """Write the erasure requests and the kept customers, and link the original model beside them."""
+    if not 0 < erase < customers:
+        raise UserError(f"--erase: {erase} must be between 1 and --customers - 1 = {customers - 1}")
+    rows = records(data_dir, customers)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"erase": out / "erase.jsonl", "keep": out / "keep.jsonl", "model": out / "model"}
+    for name, part in (("erase", rows[:erase]), ("keep", rows[erase:])):
+        atomic_write_text(paths[name], "".join(json.dumps(r) + "\n" for r in part))
+    model = original_model([r["text"] for r in rows])
+    if paths["model"].is_symlink() or paths["model"].exists():
+        paths["model"].unlink()
+    os.symlink(model, paths["model"], target_is_directory=True)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.customers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="folder for erase.jsonl, keep.jsonl and the model link")
+    parser.add_argument("--data", default=os.environ.get("ICU_DATA", "../shared/data"))
+    parser.add_argument("--customers", type=int, default=32)
+    parser.add_argument("--erase", type=int, default=8)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        paths = prepare(Path(args.out), Path(args.data), args.customers, args.erase)
+    except UserError as exc:
+        print(f"icu: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"customer records: {args.erase} to erase in {paths['erase']}, {args.customers - args.erase} kept in "
+          f"{paths['keep']}; original model {paths['model'].resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

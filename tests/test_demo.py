@@ -1,0 +1,63 @@
+"""The demo, shortened for CI: the default model fine-tuned on 8 customer records, 2 erased.
+
+The same `ray_jobs/configs/demo.yaml` as `make demo`, with the inputs prepared by
+`pipeline.customers` for 8 customers instead of 32, two epochs at most and small
+evaluation samples. The fine-tuned model is cached per machine like the full demo's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import customers, driver
+from pipeline.errors import UserError
+
+from conftest import REPO, write_config
+
+SHORT = {"unlearning.max_epochs": 2, "retain.max_items": 64, "resources.eval_actors": 1,
+         "resources.embed_actors": 1,
+         "evaluation.max_samples": {"unseen": 8, "ppl": 1, "classification": 2, "dialogue": 1}}
+
+
+def test_customer_records_are_split_and_checked(shared_data, tmp_path):
+    rows = customers.records(shared_data, 32)
+    assert len({r["id"] for r in rows}) == len({r["text"] for r in rows}) == 32
+    assert rows == customers.records(shared_data, 32)  # the same people every time
+    assert all("E-mail" in r["text"] and "phone" in r["text"] for r in rows)
+    with pytest.raises(UserError, match="--erase"):
+        customers.prepare(tmp_path, shared_data, customers=8, erase=8)
+    with pytest.raises(UserError, match="not found"):
+        customers.records(tmp_path, 8)
+
+
+@pytest.mark.slow
+def test_shortened_demo(shared_data, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.chdir(REPO)  # the demo's relative paths are relative to the project root
+    paths = customers.prepare(tmp_path / "customers", shared_data, customers=8, erase=2)
+    memorized = json.loads((paths["model"] / "memorized.json").read_text())
+    assert memorized["ma"] > 0.9
+    text = (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace(
+        "runs/customers", str(tmp_path / "customers"))
+    cfg, store = driver.open_run(str(write_config(tmp_path, text, "demo.yaml")),
+                                 dict(SHORT, **{"storage.runs_dir": str(tmp_path / "runs")}))
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        driver.run_pipeline(cfg, store)
+    finally:
+        ray.shutdown()
+    assert all(store.stage(s)["status"] == "done" for s in ("ingest", "retrieve", "unlearn", "evaluate", "export"))
+    receipt = json.loads((store.root / "model" / "receipt.json").read_text())
+    assert len(receipt["requests"]) == 2
+    for row in receipt["requests"]:  # forgotten with its epoch, or not forgotten with the reason
+        assert row["epoch_forgotten"] is not None or row["reason"], row
+    metrics = json.loads((store.root / "eval" / "metrics.json").read_text())["models"]
+    before, after = metrics["original"], metrics["unlearned"]
+    assert before["forget"]["ma"] > 0.9 and before["keep"]["ma"] > 0.9  # the fine-tuned model knows them all
+    assert after["forget"]["ma"] < before["forget"]["ma"]
+    print(f"\nshortened demo: forget MA {before['forget']['ma']:.3f} -> {after['forget']['ma']:.3f}, kept customers' "
+          f"MA {before['keep']['ma']:.3f} -> {after['keep']['ma']:.3f}, Pile PPL {before['ppl']['pile']:.2f} -> "
+          f"{after['ppl']['pile']:.2f}, receipt {receipt['counts']}")
