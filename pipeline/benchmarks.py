@@ -25,15 +25,16 @@ def read_texts(path: str | Path, column: str = "text", limit: int | None = None)
     return texts[:limit] if limit else texts
 
 
-def unseen_rows(data_dir: str | Path, tokenizer, max_tokens: int, min_tokens: int,
+def unseen_rows(path: str | Path, tokenizer, max_tokens: int, min_tokens: int,
                 limit: int | None) -> list[list[int]]:
-    """Token rows of held-out Pile text (never trained on): the forgetting thresholds' yardstick.
+    """Token rows of text the model never saw (`evaluation.unseen_path`, held-out Pile text by
+    default): the forgetting thresholds' yardstick.
 
     Rows are cut to `max_tokens` (the request length) and rows shorter than `min_tokens`
     (prefix + suffix) are skipped, so they look like requests.
     """
     rows = []
-    for text in read_texts(Path(data_dir) / "icu_benchmark" / "pile.csv"):
+    for text in read_texts(path):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
         if len(ids) >= min_tokens:
             rows.append(ids)

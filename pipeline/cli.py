@@ -99,9 +99,25 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         driver.run_pipeline(cfg, store)
         print("\n".join(driver.status_lines(store.root)))
+        print_results(store)
     else:
         driver.run_pipeline(cfg, store, until=args.command)
     return 0
+
+
+def print_results(store) -> None:
+    """What a person wants at the end of a run: the before/after table and where everything is."""
+    import json
+
+    from pipeline.report import paper_table
+
+    metrics = store.path("eval", "metrics.json")
+    if metrics.exists():
+        print("\n" + paper_table(json.loads(metrics.read_text())) + "\n")
+    for name, path in (("report", store.path("eval", "report.md")), ("receipt", store.path("model", "receipt.csv")),
+                       ("model", store.path("model"))):
+        if path.exists():
+            print(f"{name + ':':<9}{path.resolve()}")
 
 
 def evaluate_folder(args: argparse.Namespace) -> int:

@@ -160,6 +160,8 @@ class EvaluationConfig:
     suites: list[str] = field(default_factory=lambda: list(SUITES))
     max_samples: dict[str, int] = field(default_factory=dict)  # per-suite caps
     data_dir: str = path_field("../shared/data", hint="the shared benchmark data folder")
+    # text the model never saw, like the requests (the forgetting thresholds); null = icu_benchmark/pile.csv
+    unseen_path: str | None = path_field(None, hint="a jsonl/csv/parquet file with a text column")
     # text the model must keep remembering (e.g. the customers not erased): MA / EL before and after
     keep_path: str | None = path_field(None, hint="a jsonl/csv/parquet file with a text column")
     el_n: int = 10
@@ -174,6 +176,8 @@ class EvaluationConfig:
             _one_of("evaluation.max_samples", suite, SUITES)
             _positive(f"evaluation.max_samples.{suite}", cap)
         _one_of("evaluation.el_range", self.el_range, ("icu", "ku"))
+        if self.unseen_path is None:
+            self.unseen_path = str(Path(self.data_dir) / "icu_benchmark" / "pile.csv")
         for key in ("el_n", "ppl_chunk", "batch_size"):
             _positive(f"evaluation.{key}", getattr(self, key))
 

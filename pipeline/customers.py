@@ -10,8 +10,13 @@ recipe, so it is built once.
     python -m pipeline.customers OUT_DIR [--data DIR] [--customers 32] [--erase 8]
 
 writes OUT_DIR/erase.jsonl (the erasure requests), OUT_DIR/keep.jsonl (the other
-customers: retain pool and collateral-damage check) and OUT_DIR/model (a link to the
-cached fine-tuned model).
+customers: retain pool and collateral-damage check), OUT_DIR/unseen.jsonl (as many
+further people, never trained on) and OUT_DIR/model (a link to the cached fine-tuned model).
+
+The unseen records set the forgetting thresholds. Records share a template (", born",
+"E-mail", a mail address spelled from the name), so a model predicts much of a record it
+never saw: MA on unseen customers is far above MA on unseen Pile text, and a record is
+forgotten when the model knows it no better than a stranger's, not a Pile page's.
 """
 
 from __future__ import annotations
@@ -116,12 +121,12 @@ def prepare(out: Path, data_dir: Path, customers: int, erase: int) -> dict[str, 
     """Write the erasure requests and the kept customers, and link the original model beside them."""
     if not 0 < erase < customers:
         raise UserError(f"--erase: {erase} must be between 1 and --customers - 1 = {customers - 1}")
-    rows = records(data_dir, customers)
+    rows = records(data_dir, 2 * customers)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"erase": out / "erase.jsonl", "keep": out / "keep.jsonl", "model": out / "model"}
-    for name, part in (("erase", rows[:erase]), ("keep", rows[erase:])):
+    paths = {name: out / f"{name}.jsonl" for name in ("erase", "keep", "unseen")} | {"model": out / "model"}
+    for name, part in (("erase", rows[:erase]), ("keep", rows[erase:customers]), ("unseen", rows[customers:])):
         atomic_write_text(paths[name], "".join(json.dumps(r) + "\n" for r in part))
-    model = original_model([r["text"] for r in rows])
+    model = original_model([r["text"] for r in rows[:customers]])
     if paths["model"].is_symlink() or paths["model"].exists():
         paths["model"].unlink()
     os.symlink(model, paths["model"], target_is_directory=True)

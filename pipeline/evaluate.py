@@ -240,7 +240,7 @@ def evaluate_run(cfg, store, key: str) -> dict[str, Any]:
         forget_rows=[list(map(int, r)) for r in accepted["input_ids"]], forget_ids=accepted["id"].tolist(),
         max_tokens=cfg.requests.max_tokens or modeling.context_length(modeling.resolve_model_dir(cfg.model.name)),
         min_tokens=cfg.requests.prefix_tokens + cfg.requests.suffix_tokens, ppl_chunk=cfg.evaluation.ppl_chunk,
-        caps=cfg.evaluation.max_samples, keep_path=cfg.evaluation.keep_path)
+        caps=cfg.evaluation.max_samples, unseen_path=cfg.evaluation.unseen_path, keep_path=cfg.evaluation.keep_path)
     units = make_units(tasks)
     models = {"original": modeling.resolve_model_dir(cfg.model.name), "unlearned": store.path("unlearn", "model")}
     frames = {}
@@ -273,7 +273,8 @@ def evaluate_folder(model_dir: Path, cfg, out: Path) -> dict[str, Any]:
     tasks = suites.build_tasks(cfg.evaluation.suites, cfg.evaluation.data_dir, tok, forget_rows=None,
                                forget_ids=None, max_tokens=cfg.requests.max_tokens or modeling.context_length(model_dir),
                                min_tokens=cfg.requests.prefix_tokens + cfg.requests.suffix_tokens,
-                               ppl_chunk=cfg.evaluation.ppl_chunk, caps=cfg.evaluation.max_samples)
+                               ppl_chunk=cfg.evaluation.ppl_chunk, caps=cfg.evaluation.max_samples,
+                               unseen_path=cfg.evaluation.unseen_path)
     frame = score_model(model_spec(model_dir, options(cfg), dtype=cfg.model.dtype,
                                    trust_remote_code=cfg.model.trust_remote_code, cpus=cfg.resources.cpus_per_worker,
                                    use_gpu=cfg.resources.use_gpu), make_units(tasks), cfg.resources.eval_actors)

@@ -58,7 +58,7 @@ def write_report(out: Path, results: dict[str, Any], samples: pd.DataFrame, unle
     parts = ["# Evaluation report", "", paper_table(results), ""]
     thr = results.get("thresholds")
     if thr:
-        parts += [f"Forgetting thresholds (the original model's mean on unseen Pile text): MA {thr['ma']:.3f}, "
+        parts += [f"Forgetting thresholds (the original model's mean on unseen text, `evaluation.unseen_path`): MA {thr['ma']:.3f}, "
                   f"EL10 {thr['el']:.4f}. EL10 uses the ICU prompt range (t = 0.75T..T-1). BERTScore-F1 runs on "
                   "all-MiniLM-L6-v2 token embeddings (bert-base-uncased is not available offline).", ""]
     u = results.get("unlearn") or {}

@@ -231,7 +231,7 @@ class Worker:
             ma, el = u.ma_threshold, u.el_threshold
             if ma is None or el is None:
                 r = self.cfg.requests
-                rows = benchmarks.unseen_rows(e.data_dir, self.tok, r.max_tokens or 200,
+                rows = benchmarks.unseen_rows(e.unseen_path, self.tok, r.max_tokens or 200,
                                               r.prefix_tokens + r.suffix_tokens, e.max_samples.get("unseen", 64))
                 model, sync = self.checker()
                 pairs = self._sharded(rows, lambda part: list(zip(*memorization(

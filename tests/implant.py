@@ -84,7 +84,7 @@ def run_config(implanted: dict, tmp: Path, name: str, overrides: dict | None = N
         "retrieval": {"k": 8, "pairs_per_request": 8},
         "unlearning": {"lr": 5.0e-4, "max_epochs": 30, "batch_size": 4},
         "evaluation": {"data_dir": str(implanted["data"]), "batch_size": 8,
-                       "max_samples": {"unseen": 64, "ppl": 2, "classification": 4, "dialogue": 2}},
+                       "max_samples": {"unseen": 32, "ppl": 2, "classification": 4, "dialogue": 2}},
         "resources": {"num_workers": 2, "max_failures": 2},
         "storage": {"runs_dir": str(tmp / "runs"), "name": name},
     }

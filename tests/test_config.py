@@ -114,6 +114,6 @@ def test_example_configs_validate(monkeypatch, tmp_path):
     demo = (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(tmp_path))
     with pytest.raises(Exception, match="requests.path: path not found"):
         load_config(write_config(tmp_path, demo, "demo.yaml"))
-    for name in ("erase.jsonl", "keep.jsonl", "model"):
+    for name in ("erase.jsonl", "keep.jsonl", "unseen.jsonl", "model"):
         (tmp_path / name).touch()
     assert load_config(write_config(tmp_path, demo, "demo.yaml")).evaluation.keep_path == str(tmp_path / "keep.jsonl")

@@ -1,7 +1,7 @@
 """The demo, shortened for CI: the default model fine-tuned on 8 customer records, 2 erased.
 
 The same `ray_jobs/configs/demo.yaml` as `make demo`, with the inputs prepared by
-`pipeline.customers` for 8 customers instead of 32, two epochs at most and small
+`pipeline.customers` for 8 customers instead of 32, one epoch at most and small
 evaluation samples. The fine-tuned model is cached per machine like the full demo's.
 """
 
@@ -16,7 +16,7 @@ from pipeline.errors import UserError
 
 from conftest import REPO, write_config
 
-SHORT = {"unlearning.max_epochs": 2, "retain.max_items": 64, "resources.eval_actors": 1,
+SHORT = {"unlearning.max_epochs": 1, "retain.max_items": 64, "resources.eval_actors": 1,
          "resources.embed_actors": 1,
          "evaluation.max_samples": {"unseen": 8, "ppl": 1, "classification": 2, "dialogue": 1}}
 
