@@ -136,7 +136,8 @@ def export_run(cfg, store) -> dict:
     with atomic_path(store.path("model")) as tmp:
         shutil.copytree(source, tmp)
         atomic_write_json(tmp / "receipt.json", {"counts": counts, "requests": rows})
-        pd.DataFrame(rows, columns=RECEIPT_COLUMNS).to_csv(tmp / "receipt.csv", index=False)
+        table = pd.DataFrame(rows, columns=RECEIPT_COLUMNS).astype({"epoch_forgotten": "Int64"})  # 6, not 6.0
+        table.to_csv(tmp / "receipt.csv", index=False)
         atomic_write_text(tmp / "README.md", _model_card(cfg, counts, metrics, diff, paper_table, yaml))
         sums = [f"{_sha256(p)}  {p.name}" for p in sorted(tmp.iterdir()) if p.is_file()]
         atomic_write_text(tmp / "checksums.sha256", "\n".join(sums) + "\n")

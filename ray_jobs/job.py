@@ -59,7 +59,11 @@ def _refuse_run_dir_in_package(command: str, rest: list[str]) -> None:
         return
     from pipeline.config import load_config
 
-    cfg = load_config(args.config, cli.parse_overrides(args.set))
+    try:
+        cfg = load_config(args.config, cli.parse_overrides(args.set))
+    except UserError as exc:
+        raise UserError(f"{exc} (in a Ray job without --base-dir, relative paths resolve inside its temporary "
+                        "copy of the project: add --base-dir $PWD after the config)") from None
     if Path(cfg.storage.runs_dir).resolve().is_relative_to(Path.cwd().resolve()):
         raise UserError(f"storage.runs_dir: {cfg.storage.runs_dir} lies inside the job's temporary copy of "
                         "the project and would be lost when the job ends; fix: add --base-dir $PWD after the "

@@ -117,3 +117,22 @@ def test_example_configs_validate(monkeypatch, tmp_path):
     for name in ("erase.jsonl", "keep.jsonl", "unseen.jsonl", "model"):
         (tmp_path / name).touch()
     assert load_config(write_config(tmp_path, demo, "demo.yaml")).evaluation.keep_path == str(tmp_path / "keep.jsonl")
+
+def test_job_in_rays_copy_of_the_project_refuses_relative_paths(tmp_path, monkeypatch, capsys):
+    """Inside `ray job submit --working-dir .` the job runs in a temporary copy: a relative run
+    directory there would vanish, a relative input points nowhere; both name --base-dir."""
+    from ray_jobs.job import main as job_main
+
+    package = tmp_path / "_ray_pkg_0123abcd"
+    package.mkdir()
+    requests_file = tmp_path / "requests.jsonl"
+    requests_file.write_text('{"text": "hello"}\n')
+    (package / "run.yaml").write_text(f"model: {{name: tiny-llama}}\nrequests: {{path: {requests_file}}}\n"
+                                      "storage: {runs_dir: runs}\n")
+    (package / "missing.yaml").write_text("model: {name: tiny-llama}\nrequests: {path: data/requests.jsonl}\n")
+    monkeypatch.chdir(package)
+    assert job_main("run", ["run.yaml"]) == 2
+    assert "storage.runs_dir" in capsys.readouterr().err and not (package / "runs").exists()
+    assert job_main("run", ["missing.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "requests.path: path not found" in err and "--base-dir $PWD" in err and err.count("\n") == 1
