@@ -147,7 +147,7 @@ def make_embedder(spec: dict[str, Any]):
     if spec["kind"] == "lm":
         model_dir = modeling.resolve_model_dir(spec["model"])
         tokenizer = modeling.load_tokenizer(model_dir, spec["trust_remote_code"])
-        model = modeling.load_model(model_dir, spec["trust_remote_code"]).to(spec["device"])
+        model = modeling.load_model(model_dir, trust_remote_code=spec["trust_remote_code"]).to(spec["device"])
         return LMEmbedder(model, tokenizer, max_length=spec["max_length"], batch_size=spec["batch_size"])
     return SentenceEmbedder(None if spec["kind"] == "minilm" else spec["kind"], device=spec["device"],
                             batch_size=spec["batch_size"])
