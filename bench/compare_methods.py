@@ -81,7 +81,7 @@ def main() -> int:
         print(f"{method}: {seconds:.0f} s", flush=True)
     thr = rows[0][1]["thresholds"]
     text = (f"# Unlearning methods side by side\n\nConfig `{args.config}`, one machine, one run of this script. "
-            f"Forgetting thresholds (original model on unseen Pile text): MA {thr['ma']:.3f}, EL10 {thr['el']:.4f}. "
+            f"Forgetting thresholds (original model on `evaluation.unseen_path`): MA {thr['ma']:.3f}, EL10 {thr['el']:.4f}. "
             "Wall s = unlearn + evaluate of the unlearned model.\n\n" + table(rows) + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except UserError as exc:
-        print(f"icu: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exc.report()
     except KeyboardInterrupt:
         print("icu: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = prepare(Path(args.out), Path(args.data), args.customers, args.erase)
     except UserError as exc:
-        print(f"icu: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exc.report()
     print(f"customer records: {args.erase} to erase in {paths['erase']}, {args.customers - args.erase} kept in "
           f"{paths['keep']}; original model {paths['model'].resolve()}")
     return 0

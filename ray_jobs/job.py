@@ -34,8 +34,7 @@ def main(command: str, argv: list[str] | None = None) -> int:
         rest = _rebase(rest, known.base_dir) if known.base_dir else rest
         _refuse_run_dir_in_package(command, rest)
     except UserError as exc:
-        print(f"icu: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exc.report()
     return cli.main([command, *rest])
 
 
