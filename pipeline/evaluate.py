@@ -21,7 +21,7 @@ import torch
 
 from pipeline import metrics, modeling
 from pipeline.refine import memorization, score_requests
-from pipeline.store import atomic_write_json, write_parquet
+from pipeline.store import atomic_write_json, fingerprint, write_parquet
 from pipeline.suites import SPEAKERS, Task
 
 UNIT_SIZE = 16
@@ -243,11 +243,16 @@ def evaluate_run(cfg, store, key: str) -> dict[str, Any]:
         caps=cfg.evaluation.max_samples, unseen_path=cfg.evaluation.unseen_path, keep_path=cfg.evaluation.keep_path)
     units = make_units(tasks)
     models = {"original": modeling.resolve_model_dir(cfg.model.name), "unlearned": store.path("unlearn", "model")}
+    # The original's scores do not depend on how it was unlearned: runs that differ only in
+    # `unlearning` (e.g. bench/compare_methods.py) can share them.
+    keys = {"original": fingerprint("evaluate-original", cfg.model, cfg.requests, cfg.evaluation,
+                                    cfg.unlearning.num_beams, store.stage("ingest").get("fingerprint")),
+            "unlearned": key}
     frames = {}
     for label, model_dir in models.items():
         spec = model_spec(model_dir, options(cfg), dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                           cpus=cfg.resources.cpus_per_worker, use_gpu=cfg.resources.use_gpu)
-        frames[label] = _scores_once(out / "partial", key, label, lambda: score_model(
+        frames[label] = _scores_once(out / "partial", keys[label], label, lambda: score_model(
             spec, units, cfg.resources.eval_actors, desc=f"evaluating the {label} model"))
     result_path = store.path("unlearn", "result.json")
     unlearn = json.loads(result_path.read_text()) if result_path.exists() else {}
@@ -287,17 +292,13 @@ def evaluate_folder(model_dir: Path, cfg, out: Path) -> dict[str, Any]:
 
 
 def _scores_once(partial: Path, key: str, label: str, compute) -> pd.DataFrame:
-    """One model's scores: read back if an earlier attempt of this stage finished them."""
-    stamp = partial / "fingerprint"
-    if stamp.exists() and stamp.read_text() != key:
-        import shutil
-
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(key)
-    path = partial / f"{label}.parquet"
-    if path.exists():
+    """One model's scores: read back if an earlier attempt (same inputs, `key`) finished them."""
+    path, stamp = partial / f"{label}.parquet", partial / f"{label}.key"
+    if path.exists() and stamp.exists() and stamp.read_text() == key:
         return pd.read_parquet(path)
+    partial.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)  # a stamp names the parquet written after it, never an older one
     frame = compute()
     write_parquet(frame, path)
+    stamp.write_text(key)
     return frame

@@ -43,9 +43,10 @@ class Task:
 
 def build_tasks(suites: list[str], data_dir: str | Path, tokenizer, *, forget_rows: list[list[int]] | None,
                 forget_ids: list[str] | None, max_tokens: int, min_tokens: int, ppl_chunk: int,
-                caps: dict[str, int], unseen_path: str | None = None, keep_path: str | None = None) -> list[Task]:
+                caps: dict[str, int], unseen_path: str | Path, keep_path: str | None = None) -> list[Task]:
     """The tasks of the chosen suites; `caps[suite]` limits examples per task.
 
+    `unseen_path`: text the model never saw (`evaluation.unseen_path`: the thresholds' set).
     `keep_path`: text that should stay memorized, scored like the unseen set (its own task,
     "keep"), so collateral damage to neighbours of the requests shows.
     """
@@ -60,7 +61,7 @@ def build_tasks(suites: list[str], data_dir: str | Path, tokenizer, *, forget_ro
         tasks.append(Task("forget", "forget", "requests",
                           [{"id": rid, "ids": r} for rid, r in zip(forget_ids, rows)]))
     if "unseen" in wanted:
-        rows = unseen_rows(unseen_path or data / "icu_benchmark" / "pile.csv", tokenizer, max_tokens, min_tokens,
+        rows = unseen_rows(unseen_path, tokenizer, max_tokens, min_tokens,
                            caps.get("unseen", 64))
         tasks.append(Task("unseen", "pile_unseen", "memorization",
                           [{"id": f"pile:{i}", "ids": r} for i, r in enumerate(rows)]))

@@ -31,20 +31,23 @@ def main(command: str, argv: list[str] | None = None) -> int:
     parser.add_argument("--base-dir")
     known, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        rest = _rebase(rest, known.base_dir) if known.base_dir else rest
+        rest = _rebase(command, rest, known.base_dir) if known.base_dir else rest
         _refuse_run_dir_in_package(command, rest)
     except UserError as exc:
         return exc.report()
     return cli.main([command, *rest])
 
 
-def _rebase(rest: list[str], base_dir: str) -> list[str]:
+def _rebase(command: str, rest: list[str], base_dir: str) -> list[str]:
     """Make the config path absolute (it lives in the uploaded copy), then move to base_dir."""
     base = Path(base_dir)
     if not base.is_dir():
         raise UserError(f"--base-dir: {base} is not a folder on this node; fix: pass a path the cluster "
                         "can read (a shared file system), or use absolute paths in the config")
-    rest = [str(Path(a).resolve()) if a.endswith((".yaml", ".yml")) and Path(a).is_file() else a for a in rest]
+    config = getattr(cli.build_parser().parse_args([command, *rest]), "config", None)
+    if config is not None and Path(config).is_file():
+        rest = list(rest)
+        rest[rest.index(config)] = str(Path(config).resolve())
     os.chdir(base)
     return rest
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,17 @@ def test_job_in_rays_copy_of_the_project_refuses_relative_paths(tmp_path, monkey
     assert job_main("run", ["missing.yaml"]) == 2
     err = capsys.readouterr().err
     assert "requests.path: path not found" in err and "--base-dir $PWD" in err and err.count("\n") == 1
+
+
+def test_job_base_dir_rebases_only_the_config(tmp_path, monkeypatch):
+    """The config lives in Ray's copy of the project and becomes absolute; other arguments stay as given."""
+    from ray_jobs.job import _rebase
+
+    package, base = tmp_path / "_ray_pkg_0123abcd", tmp_path / "base"
+    package.mkdir(), base.mkdir()
+    (package / "run.yaml").write_text("model: {name: tiny-llama}\n")
+    (package / "storage.name=other.yaml").write_text("{}\n")  # a file named like the --set value
+    monkeypatch.chdir(package)
+    rest = _rebase("run", ["--set", "storage.name=other.yaml", "run.yaml", "--restart-from", "unlearn"], str(base))
+    assert rest == ["--set", "storage.name=other.yaml", str(package / "run.yaml"), "--restart-from", "unlearn"]
+    assert Path.cwd() == base

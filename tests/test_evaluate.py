@@ -22,7 +22,8 @@ def _tasks(model_dir, shared_data, names, caps=CAPS, max_tokens=64):
     texts = read_texts(shared_data / "icu_benchmark" / "forget_sets" / "exp0" / "lm_extraction_128_0.csv")
     rows = [tok(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts[:caps["forget"]]]
     return suites.build_tasks(names, shared_data, tok, forget_rows=rows, forget_ids=[f"r{i}" for i in range(len(rows))],
-                              max_tokens=max_tokens, min_tokens=32, ppl_chunk=128, caps=caps), tok
+                              max_tokens=max_tokens, min_tokens=32, ppl_chunk=128, caps=caps,
+                              unseen_path=shared_data / "icu_benchmark" / "pile.csv"), tok
 
 
 def test_suites_cover_every_task_with_capped_examples(tiny_llama_dir, shared_data):
@@ -46,7 +47,8 @@ def test_keep_suite_scores_the_kept_texts_like_unseen_rows(tiny_llama_dir, share
     keep.write_text('{"text": "Alice Smith, born 1/2/1980"}\n{"text": "Bob Jones, born 3/4/1975"}\n')
     tok = modeling.load_tokenizer(tiny_llama_dir)
     tasks = suites.build_tasks(["ppl"], shared_data, tok, forget_rows=None, forget_ids=None, max_tokens=16,
-                               min_tokens=8, ppl_chunk=128, caps={"ppl": 1}, keep_path=str(keep))
+                               min_tokens=8, ppl_chunk=128, caps={"ppl": 1}, unseen_path=shared_data / "icu_benchmark" / "pile.csv",
+                               keep_path=str(keep))
     task = next(t for t in tasks if t.name == "keep")
     assert task.kind == "memorization" and [tok.decode(ex["ids"]) for ex in task.examples] == [
         "Alice Smith, bor", "Bob Jones, born "]
@@ -74,6 +76,22 @@ def test_stage_perplexity_equals_the_metric_on_the_same_stream(tiny_llama_dir, s
         stream = [t for ex in task.examples for t in ex["ids"]]
         want = metrics.perplexity(model, [stream], chunk_size=128)
         assert summary["ppl"][task.name] == pytest.approx(want, rel=1e-9)
+
+
+def test_model_scores_are_reused_only_for_the_same_inputs(tmp_path):
+    calls = []
+
+    def compute(value):
+        return lambda: calls.append(value) or pd.DataFrame({"value": [value]})
+
+    partial = tmp_path / "partial"
+    assert evaluate._scores_once(partial, "a", "original", compute(1))["value"].tolist() == [1]
+    assert evaluate._scores_once(partial, "a", "original", compute(2))["value"].tolist() == [1]  # kept
+    assert evaluate._scores_once(partial, "b", "original", compute(3))["value"].tolist() == [3]  # other inputs
+    (partial / "original.key").unlink()  # stopped between the scores and their stamp
+    assert evaluate._scores_once(partial, "b", "original", compute(4))["value"].tolist() == [4]
+    assert evaluate._scores_once(partial, "b", "unlearned", compute(5))["value"].tolist() == [5]
+    assert calls == [1, 3, 4, 5]
 
 
 def test_summary_counts_and_auc_from_per_sample_rows():

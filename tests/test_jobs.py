@@ -247,7 +247,8 @@ def test_stopped_jobs_resume_to_the_uninterrupted_result(head, reference, implan
     # 3. Resubmit; stop during evaluation once the original model's scores are kept.
     job = head.submit(config)
     kept = root / "eval" / "partial" / "original.parquet"
-    head.stop_when(job, lambda: _running(root, "evaluate") and kept.exists(), "the original model's scores")
+    head.stop_when(job, lambda: _running(root, "evaluate") and kept.with_suffix(".key").exists(),
+                   "the original model's scores")
     logs.append(log := head.logs(job))
     assert f"resuming from checkpoint {tag}" in log
     kept_at = kept.stat().st_mtime_ns

@@ -1,8 +1,9 @@
 """Unlearning end to end on a tiny implanted model: forget 8 memorized sequences, keep 8.
 
-Ray Train with 2 workers under ZeRO-3 (gloo, CPU) is the path users take; the same run
-under torchrun must give the same weights, and a worker killed mid-run must resume from
-its last checkpoint to the same weights as an uninterrupted run.
+Ray Train with 2 workers under ZeRO-3 (gloo, CPU), spread over two Ray nodes, is the path
+users take on a cluster; the same run under torchrun must give the same weights, and a
+worker killed mid-run must resume from its last checkpoint to the same weights as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -40,15 +41,21 @@ def _ma(model, tok, texts: list[str]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def ray_run(implanted, tmp_path_factory):
-    """The reference run: Ray Train, 2 workers, uninterrupted."""
+    """The reference run: Ray Train, uninterrupted, on a cluster of two 1-CPU nodes with the
+    2 workers SPREAD over them (the single-node path is the killed-worker test's and the job tests')."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    tmp = tmp_path_factory.mktemp("ray")
-    ray.init(num_cpus=4, include_dashboard=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    config = run_config(implanted, tmp_path_factory.mktemp("ray"), "ray", {"resources.placement": "SPREAD"})
+    ray.init(address=cluster.address)
     try:
-        root, result = _unlearn(run_config(implanted, tmp, "ray"))
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        root, result = _unlearn(config)
     finally:
         ray.shutdown()
+        cluster.shutdown()
     return root, result
 
 
@@ -76,6 +83,7 @@ def test_implant_then_forget_with_ray_train(implanted, ray_run):
     part = result["partition"]
     assert len(part["held_per_rank"]) == 2 and sum(part["held_per_rank"]) >= part["total"]
     assert all(held <= part["total"] // 2 + 64 for held in part["held_per_rank"])
+    assert len(set(part["nodes"])) == 2, f"the two workers ran on one node: {part['nodes']}"
 
 
 def test_torchrun_gives_the_ray_result(implanted, ray_run, tmp_path):
@@ -124,23 +132,3 @@ def _same_run(a: Path, b: Path) -> None:
     assert not hb.duplicated(["epoch", "request_id"]).any()
     assert sorted(hb.epoch.unique()) == list(range(hb.epoch.max() + 1))
     pd.testing.assert_frame_equal(ha, hb, check_exact=False, atol=1e-6)
-
-
-def test_two_node_cluster_with_spread_workers(implanted, ray_run, tmp_path):
-    """Two Ray nodes of 1 CPU each; SPREAD puts one training worker on each; same result."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    config = run_config(implanted, tmp_path, "spread", {"resources.placement": "SPREAD"})
-    ray.init(address=cluster.address)
-    try:
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        root, result = _unlearn(config)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    nodes = result["partition"]["nodes"]
-    assert len(set(nodes)) == 2, f"the two workers ran on one node: {nodes}"
-    _same_run(ray_run[0], root)
