@@ -129,6 +129,9 @@ class UnlearningConfig:
     retain_weight: float = 1.0  # gd and npo: weight of the retain NLL (0 = plain NPO); icu uses lw
     batch_size: int = 8  # per worker
     max_epochs: int = 30
+    # Also stop once the set's mean MA and EL10 are below the thresholds (the paper's rule).
+    # false: stop only when every request is forgotten (or at max_epochs).
+    set_stop: bool = True
     seed: int = 42
     grad_clip: float = 1.0
     warmup_steps: int = 0

@@ -348,7 +348,7 @@ class Worker:
             records = self.check(state.epoch, thr, scorer)
             state.history += records
             forgotten = {i for i, r in enumerate(records) if r["forgotten"]}
-            reason = stop_reason(records, thr, state.epoch, u.max_epochs)
+            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.set_stop)
             self._report(state, len(forgotten), n)
             if reason:
                 break
@@ -407,11 +407,16 @@ class Worker:
             self.store.progress("unlearn", state.epoch, self.cfg.unlearning.max_epochs, note)
 
 
-def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: int) -> str | None:
-    """Why training stops after this check, or None to keep going."""
+def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: int,
+                set_stop: bool = True) -> str | None:
+    """Why training stops after this check, or None to keep going.
+
+    The set-level rule stops when the mean crosses the thresholds, usually with some requests
+    still above them; `set_stop=False` keeps going until each request is forgotten.
+    """
     if all(r["forgotten"] for r in records):
         return "all_forgotten"
-    if np.mean([r["ma"] for r in records]) < thr.ma and np.mean([r["el"] for r in records]) < thr.el:
+    if set_stop and np.mean([r["ma"] for r in records]) < thr.ma and np.mean([r["el"] for r in records]) < thr.el:
         return "set_thresholds"
     if epoch >= max_epochs:
         return "max_epochs"

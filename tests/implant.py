@@ -82,7 +82,8 @@ def run_config(implanted: dict, tmp: Path, name: str, overrides: dict | None = N
                      "suffix_tokens": 20, "max_tokens": 64},
         "retain": {"paths": [str(implanted["retain"])]},
         "retrieval": {"k": 8, "pairs_per_request": 8},
-        "unlearning": {"lr": 5.0e-4, "max_epochs": 30, "batch_size": 4},
+        # every request must be forgotten: the set-level rule would stop once half of them are
+        "unlearning": {"lr": 2.0e-4, "max_epochs": 30, "batch_size": 4, "set_stop": False},
         "evaluation": {"data_dir": str(implanted["data"]), "batch_size": 8,
                        "max_samples": {"unseen": 32, "ppl": 2, "classification": 4, "dialogue": 2}},
         "resources": {"num_workers": 2, "max_failures": 2},

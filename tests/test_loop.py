@@ -45,5 +45,6 @@ def test_stop_reasons():
     rec = lambda f, ma=0.5, el=0.5: {"forgotten": f, "ma": ma, "el": el}
     assert stop_reason([rec(True), rec(True)], thr, 1, 30) == "all_forgotten"
     assert stop_reason([rec(False, 0.1, 0.0), rec(True, 0.2, 0.01)], thr, 1, 30) == "set_thresholds"
+    assert stop_reason([rec(False, 0.1, 0.0), rec(True, 0.2, 0.01)], thr, 1, 30, set_stop=False) is None
     assert stop_reason([rec(False), rec(True)], thr, 30, 30) == "max_epochs"
     assert stop_reason([rec(False), rec(True)], thr, 3, 30) is None
