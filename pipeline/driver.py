@@ -34,7 +34,9 @@ def run_ingest(cfg: Config, store: RunStore) -> dict[str, Any]:
     """Validate the erasure requests into requests/accepted.parquet and rejected.parquet."""
     from pipeline.requests import ingest
 
-    key = fingerprint("ingest", cfg.requests, cfg.model, file_digest(cfg.requests.path))
+    # every later stage's key includes this one: the weights' signature reaches them all
+    key = fingerprint("ingest", cfg.requests, cfg.model, modeling.weights_signature(cfg.model.name),
+                      file_digest(cfg.requests.path))
     if store.is_done("ingest", key):
         return _skipped(store, "ingest")
     model_dir = modeling.resolve_model_dir(cfg.model.name)

@@ -76,3 +76,15 @@ def test_bad_model_folder_is_a_user_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(UserError, match="cannot load"):
         modeling.load_model(tmp_path)
+
+
+def test_weights_signature_follows_the_folder_a_link_points_at(tmp_path):
+    a = modeling.build_tiny_model("tiny-llama", tmp_path / "a", seed=1)
+    b = modeling.build_tiny_model("tiny-llama", tmp_path / "b", seed=2)
+    link = tmp_path / "model"
+    link.symlink_to(a, target_is_directory=True)
+    first = modeling.weights_signature(str(link))
+    assert first == modeling.weights_signature(str(link))
+    link.unlink()
+    link.symlink_to(b, target_is_directory=True)
+    assert modeling.weights_signature(str(link)) != first  # same model.name, other weights
