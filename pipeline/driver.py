@@ -34,12 +34,12 @@ def run_ingest(cfg: Config, store: RunStore) -> dict[str, Any]:
     """Validate the erasure requests into requests/accepted.parquet and rejected.parquet."""
     from pipeline.requests import ingest
 
+    model_dir = modeling.resolve_model_dir(cfg.model.name)
     # every later stage's key includes this one: the weights' signature reaches them all
-    key = fingerprint("ingest", cfg.requests, cfg.model, modeling.weights_signature(cfg.model.name),
+    key = fingerprint("ingest", cfg.requests, cfg.model, modeling.weights_signature(model_dir),
                       file_digest(cfg.requests.path))
     if store.is_done("ingest", key):
         return _skipped(store, "ingest")
-    model_dir = modeling.resolve_model_dir(cfg.model.name)
     tokenizer = modeling.load_tokenizer(model_dir, cfg.model.trust_remote_code)
     max_len = modeling.context_length(model_dir)
     if cfg.requests.max_tokens is not None:

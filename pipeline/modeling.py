@@ -48,13 +48,13 @@ def resolve_model_dir(name: str) -> Path:
     return path
 
 
-def weights_signature(name: str) -> list:
+def weights_signature(model_dir: Path) -> list:
     """The model folder's real path and its files' sizes and mtimes: stage fingerprints change
     when `model.name` points at other weights (a re-linked or rewritten folder), not only on a
     new name. A stat, not a hash: cheap for multi-GB checkpoints."""
-    folder = resolve_model_dir(name).resolve()
-    return [str(folder)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
-                            for f in sorted(folder.iterdir()) if f.is_file()]
+    folder = model_dir.resolve()
+    files = [(f.name, f.stat()) for f in sorted(folder.iterdir()) if f.is_file()]
+    return [str(folder)] + [[name, st.st_size, st.st_mtime_ns] for name, st in files]
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
