@@ -32,7 +32,7 @@ test: $(STAMP)
 
 # The demo's inputs (customer records and the model fine-tuned on them, cached per machine), then the run.
 demo: $(STAMP)
-	$(PY) -m pipeline.customers runs/customers
+	$(PY) -m ray_jobs.customers runs/customers
 	$(VENV)/bin/icu run ray_jobs/configs/demo.yaml
 
 clean:

@@ -2,7 +2,7 @@
 
     python bench/compare_methods.py [CONFIG] [--methods icu,ga,gd,npo] [--out bench/results/compare_methods.md]
 
-CONFIG defaults to the demo (prepare its inputs first: `python -m pipeline.customers
+CONFIG defaults to the demo (prepare its inputs first: `python -m ray_jobs.customers
 runs/customers`). Each method is a run of CONFIG with `unlearning.method` overridden, in its
 own run directory `<name>-<method>`. Ingest and retrieval run once and are copied to the
 others, so every method sees the same requests, neighbours and thresholds (the original
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import driver  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.launch import ensure_ray  # noqa: E402
+from pipeline.cluster import ensure_ray  # noqa: E402
 from pipeline.report import TABLE, cell  # noqa: E402
 from pipeline.store import RunStore  # noqa: E402
 
@@ -35,13 +35,14 @@ def share_upstream(src: RunStore, dst: RunStore) -> None:
     """Copy the finished ingest and retrieve stages (outputs and manifest entries) into dst,
     and the original model's evaluation scores (kept with the inputs they were scored on)."""
     for stage in SHARED:
-        shutil.copytree(src.stage_dir(stage), dst.stage_dir(stage), dirs_exist_ok=True)
+        for artefact in driver.stage_module(stage).OUTPUTS:
+            shutil.copy2(src.artefact(artefact), dst.artefact(artefact))
         entry = src.stage(stage)
         dst.update(lambda m, s=stage, e=entry: m["stages"].__setitem__(s, e))
-    scores = dst.stage_dir("evaluate") / "partial"
+    scores = dst.artefact("eval_partial")
     scores.mkdir(parents=True, exist_ok=True)
     for name in ("original.parquet", "original.key"):  # the key last: it vouches for the parquet
-        shutil.copy2(src.stage_dir("evaluate") / "partial" / name, scores / name)
+        shutil.copy2(src.artefact("eval_partial") / name, scores / name)
 
 
 def run_method(config: str, method: str, base: RunStore | None) -> RunStore:
@@ -56,8 +57,8 @@ def run_method(config: str, method: str, base: RunStore | None) -> RunStore:
 
 def measured(method: str, store: RunStore) -> tuple[str, dict, dict, float]:
     """(method, eval/metrics.json, unlearn/result.json, seconds of the unlearn stage) of a finished run."""
-    return (method, json.loads(store.path("eval", "metrics.json").read_text()),
-            json.loads(store.path("unlearn", "result.json").read_text()), store.stage("unlearn")["seconds"])
+    return (method, json.loads(store.artefact("metrics").read_text()),
+            json.loads(store.artefact("unlearn_result").read_text()), store.stage("unlearn")["seconds"])
 
 
 def table(rows: list[tuple[str, dict, dict, float]]) -> str:

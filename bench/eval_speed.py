@@ -10,7 +10,7 @@ Model: the default model (SmolLM2-135M-Instruct) in fp32, eval mode, on the CPU.
 - ours: `pipeline.metrics.memorization_accuracy` (one teacher-forced forward) and
   `pipeline.metrics.extraction_likelihood` (ICU range, n=10: one prefill per batch of rows,
   only the prompts whose first greedy token misses are decoded, across rows, with a KV cache),
-  called per row batch exactly as `pipeline.refine.memorization` calls them.
+  called per row batch exactly as `pipeline.iur.memorization` calls them.
 - reference: MA = for each t in 1..T-1, `model.generate(x_<t, max_new_tokens=1)` == x_t;
   EL10 = for each prompt t in round(0.75T)..T-10, `model.generate(x_<t, max_new_tokens=T-t)`
   one prompt at a time, scored with the n-gram hit rate of `pipeline.metrics`. Both use
@@ -76,7 +76,7 @@ def load_requests(path: Path, tok, count: int, seq_len: int, full_only: bool) ->
 
 def ours(model, rows: list[list[int]], n: int, batch_size: int, gen_batch_size: int,
          pad_id: int) -> tuple[list[float], list[float], Clock, Clock]:
-    """(MA, EL) per row and the clocks of each, in row batches as pipeline.refine.memorization."""
+    """(MA, EL) per row and the clocks of each, in row batches as pipeline.iur.memorization."""
     ma, el = [], []
     with Clock() as ma_clock:
         for start in range(0, len(rows), batch_size):

@@ -1,6 +1,6 @@
 """ICU training-step throughput and MFU of a ~1.1B Llama under DeepSpeed ZeRO-3 (synthetic data).
 
-What it measures: the step the unlearning loop runs (`Worker.step` in pipeline/unlearn.py):
+What it measures: the step the unlearning loop runs (`Worker.step` in pipeline/worker.py):
 one forward of forget + neighbour rows concatenated through the trained ZeRO-3 engine, a
 no-grad forward of the neighbour rows through a frozen ZeRO-3 reference engine (no
 optimizer), the project's ICU loss (`pipeline.losses.unlearning_loss("icu", ...)`),
@@ -78,7 +78,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def ds_config(a: argparse.Namespace, hidden: int, world: int, optimizer: bool) -> dict:
-    """ds_configs/zero3.json with its "auto" values filled as pipeline.unlearn.deepspeed_config does."""
+    """ds_configs/zero3.json with its "auto" values filled as pipeline.worker.deepspeed_config does."""
     ds = json.loads(Path(a.ds_config).read_text())
     zero = ds.setdefault("zero_optimization", {})
     for key, size in (("reduce_bucket_size", hidden * hidden),

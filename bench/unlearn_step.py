@@ -35,8 +35,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.losses import unlearning_loss  # noqa: E402
 from pipeline.metrics import pad_rows  # noqa: E402
-from pipeline.refine import Thresholds  # noqa: E402
-from pipeline.unlearn import Worker, _init_distributed, epoch_batches  # noqa: E402
+from pipeline.iur import Thresholds  # noqa: E402
+from pipeline.worker import Worker, _init_distributed, epoch_batches  # noqa: E402
 
 
 def timed(fn) -> float:

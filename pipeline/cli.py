@@ -79,7 +79,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. unlearning.lr=1e-5")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {key.strip()}: the value is not valid YAML; fix: quote it, e.g. "
+                            f"--set '{key.strip()}=\"...\"', or write a list as [a, b]") from None
     return overrides
 
 
@@ -96,12 +100,15 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.config is None:
         raise UserError(f"{args.command}: a run config is required; fix: icu {args.command} CONFIG")
     cfg, store = driver.open_run(args.config, parse_overrides(args.set), getattr(args, "restart_from", None))
-    if args.command == "run":
-        driver.run_pipeline(cfg, store)
-        print("\n".join(driver.status_lines(store.root)))
-        print_results(store)
-    else:
-        driver.run_pipeline(cfg, store, until=args.command)
+    try:
+        if args.command == "run":
+            driver.run_pipeline(cfg, store)
+            print("\n".join(driver.status_lines(store.root)))
+            print_results(store)
+        else:
+            driver.run_pipeline(cfg, store, until=args.command)
+    finally:
+        store.unlock()
     return 0
 
 
@@ -111,11 +118,11 @@ def print_results(store) -> None:
 
     from pipeline.report import paper_table
 
-    metrics = store.path("eval", "metrics.json")
+    metrics = store.artefact("metrics")
     if metrics.exists():
         print("\n" + paper_table(json.loads(metrics.read_text())) + "\n")
-    for name, path in (("report", store.path("eval", "report.md")), ("receipt", store.path("model", "receipt.csv")),
-                       ("model", store.path("model"))):
+    for name, path in (("report", store.artefact("report")), ("receipt", store.artefact("handoff") / "receipt.csv"),
+                       ("model", store.artefact("handoff"))):
         if path.exists():
             print(f"{name + ':':<9}{path.resolve()}")
 
@@ -124,7 +131,7 @@ def evaluate_folder(args: argparse.Namespace) -> int:
     """`icu evaluate --model PATH`: score one model folder without a run."""
     from pathlib import Path
 
-    from pipeline import evaluate
+    from pipeline import evaluate, modeling
     from pipeline.config import build_config, load_config, set_dotted
 
     overrides = parse_overrides(args.set)
@@ -138,7 +145,7 @@ def evaluate_folder(args: argparse.Namespace) -> int:
         for key, value in overrides.items():
             set_dotted(data, key, value)
         cfg = build_config(data)
-    model_dir = Path(cfg.model.name)
+    model_dir = modeling.resolve(cfg).model_dir
     if not set(cfg.evaluation.suites) - {"forget", "mia"}:
         raise UserError("evaluate --model: the forget and mia suites need a run's requests; fix: choose from "
                         "unseen, ppl, classification, dialogue")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -23,10 +24,10 @@ from typing import Any
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.losses import METHODS
 
 REQUIRED = "<required>"
 TINY_MODELS = ("tiny-llama", "tiny-gptneo")
-METHODS = ("icu", "ga", "gd", "npo")
 SUITES = ("forget", "unseen", "ppl", "classification", "dialogue", "mia")
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -146,16 +147,43 @@ class UnlearningConfig:
     ds_config: str = path_field("ds_configs/zero3_cpu.json", hint="a DeepSpeed JSON config")
 
     def validate(self) -> None:
-        _one_of("unlearning.method", self.method, METHODS)
+        _one_of("unlearning.method", self.method, tuple(METHODS))
         _one_of("unlearning.check_replica", self.check_replica, ("auto", "always", "never"))
         for key in ("lr", "batch_size", "max_epochs", "num_beams", "keep_checkpoints", "grad_clip"):
             _positive(f"unlearning.{key}", getattr(self, key))
         for key in ("uw", "lw", "kl", "npo_beta", "retain_weight", "weight_decay", "warmup_steps"):
-            if getattr(self, key) < 0:
-                raise UserError(f"unlearning.{key}: must be >= 0, got {getattr(self, key)}")
+            if not 0 <= getattr(self, key) < math.inf:
+                raise UserError(f"unlearning.{key}: must be a finite number >= 0, got {getattr(self, key)}")
         for key in ("bertscore_threshold", "bleu_threshold", "ma_threshold", "el_threshold"):
             if getattr(self, key) is not None:
                 _in_range(f"unlearning.{key}", getattr(self, key), 0.0, 1.0)
+        self._check_ds_config()
+
+    def _check_ds_config(self) -> None:
+        """Parse the DeepSpeed JSON now, not minutes later inside a worker, and refuse values that
+        contradict the run config (the workers fill these keys from it)."""
+        import json
+
+        key = "unlearning.ds_config"
+        try:
+            ds = json.loads(Path(self.ds_config).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{key}: {self.ds_config} is not valid JSON ({str(exc).splitlines()[0]}); fix the file "
+                            "or point it at one of ds_configs/") from None
+        if not isinstance(ds, dict):
+            raise UserError(f"{key}: {self.ds_config} must hold a JSON object")
+        zero = ds.get("zero_optimization", {})
+        if not isinstance(zero, dict) or zero.get("stage") != 3:
+            raise UserError(f"{key}: zero_optimization.stage must be 3 (the workers shard with ZeRO-3); fix: set it")
+        ours = {"train_micro_batch_size_per_gpu": ("unlearning.batch_size", self.batch_size),
+                "gradient_accumulation_steps": ("1", 1), "gradient_clipping": ("unlearning.grad_clip", self.grad_clip)}
+        lr = ds.get("optimizer", {}).get("params", {}).get("lr", "auto") if isinstance(ds.get("optimizer"), dict) \
+            else "auto"
+        for name, value, (source, want) in [(k, ds.get(k, "auto"), v) for k, v in ours.items()] + \
+                [("optimizer.params.lr", lr, ("unlearning.lr", self.lr))]:
+            if value != "auto" and value != want:
+                raise UserError(f"{key}: {name} is {value!r} but {source} is {want!r}; fix: set it to \"auto\" "
+                                f"(filled from the run config) or make the two agree")
 
 
 @dataclass
@@ -173,6 +201,8 @@ class EvaluationConfig:
     batch_size: int = 8
 
     def validate(self) -> None:
+        if not self.suites:
+            raise UserError(f"evaluation.suites: empty; fix: list some of {', '.join(SUITES)} (or leave the key out)")
         for suite in self.suites:
             _one_of("evaluation.suites", suite, SUITES)
         for suite, cap in self.max_samples.items():
@@ -231,8 +261,44 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.storage.runs_dir) / self.storage.name
 
+    def part(self, *sections: str) -> list[dict[str, Any]]:
+        """Sections as frozen (project files relative to the project): what stage keys hold, so a
+        key does not change with where a Ray job's copy of the project was unpacked."""
+        frozen = self.to_dict()
+        return [frozen[name] for name in sections]
+
+    # What names resolve to on this machine: set once (`modeling.resolve` at open_run) and
+    # recorded in the run's manifest, so every stage and worker uses the same values.
+    def resolve(self, model_dir: str, max_tokens: int) -> None:
+        self._resolved = {"model_dir": str(model_dir), "max_tokens": int(max_tokens)}
+
+    def resolved_dict(self) -> dict[str, Any]:
+        if not hasattr(self, "_resolved"):
+            raise RuntimeError("config used before modeling.resolve(cfg)")
+        return dict(self._resolved)
+
+    @property
+    def model_dir(self) -> Path:
+        """The local model folder `model.name` names."""
+        return Path(self.resolved_dict()["model_dir"])
+
+    @property
+    def max_tokens(self) -> int:
+        """The request length: `requests.max_tokens`, or the model's context when null."""
+        return self.resolved_dict()["max_tokens"]
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data, as frozen in the run directory. Files shipped with the project
+        (ds_configs/...) are written relative to it: a Ray job runs in a fresh copy of the
+        project each time, and a resubmission must not differ by where that copy is."""
+        data = dataclasses.asdict(self)
+        for section in dataclasses.fields(self):
+            for f in dataclasses.fields(getattr(self, section.name)):
+                value = data[section.name][f.name]
+                if f.metadata.get("path") and f.metadata.get("must_exist", True) and isinstance(value, str) \
+                        and Path(value).is_relative_to(PROJECT):
+                    data[section.name][f.name] = str(Path(value).relative_to(PROJECT))
+        return data
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
@@ -371,8 +437,11 @@ def _expand(key: str, value: str) -> str:
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = data
-    for part in parents:
+    for depth, part in enumerate(parents):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            where = ".".join(parents[:depth + 1])
+            raise UserError(f"--set {dotted}: {where} is a value, not a section; fix: set {where}=VALUE")
     node[leaf] = value
 
 
@@ -388,8 +457,8 @@ def _one_of(key: str, value: Any, allowed: tuple) -> None:
 
 
 def _positive(key: str, value: float | None) -> None:
-    if value is not None and value <= 0:
-        raise UserError(f"{key}: must be > 0, got {value}")
+    if value is not None and not (0 < value < math.inf):  # NaN fails every comparison
+        raise UserError(f"{key}: must be a finite number > 0, got {value}")
 
 
 def _in_range(key: str, value: float, low: float, high: float) -> None:

@@ -10,6 +10,7 @@ turns them into the paper's table numbers.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +20,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import metrics, modeling
-from pipeline.refine import memorization, score_requests
-from pipeline.store import atomic_write_json, fingerprint, write_parquet
+from pipeline import cluster, metrics, modeling
+from pipeline.atomic import atomic_write_json, write_parquet
+from pipeline.iur import memorization, score_requests
+from pipeline.store import RunStore, fingerprint
 from pipeline.suites import SPEAKERS, Task
 
+log = logging.getLogger("icu.evaluate")
 UNIT_SIZE = 16
-REPLY_TOKENS = 32  # dialogue replies (METHOD.md)
+REPLY_TOKENS = 32  # dialogue replies (pipeline/method.md)
 COLUMNS = ["suite", "task", "sample_id", "metric", "value"]
+OUTPUTS = ("metrics", "per_sample", "report")
 
 
 @dataclass(frozen=True)
@@ -141,23 +145,20 @@ def _replica(spec: dict[str, Any]) -> Scorer:
 def score_model(spec: dict[str, Any], units: list[dict[str, Any]], actors: int, use_ray: bool = True,
                 desc: str = "evaluating") -> pd.DataFrame:
     """Score every unit with the model of `spec` on `actors` replicas (or in this process)."""
-    from tqdm import tqdm
-
+    bar = cluster.Progress(desc, len(units), "units")
+    rows = []
     if not use_ray:
         scorer = _replica(spec)
-        rows = [r for u in tqdm(units, desc=desc, unit=" units", disable=None) for r in scorer.score(u)]
+        for unit in units:
+            rows += scorer.score(unit)
+            bar.update()
     else:
-        import ray
-
-        from pipeline.launch import ensure_ray
-
-        ensure_ray()
-        ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
-        ds = ds.map_batches(EvalActor, fn_constructor_kwargs={"spec": spec}, batch_size=1, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=spec["cpus"],
-                            num_gpus=1 if spec["device"] == "cuda" else 0)
-        rows = [r for batch in ds.iter_batches(batch_size=None, batch_format="numpy")
-                for chunk in batch["rows"] for r in json.loads(chunk)]
+        for batch in cluster.actor_pool_map(EvalActor, spec, [{"unit": json.dumps(u)} for u in units], actors,
+                                            spec["cpus"], 1 if spec["device"] == "cuda" else 0):
+            for chunk in batch["rows"]:
+                rows += json.loads(chunk)
+                bar.update()
+    bar.close()
     frame = pd.DataFrame(rows, columns=COLUMNS)
     return frame.sort_values(["suite", "task", "sample_id", "metric"], kind="stable", ignore_index=True)
 
@@ -212,7 +213,7 @@ def _values(group: pd.DataFrame, metric: str) -> list[float]:
 
 
 def _perplexity(group: pd.DataFrame) -> float:
-    """exp of the mean chunk loss (METHOD.md), chunks weighted equally."""
+    """exp of the mean chunk loss (pipeline/method.md), chunks weighted equally."""
     return math.exp(group[group["metric"] == "loss"]["value"].mean())
 
 
@@ -224,38 +225,48 @@ def options(cfg) -> Options:
                    suffix=r.suffix_tokens, num_beams=cfg.unlearning.num_beams)
 
 
-def evaluate_run(cfg, store, key: str) -> dict[str, Any]:
-    """Before/after evaluation of a run: eval/metrics.json, per_sample.parquet, report.md + plots.
+def key(cfg, store: RunStore) -> str:
+    return fingerprint("evaluate", cfg.part("model", "requests", "evaluation"), cfg.max_tokens, cfg.unlearning.num_beams,
+                       store.key_of("ingest"), store.key_of("unlearn"))
 
-    Each model's scores are kept in eval/partial/ once complete, so a stopped stage
+
+def _tasks(cfg, tok, accepted: pd.DataFrame | None, keep: bool = True) -> list[Task]:
+    """The suites' tasks, rows cut to the run's request length (the one the thresholds use)."""
+    from pipeline import suites
+
+    e, r = cfg.evaluation, cfg.requests
+    return suites.build_tasks(
+        e.suites, e.data_dir, tok, forget_rows=None if accepted is None else [list(map(int, x)) for x in
+                                                                             accepted["input_ids"]],
+        forget_ids=None if accepted is None else accepted["id"].tolist(), max_tokens=cfg.max_tokens,
+        min_tokens=r.prefix_tokens + r.suffix_tokens, ppl_chunk=e.ppl_chunk, caps=e.max_samples,
+        unseen_path=e.unseen_path, keep_path=e.keep_path if keep else None)
+
+
+def run(cfg, store: RunStore) -> dict[str, Any]:
+    """Before/after evaluation of a run: `metrics`, `per_sample`, `report` (+ plots).
+
+    Each model's scores are kept in `eval_partial` once complete, so a stopped stage
     resumes with the model it had not finished.
     """
-    from pipeline import report, suites
+    from pipeline import report
 
-    out = store.stage_dir("evaluate")
-    accepted = pd.read_parquet(store.path("requests", "accepted.parquet"), columns=["id", "input_ids"])
-    tok = modeling.load_tokenizer(modeling.resolve_model_dir(cfg.model.name), cfg.model.trust_remote_code)
-    tasks = suites.build_tasks(
-        cfg.evaluation.suites, cfg.evaluation.data_dir, tok,
-        forget_rows=[list(map(int, r)) for r in accepted["input_ids"]], forget_ids=accepted["id"].tolist(),
-        max_tokens=cfg.requests.max_tokens or modeling.context_length(modeling.resolve_model_dir(cfg.model.name)),
-        min_tokens=cfg.requests.prefix_tokens + cfg.requests.suffix_tokens, ppl_chunk=cfg.evaluation.ppl_chunk,
-        caps=cfg.evaluation.max_samples, unseen_path=cfg.evaluation.unseen_path, keep_path=cfg.evaluation.keep_path)
-    units = make_units(tasks)
-    models = {"original": modeling.resolve_model_dir(cfg.model.name), "unlearned": store.path("unlearn", "model")}
+    accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids"])
+    tok = modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code)
+    units = make_units(_tasks(cfg, tok, accepted))
+    models = {"original": cfg.model_dir, "unlearned": store.artefact("unlearned_model")}
     # The original's scores do not depend on how it was unlearned: runs that differ only in
     # `unlearning` (e.g. bench/compare_methods.py) can share them.
-    keys = {"original": fingerprint("evaluate-original", cfg.model, cfg.requests, cfg.evaluation,
-                                    cfg.unlearning.num_beams, store.stage("ingest").get("fingerprint")),
-            "unlearned": key}
+    keys = {"original": fingerprint("evaluate-original", cfg.part("model", "requests", "evaluation"), cfg.max_tokens,
+                                    cfg.unlearning.num_beams, store.key_of("ingest")),
+            "unlearned": key(cfg, store)}
     frames = {}
     for label, model_dir in models.items():
         spec = model_spec(model_dir, options(cfg), dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                           cpus=cfg.resources.cpus_per_worker, use_gpu=cfg.resources.use_gpu)
-        frames[label] = _scores_once(out / "partial", keys[label], label, lambda: score_model(
-            spec, units, cfg.resources.eval_actors, desc=f"evaluating the {label} model"))
-    result_path = store.path("unlearn", "result.json")
-    unlearn = json.loads(result_path.read_text()) if result_path.exists() else {}
+        frames[label] = _scores_once(store.artefact("eval_partial"), keys[label], label, lambda: score_model(
+            spec, units, cfg.resources.eval_actors, cluster.use_ray(cfg), desc=f"evaluate: the {label} model"))
+    unlearn = json.loads(store.artefact("unlearn_result").read_text())
     thresholds = unlearn.get("thresholds") or summarize(frames["original"]).get("unseen")
     results = {
         "thresholds": thresholds,
@@ -264,30 +275,28 @@ def evaluate_run(cfg, store, key: str) -> dict[str, Any]:
                     if k in unlearn},
     }
     samples = pd.concat([f.assign(model=label) for label, f in frames.items()], ignore_index=True)
-    write_parquet(samples, out / "per_sample.parquet")
-    atomic_write_json(out / "metrics.json", results)
-    report.write_report(out, results, samples, store.path("unlearn"))
+    write_parquet(samples, store.artefact("per_sample"))
+    atomic_write_json(store.artefact("metrics"), results)
+    report.write_report(store.artefact("report").parent, results, samples,
+                        (store.artefact("history"), store.artefact("epochs")))
+    log.info("evaluate: report at %s", store.artefact("report"))
     return report.headline(results)
 
 
 def evaluate_folder(model_dir: Path, cfg, out: Path) -> dict[str, Any]:
     """Evaluate one model folder on its own (no run): metrics.json, per_sample.parquet, report.md."""
-    from pipeline import report, suites
+    from pipeline import report
 
     tok = modeling.load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    tasks = suites.build_tasks(cfg.evaluation.suites, cfg.evaluation.data_dir, tok, forget_rows=None,
-                               forget_ids=None, max_tokens=cfg.requests.max_tokens or modeling.context_length(model_dir),
-                               min_tokens=cfg.requests.prefix_tokens + cfg.requests.suffix_tokens,
-                               ppl_chunk=cfg.evaluation.ppl_chunk, caps=cfg.evaluation.max_samples,
-                               unseen_path=cfg.evaluation.unseen_path)
     frame = score_model(model_spec(model_dir, options(cfg), dtype=cfg.model.dtype,
                                    trust_remote_code=cfg.model.trust_remote_code, cpus=cfg.resources.cpus_per_worker,
-                                   use_gpu=cfg.resources.use_gpu), make_units(tasks), cfg.resources.eval_actors)
+                                   use_gpu=cfg.resources.use_gpu), make_units(_tasks(cfg, tok, None, keep=False)),
+                        cfg.resources.eval_actors, cluster.use_ray(cfg))
     results = {"thresholds": None, "models": {model_dir.name: summarize(frame)}, "unlearn": {}}
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(frame.assign(model=model_dir.name), out / "per_sample.parquet")
     atomic_write_json(out / "metrics.json", results)
-    report.write_report(out, results, frame.assign(model=model_dir.name), None)
+    report.write_report(out, results, frame.assign(model=model_dir.name))
     return results
 
 

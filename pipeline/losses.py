@@ -14,7 +14,7 @@ Conventions shared by every loss:
   the gradient, and an all-inactive batch gives a loss of 0 that still backpropagates,
   so every rank can run backward.
 
-Methods (registry `LOSSES`, dispatched by `unlearning_loss`):
+Methods (one `Method` record each in `METHODS`, dispatched by `unlearning_loss`):
 - icu: -uw * NLL(forget) + lw * NLL(neighbour) + kl * KL(p_ref || p_theta on neighbour).
   Forget row i and neighbour row i are a pair; the neighbour is passed as `retain_*`.
 - ga:  -NLL(forget)                                    (Knowledge Unlearning).
@@ -22,8 +22,9 @@ Methods (registry `LOSSES`, dispatched by `unlearning_loss`):
 - npo: -(2 / beta) * logsigmoid(-beta * (logp_theta(x_f) - logp_ref(x_f)))
        [+ retain_weight * NLL(retain), i.e. NPO+RT, when retain_weight > 0: the default,
        as in open-unlearning; set retain_weight=0 for plain NPO].
-A term whose weight is 0 is skipped, so `needs_reference` / `needs_retain` tell the
-training loop exactly which extra forward passes (frozen model, retain batch) to run.
+A term whose weight is 0 is skipped, so a method's `retain` / `reference` tell the
+training step exactly which extra forward passes (retain batch, frozen model) to run.
+Adding a method is one loss function and one `METHODS` entry (plus its config weight).
 """
 
 from __future__ import annotations
@@ -176,42 +177,40 @@ def _npo(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
     return _with_retain(parts["npo"], parts, x, w)
 
 
-LOSSES: dict[str, Callable[[LossInputs, LossWeights], tuple[Tensor, Parts]]] = {
-    "icu": _icu,
-    "ga": _ga,
-    "gd": _gd,
-    "npo": _npo,
+@dataclass(frozen=True)
+class Method:
+    """One unlearning method: its loss and what the training step must feed it.
+
+    `retain(w)`: whether the loss reads a retain/neighbour batch (`retain_*`).
+    `reference(w)`: which rows the frozen original model must see ("retain", "forget")
+    or None; the step runs that extra forward pass only then.
+    """
+    loss: Callable[[LossInputs, LossWeights], tuple[Tensor, Parts]]
+    retain: Callable[[LossWeights], bool]
+    reference: Callable[[LossWeights], str | None]
+
+
+METHODS: dict[str, Method] = {
+    "icu": Method(_icu, retain=lambda w: w.lw > 0 or w.kl > 0, reference=lambda w: "retain" if w.kl > 0 else None),
+    "ga": Method(_ga, retain=lambda w: False, reference=lambda w: None),
+    "gd": Method(_gd, retain=lambda w: w.retain_weight > 0, reference=lambda w: None),
+    "npo": Method(_npo, retain=lambda w: w.retain_weight > 0, reference=lambda w: "forget"),
 }
 
 
-def _check_name(name: str) -> None:
-    if name not in LOSSES:
-        raise ValueError(f"unknown unlearning method {name!r}; valid: {', '.join(LOSSES)}")
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown unlearning method {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[name]
 
 
-def needs_reference(name: str, weights: LossWeights = LossWeights()) -> bool:
-    """Whether the loss reads the frozen original model's logits (icu's KL, npo)."""
-    _check_name(name)
-    return name == "npo" or (name == "icu" and weights.kl > 0)
-
-
-def needs_retain(name: str, weights: LossWeights = LossWeights()) -> bool:
-    """Whether the loss reads a retain/neighbour batch (`retain_*`)."""
-    _check_name(name)
-    if name == "icu":
-        return weights.lw > 0 or weights.kl > 0
-    return name in ("gd", "npo") and weights.retain_weight > 0
-
-
-def _check_inputs(name: str, x: LossInputs, weights: LossWeights) -> None:
-    required = []
-    if needs_retain(name, weights):
-        required += ["retain_logits", "retain_ids", "retain_mask"]
-    if needs_reference(name, weights):
-        required.append("ref_retain_logits" if name == "icu" else "ref_forget_logits")
+def _check_inputs(m: Method, x: LossInputs, weights: LossWeights) -> None:
+    required = ["retain_logits", "retain_ids", "retain_mask"] if m.retain(weights) else []
+    if m.reference(weights):
+        required.append(f"ref_{m.reference(weights)}_logits")
     missing = [key for key in required if getattr(x, key) is None]
     if missing:
-        raise ValueError(f"method {name!r} with {weights} needs {', '.join(missing)}")
+        raise ValueError(f"this method with {weights} needs {', '.join(missing)}")
 
 
 def unlearning_loss(
@@ -228,9 +227,9 @@ def unlearning_loss(
     weights: LossWeights = LossWeights(),
 ) -> tuple[Tensor, dict[str, float]]:
     """The scalar training loss of method `name` and its detached parts (plus "loss") for logging."""
-    _check_name(name)
+    m = method(name)
     x = LossInputs(forget_logits, forget_ids, forget_mask, retain_logits, retain_ids, retain_mask,
                    ref_retain_logits, ref_forget_logits)
-    _check_inputs(name, x, weights)
-    loss, parts = LOSSES[name](x, weights)
+    _check_inputs(m, x, weights)
+    loss, parts = m.loss(x, weights)
     return loss, {"loss": loss.item(), **{key: value.item() for key, value in parts.items()}}

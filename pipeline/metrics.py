@@ -1,4 +1,4 @@
-"""Evaluation metrics as pure functions of a causal LM and token ids (see METHOD.md, "Metrics").
+"""Evaluation metrics as pure functions of a causal LM and token ids (see pipeline/method.md, "Metrics").
 
 Conventions shared by every function here:
 - Batches are RIGHT-padded `input_ids` with an `attention_mask` marking real tokens; lists of
@@ -291,22 +291,6 @@ def _dummy_forwards(model: PreTrainedModel, count: int, pad_token_id: int) -> No
 # --- perplexity -----------------------------------------------------------------------------
 
 @torch.no_grad()
-def chunk_losses(model: PreTrainedModel, token_ids: Sequence[Sequence[int]] | torch.Tensor,
-                 chunk_size: int = 512, *, batch_size: int = 8,
-                 pad_token_id: int = 0) -> torch.Tensor:
-    """Mean token NLL of each non-overlapping `chunk_size` chunk of the concatenated documents.
-
-    Nothing is dropped except a final 1-token chunk, which predicts no token. Documents are
-    joined as given: append an EOS to each beforehand if separators are wanted.
-    """
-    stream = (token_ids.flatten().tolist() if isinstance(token_ids, torch.Tensor)
-              else [tok for doc in token_ids for tok in doc])
-    chunks = [stream[s:s + chunk_size] for s in range(0, len(stream), chunk_size)]
-    return sequence_losses(model, [c for c in chunks if len(c) >= 2], batch_size=batch_size,
-                           pad_token_id=pad_token_id)
-
-
-@torch.no_grad()
 def sequence_losses(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch_size: int = 8,
                     pad_token_id: int = 0) -> torch.Tensor:
     """Mean token NLL of each row (every row needs at least 2 tokens), float64 [N]."""
@@ -318,16 +302,6 @@ def sequence_losses(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, ba
         nll, valid = _token_nll(model, ids, mask)
         losses.append(nll.sum(-1).double() / valid.sum(-1))
     return torch.cat(losses).cpu() if losses else torch.empty(0, dtype=torch.float64)
-
-
-def perplexity(model: PreTrainedModel, token_ids: Sequence[Sequence[int]] | torch.Tensor,
-               chunk_size: int = 512, *, batch_size: int = 8, pad_token_id: int = 0) -> float:
-    """exp(mean chunk loss) over non-overlapping chunks (METHOD.md: Pile/WikiText PPL)."""
-    losses = chunk_losses(model, token_ids, chunk_size, batch_size=batch_size,
-                          pad_token_id=pad_token_id)
-    if losses.numel() == 0:
-        raise ValueError("perplexity: need at least 2 tokens")
-    return float(losses.mean().exp())
 
 
 # --- classification -------------------------------------------------------------------------
@@ -391,14 +365,6 @@ def greedy_matches(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
     context and the target tokens before it, so one teacher-forced pass decides it.
     """
     return _score_continuations(model, contexts, targets, batch_size, pad_token_id)[1]
-
-
-def lambada_accuracy(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
-                     targets: Sequence[Sequence[int]], *, batch_size: int = 16,
-                     pad_token_id: int = 0) -> float:
-    """Share of examples whose last word greedy decoding reproduces (LAMBADA accuracy)."""
-    greedy = greedy_matches(model, contexts, targets, batch_size=batch_size, pad_token_id=pad_token_id)
-    return float(greedy.double().mean())
 
 
 # --- dialogue -------------------------------------------------------------------------------

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from pipeline.config import ModelConfig
+from pipeline.atomic import atomic_path
+from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.store import atomic_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger("icu.modeling")
@@ -46,6 +46,16 @@ def resolve_model_dir(name: str) -> Path:
         raise UserError(f"model.name: {path} has no config.json; fix: point it at a Hugging Face model "
                         "folder (config.json + safetensors + tokenizer)")
     return path
+
+
+def resolve(cfg: Config) -> Config:
+    """Resolve `model.name` to its folder and `requests.max_tokens: null` to the model's context
+    length (never more than that), once; every stage and worker reads these from the config (`cfg.model_dir`,
+    `cfg.max_tokens`), so thresholds, retain chunks and evaluation cut rows alike."""
+    model_dir = resolve_model_dir(cfg.model.name)
+    context = context_length(model_dir)
+    cfg.resolve(model_dir, min(context, cfg.requests.max_tokens or context))
+    return cfg
 
 
 def weights_signature(model_dir: Path) -> list:
@@ -86,13 +96,6 @@ def load_model(model_dir: Path, dtype: str = "auto", trust_remote_code: bool = F
         raise UserError(f"model.name: cannot load a causal LM from {model_dir} ({_first_line(exc)}); "
                         "fix: point model.name at a complete Hugging Face model folder") from None
     return model.eval()
-
-
-def load(config: ModelConfig):
-    """(model, tokenizer, folder) for a run's model config."""
-    model_dir = resolve_model_dir(config.name)
-    tok = load_tokenizer(model_dir, config.trust_remote_code)
-    return load_model(model_dir, config.dtype, config.trust_remote_code), tok, model_dir
 
 
 def context_length(model_dir: Path) -> int:

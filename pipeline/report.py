@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.store import atomic_path, atomic_write_text
+from pipeline.atomic import atomic_path, atomic_write_text
 
 TABLE = [  # (column, how to read it from one model's summary, format)
     ("EL10 %", lambda m: 100 * m["forget"]["el"], "{:.1f}"),
@@ -53,8 +53,9 @@ def paper_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, results: dict[str, Any], samples: pd.DataFrame, unlearn_dir: Path | None) -> Path:
-    """report.md next to its PNG plots; returns the report's path."""
+def write_report(out: Path, results: dict[str, Any], samples: pd.DataFrame,
+                 training: tuple[Path, Path] | None = None) -> Path:
+    """report.md next to its PNG plots; `training`: the unlearn stage's (history, epochs) files."""
     parts = ["# Evaluation report", "", paper_table(results), ""]
     thr = results.get("thresholds")
     if thr:
@@ -66,7 +67,7 @@ def write_report(out: Path, results: dict[str, Any], samples: pd.DataFrame, unle
         parts += [f"Unlearning: method {u.get('method')}, {u.get('forgotten')}/{u.get('requests')} requests flagged "
                   f"forgotten by IUR after {u.get('epochs')} epochs (stopped: {u.get('stop_reason')}).", ""]
     parts += _task_tables(results)
-    for png, caption in _plots(out, results, samples, unlearn_dir):
+    for png, caption in _plots(out, results, samples, training or (None, None)):
         parts += [f"![{caption}]({png.name})", ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(parts))
@@ -90,7 +91,7 @@ def _task_tables(results: dict[str, Any]) -> list[str]:
 
 
 def _plots(out: Path, results: dict[str, Any], samples: pd.DataFrame,
-           unlearn_dir: Path | None) -> list[tuple[Path, str]]:
+           training: tuple[Path | None, Path | None]) -> list[tuple[Path, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +110,7 @@ def _plots(out: Path, results: dict[str, Any], samples: pd.DataFrame,
             ax.set(title=f"{name} of the erasure requests", xlabel=name, ylabel="requests")
             ax.legend()
         made.append(_save(fig, out / "forget_distributions.png", "MA and EL10 of each request, before and after"))
-    history = unlearn_dir / "history.parquet" if unlearn_dir else None
+    history, epochs = training
     if history is not None and history.exists():
         frame = pd.read_parquet(history)
         per_epoch = frame.groupby("epoch")["forgotten"].sum()
@@ -119,7 +120,6 @@ def _plots(out: Path, results: dict[str, Any], samples: pd.DataFrame,
         ax.set(title="Requests flagged forgotten by IUR", xlabel="epoch", ylabel="requests")
         ax.legend()
         made.append(_save(fig, out / "forgotten_per_epoch.png", "Requests forgotten per epoch"))
-    epochs = unlearn_dir / "epochs.parquet" if unlearn_dir else None
     if epochs is not None and epochs.exists():
         frame = pd.read_parquet(epochs)
         terms = [c for c in frame.columns if c.startswith("mean_")]

@@ -3,17 +3,20 @@
 Layout under runs/<name>/retrieval/:
 
     pool/items-NNNNN.parquet   the pool cut into chunks of the request length (id, text, input_ids)
+    pool/counts.json           counts, and each items shard's size and sha256
     pool/emb-NNNNN.npy         their embeddings, one file per items shard, written atomically
+    pool/emb-NNNNN.json        that file's size and sha256 and its items shard's sha256
     pool/fingerprint           what the shards were made from; a mismatch rebuilds them
     neighbours.parquet         request_id, rank, neighbour_id, score (squared L2, smaller is nearer)
     retain_items.parquet       the pool items that are someone's neighbour (what training reads)
     stats.json                 score percentiles, leak-guard exclusions, requests short of k and why
 
 Embedding is the long part, so it is resumable per shard: a rerun after a kill embeds
-only the shards whose emb file is missing. On a Ray cluster (resources.launcher: ray)
-Ray Data reads the missing items shards and embeds them with `map_batches` on an actor
-pool of `resources.embed_actors`; elsewhere (torchrun boxes) the same embedder runs in
-this process. Both write identical shards.
+only the shards whose emb file is missing or no longer matches its record; an items
+shard that no longer matches counts.json is cut again. With Ray (`pipeline.cluster`
+policy) the missing shards are embedded on a Ray Data actor pool of
+`resources.embed_actors`; elsewhere (torchrun boxes) the same embedder runs in this
+process. Both write identical shards.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,13 +37,16 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from pipeline import modeling
+from pipeline import cluster, modeling
+from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text, check_records, file_digest, \
+    file_records, sha256_file
 from pipeline.config import Config, RequestsConfig
 from pipeline.errors import UserError
-from pipeline.requests import read_rows
-from pipeline.store import RunStore, atomic_path, atomic_write_json, atomic_write_text
+from pipeline.ingest import read_rows
+from pipeline.store import RunStore, fingerprint
 
 log = logging.getLogger("icu.retrieve")
+OUTPUTS = ("neighbours", "retain_items", "retrieval_stats", "pool")  # the pool: checked, so damage is re-made
 
 ITEM_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("input_ids", pa.list_(pa.int32())),
                          ("shard", pa.int32()), ("pos", pa.int32())])
@@ -82,11 +89,13 @@ def _source_names(paths: list[str]) -> list[str]:
 
 
 def chunk_pool(cfg: Config, tokenizer, out: Path, chunk_tokens: int, shard_rows: int) -> dict[str, Any]:
-    """Write the pool as items shards of <= chunk_tokens tokens each; return counts."""
+    """Write the pool as items shards of <= chunk_tokens tokens each; return counts (with each
+    shard's size and sha256)."""
     counts = {"rows": 0, "unusable_rows": 0, "empty_rows": 0, "items": 0, "shards": 0}
     items = itertools.islice(_chunks(cfg, tokenizer, chunk_tokens, counts), cfg.retain.max_items)
     while shard := list(itertools.islice(items, shard_rows)):
         _write_items(out, counts, shard)
+    counts["records"] = [file_records(items_path(out, s))["."] for s in range(counts["shards"])]
     if counts["items"] == 0:
         raise UserError("retain.paths: the retain pool has no usable text; fix: add retain files with a "
                         f"'{cfg.retain.text_column}' column (or set retain.text_column)")
@@ -135,8 +144,8 @@ def embedder_spec(cfg: Config) -> dict[str, Any]:
     spec = {"kind": kind, "batch_size": cfg.retrieval.batch_size,
             "device": "cuda" if cfg.resources.use_gpu else "cpu", "cpus": cfg.resources.cpus_per_worker}
     if kind == "lm":
-        spec.update(model=cfg.model.name, trust_remote_code=cfg.model.trust_remote_code,
-                    max_length=cfg.retain.chunk_tokens or cfg.requests.max_tokens or 512)
+        spec.update(model_dir=str(cfg.model_dir), trust_remote_code=cfg.model.trust_remote_code,
+                    max_length=chunk_length(cfg))
     return spec
 
 
@@ -145,7 +154,7 @@ def make_embedder(spec: dict[str, Any]):
     from retrieval.embed import LMEmbedder, SentenceEmbedder
 
     if spec["kind"] == "lm":
-        model_dir = modeling.resolve_model_dir(spec["model"])
+        model_dir = Path(spec["model_dir"])
         tokenizer = modeling.load_tokenizer(model_dir, spec["trust_remote_code"])
         model = modeling.load_model(model_dir, trust_remote_code=spec["trust_remote_code"]).to(spec["device"])
         return LMEmbedder(model, tokenizer, max_length=spec["max_length"], batch_size=spec["batch_size"])
@@ -167,16 +176,14 @@ class EmbedActor:
 
 
 def embed_shards(pool: Path, shards: list[int], spec: dict[str, Any], use_ray: bool, actors: int = 1,
-                 on_shard=None) -> None:
-    """Embed the given items shards into emb files; `on_shard(i)` is called as each lands."""
+                 on_count=None) -> None:
+    """Embed the given items shards into emb files; `on_count(n)` is told how many have landed."""
     if not shards:
         return
-    bar = tqdm(total=len(shards), desc="embedding", unit=" shards", disable=None)
+    bar = cluster.Progress("retrieve: embedding", len(shards), "shards", on_count)
 
     def landed(shard: int) -> None:
         bar.update(1)
-        if on_shard:
-            on_shard(shard)
 
     if use_ray:
         _embed_with_ray(pool, shards, spec, actors, landed)
@@ -191,21 +198,12 @@ def embed_shards(pool: Path, shards: list[int], spec: dict[str, Any], use_ray: b
 
 def _embed_with_ray(pool: Path, shards: list[int], spec: dict[str, Any], actors: int, landed) -> None:
     """Ray Data: embed the items shards on an actor pool; write each shard once all its rows are back."""
-    import ray
-
-    from pipeline.launch import ensure_ray
-
-    ensure_ray()
     sizes = {s: pq.ParquetFile(items_path(pool, s)).metadata.num_rows for s in shards}
-    # One shard per block and per call: Ray's parquet reader would merge small files into
-    # one block and starve the actor pool, and a whole shard per call lands shards early.
-    ds = ray.data.from_items([{"path": str(items_path(pool, s))} for s in shards], override_num_blocks=len(shards))
-    gpus = 1 if spec["device"] == "cuda" else 0
-    ds = ds.map_batches(EmbedActor, fn_constructor_kwargs={"spec": spec}, batch_size=1,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_cpus=spec["cpus"], num_gpus=gpus)
+    # A whole shard per call lands shards early (the unit of resume).
+    batches = cluster.actor_pool_map(EmbedActor, spec, [{"path": str(items_path(pool, s))} for s in shards], actors,
+                                     spec["cpus"], 1 if spec["device"] == "cuda" else 0)
     parts: dict[int, dict[int, np.ndarray]] = {s: {} for s in shards}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
         for shard, pos, vec in zip(batch["shard"], batch["pos"], batch["embedding"]):
             parts[int(shard)][int(pos)] = vec
             if len(parts[int(shard)]) == sizes[int(shard)]:
@@ -217,20 +215,37 @@ def _embed_with_ray(pool: Path, shards: list[int], spec: dict[str, Any], actors:
 
 
 def _save_embeddings(pool: Path, shard: int, vectors: np.ndarray) -> None:
+    """The emb file, then its record (its hash and its items shard's): the record makes it count."""
     with atomic_path(emb_path(pool, shard)) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(vectors, dtype=np.float32))
+    record = {"emb": file_records(emb_path(pool, shard))["."], "items_sha256": sha256_file(items_path(pool, shard))}
+    atomic_write_json(_emb_record(pool, shard), record)
 
 
-def missing_shards(pool: Path, n_shards: int) -> list[int]:
-    """Items shards whose embeddings are absent or do not have one row per item."""
+def _emb_record(pool: Path, shard: int) -> Path:
+    return pool / f"emb-{shard:05d}.json"
+
+
+def missing_shards(pool: Path, counts: dict[str, Any]) -> list[int]:
+    """Items shards whose embeddings are absent, or differ from their record, or were made
+    from other items (an emb file is trusted only as far as its sha256)."""
     missing = []
-    for s in range(n_shards):
-        path = emb_path(pool, s)
-        if not path.exists() or np.load(path, mmap_mode="r").shape[0] != \
-                pq.ParquetFile(items_path(pool, s)).metadata.num_rows:
+    for s in range(counts["shards"]):
+        try:
+            record = json.loads(_emb_record(pool, s).read_text())
+        except (OSError, ValueError):
+            missing.append(s)
+            continue
+        if record["items_sha256"] != counts["records"][s][1] or \
+                check_records(emb_path(pool, s), {".": record["emb"]}) is not None:
             missing.append(s)
     return missing
+
+
+def damaged_items(pool: Path, counts: dict[str, Any]) -> list[int]:
+    """Items shards that no longer match the size and sha256 recorded when they were cut."""
+    return [s for s in range(counts["shards"]) if check_records(items_path(pool, s), {".": counts["records"][s]})]
 
 
 # -- the stage -------------------------------------------------------------------------
@@ -247,40 +262,45 @@ class _TextColumn:
         return self.column[int(i)].as_py()
 
 
-def build_pool(cfg: Config, store: RunStore, pool_key: str) -> dict[str, Any]:
-    """Chunk (unless an identical pool is already there) and embed what is missing; return pool counts."""
-    pool = store.stage_dir("retrieve") / "pool"
+def build_pool(cfg: Config, store: RunStore) -> dict[str, Any]:
+    """Chunk (unless an identical, intact pool is there) and embed what is missing; return counts."""
+    pool, pool_key = store.artefact("pool"), fingerprint("pool", *pool_fingerprint_parts(cfg))
     stamp = pool / "fingerprint"
-    if not (stamp.exists() and stamp.read_text() == pool_key and (pool / "counts.json").exists()):
-        if pool.exists():
-            log.info("retrieve: retain pool inputs changed or incomplete; rebuilding its shards")
-            for f in pool.iterdir():
-                f.unlink()
+    same_inputs = stamp.exists() and stamp.read_text() == pool_key
+    counts = _read_counts(pool) if same_inputs else None
+    if counts is not None and damaged_items(pool, counts):
+        log.info("retrieve: items shards %s differ from their records; cutting the pool again",
+                 damaged_items(pool, counts))
+        counts = None
+    if counts is None:
+        if pool.exists() and not same_inputs:
+            log.info("retrieve: retain pool inputs changed; rebuilding its shards")
+            shutil.rmtree(pool)
         pool.mkdir(parents=True, exist_ok=True)
-        model_dir = modeling.resolve_model_dir(cfg.model.name)
-        tokenizer = modeling.load_tokenizer(model_dir, cfg.model.trust_remote_code)
-        counts = chunk_pool(cfg, tokenizer, pool, chunk_length(cfg, model_dir), cfg.retrieval.shard_rows)
+        (pool / "counts.json").unlink(missing_ok=True)  # emb files stay: their records name their items
+        tokenizer = modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code)
+        counts = chunk_pool(cfg, tokenizer, pool, chunk_length(cfg), cfg.retrieval.shard_rows)
         atomic_write_json(pool / "counts.json", counts)
         atomic_write_text(stamp, pool_key)
-    counts = json.loads((pool / "counts.json").read_text())
-    todo = missing_shards(pool, counts["shards"])
-    done = counts["shards"] - len(todo)
+    todo = missing_shards(pool, counts)
     log.info("retrieve: pool of %d items in %d shards; %d already embedded, %d to embed", counts["items"],
-             counts["shards"], done, len(todo))
-
-    def landed(_shard: int) -> None:
-        nonlocal done
-        done += 1
-        store.progress("retrieve", done, counts["shards"], "embedding shards")
-
-    embed_shards(pool, todo, embedder_spec(cfg), cfg.resources.launcher == "ray", cfg.resources.embed_actors,
-                 landed)
+             counts["shards"], counts["shards"] - len(todo), len(todo))
+    done = counts["shards"] - len(todo)
+    embed_shards(pool, todo, embedder_spec(cfg), cluster.use_ray(cfg), cfg.resources.embed_actors,
+                 lambda n: store.progress("retrieve", done + n, counts["shards"], "embedding shards"))
     return counts
 
 
-def chunk_length(cfg: Config, model_dir: Path) -> int:
+def _read_counts(pool: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((pool / "counts.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def chunk_length(cfg: Config) -> int:
     """Retain items are cut to the request length (the paper pairs same-length sequences)."""
-    return cfg.retain.chunk_tokens or cfg.requests.max_tokens or modeling.context_length(model_dir)
+    return cfg.retain.chunk_tokens or cfg.max_tokens
 
 
 def load_pool(pool: Path, n_shards: int) -> tuple[np.ndarray, list[str], _TextColumn]:
@@ -295,12 +315,12 @@ def find_request_neighbours(cfg: Config, store: RunStore, counts: dict[str, Any]
     from retrieval.index import IndexSpec
     from retrieval.neighbours import find_neighbours
 
-    out = store.stage_dir("retrieve")
-    requests = pd.read_parquet(store.path("requests", "accepted.parquet"), columns=["id", "text"])
+    pool = store.artefact("pool")
+    requests = pd.read_parquet(store.artefact("accepted"), columns=["id", "text"])
     if requests.empty:
         raise UserError("retrieve: no accepted requests to find neighbours for; fix: see "
                         "requests/rejected.parquet for why every row was rejected")
-    vectors, pool_ids, pool_texts = load_pool(out / "pool", counts["shards"])
+    vectors, pool_ids, pool_texts = load_pool(pool, counts["shards"])
     request_vecs = make_embedder(embedder_spec(cfg)).embed(requests["text"].tolist())
     r = cfg.retrieval
     k = min(r.k, len(pool_ids))
@@ -308,16 +328,16 @@ def find_request_neighbours(cfg: Config, store: RunStore, counts: dict[str, Any]
     table, stats = find_neighbours(request_vecs, requests["id"].tolist(), vectors, pool_ids, k=k, index_spec=spec,
                                    leak_threshold=r.leak_threshold, request_texts=requests["text"].tolist(),
                                    pool_texts=pool_texts, ngram_threshold=r.ngram_threshold,
-                                   n_shards=r.index_shards)
-    with atomic_path(out / "neighbours.parquet") as tmp:
+                                   n_shards=r.index_shards, use_ray=cluster.use_ray(cfg))
+    with atomic_path(store.artefact("neighbours")) as tmp:
         table.to_parquet(tmp, index=False)
     wanted = pa.array(table["neighbour_id"].unique())
-    used = pa.concat_tables([_rows_with_ids(items_path(out / "pool", s), wanted) for s in range(counts["shards"])])
-    with atomic_path(out / "retain_items.parquet") as tmp:
+    used = pa.concat_tables([_rows_with_ids(items_path(pool, s), wanted) for s in range(counts["shards"])])
+    with atomic_path(store.artefact("retain_items")) as tmp:
         pq.write_table(used, tmp)
-    stats = {**stats, "pool_counts": counts, "requests_without_neighbours":
-             sorted(set(requests["id"]) - set(table["request_id"]))}
-    atomic_write_json(out / "stats.json", stats)
+    stats = {**stats, "pool_counts": {k: v for k, v in counts.items() if k != "records"},
+             "requests_without_neighbours": sorted(set(requests["id"]) - set(table["request_id"]))}
+    atomic_write_json(store.artefact("retrieval_stats"), stats)
     return {"requests": len(requests), "pool_items": len(pool_ids), "k": k, "index": stats["index"]["kind"],
             "excluded_by_leak_guard": stats["excluded_count"], "short_of_k": stats["short_count"],
             "median_score": stats["score_percentiles"].get("p50")}
@@ -329,8 +349,23 @@ def _rows_with_ids(path: Path, ids: pa.Array) -> pa.Table:
 
 
 def pool_fingerprint_parts(cfg: Config) -> list[Any]:
-    """What the pool shards depend on: the retain sources, the chunking tokenizer, the embedder."""
-    from pipeline.store import file_digest
+    """What the pool shards depend on: the retain sources, the chunking tokenizer (the model
+    folder's weights signature, as ingest's key), the embedder."""
+    return [cfg.part("retain"), chunk_length(cfg), modeling.weights_signature(cfg.model_dir), embedder_spec(cfg),
+            cfg.retrieval.shard_rows, [file_digest(p) for p in cfg.retain.paths]]
 
-    return [cfg.retain, cfg.requests.max_tokens, cfg.model.name, embedder_spec(cfg), cfg.retrieval.shard_rows,
-            [file_digest(p) for p in cfg.retain.paths]]
+
+def key(cfg: Config, store: RunStore) -> str:
+    return fingerprint("retrieve", pool_fingerprint_parts(cfg), cfg.part("retrieval"), store.key_of("ingest"))
+
+
+def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+    """Find each accepted request's retain neighbours (`neighbours`, `retain_items`, `retrieval_stats`)."""
+    if not cfg.retain.paths:
+        raise UserError("retain.paths: empty, but ICU needs retain text to pair with every request; fix: "
+                        "list retain files (jsonl, csv, parquet, a saved dataset or a folder of .txt files)")
+    summary = find_request_neighbours(cfg, store, build_pool(cfg, store))
+    log.info("retrieve: %d requests, pool %d items, %s index; %d pool items excluded by the leak guard, "
+             "%d requests short of k", summary["requests"], summary["pool_items"], summary["index"],
+             summary["excluded_by_leak_guard"], summary["short_of_k"])
+    return summary

@@ -1,7 +1,7 @@
 """Generation-similarity scorers for Iterative Unlearning Refinement (IUR).
 
 A forget sample counts as forgotten when the model's 50-token continuation of its
-prefix scores BERTScore-F1 < 0.3 or BLEU < 0.01 against the true suffix (METHOD.md).
+prefix scores BERTScore-F1 < 0.3 or BLEU < 0.01 against the true suffix (pipeline/method.md).
 
 BLEU is exact: `sentence_bleu4` reproduces nltk's `sentence_bleu` with its defaults
 (one reference, weights 0.25 x 4, no smoothing) on lower-cased whitespace tokens.

@@ -2,13 +2,15 @@
 
     runs/<name>/
       config.yaml     resolved config, frozen at first start; a resubmission must match it
-      manifest.json   per stage: status, input fingerprint, outputs, timings, progress
-      requests/ retrieval/ unlearn/ eval/ model/   one folder per stage
+      manifest.json   per stage: status, input key, outputs (size + sha256 per file), timings
+      requests/ retrieval/ unlearn/ eval/ model/   the stages' artefacts (`ARTEFACTS`)
 
-Every file is written atomically (temp file + fsync + rename), so a process killed
-mid-write leaves the previous version, never half a file. Manifest updates are
-read-modify-write under a file lock because several processes (Ray workers, a
-resubmitted driver) may touch the same run.
+A stage counts as done only when the manifest says so with the same input key *and* its
+outputs still match what was recorded when it finished; anything else reruns it, and the
+reason is logged in one line. One process at a time writes a run: `lock()` holds an OS
+file lock (released when the process dies) and names its holder to anyone refused.
+Manifest updates are read-modify-write under a second lock, because the workers of the
+holding process (Ray actors, torchrun ranks) report progress into it too.
 """
 
 from __future__ import annotations
@@ -16,81 +18,55 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
-import shutil
-import tempfile
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from pipeline.config import config_diff
+from pipeline.atomic import atomic_write_json, atomic_write_text, check_records, file_records
+from pipeline.config import Config, build_config, config_diff
 from pipeline.errors import UserError
+
+log = logging.getLogger("icu.store")
 
 STAGES = ("ingest", "retrieve", "unlearn", "evaluate", "export")
 
+# Every file one stage hands to another, by name; no stage spells another's paths.
+ARTEFACTS = {
+    "accepted": "requests/accepted.parquet",
+    "rejected": "requests/rejected.parquet",
+    "pool": "retrieval/pool",
+    "neighbours": "retrieval/neighbours.parquet",
+    "retain_items": "retrieval/retain_items.parquet",
+    "retrieval_stats": "retrieval/stats.json",
+    "checkpoints": "unlearn/checkpoints",
+    "final_checkpoint": "unlearn/checkpoints/final",
+    "ray_train": "unlearn/ray",
+    "unlearn_result": "unlearn/result.json",
+    "history": "unlearn/history.parquet",
+    "epochs": "unlearn/epochs.parquet",
+    "probe": "unlearn/probe.pt",
+    "unlearned_model": "unlearn/model",
+    "eval_partial": "eval/partial",
+    "metrics": "eval/metrics.json",
+    "per_sample": "eval/per_sample.parquet",
+    "report": "eval/report.md",
+    "handoff": "model",
+    "logs": "logs",
+}
+# Hashed once when written; on every later look only names and sizes are compared.
+LARGE = {"final_checkpoint", "unlearned_model"}
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, nothing between."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` (file or folder) that replaces `path` on success.
-
-    For writers that want a filename (parquet, save_pretrained, faiss): write to the
-    yielded path; it is renamed over `path` only if the block finishes without error.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)) / path.name
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
-
-
-def write_parquet(frame, path: str | os.PathLike) -> None:
-    """A pandas frame as a parquet file, atomically."""
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file, or of a folder's files (relative names + contents), streamed."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with open(file, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+_HELD: dict[str, FileLock] = {}  # run locks this process holds (a process may reopen its own run)
 
 
 def fingerprint(*parts: Any) -> str:
-    """A stable digest of JSON-able inputs: config sections, upstream fingerprints, file digests."""
+    """A stable digest of JSON-able inputs: config sections, upstream keys, file digests."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -106,15 +82,39 @@ class RunStore:
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
-    def stage_dir(self, stage: str) -> Path:
-        folder = {"ingest": "requests", "retrieve": "retrieval", "evaluate": "eval"}.get(stage, stage)
-        path = self.path(folder)
-        path.mkdir(parents=True, exist_ok=True)
+    def artefact(self, name: str) -> Path:
+        """The path of a named artefact (its parent folder exists)."""
+        path = self.root / ARTEFACTS[name]
+        path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    # -- the run lock ---------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold this run for this process until it exits; refuse if another process holds it."""
+        key = str(self.root.resolve())
+        if key in _HELD:
+            return
+        lock = FileLock(str(self.root / ".run.lock"), timeout=0)
+        holder = self.root / ".run.holder"
+        try:
+            lock.acquire()
+        except Timeout:
+            who = holder.read_text(encoding="utf-8").strip() if holder.exists() else "another process"
+            raise UserError(f"run {self.root} is in use by {who}; fix: wait for it to finish (or stop it), "
+                            "or choose another storage.name") from None
+        _HELD[key] = lock
+        atomic_write_text(holder, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}")
+
+    def unlock(self) -> None:
+        """Release the run lock this process holds (a no-op otherwise)."""
+        lock = _HELD.pop(str(self.root.resolve()), None)
+        if lock is not None:
+            (self.root / ".run.holder").unlink(missing_ok=True)
+            lock.release()
 
     # -- config ---------------------------------------------------------------------
     def freeze_config(self, config: dict[str, Any], restart_from: str | None = None) -> None:
-        """Record the resolved config at first start; refuse a different one on resubmission.
+        """Record the config at first start; refuse a different one on resubmission.
 
         `restart_from` accepts the new config and marks that stage and all later ones
         pending, so they rerun with it.
@@ -137,12 +137,28 @@ class RunStore:
     def config(self) -> dict[str, Any]:
         return yaml.safe_load(self.path("config.yaml").read_text(encoding="utf-8"))
 
+    def load_config(self) -> Config:
+        """The frozen config, with the resolution `open_run` recorded (for worker processes)."""
+        cfg = build_config(self.config())
+        cfg.resolve(**self.manifest()["resolved"])
+        return cfg
+
+    def record_resolution(self, cfg: Config) -> None:
+        self.update(lambda m: m.__setitem__("resolved", cfg.resolved_dict()))
+
     # -- manifest -------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         path = self.path("manifest.json")
         if not path.exists():
             return {"stages": {}}
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            assert isinstance(manifest.get("stages"), dict)
+            return manifest
+        except (ValueError, AssertionError, AttributeError):
+            log.warning("run: %s is unreadable (truncated or edited); every stage is checked again and "
+                        "reruns", path)
+            return {"stages": {}}
 
     def update(self, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Apply `fn` to the manifest under the lock and write it back atomically."""
@@ -155,11 +171,25 @@ class RunStore:
     def stage(self, name: str) -> dict[str, Any]:
         return self.manifest()["stages"].get(name, {"status": "pending"})
 
-    def is_done(self, name: str, input_fingerprint: str) -> bool:
-        """Done with the same inputs, and every recorded output still on disk."""
+    def key_of(self, name: str) -> str | None:
+        """The input key a finished upstream stage ran with (part of its dependants' keys)."""
+        return self.stage(name).get("fingerprint")
+
+    def why_not_done(self, name: str, key: str) -> str | None:
+        """None when the stage is done with inputs `key` and outputs as recorded; else why not."""
         entry = self.stage(name)
-        return (entry.get("status") == "done" and entry.get("fingerprint") == input_fingerprint
-                and all(self.path(out).exists() for out in entry.get("outputs", [])))
+        if entry.get("status") != "done":
+            return "not run yet" if entry.get("status") == "pending" else f"last attempt {entry['status']}"
+        if entry.get("fingerprint") != key:
+            return "inputs changed"
+        for artefact, records in entry.get("outputs", {}).items():
+            problem = check_records(self.root / ARTEFACTS[artefact], records, hash_files=artefact not in LARGE)
+            if problem:
+                return f"output {ARTEFACTS[artefact]} {problem}"
+        return None
+
+    def is_done(self, name: str, key: str) -> bool:
+        return self.why_not_done(name, key) is None
 
     def reset(self, stages: tuple[str, ...] | list[str]) -> None:
         def clear(manifest: dict[str, Any]) -> None:
@@ -176,56 +206,49 @@ class RunStore:
         self.update(set_progress)
 
     @contextlib.contextmanager
-    def run_stage(self, name: str, input_fingerprint: str) -> Iterator[dict[str, Any]]:
-        """Mark a stage running; on success record its outputs (paths relative to the run)
-        and timings, on error mark it failed with a one-line reason.
+    def run_stage(self, name: str, key: str, outputs: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+        """Mark a stage running; on success record its named `outputs` (every file's size and
+        sha256), its summary and timings; on error mark it failed with a one-line reason.
 
-        The caller appends to the yielded dict's "outputs" list and may set "summary".
+        The caller may set the yielded dict's "summary".
         """
         started = time.time()
-        result: dict[str, Any] = {"outputs": [], "summary": {}}
+        result: dict[str, Any] = {"summary": {}}
 
         def begin(manifest: dict[str, Any]) -> None:
             entry = manifest["stages"].get(name, {})
-            manifest["stages"][name] = {"status": "running", "fingerprint": input_fingerprint,
-                                        "started": _now(), "attempts": entry.get("attempts", 0) + 1}
+            manifest["stages"][name] = {"status": "running", "fingerprint": key, "started": _now(),
+                                        "attempts": entry.get("attempts", 0) + 1}
 
         self.update(begin)
         try:
             yield result
         except BaseException as exc:
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            reason = _reason(exc)
             self.update(lambda m: m["stages"][name].update(status="failed", error=reason, ended=_now()))
             raise
-        outputs = [str(Path(p).relative_to(self.root)) if Path(p).is_absolute() else str(p)
-                   for p in result["outputs"]]
+        records = {artefact: file_records(self.root / ARTEFACTS[artefact]) for artefact in outputs}
 
         def finish(manifest: dict[str, Any]) -> None:
-            manifest["stages"][name].update(status="done", outputs=outputs, summary=result["summary"],
-                                            ended=_now(), seconds=round(time.time() - started, 2))
-            manifest["stages"][name].pop("progress", None)
+            entry = manifest["stages"][name]
+            if entry.get("fingerprint") != key:
+                raise RuntimeError(f"{name}: the manifest was changed by another process while it ran")
+            entry.update(status="done", outputs=records, summary=result["summary"], ended=_now(),
+                         seconds=round(time.time() - started, 2))
+            entry.pop("progress", None)
 
         self.update(finish)
 
 
+def _reason(exc: BaseException) -> str:
+    """The one line the manifest (and `icu status`) keeps of a failure. Our own errors are
+    written never to hold request text; a library's message might quote data, so only its type
+    is kept (the traceback went to the process's stderr)."""
+    if isinstance(exc, UserError) or type(exc).__module__.split(".")[0] in ("pipeline", "retrieval") or \
+            type(exc) is RuntimeError:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    return f"{type(exc).__name__} (message withheld: it may quote request data; see the job's stderr)"
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def _fsync_tree(path: Path) -> None:
-    if path.is_file():
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-        return
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

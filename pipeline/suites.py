@@ -9,6 +9,7 @@ A task has a `kind` that names how its examples are scored (see `pipeline.evalua
 - "lambada": a context and its last word; correct when greedy decoding reproduces it.
 - "dialogue": the turns before a conversation's last reply; unigram F1 of a 32-token
   greedy reply, cut at the next speaker tag, against that reply.
+The readers of the shared benchmark data (`evaluation.data_dir`) live here too.
 Examples are built here once, in a fixed order, so every replica scores the same tokens.
 The `mia` suite has no examples of its own: it compares the forget and unseen rows'
 membership scores.
@@ -23,7 +24,6 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.benchmarks import read_texts, unseen_rows
 from pipeline.errors import UserError
 
 BIGBENCH_TASKS = ("cause_and_effect", "physical_intuition", "winowhy", "social_iqa", "truthful_qa_mc")
@@ -31,6 +31,49 @@ DIALOGUE_TASKS = ("wizard_of_wikipedia", "wizard_of_internet", "empathetic_dialo
 SPEAKERS = ("Person 1:", "Person 2:")
 DIALOGUE_TURNS = 4  # turns of context before the reply
 CONTEXT_TOKENS = 384  # contexts are cut from the left to this many tokens
+UNSEEN_CAP = 64  # unseen rows when evaluation.max_samples.unseen is not set
+
+
+def read_texts(path: str | Path, column: str = "text", limit: int | None = None) -> list[str]:
+    """Non-empty texts of one column of a csv/jsonl/parquet file, in file order."""
+    path = Path(path)
+    readers = {".csv": pd.read_csv, ".parquet": pd.read_parquet,
+               ".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json}
+    if path.suffix not in readers:
+        raise UserError(f"{path}: unsupported file type {path.suffix!r}; use csv, jsonl, json or parquet")
+    if not path.is_file():
+        raise UserError(f"{path}: not found; fix: set evaluation.data_dir to the shared data folder")
+    frame = readers[path.suffix](path)
+    if column not in frame.columns:
+        raise UserError(f"{path}: no column {column!r} (columns: {', '.join(map(str, frame.columns))})")
+    texts = [t for t in frame[column].tolist() if isinstance(t, str) and t.strip()]
+    return texts[:limit] if limit else texts
+
+
+def unseen_rows(path: str | Path, tokenizer, max_tokens: int, min_tokens: int,
+                limit: int | None) -> list[list[int]]:
+    """Token rows of text the model never saw (`evaluation.unseen_path`, held-out Pile text by
+    default): the forgetting thresholds' yardstick.
+
+    Rows are cut to `max_tokens` (the request length) and rows shorter than `min_tokens`
+    (prefix + suffix) are skipped, so they look like requests.
+    """
+    rows = []
+    for text in read_texts(path):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        if len(ids) >= min_tokens:
+            rows.append(ids)
+        if limit and len(rows) >= limit:
+            break
+    return rows
+
+
+def threshold_rows(cfg, tokenizer) -> list[list[int]]:
+    """The unseen rows the forgetting thresholds are measured on (by the unlearning workers)
+    and the evaluation's unseen task shows: one definition, cut to the run's request length."""
+    e, r = cfg.evaluation, cfg.requests
+    return unseen_rows(e.unseen_path, tokenizer, cfg.max_tokens, r.prefix_tokens + r.suffix_tokens,
+                       e.max_samples.get("unseen", UNSEEN_CAP))
 
 
 @dataclass
@@ -61,8 +104,7 @@ def build_tasks(suites: list[str], data_dir: str | Path, tokenizer, *, forget_ro
         tasks.append(Task("forget", "forget", "requests",
                           [{"id": rid, "ids": r} for rid, r in zip(forget_ids, rows)]))
     if "unseen" in wanted:
-        rows = unseen_rows(unseen_path, tokenizer, max_tokens, min_tokens,
-                           caps.get("unseen", 64))
+        rows = unseen_rows(unseen_path, tokenizer, max_tokens, min_tokens, caps.get("unseen", UNSEEN_CAP))
         tasks.append(Task("unseen", "pile_unseen", "memorization",
                           [{"id": f"pile:{i}", "ids": r} for i, r in enumerate(rows)]))
     if keep_path:

@@ -1,13 +1,10 @@
-"""The ICU training loop: one process per rank, DeepSpeed ZeRO-3, per-request stopping.
+"""The unlearn stage: its key, the checkpoint stamp, the launch, and consolidation.
 
-Runs unchanged as a Ray Train worker (`train_worker`, launched by `ray_jobs.unlearn`)
-and under plain torchrun (`python -m torch.distributed.run ... -m pipeline.unlearn RUN_DIR`).
-
-Per epoch: IUR checks every request (sharded across ranks, flags gathered); the still
-remembered requests and their retain neighbours are trained on with the configured loss;
-a checkpoint (sharded engine state + loop state) is written atomically. Check k happens
-after k epochs of training; the run stops when every request is forgotten, when the
-set-level thresholds hold, or at max_epochs.
+The workers (`pipeline.worker`, one process per rank) run under Ray Train on clusters or
+under plain torchrun on GPU boxes without Ray; both resume from the run's last complete,
+verified checkpoint, so a failure costs at most one epoch. When they finish, the final
+sharded checkpoint is consolidated into a Hugging Face folder (`unlearned_model`) that
+evaluation loads and export verifies.
 """
 
 from __future__ import annotations
@@ -15,477 +12,126 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
+import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
-import torch.distributed as dist
 
-from pipeline import benchmarks, modeling
-from pipeline.config import Config, build_config
-from pipeline.losses import LossWeights, needs_reference, needs_retain, unlearning_loss
-from pipeline.metrics import pad_rows
-from pipeline.refine import Thresholds, check_requests, memorization
-from pipeline.store import RunStore, atomic_path, atomic_write_json, atomic_write_text, write_parquet
+from pipeline import checkpoints, cluster, modeling
+from pipeline.atomic import atomic_path, atomic_write_text, file_digest
+from pipeline.config import Config
+from pipeline.store import RunStore, fingerprint
 
 log = logging.getLogger("icu.unlearn")
-COMPLETE = "latest_complete"
-REPLICA_MAX_BYTES = 16 * 2**30  # check_replica: auto uses a replica up to this size
-PROBE_ROWS = 4  # request prefixes whose final logits export verifies
-HISTORY_COLUMNS = ["epoch", "request_id", "bleu", "bertscore", "ma", "el", "forgotten"]
-
-
-@dataclass
-class LoopState:
-    """Everything besides the engine that a resumed run needs to continue identically."""
-    epoch: int = 0  # epochs of training done
-    history: list[dict] = field(default_factory=list)  # one row per (check, request)
-    epochs: list[dict] = field(default_factory=list)  # one row per training epoch
-    thresholds: dict | None = None
-    resumed_from: list[str] = field(default_factory=list)  # checkpoint tags this run restarted from
-
-
-@dataclass
-class Pairs:
-    """Request rows and their retain neighbours, paired by index (neighbour [] = none found)."""
-    request_ids: list[str]
-    requests: list[list[int]]
-    pair_request: list[int]
-    pair_neighbour: list[list[int]]
-
-
-def load_pairs(store: RunStore, pairs_per_request: int) -> Pairs:
-    """Requests from ingest; neighbours (top `pairs_per_request`) from retrieval, if it ran."""
-    accepted = pd.read_parquet(store.path("requests", "accepted.parquet"), columns=["id", "input_ids"])
-    ids = accepted["id"].tolist()
-    rows = [list(map(int, r)) for r in accepted["input_ids"]]
-    table = store.path("retrieval", "neighbours.parquet")
-    neighbours: dict[str, list[list[int]]] = {}
-    if table.exists():
-        pairs = pd.read_parquet(table)
-        items = pd.read_parquet(store.path("retrieval", "retain_items.parquet"), columns=["id", "input_ids"])
-        by_id = dict(zip(items["id"], items["input_ids"]))
-        for rid, nid in pairs[pairs["rank"] < pairs_per_request].sort_values(["request_id", "rank"])[
-                ["request_id", "neighbour_id"]].itertuples(index=False):
-            neighbours.setdefault(rid, []).append(list(map(int, by_id[nid])))
-    pair_request, pair_neighbour = [], []
-    for i, rid in enumerate(ids):
-        for row in neighbours.get(rid) or [[]]:
-            pair_request.append(i)
-            pair_neighbour.append(row)
-    return Pairs(ids, rows, pair_request, pair_neighbour)
-
-
-def deepspeed_config(cfg: Config, world: int, hidden: int, with_optimizer: bool = True) -> dict:
-    """The JSON config from `unlearning.ds_config`, completed from the run config.
-
-    Batch size, clipping, optimizer (torch AdamW on CPU: nothing JIT-compiled) and the
-    warmup schedule come from the run config unless the JSON sets them itself.
-    """
-    u = cfg.unlearning
-    ds = json.loads(Path(u.ds_config).read_text())
-    zero = ds.setdefault("zero_optimization", {})
-    for key, size in (("reduce_bucket_size", hidden * hidden),
-                      ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
-                      ("stage3_param_persistence_threshold", 10 * hidden)):
-        if zero.get(key) == "auto":  # the sizes transformers' Trainer derives from the hidden size
-            zero[key] = size
-    ds.update(train_micro_batch_size_per_gpu=u.batch_size, gradient_accumulation_steps=1,
-              train_batch_size=u.batch_size * world)
-    if ds.get("gradient_clipping", "auto") == "auto":  # "auto" (the HF convention) = take the run config's
-        ds["gradient_clipping"] = u.grad_clip
-    if with_optimizer:
-        ds.setdefault("optimizer", {"type": "AdamW", "params": {
-            "lr": u.lr, "weight_decay": u.weight_decay, "torch_adam": not torch.cuda.is_available()}})
-        if u.warmup_steps > 0:
-            ds.setdefault("scheduler", {"type": "WarmupLR", "params": {
-                "warmup_min_lr": 0.0, "warmup_max_lr": u.lr, "warmup_num_steps": u.warmup_steps,
-                "warmup_type": "linear"}})
-    else:
-        ds.pop("optimizer", None)
-        ds.pop("scheduler", None)
-    return ds
-
-
-def epoch_batches(active_pairs: list[int], epoch: int, seed: int, rank: int, world: int,
-                  batch_size: int) -> list[list[int | None]]:
-    """This rank's batches of pair indices for one epoch (None = an empty padding row).
-
-    The active pairs are shuffled with a (seed, epoch) generator, padded to a multiple of
-    world * batch_size, and dealt round-robin, so every rank runs the same number of
-    steps (ZeRO-3 collectives must line up) and no pair is dropped or repeated.
-    """
-    order = list(active_pairs)
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    span = world * batch_size
-    padded = order + [None] * (-len(order) % span)
-    mine = padded[rank::world]
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-
-
-class Worker:
-    """One rank of the unlearning job; `run()` trains to a stop and writes the results."""
-
-    def __init__(self, run_dir: str):
-        self.store = RunStore(run_dir)
-        self.cfg = build_config(self.store.config())
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = _device()
-        self.model_dir = modeling.resolve_model_dir(self.cfg.model.name)
-        self.tok = modeling.load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
-        self.hidden = modeling.hidden_size(self.model_dir)
-        u = self.cfg.unlearning
-        self.weights = LossWeights(uw=u.uw, lw=u.lw, kl=u.kl, npo_beta=u.npo_beta, retain_weight=u.retain_weight)
-        self.pairs = load_pairs(self.store, self.cfg.retrieval.pairs_per_request)
-        self.ckpt_dir = self.store.path("unlearn", "checkpoints")
-        self.replica = None  # set by run(): the unsharded model IUR generates with, if it fits
-
-    def build_engines(self) -> None:
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
-
-        ds = deepspeed_config(self.cfg, self.world, self.hidden)
-        self._hf_ds = HfDeepSpeedConfig(ds)  # must stay alive: from_pretrained shards under it
-        model = self._load_model()
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-        self.ref = None
-        if needs_reference(self.cfg.unlearning.method, self.weights):
-            ref_ds = deepspeed_config(self.cfg, self.world, self.hidden, with_optimizer=False)
-            ref = self._load_model()
-            ref.requires_grad_(False)
-            self.ref, *_ = deepspeed.initialize(model=ref, config=ref_ds)
-            self.ref.eval()
-
-    def _replica(self):
-        """An unsharded model of the same architecture for IUR generation, or None (see `checker`)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        mode = self.cfg.unlearning.check_replica
-        config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True,
-                                            trust_remote_code=self.cfg.model.trust_remote_code)
-        dtype = modeling.torch_dtype(self.cfg.model.dtype)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                 trust_remote_code=self.cfg.model.trust_remote_code)
-        size = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
-        use = mode == "always" or (mode == "auto" and size <= REPLICA_MAX_BYTES)
-        if self.rank == 0:
-            log.info("unlearn: IUR generates from %s (model %.0f MB)", "an unsharded replica per rank" if use
-                     else "the ZeRO-3 engine, generate() synced across ranks", size / 2**20)
-        return model.to(self.device).eval().requires_grad_(False) if use else None
-
-    def _load_model(self):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=modeling.torch_dtype(self.cfg.model.dtype), local_files_only=True,
-            trust_remote_code=self.cfg.model.trust_remote_code)
-
-    # -- checkpoints ---------------------------------------------------------------
-    def resume(self) -> LoopState:
-        marker = self.ckpt_dir / COMPLETE
-        if not marker.exists():
-            return LoopState()
-        tag = marker.read_text().strip()
-        self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_module_strict=True)
-        state = LoopState(**json.loads((self.ckpt_dir / tag / "loop_state.json").read_text()))
-        state.resumed_from.append(tag)
-        rng = self.ckpt_dir / tag / f"rng-rank{self.rank}.pt"
-        if rng.exists():
-            torch.set_rng_state(torch.load(rng, weights_only=True))
-        if self.rank == 0:
-            log.info("unlearn: resuming from checkpoint %s (after epoch %d)", tag, state.epoch)
-        return state
-
-    def save(self, state: LoopState) -> None:
-        """Engine shards from every rank, then the loop state, then the completion marker."""
-        tag = f"epoch-{state.epoch}"
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
-        torch.save(torch.get_rng_state(), self.ckpt_dir / tag / f"rng-rank{self.rank}.pt")
-        dist.barrier()
-        if self.rank == 0:
-            atomic_write_json(self.ckpt_dir / tag / "loop_state.json", state.__dict__)
-            atomic_write_text(self.ckpt_dir / COMPLETE, tag)
-            self._prune(keep=self.cfg.unlearning.keep_checkpoints, current=tag)
-        dist.barrier()
-
-    def _prune(self, keep: int, current: str) -> None:
-        tags = sorted((p for p in self.ckpt_dir.glob("epoch-*") if p.is_dir()),
-                      key=lambda p: int(p.name.split("-")[1]))
-        for old in tags[:-keep]:
-            if old.name != current:
-                shutil.rmtree(old, ignore_errors=True)
-
-    # -- IUR -----------------------------------------------------------------------
-    def thresholds(self, state: LoopState) -> Thresholds:
-        """Fixed values from the config, else the model's mean MA / EL_n on unseen text."""
-        u, e = self.cfg.unlearning, self.cfg.evaluation
-        if state.thresholds is None:
-            ma, el = u.ma_threshold, u.el_threshold
-            if ma is None or el is None:
-                r = self.cfg.requests
-                rows = benchmarks.unseen_rows(e.unseen_path, self.tok, r.max_tokens or 200,
-                                              r.prefix_tokens + r.suffix_tokens, e.max_samples.get("unseen", 64))
-                model, sync = self.checker()
-                pairs = self._sharded(rows, lambda part: list(zip(*memorization(
-                    model, part, el_n=e.el_n, el_range=e.el_range, batch_size=e.batch_size,
-                    pad_id=self.tok.pad_token_id, sync_calls=sync))))
-                ma = float(np.mean([m for m, _ in pairs])) if ma is None else ma
-                el = float(np.mean([x for _, x in pairs])) if el is None else el
-            state.thresholds = Thresholds(ma, el, u.bertscore_threshold, u.bleu_threshold).to_dict()
-        return Thresholds(**state.thresholds)
-
-    def _sharded(self, rows: list, fn) -> list:
-        """Apply fn to this rank's equal-sized share of rows; gather results in row order.
-
-        Shares are padded with copies so every rank makes the same model calls.
-        """
-        per_rank = -(-len(rows) // self.world)
-        mine = [i for i in range(self.rank, per_rank * self.world, self.world)]
-        part = [rows[i % len(rows)] for i in mine] if rows else []
-        results = fn(part)
-        gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, list(zip(mine, results)))
-        ordered = dict(pair for shard in gathered for pair in shard)
-        return [ordered[i] for i in range(len(rows))]
-
-    def checker(self) -> tuple[torch.nn.Module, Callable[[int], int] | None]:
-        """The model IUR generates with, and the generate() call sync it needs.
-
-        Generating from the ZeRO-3 engine gathers every layer's weights for every new
-        token (minutes per check even for a 135M model on CPU). When a full copy fits
-        (`unlearning.check_replica`), the current weights are gathered once into a plain
-        replica on each rank, which then generates on its own with no collectives.
-        """
-        if self.replica is None:
-            self.engine.module.eval()
-            return self.engine.module, _max_over_ranks
-        import deepspeed
-
-        params = list(self.engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params), torch.no_grad():
-            for mine, full in zip(self.replica.parameters(), params):
-                mine.copy_(full.data)
-        return self.replica, None
-
-    def check(self, epoch: int, thr: Thresholds, scorer) -> list[dict]:
-        c = self.cfg
-        model, sync = self.checker()
-        records = self._sharded(self.pairs.requests, lambda part: check_requests(
-            model, self.tok, part, prefix=c.requests.prefix_tokens,
-            suffix=c.requests.suffix_tokens, num_beams=c.unlearning.num_beams, el_n=c.evaluation.el_n,
-            el_range=c.evaluation.el_range, batch_size=c.evaluation.batch_size, scorer=scorer,
-            thresholds=thr, sync_calls=sync))
-        self.engine.module.train()
-        return [dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)]
-
-    # -- training ------------------------------------------------------------------
-    def train_epoch(self, epoch: int, forgotten: set[int]) -> dict:
-        from tqdm import tqdm
-
-        u = self.cfg.unlearning
-        active = [k for k, i in enumerate(self.pairs.pair_request) if i not in forgotten]
-        batches = epoch_batches(active, epoch, u.seed, self.rank, self.world, u.batch_size)
-        sums: dict[str, float] = {}
-        started = time.time()
-        for batch in tqdm(batches, desc=f"epoch {epoch}", disable=self.rank != 0 or None, mininterval=5):
-            parts = self.step(batch)
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value
-        return dict(epoch=epoch, steps=len(batches), active_pairs=len(active), seconds=time.time() - started,
-                    **{f"mean_{k}": v / max(len(batches), 1) for k, v in sums.items()})
-
-    def step(self, batch: list[int | None]) -> dict[str, float]:
-        """One optimizer step on paired forget/neighbour rows.
-
-        The sampler's None slots are dropped: ZeRO-3 needs the same number of forward,
-        backward and step calls on every rank, not the same rows, and empty rows add
-        nothing to the loss. A rank left with no pair runs one empty row.
-        """
-        batch = [k for k in batch if k is not None] or [None]
-        method, p, pad = self.cfg.unlearning.method, self.pairs, self.tok.pad_token_id
-        forget = [p.requests[p.pair_request[k]] if k is not None else [] for k in batch]
-        use_retain = needs_retain(method, self.weights)
-        retain = [p.pair_neighbour[k] if k is not None else [] for k in batch] if use_retain else []
-        ids, mask = pad_rows(forget + retain, pad)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        attend = mask.clone()
-        attend[:, 0] = 1  # an empty row still attends to one token, so attention has no NaN
-        logits = self.engine(input_ids=ids, attention_mask=attend).logits
-        n = len(forget)
-        kwargs = dict(forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n], weights=self.weights)
-        if use_retain:
-            kwargs.update(retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:])
-        if self.ref is not None:  # the frozen model sees only the rows its term reads
-            rows = slice(n, None) if method == "icu" else slice(0, n)
-            with torch.no_grad():
-                ref_logits = self.ref(input_ids=ids[rows], attention_mask=attend[rows]).logits
-            kwargs["ref_retain_logits" if method == "icu" else "ref_forget_logits"] = ref_logits
-        loss, parts = unlearning_loss(method, **kwargs)
-        self.engine.backward(loss)
-        self.engine.step()
-        return parts
-
-    # -- the loop ------------------------------------------------------------------
-    def run(self) -> dict:
-        from pipeline.similarity import BertScorer
-
-        # Both before build_engines: a model made under a live ZeRO-3 config would be sharded.
-        scorer = BertScorer()
-        self.replica = self._replica()
-        self.build_engines()
-        state = self.resume()
-        thr = self.thresholds(state)
-        n, u = len(self.pairs.requests), self.cfg.unlearning
-        while True:
-            records = self.check(state.epoch, thr, scorer)
-            state.history += records
-            forgotten = {i for i, r in enumerate(records) if r["forgotten"]}
-            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.set_stop)
-            self._report(state, len(forgotten), n)
-            if reason:
-                break
-            state.epochs.append(self.train_epoch(state.epoch + 1, forgotten))
-            state.epoch += 1
-            self.save(state)
-        result = dict(stop_reason=reason, epochs=state.epoch, requests=n, forgotten=len(forgotten),
-                      thresholds=thr.to_dict(), method=u.method, resumed_from=state.resumed_from)
-        self.finish(state, result)
-        return result
-
-    def partition(self) -> dict:
-        """Per rank: parameter elements held (ZeRO-3: about 1/world of the total), node, peak host RSS."""
-        import resource
-
-        held = sum(p.ds_tensor.numel() for p in self.engine.module.parameters())
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-        per_rank: list = [None] * self.world
-        dist.all_gather_object(per_rank, (held, _node_id(), peak_mb))
-        return {"total": sum(p.ds_numel for p in self.engine.module.parameters()),
-                "held_per_rank": [h for h, _, _ in per_rank], "nodes": [n for _, n, _ in per_rank],
-                "peak_rss_mb": [round(m, 1) for _, _, m in per_rank]}
-
-    def finish(self, state: LoopState, result: dict) -> None:
-        """Final engine checkpoint (for export) and, on rank 0, history and result files."""
-        result["partition"] = self.partition()
-        probe = self.probe()
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag="final", save_latest=False)
-        dist.barrier()
-        if self.rank == 0:
-            out = self.store.path("unlearn")
-            with atomic_path(out / "probe.pt") as tmp:
-                torch.save(probe, tmp)
-            # Column order fixed: rows restored from a checkpoint's JSON come back with sorted keys.
-            write_parquet(pd.DataFrame(state.history, columns=HISTORY_COLUMNS), out / "history.parquet")
-            write_parquet(pd.DataFrame(state.epochs), out / "epochs.parquet")
-            atomic_write_json(out / "result.json", dict(result, final_tag="final"))
-            log.info("unlearn: stopped after %d epochs (%s); %d/%d requests forgotten", result["epochs"],
-                     result["stop_reason"], result["forgotten"], result["requests"])
-        dist.barrier()
-
-    def probe(self) -> dict[str, torch.Tensor]:
-        """The final engine's logits on fixed prompts (request prefixes): export checks the
-        consolidated folder against them. A forward under ZeRO-3, so every rank runs it."""
-        rows = [r[:self.cfg.requests.prefix_tokens] for r in self.pairs.requests[:PROBE_ROWS]]
-        ids, mask = pad_rows(rows, self.tok.pad_token_id)
-        self.engine.module.eval()
-        with torch.no_grad():
-            logits = self.engine.module(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-        return {"input_ids": ids, "attention_mask": mask, "logits": logits.float().cpu()}
-
-    def _report(self, state: LoopState, forgotten: int, total: int) -> None:
-        if self.rank == 0:
-            note = f"{forgotten}/{total} requests forgotten after epoch {state.epoch}"
-            log.info("unlearn: %s", note)
-            self.store.progress("unlearn", state.epoch, self.cfg.unlearning.max_epochs, note)
-
-
-def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: int,
-                set_stop: bool = True) -> str | None:
-    """Why training stops after this check, or None to keep going.
-
-    The set-level rule stops when the mean crosses the thresholds, usually with some requests
-    still above them; `set_stop=False` keeps going until each request is forgotten.
-    """
-    if all(r["forgotten"] for r in records):
-        return "all_forgotten"
-    if set_stop and np.mean([r["ma"] for r in records]) < thr.ma and np.mean([r["el"] for r in records]) < thr.el:
-        return "set_thresholds"
-    if epoch >= max_epochs:
-        return "max_epochs"
-    return None
-
-
-def train_worker(config: dict) -> None:
-    """Entry point for one rank (Ray Train's train_loop_per_worker, or torchrun via main())."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not logging.getLogger().handlers:  # a Ray Train worker: its stderr reaches the job's log
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _init_distributed()
-    torch.manual_seed(0)
-    Worker(config["run_dir"]).run()
-
-
-def consolidated_state_dict(run_dir: str | Path, tag: str = "final") -> dict[str, torch.Tensor]:
-    """Full fp32 weights from the sharded checkpoint `tag` (offline, one process)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(Path(run_dir) / "unlearn" / "checkpoints"), tag=tag)
-
-
-def _init_distributed() -> None:
-    import deepspeed
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=600))
-
-
-def _max_over_ranks(count: int) -> int:
-    """The largest `count` over all ranks (ZeRO-3 generate() calls must pair up across ranks)."""
-    value = torch.tensor([count], dtype=torch.int64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return int(value.item())
-
-
-def _node_id() -> str:
-    """The Ray node this rank runs on (the host name under torchrun)."""
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    import socket
-
-    return socket.gethostname()
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """torchrun entry: `python -m torch.distributed.run --nproc_per_node N -m pipeline.unlearn RUN_DIR`."""
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1:
-        print("usage: torchrun --nproc_per_node N -m pipeline.unlearn RUN_DIR", file=sys.stderr)
-        return 2
-    train_worker({"run_dir": args[0]})
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+
+OUTPUTS = ("unlearn_result", "history", "epochs", "final_checkpoint", "unlearned_model", "probe")
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def key(cfg: Config, store: RunStore) -> str:
+    """What training and its stopping rule read: the model, the request rows and their
+    neighbours (upstream keys), the unlearning settings, and only the evaluation fields the
+    unseen-set thresholds are measured with (a report setting never retrains)."""
+    e, r = cfg.evaluation, cfg.requests
+    thresholds = dict(unseen=cfg.part("evaluation")[0]["unseen_path"], unseen_digest=file_digest(e.unseen_path), el_n=e.el_n,
+                      el_range=e.el_range, cap=e.max_samples.get("unseen"), batch_size=e.batch_size,
+                      max_tokens=cfg.max_tokens, prefix=r.prefix_tokens, suffix=r.suffix_tokens)
+    return fingerprint("unlearn", cfg.part("model", "unlearning"), thresholds, cfg.retrieval.pairs_per_request,
+                       file_digest(cfg.unlearning.ds_config), cfg.resources.num_workers,
+                       store.key_of("ingest"), store.key_of("retrieve"))
+
+
+def run(cfg: Config, store: RunStore) -> dict[str, Any]:
+    """Train to a stop (resuming from checkpoints of the same key), then consolidate."""
+    stage_key = key(cfg, store)
+    folder = store.artefact("checkpoints")
+    stamp = folder / "fingerprint"
+    if stamp.exists() and stamp.read_text() != stage_key:  # checkpoints of other inputs: start over
+        log.info("unlearn: inputs changed since the last checkpoint; starting from epoch 0")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, stage_key)
+    if checkpoints.complete_tags(folder):
+        log.info("unlearn: resuming from checkpoint %s", checkpoints.complete_tags(folder)[0])
+    (ray_train if cluster.use_ray(cfg) else torchrun)(cfg, store)
+    summary = json.loads(store.artefact("unlearn_result").read_text())
+    consolidate(store.artefact("checkpoints"), summary["final_tag"], cfg.model_dir, store.artefact("unlearned_model"),
+                dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    return {k: v for k, v in summary.items() if k != "thresholds"}
+
+
+def worker_env(cfg: Config) -> dict[str, str]:
+    env = dict(WORKER_ENV, OMP_NUM_THREADS=str(max(1, int(cfg.resources.cpus_per_worker))))
+    if not cfg.resources.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def ray_train(cfg: Config, store: RunStore) -> None:
+    """Run the workers under Ray Train and wait for them; raise if the run failed."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.worker import train_worker
+
+    cluster.ensure_ray()
+    r = cfg.resources
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"run_dir": str(store.root)},
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo", timeout_s=600),
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_worker},
+                                     placement_strategy=r.placement),
+        run_config=RunConfig(name="unlearn", storage_path=str(store.artefact("ray_train")),
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             worker_runtime_env={"env_vars": worker_env(cfg)}),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"unlearning workers failed: {result.error}")
+
+
+def torchrun(cfg: Config, store: RunStore) -> None:
+    """Run the workers as local torchrun processes and wait for them."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={cfg.resources.num_workers}", f"--max-restarts={cfg.resources.max_failures}",
+           "-m", "pipeline.worker", str(store.root)]
+    env = dict(os.environ, **worker_env(cfg))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun unlearning workers exited with code {proc.returncode}")
+
+
+def consolidate(folder: Path, tag: str, base_dir: Path, out_dir: Path, *, dtype: str = "float32",
+                trust_remote_code: bool = False) -> Path:
+    """Write the weights of checkpoint `tag` as a model folder like `base_dir` (atomically)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    state = checkpoints.fp32_state_dict(folder, tag)
+    config = AutoConfig.from_pretrained(base_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [k for k in missing if _is_meta(model, k)]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {tag} does not match {base_dir}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    model = model.to(modeling.torch_dtype(dtype))
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        modeling.load_tokenizer(base_dir, trust_remote_code).save_pretrained(tmp)
+        if (base_dir / "generation_config.json").is_file() and not (tmp / "generation_config.json").exists():
+            shutil.copy(base_dir / "generation_config.json", tmp / "generation_config.json")
+    log.info("unlearn: consolidated checkpoint %s into %s", tag, out_dir)
+    return out_dir
+
+
+def _is_meta(model: torch.nn.Module, name: str) -> bool:
+    return model.get_parameter(name).is_meta if name in dict(model.named_parameters()) else True

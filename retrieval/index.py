@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,41 +296,39 @@ class ShardedIndex:
     shards: list[faiss.Index]
     offsets: list[int]
     metric: str = "l2"
+    use_ray: bool = False  # search the shards as Ray tasks (the caller's Ray policy)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, spec: IndexSpec, n_shards: int) -> "ShardedIndex":
+    def build(cls, vectors: np.ndarray, spec: IndexSpec, n_shards: int, use_ray: bool = False) -> "ShardedIndex":
         """Split the pool into n_shards near-equal slices and index each with the same spec."""
         vectors = as_matrix(vectors)
         bounds = np.linspace(0, len(vectors), n_shards + 1).astype(int)
         shards = [build_index(vectors[a:b], spec) for a, b in zip(bounds[:-1], bounds[1:])]
-        return cls(shards, [int(a) for a in bounds[:-1]], spec.metric)
+        return cls(shards, [int(a) for a in bounds[:-1]], spec.metric, use_ray)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return search_shards(self.shards, self.offsets, queries, k, self.metric)
+        return search_shards(self.shards, self.offsets, queries, k, self.metric, self.use_ray)
 
 
 def search_shards(shards: list[faiss.Index], offsets: list[int], queries: np.ndarray, k: int,
-                  metric: str = "l2") -> tuple[np.ndarray, np.ndarray]:
+                  metric: str = "l2", use_ray: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-k over all shards: per-shard top-k, ids shifted to global, merged by `order_results`.
 
-    Shards are searched as Ray tasks when Ray is initialised in this process (one task
-    per shard, the index shipped serialised), else one after another; the merge is
-    the same either way.
+    With `use_ray` the shards are searched as Ray tasks (one per shard, the index shipped
+    serialised), else one after another; the merge is the same either way.
     """
     queries = as_matrix(queries)
-    parts = _search_with_ray(shards, queries, k) if _ray_ready() else [search(s, queries, k) for s in shards]
+    parts = _search_with_ray(shards, queries, k) if use_ray else [search(s, queries, k) for s in shards]
     scores = np.concatenate([p[0] for p in parts], axis=1)
     ids = np.concatenate([np.where(p[1] >= 0, p[1] + off, -1) for p, off in zip(parts, offsets)], axis=1)
     return order_results(scores, ids, metric, k)
 
 
-def _ray_ready() -> bool:
-    ray = sys.modules.get("ray")  # never import Ray just to learn that it is not running
-    return ray is not None and ray.is_initialized()
-
-
 def _search_with_ray(shards: list[faiss.Index], queries: np.ndarray, k: int) -> list:
     import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("search_shards(use_ray=True) needs Ray initialised (pipeline.cluster.ensure_ray)")
 
     @ray.remote
     def search_one(blob: np.ndarray, queries: np.ndarray, k: int):

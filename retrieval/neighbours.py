@@ -64,18 +64,18 @@ def find_neighbours(request_vecs: np.ndarray, request_ids: Sequence, pool_vecs: 
                     k: int = 10, index_spec: IndexSpec | None = None, leak_threshold: float = LEAK_THRESHOLD,
                     request_texts: Sequence[str] | None = None, pool_texts: Sequence[str] | None = None,
                     ngram_n: int = NGRAM_N, ngram_threshold: float = NGRAM_THRESHOLD, n_shards: int = 1,
-                    ) -> tuple[pd.DataFrame, dict]:
+                    use_ray: bool = False) -> tuple[pd.DataFrame, dict]:
     """Neighbour table [request_id, rank (0 = nearest), neighbour_id, score] and stats.
 
     Scores are exact squared L2 (metric "l2", smaller is nearer) or inner product ("ip").
     Texts are optional; without them only the embedding and cosine-1 tests run.
     `n_shards` > 1 splits the pool into that many indexes searched in parallel (pools
-    too large for one index); the merged result is the same.
+    too large for one index), as Ray tasks with `use_ray`; the merged result is the same.
     """
     request_vecs, pool_vecs = as_matrix(request_vecs), as_matrix(pool_vecs)
     _check_inputs(request_vecs, request_ids, pool_vecs, pool_ids, request_texts, pool_texts, k)
     spec = index_spec or IndexSpec()
-    index = ShardedIndex.build(pool_vecs, spec, n_shards) if n_shards > 1 else build_index(pool_vecs, spec)
+    index = ShardedIndex.build(pool_vecs, spec, n_shards, use_ray) if n_shards > 1 else build_index(pool_vecs, spec)
     guard = LeakGuard(request_vecs, request_ids, leak_threshold, request_texts, ngram_n, ngram_threshold)
     verdicts: dict[int, str | None] = {}
     kept: dict[int, list[tuple[int, float]]] = {}

@@ -36,6 +36,12 @@ CASES = {
     "missing model folder": ("", ["model.name", "not found"]),
     "cross-field": ("retrieval:\n  k: 2\n  pairs_per_request: 3\n", ["retrieval.pairs_per_request"]),
     "prefix too long": ("  max_tokens: 60\n", ["requests.max_tokens"]),
+    "nan lr": ("unlearning:\n  lr: .nan\n", ["unlearning.lr", "finite number > 0", "nan"]),
+    "inf kl": ("unlearning:\n  kl: .inf\n", ["unlearning.kl", "finite number >= 0"]),
+    "nan grad_clip": ("unlearning:\n  grad_clip: .nan\n", ["unlearning.grad_clip", "finite"]),
+    "inf cpus": ("resources:\n  cpus_per_worker: .inf\n", ["resources.cpus_per_worker", "finite"]),
+    "nan threshold": ("unlearning:\n  ma_threshold: .nan\n", ["unlearning.ma_threshold", "between"]),
+    "empty suites": ("evaluation:\n  suites: []\n", ["evaluation.suites: empty", "fix:"]),
 }
 
 
@@ -77,7 +83,7 @@ def test_console_script_prints_no_traceback(requests_file, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("icu: error: unlearning.lr: must be > 0")
+    assert proc.stderr.strip().splitlines()[-1].startswith("icu: error: unlearning.lr: must be a finite number > 0")
     assert "Traceback" not in proc.stderr
 
 
@@ -151,3 +157,35 @@ def test_job_base_dir_rebases_only_the_config(tmp_path, monkeypatch):
     rest = _rebase("run", ["--set", "storage.name=other.yaml", "run.yaml", "--restart-from", "unlearn"], str(base))
     assert rest == ["--set", "storage.name=other.yaml", str(package / "run.yaml"), "--restart-from", "unlearn"]
     assert Path.cwd() == base
+
+
+@pytest.mark.parametrize("content,needles", [
+    ("{not json", ["unlearning.ds_config", "not valid JSON", "line 1"]),
+    ("[1, 2]", ["must hold a JSON object"]),
+    ('{"zero_optimization": {"stage": 2}}', ["zero_optimization.stage must be 3"]),
+    ('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 4}',
+     ["train_micro_batch_size_per_gpu is 4 but unlearning.batch_size is 8", "auto"]),
+    ('{"zero_optimization": {"stage": 3}, "gradient_clipping": 0.5}', ["gradient_clipping is 0.5 but unlearning.grad_clip"]),
+    ('{"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}',
+     ["optimizer.params.lr is 0.1 but unlearning.lr"]),
+])
+def test_deepspeed_config_is_checked_at_load(content, needles, requests_file, tmp_path, capsys):
+    """An unusable DeepSpeed JSON is one line before any stage runs, not tracebacks minutes later in a worker."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(content)
+    rc = main(["run", str(write_config(tmp_path, base(requests_file, f"unlearning:\n  ds_config: {ds}\n")))])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert all(n in err for n in needles), err
+    assert not (tmp_path / "runs").exists()  # refused before the run directory was made
+
+
+@pytest.mark.parametrize("item,needles", [
+    ("unlearning.lr=[1", ["--set unlearning.lr", "not valid YAML", "quote it"]),
+    ("model.name.x=1", ["--set model.name.x", "model.name is a value, not a section"]),
+    ("unlearning.lr", ["expected KEY=VALUE"]),
+])
+def test_malformed_set_is_one_line(item, needles, requests_file, tmp_path, capsys):
+    assert main(["run", str(write_config(tmp_path, base(requests_file))), "--set", item]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(n in err for n in needles), err

@@ -1,7 +1,7 @@
 """The demo, shortened for CI: the default model fine-tuned on 8 customer records, 2 erased.
 
 The same `ray_jobs/configs/demo.yaml` as `make demo`, with the inputs prepared by
-`pipeline.customers` for 8 customers instead of 32, one epoch at most and small
+`ray_jobs.customers` for 8 customers instead of 32, one epoch at most and small
 evaluation samples (classification and dialogue left out: the full demo runs them).
 The fine-tuned model is cached per machine like the full demo's.
 """
@@ -12,7 +12,8 @@ import json
 
 import pytest
 
-from pipeline import customers, driver
+from pipeline import driver
+from ray_jobs import customers
 from pipeline.errors import UserError
 
 from conftest import REPO, write_config

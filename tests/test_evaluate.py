@@ -6,13 +6,16 @@ here the suites and the stage plumbing around them are.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pandas as pd
 import pytest
 
 from pipeline import evaluate, metrics, modeling, suites
-from pipeline.benchmarks import read_texts
+from pipeline.suites import read_texts
+
+from conftest import write_config
 
 CAPS = {"forget": 6, "unseen": 6, "ppl": 3, "classification": 4, "dialogue": 3}
 
@@ -66,7 +69,7 @@ def test_cut_reply_stops_at_the_next_speaker():
 
 
 def test_stage_perplexity_equals_the_metric_on_the_same_stream(tiny_llama_dir, shared_data):
-    """PPL from per-chunk unit scores == metrics.perplexity over the same token stream."""
+    """PPL from per-chunk unit scores == exp of the mean NLL of 128-token chunks of the same stream."""
     tasks, tok = _tasks(tiny_llama_dir, shared_data, ["ppl"])
     spec = evaluate.model_spec(tiny_llama_dir, evaluate.Options())
     frame = evaluate.score_model(spec, evaluate.make_units(tasks, unit_size=2), actors=1, use_ray=False)
@@ -74,7 +77,8 @@ def test_stage_perplexity_equals_the_metric_on_the_same_stream(tiny_llama_dir, s
     model = modeling.load_model(tiny_llama_dir)
     for task in tasks:
         stream = [t for ex in task.examples for t in ex["ids"]]
-        want = metrics.perplexity(model, [stream], chunk_size=128)
+        chunks = [c for c in (stream[s:s + 128] for s in range(0, len(stream), 128)) if len(c) >= 2]
+        want = math.exp(metrics.sequence_losses(model, chunks).mean())
         assert summary["ppl"][task.name] == pytest.approx(want, rel=1e-9)
 
 
@@ -181,9 +185,30 @@ def test_report_renders_table_task_tables_and_plots(tmp_path):
     pd.DataFrame({"epoch": [0, 0, 1, 1], "request_id": ["a", "b", "a", "b"], "forgotten": [False, False, True, True]}
                  ).to_parquet(unlearn / "history.parquet")
     pd.DataFrame({"epoch": [1], "mean_loss": [0.3], "mean_forget_nll": [2.0]}).to_parquet(unlearn / "epochs.parquet")
-    path = report.write_report(tmp_path, results, samples, unlearn)
+    path = report.write_report(tmp_path, results, samples, (unlearn / "history.parquet", unlearn / "epochs.parquet"))
     text = path.read_text()
     assert "| Model | EL10 % | MA % |" in text and "| unlearned | 50.0 | 90.0 |" in text and "| 3 |" in text
     assert "## Classification" in text and "MIA" not in text.split("\n")[2]  # no MIA column without MIA data
     for png in ("forget_distributions.png", "forgotten_per_epoch.png", "loss_curves.png"):
         assert f"]({png})" in text and (tmp_path / png).stat().st_size > 5000
+
+
+def test_null_max_tokens_cuts_threshold_and_evaluation_rows_alike(tmp_path, shared_data):
+    """`requests.max_tokens: null` resolves once (to the model's context): the rows the
+    stopping thresholds are measured on are the rows the report's unseen task scores."""
+    from pipeline import driver
+
+    requests = tmp_path / "r.jsonl"
+    requests.write_text('{"text": "x"}\n')
+    config = write_config(tmp_path, f"model: {{name: tiny-llama}}\nrequests: {{path: {requests}, max_tokens: null}}\n"
+                                    f"evaluation: {{data_dir: {shared_data}, suites: [unseen], max_samples: {{unseen: 4}}}}\n"
+                                    f"storage: {{runs_dir: {tmp_path}/runs}}\n")
+    cfg, store = driver.open_run(str(config))
+    store.unlock()
+    assert cfg.max_tokens == modeling.context_length(cfg.model_dir) > 200
+    assert store.load_config().max_tokens == cfg.max_tokens  # what the workers read
+    tok = modeling.load_tokenizer(cfg.model_dir)
+    thresholds = suites.threshold_rows(cfg, tok)
+    unseen = next(t for t in evaluate._tasks(cfg, tok, None) if t.name == "pile_unseen")
+    assert [ex["ids"] for ex in unseen.examples] == thresholds
+    assert max(map(len, thresholds)) > 200  # longer than the old fallback of 200 tokens

@@ -3,6 +3,8 @@
 import csv
 import io
 import json
+import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 from pipeline.cli import main
 from pipeline.config import RequestsConfig
 from pipeline.modeling import byte_tokenizer
-from pipeline.requests import ingest
+from pipeline.ingest import ingest
 
 from conftest import write_config
 
@@ -26,7 +28,7 @@ def cfg_for(path, **kw) -> RequestsConfig:
 def run_ingest(cfg, tmp_path, max_len=400):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    counts = ingest(cfg, byte_tokenizer(), max_len, out)
+    counts = ingest(cfg, byte_tokenizer(), max_len, out / "accepted.parquet", out / "rejected.parquet")
     return counts, pd.read_parquet(out / "accepted.parquet"), pd.read_parquet(out / "rejected.parquet")
 
 
@@ -53,8 +55,9 @@ def test_missing_text_column_is_one_line_error(tmp_path, capsys):
                                  f"storage:\n  runs_dir: {tmp_path}/runs\n")
     assert main(["ingest", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("icu: error: requests.text_column: column 'text' not found in requests.csv "
-                   "(columns: id, body); fix: set requests.text_column to one of them")
+    assert err == ("icu: error: requests.text_column: no column named 'text' in requests.csv, whose header has 2 "
+                   "columns (their names are not shown: without a header row they would be a request's text); fix: "
+                   "set requests.text_column to the name of the column in the header row, or add a header row")
 
 
 def test_truncate_or_reject_long_rows(tmp_path):
@@ -157,3 +160,120 @@ storage:
     log = (tmp_path / "runs" / "run" / "logs" / "driver.log").read_text()
     assert "128 accepted" in log
     assert not any(text[:40] in log for text in source["text"]), "request text must never be logged"
+
+
+PLANTED = ["Request 0: John Doe0 lives at 0 Main Street, born 1980-01-01, phone 555-0000",
+           "Request 1: Jane Roe1 lives at 1 Elm Street, born 1981-02-02, phone 555-0101"]
+
+
+def _files_holding(root: Path, texts: list[str]) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and any(t.encode() in p.read_bytes() for t in texts)]
+
+
+def test_request_text_stays_out_of_errors_manifest_logs_and_caches(tmp_path, capfd):
+    """A CSV without a header row makes its first request the header: the error names columns
+    by count only. Nothing else the run writes (manifest, status, logs) or caches (the
+    datasets cache, for a parquet file) holds request text."""
+    runs = tmp_path / "runs"
+    headerless = tmp_path / "noheader.csv"
+    headerless.write_text("".join(f"n{i},{t}\n" for i, t in enumerate(PLANTED)))
+    cfg = write_config(tmp_path, f"model: {{name: tiny-llama}}\nrequests: {{path: {headerless}}}\n"
+                                 f"storage: {{runs_dir: {runs}, name: noheader}}\n")
+    assert main(["ingest", str(cfg)]) == 2
+    assert main(["status", str(runs / "noheader")]) == 0
+    parquet = tmp_path / "requests.parquet"
+    pd.DataFrame({"id": ["a", "b"], "text": [t * 3 for t in PLANTED]}).to_parquet(parquet)
+    cache = Path(os.environ.get("HF_DATASETS_CACHE", Path.home() / ".cache" / "huggingface" / "datasets"))
+    before = set(cache.rglob("*")) if cache.exists() else set()
+    for name, extra in (("parquet", ""), ("badcolumn", ", text_column: body")):
+        cfg = write_config(tmp_path, f"model: {{name: tiny-llama}}\nrequests: {{path: {parquet}, id_column: id"
+                                     f"{extra}}}\nstorage: {{runs_dir: {runs}, name: {name}}}\n")
+        assert main(["ingest", str(cfg)]) == (0 if name == "parquet" else 2)
+    out = capfd.readouterr()
+    assert not any(t[:20] in out.out + out.err for t in PLANTED), out.err
+    assert "noheader.csv, whose header has 4 columns" in out.err
+    for run in ("noheader", "badcolumn"):
+        assert not _files_holding(runs / run, PLANTED)
+    assert [p.name for p in _files_holding(runs / "parquet", PLANTED)] == ["accepted.parquet"]
+    added = (set(cache.rglob("*")) if cache.exists() else set()) - before
+    assert not [p for p in added if p.is_file() and any(t.encode() in p.read_bytes() for t in PLANTED)]
+
+
+def test_every_input_row_keeps_its_id_and_a_receipt_row(tmp_path):
+    """One receipt row per input row, in input order, with the user's id whenever the row had one
+    (rejected rows too), the content hash when the text decoded, and formula-like ids escaped."""
+    from pipeline import export
+    from pipeline.store import RunStore
+
+    text = LONG * 2
+    lines = [json.dumps(o) for o in (
+        {"id": "ok", "text": text}, {"id": "=HYPERLINK(\"http://x\")", "text": text + "b"}, {"id": "e", "text": ""},
+        {"id": "w", "text": "   "}, {"id": "n", "text": 5}, {"id": "m"}, {"id": "", "text": text + "c"},
+        {"id": ["l", 1], "text": text + "d"}, {"id": False, "text": text + "e"}, {"id": "nl\nid", "text": text + "f"},
+        {"id": 7, "text": text + "g"}, {"id": " x ", "text": text + "h"}, {"id": "x", "text": text + "i"},
+        {"id": "s", "text": "short"}, {"id": "dup", "text": text}, {"id": "ok", "text": text + "j"})]
+    lines.insert(3, "{not json")
+    lines.insert(5, "[1, 2]")
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes("\n".join(lines).encode() + b"\n" + b'{"id": "u", "text": "\xff\xfe"}\n')
+    store = RunStore(tmp_path / "run")
+    counts = ingest(cfg_for(path, id_column="id"), byte_tokenizer(), 400, store.artefact("accepted"),
+                    store.artefact("rejected"))
+    accepted, rejected = pd.read_parquet(store.artefact("accepted")), pd.read_parquet(store.artefact("rejected"))
+    assert counts["rows"] == len(lines) + 1 == len(accepted) + len(rejected)
+    assert set(rejected["reason"]) == {"empty", "whitespace", "not_text", "missing_text", "missing_id", "bad_id",
+                                       "malformed_row", "too_short", "duplicate", "duplicate_id", "undecodable"}
+    assert sorted(accepted["id"]) == sorted(["ok", "=HYPERLINK(\"http://x\")", "7", " x ", "x"])
+    given = {r.source_row: r.id for r in rejected.itertuples()}
+    assert given[2] == "e" and given[4] == "w" and given[6] == "n" and given[7] == "m" and given[9] == '["l", 1]'
+    assert given[10] == "false" and given[11] == "nl\nid" and given[17] == "ok" and given[18] == "u"
+    assert all(pd.isna(given[k]) for k in (3, 5, 8))  # no id in the row (or no parsable row)
+    assert rejected.set_index("source_row").loc[[2, 4, 16], "content_hash"].notna().all()
+    history = pd.DataFrame({"epoch": 0, "request_id": accepted["id"], "bleu": 0.0, "bertscore": 0.0, "ma": 0.1,
+                            "el": 0.0, "forgotten": True})
+    history.to_parquet(store.artefact("history"))
+    store.artefact("unlearn_result").write_text(json.dumps(
+        {"thresholds": {"ma": 0.5, "el": 0.1}, "stop_reason": "all_forgotten", "epochs": 0}))
+    rows = export.receipt_rows(store)
+    assert [r["source_row"] for r in rows] == list(range(counts["rows"]))
+    export.write_receipt(rows, tmp_path / "out")
+    receipt = pd.read_csv(tmp_path / "out" / "receipt.csv", keep_default_na=False)
+    assert len(receipt) == counts["rows"]
+    assert receipt.loc[1, "request_id"] == "'=HYPERLINK(\"http://x\")" and receipt.loc[1, "status"] == "forgotten"
+    assert json.loads((tmp_path / "out" / "receipt.json").read_text())["requests"][1]["request_id"].startswith("=")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json"])
+def test_a_byte_order_mark_changes_nothing(tmp_path, fmt):
+    """Excel's "CSV UTF-8" and some editors start files with a BOM; they ingest like their twins."""
+    rows = [{"id": f"r{i}", "text": LONG + str(i)} for i in range(3)]
+    if fmt == "csv":
+        body = "id,text\n" + "".join(f"{r['id']},{r['text']}\n" for r in rows)
+    elif fmt == "jsonl":
+        body = "".join(json.dumps(r) + "\n" for r in rows)
+    else:
+        body = json.dumps(rows)
+    results = []
+    for name, data in (("plain", body.encode()), ("bom", b"\xef\xbb\xbf" + body.encode())):
+        path = tmp_path / f"{name}.{fmt}"
+        path.write_bytes(data)
+        (tmp_path / name).mkdir()
+        counts, accepted, rejected = run_ingest(cfg_for(path, id_column="id"), tmp_path / name)
+        results.append((counts, accepted, len(rejected)))
+    (plain, plain_rows, _), (bom, bom_rows, _) = results
+    assert plain == bom and plain["accepted"] == 3
+    pd.testing.assert_frame_equal(plain_rows, bom_rows)
+
+
+def test_an_unterminated_quote_is_refused_in_one_line(tmp_path, capsys):
+    """An open quote would swallow the records after it (5 records read as 4): refused, naming the line."""
+    records = [f"r{i},Request {i}: {LONG}" for i in range(5)]
+    records[1] = 'r1,"Request 1: ' + LONG
+    path = tmp_path / "quote.csv"
+    path.write_text("id,text\n" + "\n".join(records) + "\n")
+    cfg = write_config(tmp_path, f"model: {{name: tiny-llama}}\nrequests: {{path: {path}, id_column: id, "
+                                 f"prefix_tokens: 8, suffix_tokens: 8}}\nstorage: {{runs_dir: {tmp_path}/runs}}\n")
+    assert main(["ingest", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("icu: error: requests.path: quote.csv line") and "quote" in err[0]
+    assert "Request" not in err[0]

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, SHARED_DATA
+from pipeline.checkpoints import complete_tags
 from implant import run_config
 
 pytestmark = pytest.mark.slow
@@ -134,10 +135,11 @@ def reference(head, implanted, tmp_path_factory):
     """The whole pipeline as one uninterrupted job."""
     tmp = tmp_path_factory.mktemp("reference")
     config = _config(implanted, tmp, "reference")
+    tmp_before = set(Path(tempfile.gettempdir()).iterdir())
     job = head.submit(config)
     state = head.wait(job)
     assert state == "SUCCEEDED", head.logs(job)[-5000:]
-    return dict(config=config, root=tmp / "runs" / "reference", job=job)
+    return dict(config=config, root=tmp / "runs" / "reference", job=job, tmp_before=tmp_before)
 
 
 def _manifest(root: Path) -> dict:
@@ -155,16 +157,36 @@ def test_whole_run_as_a_job(head, reference):
     assert "all stages done" in status and status.count(" done ") == 5, status
 
 
+def test_request_text_stays_inside_the_run_directory(head, reference, implanted):
+    """After a whole run as a Ray job, no file outside the run directory holds request text:
+    not the Ray session (job logs, worker logs, spilled objects), the Hugging Face and icu
+    caches, or what the job left in /tmp. Inside the run it is only in the request-derived artefacts."""
+    from pipeline import modeling
+
+    texts = [t[:40].encode() for t in implanted["memorize"][:8]]
+    assert not any(t.decode() in head.logs(reference["job"]) for t in texts)
+    left_in_tmp = [p for p in Path(tempfile.gettempdir()).iterdir() if p not in reference["tmp_before"]
+                   and not p.name.startswith("pytest-of-")]
+    roots = [head.temp, Path.home() / ".cache" / "huggingface", modeling.cache_dir(), *left_in_tmp]
+    files = [p for root in roots if root.exists() for p in ([root] if root.is_file() else root.rglob("*"))
+             if p.is_file() and not p.is_symlink()]
+    leaks = [p for p in files if any(t in p.read_bytes() for t in texts)]
+    assert not leaks, f"request text outside the run directory: {leaks[:5]}"
+    inside = {str(p.relative_to(reference["root"])) for p in reference["root"].rglob("*")
+              if p.is_file() and any(t in p.read_bytes() for t in texts)}
+    assert inside <= {"requests/accepted.parquet", "retrieval/neighbours.parquet"}, inside
+
+
 def test_evaluate_reports_before_and_after(reference):
     """The exported weights are the engine's; the original remembers the requests and the
     unlearned model does not; the report renders."""
     from pipeline import modeling
-    from pipeline.unlearn import consolidated_state_dict
+    from pipeline.checkpoints import fp32_state_dict
 
     root = reference["root"]
     result = json.loads((root / "unlearn" / "result.json").read_text())
     exported = modeling.load_model(root / "unlearn" / "model")
-    final = consolidated_state_dict(root)
+    final = fp32_state_dict(root / "unlearn" / "checkpoints", "final")
     assert max((p - final[k]).abs().max().item() for k, p in exported.state_dict().items() if k in final) == 0
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     before, after = metrics["models"]["original"], metrics["models"]["unlearned"]
@@ -237,12 +259,12 @@ def test_stopped_jobs_resume_to_the_uninterrupted_result(head, reference, implan
 
     # 2. Resubmit; stop during unlearning after a checkpoint; the next job says where it resumes.
     job = head.submit(config)
-    marker = root / "unlearn" / "checkpoints" / "latest_complete"
-    head.stop_when(job, lambda: marker.exists() and marker.read_text().startswith("epoch-"), "an epoch checkpoint")
+    folder = root / "unlearn" / "checkpoints"
+    head.stop_when(job, lambda: bool(complete_tags(folder)), "an epoch checkpoint")
     assert _manifest(root)["stages"]["unlearn"]["status"] != "done"
     assert {p.name: p.stat().st_mtime_ns for p in pool.glob("emb-*.npy") if p.name in landed} == landed
     logs.append(head.logs(job))
-    tag = marker.read_text()
+    tag = complete_tags(folder)[0]
 
     # 3. Resubmit; stop during evaluation once the original model's scores are kept.
     job = head.submit(config)
@@ -306,3 +328,24 @@ def test_run_dir_inside_the_uploaded_copy_is_refused(head, implanted, tmp_path):
     # With --base-dir the same relative path resolves where the user submitted from.
     job = head.submit(config, "--base-dir", str(tmp_path))
     head.stop_when(job, lambda: (tmp_path / "runs" / "relative" / "config.yaml").exists(), "the run directory")
+
+
+def test_a_report_setting_reruns_evaluation_only(reference, tmp_path, caplog):
+    """A finished run, then `--restart-from evaluate` with an evaluation setting changed:
+    unlearning is skipped and its checkpoints are untouched (a copy of the reference run)."""
+    import shutil
+
+    from pipeline.cli import main
+
+    root = tmp_path / "runs" / "reference"
+    shutil.copytree(reference["root"], root, symlinks=True)
+    config = tmp_path / "reference.yaml"
+    config.write_text(reference["config"].read_text().replace(str(reference["root"].parent), str(tmp_path / "runs")))
+    checkpoints = {p: p.stat().st_mtime_ns for p in (root / "unlearn" / "checkpoints").rglob("*") if p.is_file()}
+    with caplog.at_level("INFO"):
+        assert main(["run", str(config), "--restart-from", "evaluate", "--set", "evaluation.max_samples.ppl=1",
+                     "--set", "resources.launcher=torchrun"]) == 0
+    assert "unlearn: already complete with the same inputs; skipped" in caplog.text
+    assert "evaluate: finished" in caplog.text and "export: finished" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in (root / "unlearn" / "checkpoints").rglob("*") if p.is_file()} == checkpoints
+    assert _manifest(root)["stages"]["evaluate"]["status"] == "done"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import build_config
-from pipeline.refine import Thresholds
-from pipeline.unlearn import deepspeed_config, epoch_batches, stop_reason
+from pipeline.iur import Thresholds
+from pipeline.worker import deepspeed_config, epoch_batches, stop_reason
 
 from conftest import REPO
 
@@ -48,3 +48,28 @@ def test_stop_reasons():
     assert stop_reason([rec(False, 0.1, 0.0), rec(True, 0.2, 0.01)], thr, 1, 30, set_stop=False) is None
     assert stop_reason([rec(False), rec(True)], thr, 30, 30) == "max_epochs"
     assert stop_reason([rec(False), rec(True)], thr, 3, 30) is None
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, caplog):
+    """A tag counts once sealed (files.json); resuming takes the newest whose files still match
+    their recorded sha256, and says in one line when it passes one over."""
+    from pipeline import checkpoints
+
+    for epoch in (1, 2, 3):
+        tag = tmp_path / f"epoch-{epoch}"
+        (tag / "global_step").mkdir(parents=True)
+        (tag / "global_step" / "zero_pp_rank_0_model_states.pt").write_bytes(bytes([epoch]) * 64)
+        (tag / "loop_state.json").write_text("{}")
+        if epoch < 3:
+            checkpoints.seal(tmp_path, tag.name)
+    assert checkpoints.complete_tags(tmp_path) == ["epoch-2", "epoch-1"]  # epoch-3 was never sealed
+    assert checkpoints.latest_verified(tmp_path) == "epoch-2"
+    shard = tmp_path / "epoch-2" / "global_step" / "zero_pp_rank_0_model_states.pt"
+    shard.write_bytes(b"\x00" * 64)  # same size, other bytes
+    with caplog.at_level("WARNING"):
+        assert checkpoints.latest_verified(tmp_path) == "epoch-1"
+    assert "checkpoint epoch-2 is damaged" in caplog.text and "falling back" in caplog.text
+    shard.unlink()
+    assert checkpoints.latest_verified(tmp_path) == "epoch-1"
+    (tmp_path / "epoch-1" / "loop_state.json").write_text("{} ")
+    assert checkpoints.latest_verified(tmp_path) is None

@@ -238,7 +238,7 @@ def test_icu_parts_and_defaults():
 def test_plain_npo_without_retain():
     x = method_inputs()
     w = LossWeights(retain_weight=0.0)
-    assert not losses.needs_retain("npo", w)
+    assert not losses.method("npo").retain(w)
     loss, parts = unlearning_loss("npo", forget_logits=x["forget_logits"], forget_ids=x["forget_ids"],
                                   forget_mask=x["forget_mask"], ref_forget_logits=x["ref_forget_logits"], weights=w)
     assert set(parts) == {"loss", "npo"}
@@ -274,11 +274,12 @@ def test_all_empty_batch_is_zero_and_backpropagates(name: str):
 
 
 def test_requirements_are_discoverable():
-    table = {name: (losses.needs_reference(name), losses.needs_retain(name)) for name in losses.LOSSES}
-    assert table == {"icu": (True, True), "ga": (False, False), "gd": (False, True), "npo": (True, True)}
-    assert not losses.needs_reference("icu", LossWeights(kl=0.0))
-    assert not losses.needs_retain("icu", LossWeights(kl=0.0, lw=0.0))
-    assert not losses.needs_retain("gd", LossWeights(retain_weight=0.0))
+    w = LossWeights()
+    table = {name: (m.reference(w), m.retain(w)) for name, m in losses.METHODS.items()}
+    assert table == {"icu": ("retain", True), "ga": (None, False), "gd": (None, True), "npo": ("forget", True)}
+    assert losses.method("icu").reference(LossWeights(kl=0.0)) is None
+    assert not losses.method("icu").retain(LossWeights(kl=0.0, lw=0.0))
+    assert not losses.method("gd").retain(LossWeights(retain_weight=0.0))
 
 
 def test_icu_without_reference_when_kl_is_off():
@@ -290,8 +291,7 @@ def test_icu_without_reference_when_kl_is_off():
 
 def test_unknown_method_names_the_valid_ones():
     x = method_inputs()
-    for call in (lambda: unlearning_loss("rmu", **x), lambda: losses.needs_reference("rmu"),
-                 lambda: losses.needs_retain("rmu")):
+    for call in (lambda: unlearning_loss("rmu", **x), lambda: losses.method("rmu")):
         with pytest.raises(ValueError, match="rmu.*icu, ga, gd, npo"):
             call()
 

@@ -248,7 +248,9 @@ def test_sync_calls_pads_el_forwards_to_the_busiest_rank():
 # --- perplexity ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("doc_lengths,chunks", [([13, 29, 7, 22], 5), ([16, 16, 16, 16, 1], 4)])
-def test_perplexity_matches_token_by_token_nll(model, doc_lengths, chunks):
+def test_chunk_losses_match_token_by_token_nll(model, doc_lengths, chunks):
+    """The perplexity suite's per-chunk losses (`sequence_losses` of 16-token chunks of the
+    joined documents, as `suites` cuts them) against a naive token-by-token NLL."""
     gen = torch.Generator().manual_seed(9)
     docs = [torch.randint(0, VOCAB, (k,), generator=gen).tolist() for k in doc_lengths]
     stream = [tok for doc in docs for tok in doc]
@@ -256,11 +258,10 @@ def test_perplexity_matches_token_by_token_nll(model, doc_lengths, chunks):
     want_losses = [sum(naive_token_nll(model, c)) / (len(c) - 1) for c in pieces if len(c) >= 2]
     want = math.exp(sum(want_losses) / len(want_losses))
 
-    got_losses = metrics.chunk_losses(model, docs, chunk_size=16, batch_size=3)
+    got_losses = metrics.sequence_losses(model, [c for c in pieces if len(c) >= 2], batch_size=3)
     assert got_losses.tolist() == pytest.approx(want_losses, rel=1e-6)
     assert len(want_losses) == chunks
-    assert metrics.perplexity(model, docs, chunk_size=16, batch_size=3) == pytest.approx(want, rel=1e-6)
-    assert metrics.perplexity(model, torch.tensor(stream), chunk_size=16) == pytest.approx(want, rel=1e-6)
+    assert math.exp(got_losses.mean()) == pytest.approx(want, rel=1e-6)
 
 
 # --- classification --------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def test_continuation_nll_and_multiple_choice_match_unpadded_sums(model):
     assert len(set(picks)) > 1
 
 
-def test_lambada_accuracy_is_greedy_exact_match(model):
+def test_greedy_matches_are_greedy_exact_match(model):
     gen = torch.Generator().manual_seed(11)
     contexts = [torch.randint(0, VOCAB, (k,), generator=gen).tolist() for k in (5, 9, 3, 12, 7, 4)]
     targets = [naive_greedy(model, c, k) for c, k in zip(contexts, (1, 3, 2, 4, 2, 3))]
@@ -298,7 +299,7 @@ def test_lambada_accuracy_is_greedy_exact_match(model):
     targets[4][0] = (targets[4][0] + 1) % VOCAB  # wrong first token
     correct = [naive_greedy(model, c, len(t)) == t for c, t in zip(contexts, targets)]
     assert correct == [True, False, True, True, False, True]
-    assert metrics.lambada_accuracy(model, contexts, targets, batch_size=4) == pytest.approx(4 / 6)
+    assert metrics.greedy_matches(model, contexts, targets, batch_size=4).tolist() == correct
 
 
 # --- dialogue --------------------------------------------------------------------------------

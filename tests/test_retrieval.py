@@ -196,9 +196,10 @@ def test_lm_embedder_ignores_padding():
 
 @pytest.mark.slow
 def test_ray_shard_search_merges_like_sequential(synthetic):
-    ray = pytest.importorskip("ray")
+    import ray
+
     pool, queries, _ = synthetic
-    sharded = ShardedIndex.build(pool[:6000], IndexSpec(kind="flat"), n_shards=3)
+    sharded = ShardedIndex.build(pool[:6000], IndexSpec(kind="flat"), n_shards=3, use_ray=True)
     expected = search_shards(sharded.shards, sharded.offsets, queries, 10)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:

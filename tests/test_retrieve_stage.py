@@ -111,11 +111,12 @@ def test_kill_during_embedding_then_resume(inputs, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "retrieve", str(config)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
-    while len(list(pool.glob("emb-*.npy"))) < 3 and proc.poll() is None and time.time() < deadline:
+    while len(list(pool.glob("emb-*.json"))) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = {p.name: p.stat().st_mtime_ns for p in pool.glob("emb-*.npy")}
+    # an emb file counts once its record (emb-N.json) is written
+    done_before = {p.with_suffix(".npy").name: p.with_suffix(".npy").stat().st_mtime_ns for p in pool.glob("emb-*.json")}
     total = json.loads((pool / "counts.json").read_text())["shards"]
     assert 3 <= len(done_before) < total, f"kill landed after {len(done_before)} of {total} shards"
     assert not (pool.parent / "neighbours.parquet").exists()
@@ -127,6 +128,64 @@ def test_kill_during_embedding_then_resume(inputs, tmp_path):
     fresh = _run(_config(inputs, tmp_path, "uninterrupted", max_items=480, shard_rows=24))
     pd.testing.assert_frame_equal(pd.read_parquet(resumed / "neighbours.parquet"),
                                   pd.read_parquet(fresh / "neighbours.parquet"))
+
+
+def _outputs(run: Path) -> dict[str, bytes]:
+    return {name: (run / name).read_bytes() for name in
+            ("requests/accepted.parquet", "retrieval/neighbours.parquet", "retrieval/retain_items.parquet")}
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data), 97):  # float bytes after the .npy header
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_outputs_are_detected_and_rebuilt(inputs, tmp_path, caplog):
+    """Each damage a user can do by editing a run directory is noticed, the affected stage
+    reruns (saying why in one line), and the outputs equal an untouched run's."""
+    reference = _outputs(_run(_config(inputs, tmp_path, "untouched", shard_rows=32)).parent)
+    config = _config(inputs, tmp_path, "damaged", shard_rows=32)
+    run = _run(config).parent
+    pool = run / "retrieval" / "pool"
+    damages = [
+        ("accepted", lambda: _truncate(run / "requests/accepted.parquet"), "ingest: output requests/accepted"),
+        ("pool shard", lambda: _truncate(retrieve.items_path(pool, 1)), "items shards [1] differ"),
+        ("neighbours", lambda: _truncate(run / "retrieval/neighbours.parquet"), "retrieve: output retrieval/neighbours"),
+        ("manifest", lambda: _truncate(run / "manifest.json"), "manifest.json is unreadable"),
+        ("embedding bytes", lambda: _flip(retrieve.emb_path(pool, 2)), "1 to embed"),
+    ]
+    for what, damage, said in damages:
+        damage()
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            _run(config)
+        assert said in caplog.text, f"{what}: {caplog.text}"
+        assert _outputs(run) == reference, f"after damaging the {what}, the outputs differ from an untouched run's"
+
+
+def test_repointing_the_model_folder_rebuilds_the_pool(inputs, tmp_path, tiny_llama_dir, caplog):
+    """The pool is tokenized by the model's tokenizer: other weights behind the same path
+    (a re-linked folder) must cut it again, as ingest's key already does."""
+    for name in ("a", "b"):
+        shutil.copytree(tiny_llama_dir, tmp_path / name)
+    link = tmp_path / "model"
+    link.symlink_to(tmp_path / "a")
+    config = _config(inputs, tmp_path, "relinked")
+    config.write_text(config.read_text().replace("name: tiny-llama", f"name: {link}"))
+    pool = _run(config) / "pool"
+    first = (pool / "fingerprint").read_text()
+    link.unlink()
+    link.symlink_to(tmp_path / "b")
+    with caplog.at_level("INFO"):
+        _run(config)
+    assert (pool / "fingerprint").read_text() != first
+    assert "retain pool inputs changed; rebuilding its shards" in caplog.text
 
 
 def test_bad_retain_input_is_one_clear_error(inputs, tmp_path, capsys):

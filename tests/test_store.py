@@ -1,14 +1,17 @@
 """Run store: atomic writes survive a kill, configs are frozen, stages record their state."""
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.errors import UserError
-from pipeline.store import RunStore, atomic_path, atomic_write_json, fingerprint
+from pipeline.store import RunStore, fingerprint
 
 from conftest import REPO
 
@@ -69,7 +72,7 @@ def test_restart_from_resets_that_stage_and_later(tmp_path):
     store = RunStore(tmp_path / "run")
     store.freeze_config({"unlearning": {"lr": 1.0}})
     for stage in ("ingest", "retrieve", "unlearn"):
-        with store.run_stage(stage, "fp"):
+        with store.run_stage(stage, "fp", ()):
             pass
     store.freeze_config({"unlearning": {"lr": 2.0}}, restart_from="retrieve")
     assert store.stage("ingest")["status"] == "done"
@@ -80,21 +83,79 @@ def test_restart_from_resets_that_stage_and_later(tmp_path):
 
 def test_run_stage_records_outputs_failures_and_completion(tmp_path):
     store = RunStore(tmp_path / "run")
-    out = store.stage_dir("ingest") / "accepted.parquet"
-    with store.run_stage("ingest", "abc") as result:
+    out = store.artefact("accepted")
+    with store.run_stage("ingest", "abc", ("accepted",)) as result:
         out.write_text("x")
-        result["outputs"].append(out)
         result["summary"] = {"accepted": 1}
     entry = store.stage("ingest")
-    assert entry["status"] == "done" and entry["outputs"] == ["requests/accepted.parquet"]
-    assert store.is_done("ingest", "abc") and not store.is_done("ingest", "other")
+    assert entry["status"] == "done"
+    assert entry["outputs"] == {"accepted": {".": [1, hashlib.sha256(b"x").hexdigest()]}}
+    assert store.is_done("ingest", "abc") and store.why_not_done("ingest", "other") == "inputs changed"
+    out.write_text("y")  # same size, other bytes
+    assert "content differs" in store.why_not_done("ingest", "abc")
+    out.write_text("")
+    assert "size 0 != 1" in store.why_not_done("ingest", "abc")
     out.unlink()
-    assert not store.is_done("ingest", "abc"), "a missing output means the stage must rerun"
+    assert store.why_not_done("ingest", "abc") == "output requests/accepted.parquet missing"
     with pytest.raises(ValueError):
-        with store.run_stage("retrieve", "def"):
+        with store.run_stage("retrieve", "def", ()):
             raise ValueError("boom\nsecond line")
     assert store.stage("retrieve")["status"] == "failed"
-    assert store.stage("retrieve")["error"] == "ValueError: boom"
+    # a library's message may quote request data: the manifest keeps its type only; ours in full
+    assert store.stage("retrieve")["error"].startswith("ValueError (message withheld")
+    with pytest.raises(UserError):
+        with store.run_stage("retrieve", "def", ()):
+            raise UserError("retain.paths: empty\nsecond line")
+    assert store.stage("retrieve")["error"] == "UserError: retain.paths: empty"
+
+
+def test_large_outputs_are_checked_by_size(tmp_path):
+    """A checkpoint is hashed once when written; later looks compare names and sizes."""
+    store = RunStore(tmp_path / "run")
+    folder = store.artefact("final_checkpoint")
+    folder.mkdir()
+    (folder / "shard").write_bytes(b"abc")
+    with store.run_stage("unlearn", "k", ("final_checkpoint",)):
+        pass
+    assert store.stage("unlearn")["outputs"]["final_checkpoint"]["shard"][1] == hashlib.sha256(b"abc").hexdigest()
+    (folder / "shard").write_bytes(b"xyz")
+    assert store.is_done("unlearn", "k")
+    (folder / "extra").write_bytes(b"")
+    assert "unexpected ['extra']" in store.why_not_done("unlearn", "k")
+
+
+def test_a_truncated_manifest_means_every_stage_reruns(tmp_path):
+    store = RunStore(tmp_path / "run")
+    with store.run_stage("ingest", "k", ()):
+        pass
+    path = store.path("manifest.json")
+    path.write_bytes(path.read_bytes()[:20])
+    assert store.why_not_done("ingest", "k") == "not run yet"
+    store.progress("ingest", 1, 2)  # the next update writes a whole manifest again
+    assert json.loads(path.read_text())["stages"]["ingest"]["progress"]["done"] == 1
+
+
+def test_a_locked_run_refuses_a_second_process(tmp_path):
+    """One process holds the run; another is refused with one line naming the holder; after
+    the holder exits (even killed) the run is free again."""
+    store = RunStore(tmp_path / "run")
+    store.lock()
+    store.lock()  # the holder may reopen its own run
+    child = textwrap.dedent(f"""
+        import sys
+        from pipeline.errors import UserError
+        from pipeline.store import RunStore
+        try:
+            RunStore({str(tmp_path / "run")!r}).lock()
+        except UserError as exc:
+            sys.exit(exc.report())
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"in use by pid {os.getpid()}" in proc.stderr and "fix:" in proc.stderr
+    store.unlock()
+    proc = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_fingerprint_is_stable_and_sensitive():
@@ -105,3 +166,34 @@ def test_fingerprint_is_stable_and_sensitive():
 def test_atomic_write_json_roundtrip(tmp_path):
     atomic_write_json(tmp_path / "x.json", {"k": [1, 2]})
     assert json.loads((tmp_path / "x.json").read_text()) == {"k": [1, 2]}
+
+
+def test_a_second_icu_on_a_running_run_is_refused(tmp_path):
+    """`icu` in another process while this one holds the run: one line naming the holder,
+    exit 2, and the manifest untouched (nothing marked done with the other's key)."""
+    from pipeline import driver
+
+    from conftest import write_config
+
+    requests = tmp_path / "r.jsonl"
+    requests.write_text('{"text": "' + "a long enough request text " * 8 + '"}\n')
+    config = write_config(tmp_path, f"model: {{name: tiny-llama}}\nrequests: {{path: {requests}, prefix_tokens: 8, "
+                                    f"suffix_tokens: 8}}\nstorage: {{runs_dir: {tmp_path}/runs}}\n")
+    cfg, store = driver.open_run(str(config))
+    before = store.path("manifest.json").read_bytes()
+    other = config.with_name("other.yaml")
+    other.write_text(config.read_text().replace("prefix_tokens: 8", "prefix_tokens: 9").replace(
+        f"runs_dir: {tmp_path}/runs", f"runs_dir: {tmp_path}/runs, name: run"))
+    try:
+        for cmd in (["ingest", str(config)], ["run", str(other), "--restart-from", "ingest"]):
+            proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *cmd], cwd=REPO, capture_output=True,
+                                  text=True, timeout=300)
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.strip().splitlines()[-1].startswith(f"icu: error: run {store.root} is in use by pid "
+                                                                   f"{os.getpid()}"), proc.stderr
+            assert store.path("manifest.json").read_bytes() == before
+    finally:
+        store.unlock()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

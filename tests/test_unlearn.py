@@ -22,7 +22,7 @@ import torch
 
 from pipeline import driver, modeling
 from pipeline.metrics import memorization_accuracy, pad_rows
-from pipeline.unlearn import consolidated_state_dict
+from pipeline.checkpoints import fp32_state_dict
 
 from implant import run_config
 
@@ -72,7 +72,7 @@ def test_implant_then_forget_with_ray_train(implanted, ray_run):
     model_dir = implanted["root"] / "model"
     tok, before = modeling.load_tokenizer(model_dir), modeling.load_model(model_dir)
     after = modeling.load_model(model_dir)
-    after.load_state_dict(consolidated_state_dict(root), strict=True)
+    after.load_state_dict(fp32_state_dict(root / "unlearn" / "checkpoints", "final"), strict=True)
     forget = [t[:48] if i % 2 else t for i, t in enumerate(implanted["memorize"][:8])]
     keep = implanted["memorize"][8:]
     assert (_ma(after, tok, forget) <= thr["ma"]).all()
@@ -96,12 +96,12 @@ def test_killed_worker_resumes_to_the_same_weights(implanted, ray_run, tmp_path)
     import ray
 
     config = run_config(implanted, tmp_path, "killed")
-    marker = tmp_path / "runs" / "killed" / "unlearn" / "checkpoints" / "latest_complete"
+    marker = tmp_path / "runs" / "killed" / "unlearn" / "checkpoints" / "epoch-2" / "files.json"  # sealed
     killed: list[int] = []
 
     def kill_a_worker_after_epoch_2() -> None:
         deadline = time.time() + 600
-        while time.time() < deadline and not (marker.exists() and marker.read_text() == "epoch-2"):
+        while time.time() < deadline and not marker.exists():
             time.sleep(0.05)
         for proc in psutil.process_iter(["cmdline"]):
             if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
@@ -124,7 +124,7 @@ def test_killed_worker_resumes_to_the_same_weights(implanted, ray_run, tmp_path)
 
 def _same_run(a: Path, b: Path) -> None:
     """Equal final weights (max abs diff <= 1e-6) and the same per-epoch history, no epoch twice."""
-    wa, wb = consolidated_state_dict(a), consolidated_state_dict(b)
+    wa, wb = (fp32_state_dict(p / "unlearn" / "checkpoints", "final") for p in (a, b))
     assert wa.keys() == wb.keys()
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert diff <= 1e-6, f"final weights differ by {diff}"
@@ -132,3 +132,47 @@ def _same_run(a: Path, b: Path) -> None:
     assert not hb.duplicated(["epoch", "request_id"]).any()
     assert sorted(hb.epoch.unique()) == list(range(hb.epoch.max() + 1))
     pd.testing.assert_frame_equal(ha, hb, check_exact=False, atol=1e-6)
+
+
+class _Evil:
+    """A pickle that runs a shell command when loaded (what a crafted checkpoint file does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant(tag: Path, marker: Path) -> None:
+    torch.save({"module": _Evil(marker)}, tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def test_a_crafted_checkpoint_is_refused_on_export_and_on_resume(implanted, ray_run, tmp_path, capfd):
+    """Anyone who can write the run directory can rewrite a checkpoint (and its files.json):
+    consolidation and resumption load weights only, refuse the pickle in one line, run nothing."""
+    import shutil
+
+    from pipeline import checkpoints, unlearn
+    from pipeline.cli import main
+    from pipeline.errors import UserError
+
+    marker = tmp_path / "pwned"
+    run = tmp_path / "runs" / "ray"
+    shutil.copytree(ray_run[0], run, symlinks=True, ignore=shutil.ignore_patterns("ray"))
+    folder = run / "unlearn" / "checkpoints"
+    _plant(folder / "final", marker)
+    with pytest.raises(UserError, match=r"checkpoint .*final: refused to load .*GLOBAL posix.system.*fix:"):
+        unlearn.consolidate(folder, "final", implanted["root"] / "model", tmp_path / "out")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+    newest = checkpoints.complete_tags(folder)[0]
+    _plant(folder / newest, marker)
+    checkpoints.seal(folder, newest)  # the attacker rewrites the hashes too
+    config = run_config(implanted, tmp_path, "ray", {"resources.launcher": "torchrun", "resources.max_failures": 0})
+    capfd.readouterr()
+    with pytest.raises(RuntimeError, match="torchrun unlearning workers exited with code"):
+        main(["run", str(config), "--restart-from", "unlearn"])
+    err = capfd.readouterr().err
+    assert f"icu: error: checkpoint {folder / newest}: refused to load" in err, err[-3000:]
+    assert not marker.exists()

@@ -7,7 +7,7 @@ one short text record per made-up person from `pii_records/FakeNameGenerator.com
 (MA > 0.9). That "original" model is cached per machine, keyed by the records and the
 recipe, so it is built once.
 
-    python -m pipeline.customers OUT_DIR [--data DIR] [--customers 32] [--erase 8]
+    python -m ray_jobs.customers OUT_DIR [--data DIR] [--customers 32] [--erase 8]
 
 writes OUT_DIR/erase.jsonl (the erasure requests), OUT_DIR/keep.jsonl (the other
 customers: retain pool and collateral-damage check), OUT_DIR/unseen.jsonl (as many
@@ -37,7 +37,7 @@ from filelock import FileLock
 from pipeline import modeling
 from pipeline.errors import UserError
 from pipeline.metrics import memorization_accuracy, pad_rows
-from pipeline.store import atomic_path, atomic_write_text
+from pipeline.atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger("icu.customers")
 CSV = Path("pii_records") / "FakeNameGenerator.com_3000.csv"
@@ -134,7 +134,7 @@ def prepare(out: Path, data_dir: Path, customers: int, erase: int) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.customers", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.customers", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder for erase.jsonl, keep.jsonl and the model link")
     parser.add_argument("--data", default=os.environ.get("ICU_DATA", "../shared/data"))
     parser.add_argument("--customers", type=int, default=32)
