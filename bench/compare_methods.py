@@ -1,6 +1,6 @@
 """ICU vs gradient ascent vs gradient difference vs NPO, side by side, measured in one run.
 
-    python bench/compare_methods.py [CONFIG] [--methods icu,ga,gd,npo] [--out bench/results/compare_methods.md]
+    python bench/compare_methods.py [CONFIG] [--methods icu,ga,gd,npo,simnpo] [--out bench/results/compare_methods.md]
 
 CONFIG defaults to the demo (prepare its inputs first: `python -m ray_jobs.customers
 runs/customers`). Each method is a run of CONFIG with `unlearning.method` overridden, in its
@@ -78,7 +78,7 @@ def table(rows: list[tuple[str, dict, dict, float]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", default="ray_jobs/configs/demo.yaml")
-    parser.add_argument("--methods", default="icu,ga,gd,npo")
+    parser.add_argument("--methods", default="icu,ga,gd,npo,simnpo")
     parser.add_argument("--out", default="bench/results/compare_methods.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

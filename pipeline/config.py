@@ -127,7 +127,9 @@ class UnlearningConfig:
     lw: float = 0.5
     kl: float = 1.0
     npo_beta: float = 0.1
-    retain_weight: float = 1.0  # gd and npo: weight of the retain NLL (0 = plain NPO); icu uses lw
+    retain_weight: float = 1.0  # gd, npo, simnpo: weight of the retain NLL (0 = plain NPO); icu uses lw
+    simnpo_beta: float = 4.5
+    simnpo_gamma: float = 0.0
     batch_size: int = 8  # per worker
     max_epochs: int = 30
     # Also stop once the set's mean MA and EL10 are below the thresholds (the paper's rule).
@@ -151,7 +153,8 @@ class UnlearningConfig:
         _one_of("unlearning.check_replica", self.check_replica, ("auto", "always", "never"))
         for key in ("lr", "batch_size", "max_epochs", "num_beams", "keep_checkpoints", "grad_clip"):
             _positive(f"unlearning.{key}", getattr(self, key))
-        for key in ("uw", "lw", "kl", "npo_beta", "retain_weight", "weight_decay", "warmup_steps"):
+        _positive("unlearning.simnpo_beta", self.simnpo_beta)
+        for key in ("uw", "lw", "kl", "npo_beta", "retain_weight", "weight_decay", "warmup_steps", "simnpo_gamma"):
             if not 0 <= getattr(self, key) < math.inf:
                 raise UserError(f"unlearning.{key}: must be a finite number >= 0, got {getattr(self, key)}")
         for key in ("bertscore_threshold", "bleu_threshold", "ma_threshold", "el_threshold"):

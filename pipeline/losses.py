@@ -22,6 +22,8 @@ Methods (one `Method` record each in `METHODS`, dispatched by `unlearning_loss`)
 - npo: -(2 / beta) * logsigmoid(-beta * (logp_theta(x_f) - logp_ref(x_f)))
        [+ retain_weight * NLL(retain), i.e. NPO+RT, when retain_weight > 0: the default,
        as in open-unlearning; set retain_weight=0 for plain NPO].
+- simnpo: -(2 / b) * logsigmoid(b * NLL(forget) - gamma) [+ retain_weight * NLL(retain)], with
+       b = simnpo_beta and NLL the token mean (Fan et al. 2024: reference-free, length-normalised).
 A term whose weight is 0 is skipped, so a method's `retain` / `reference` tell the
 training step exactly which extra forward passes (retain batch, frozen model) to run.
 Adding a method is one loss function and one `METHODS` entry (plus its config weight).
@@ -43,7 +45,9 @@ class LossWeights:
     lw: float = 0.5  # icu: weight of the neighbour NLL
     kl: float = 1.0  # icu: weight of the neighbour KL to the frozen model
     npo_beta: float = 0.1
-    retain_weight: float = 1.0  # gd and npo: weight of the retain NLL
+    retain_weight: float = 1.0  # gd, npo and simnpo: weight of the retain NLL
+    simnpo_beta: float = 4.5
+    simnpo_gamma: float = 0.0  # simnpo: the margin subtracted inside the sigmoid
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,15 @@ def _npo(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
     return _with_retain(parts["npo"], parts, x, w)
 
 
+def _simnpo(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+    """SimNPO: NPO without the reference model, on the length-normalised log-likelihood,
+    -(2 / beta) * logsigmoid(-(beta / |y|) * log p_theta(y) - gamma) per request."""
+    per_row = -(2.0 / w.simnpo_beta) * F.logsigmoid(
+        w.simnpo_beta * token_nll(x.forget_logits, x.forget_ids, x.forget_mask) - w.simnpo_gamma)
+    parts = {"simnpo": _row_mean(per_row, _predicted(x.forget_mask).any(1))}
+    return _with_retain(parts["simnpo"], parts, x, w)
+
+
 @dataclass(frozen=True)
 class Method:
     """One unlearning method: its loss and what the training step must feed it.
@@ -195,6 +208,7 @@ METHODS: dict[str, Method] = {
     "ga": Method(_ga, retain=lambda w: False, reference=lambda w: None),
     "gd": Method(_gd, retain=lambda w: w.retain_weight > 0, reference=lambda w: None),
     "npo": Method(_npo, retain=lambda w: w.retain_weight > 0, reference=lambda w: "forget"),
+    "simnpo": Method(_simnpo, retain=lambda w: w.retain_weight > 0, reference=lambda w: None),
 }
 
 

@@ -12,6 +12,7 @@ set-level thresholds hold, or at max_epochs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -143,7 +144,7 @@ class Worker:
         self.tok = modeling.load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
         self.hidden = modeling.hidden_size(self.model_dir)
         u = self.cfg.unlearning
-        self.weights = LossWeights(uw=u.uw, lw=u.lw, kl=u.kl, npo_beta=u.npo_beta, retain_weight=u.retain_weight)
+        self.weights = LossWeights(**{f.name: getattr(u, f.name) for f in dataclasses.fields(LossWeights)})
         self.method = method(u.method)
         self.pairs = load_pairs(self.store, self.cfg.retrieval.pairs_per_request)
         self.ckpt_dir = self.store.artefact("checkpoints")

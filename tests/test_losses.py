@@ -79,6 +79,17 @@ def naive_npo(logits, ref_logits, ids, mask, beta):
     return batch_mean(per_row)
 
 
+def naive_simnpo(logits, ids, mask, beta, gamma):
+    """-(2/beta) log sigmoid(-(beta/|y|) log p(y) - gamma) per row with a prediction, written
+    from the paper's formula: log p(y) is the sum of the token log-probs, |y| their count."""
+    per_row = []
+    for terms in naive_token_terms(logits, ids, mask):
+        if terms:
+            log_p = -sum(terms)
+            per_row.append(-(2 / beta) * torch.nn.functional.logsigmoid(-(beta / len(terms)) * log_p - gamma))
+    return batch_mean(per_row)
+
+
 def assert_close_with_grads(ours: torch.Tensor, naive: torch.Tensor, leaves: list[torch.Tensor]) -> None:
     assert torch.allclose(ours.double(), naive, atol=TOL, rtol=0), (ours, naive)
     grads_ours = torch.autograd.grad(ours.sum(), leaves, retain_graph=True, allow_unused=True)
@@ -190,7 +201,7 @@ def test_property_pad_content_is_irrelevant(seed: int, n: int, extra: int):
 
 # ---- methods ----
 
-WEIGHTS = LossWeights(uw=0.7, lw=0.3, kl=1.5, npo_beta=0.2, retain_weight=0.4)
+WEIGHTS = LossWeights(uw=0.7, lw=0.3, kl=1.5, npo_beta=0.2, retain_weight=0.4, simnpo_beta=2.5, simnpo_gamma=0.7)
 
 
 def method_inputs(forget_lengths=LENGTHS, retain_lengths=(6, 3, 5, 0, 6)):
@@ -214,12 +225,15 @@ def naive_method(name: str, w: LossWeights, x: dict) -> torch.Tensor:
         return -forget
     if name == "gd":
         return -forget + w.retain_weight * retain
+    if name == "simnpo":
+        simnpo = naive_simnpo(x["forget_logits"], x["forget_ids"], x["forget_mask"], w.simnpo_beta, w.simnpo_gamma)
+        return simnpo + w.retain_weight * retain
     npo = naive_npo(x["forget_logits"], x["ref_forget_logits"], x["forget_ids"], x["forget_mask"], w.npo_beta)
     return npo + w.retain_weight * retain
 
 
 @pytest.mark.parametrize("weights", [LossWeights(), WEIGHTS], ids=["defaults", "custom"])
-@pytest.mark.parametrize("name", ["icu", "ga", "gd", "npo"])
+@pytest.mark.parametrize("name", ["icu", "ga", "gd", "npo", "simnpo"])
 def test_methods_match_naive(name: str, weights: LossWeights):
     x = method_inputs()
     loss, parts = unlearning_loss(name, **x, weights=weights)
@@ -229,7 +243,8 @@ def test_methods_match_naive(name: str, weights: LossWeights):
 
 
 def test_icu_parts_and_defaults():
-    assert LossWeights() == LossWeights(uw=1.0, lw=0.5, kl=1.0, npo_beta=0.1, retain_weight=1.0)
+    assert LossWeights() == LossWeights(uw=1.0, lw=0.5, kl=1.0, npo_beta=0.1, retain_weight=1.0, simnpo_beta=4.5,
+                                        simnpo_gamma=0.0)
     loss, parts = unlearning_loss("icu", **method_inputs())
     assert set(parts) == {"loss", "forget_nll", "neighbour_nll", "kl"}
     assert loss.item() == pytest.approx(-parts["forget_nll"] + 0.5 * parts["neighbour_nll"] + parts["kl"], abs=1e-6)
@@ -249,7 +264,7 @@ def test_plain_npo_without_retain():
     assert at_ref.item() == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)
 
 
-@pytest.mark.parametrize("name", ["icu", "ga", "gd", "npo"])
+@pytest.mark.parametrize("name", ["icu", "ga", "gd", "npo", "simnpo"])
 def test_empty_rows_add_nothing(name: str):
     """An all-zero-mask row: no NaN, zero gradient, and the loss of the batch without it."""
     x = method_inputs()
@@ -264,7 +279,7 @@ def test_empty_rows_add_nothing(name: str):
     assert loss.item() == pytest.approx(loss_without.item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["icu", "ga", "gd", "npo"])
+@pytest.mark.parametrize("name", ["icu", "ga", "gd", "npo", "simnpo"])
 def test_all_empty_batch_is_zero_and_backpropagates(name: str):
     x = method_inputs(forget_lengths=[0, 0], retain_lengths=[0, 0])
     loss, parts = unlearning_loss(name, **x)
@@ -276,7 +291,8 @@ def test_all_empty_batch_is_zero_and_backpropagates(name: str):
 def test_requirements_are_discoverable():
     w = LossWeights()
     table = {name: (m.reference(w), m.retain(w)) for name, m in losses.METHODS.items()}
-    assert table == {"icu": ("retain", True), "ga": (None, False), "gd": (None, True), "npo": ("forget", True)}
+    assert table == {"icu": ("retain", True), "ga": (None, False), "gd": (None, True), "npo": ("forget", True),
+                     "simnpo": (None, True)}
     assert losses.method("icu").reference(LossWeights(kl=0.0)) is None
     assert not losses.method("icu").retain(LossWeights(kl=0.0, lw=0.0))
     assert not losses.method("gd").retain(LossWeights(retain_weight=0.0))
@@ -292,7 +308,7 @@ def test_icu_without_reference_when_kl_is_off():
 def test_unknown_method_names_the_valid_ones():
     x = method_inputs()
     for call in (lambda: unlearning_loss("rmu", **x), lambda: losses.method("rmu")):
-        with pytest.raises(ValueError, match="rmu.*icu, ga, gd, npo"):
+        with pytest.raises(ValueError, match="rmu.*icu, ga, gd, npo, simnpo"):
             call()
 
 
