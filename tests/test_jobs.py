@@ -123,11 +123,11 @@ def head(tmp_path_factory):
 
 
 def _config(implanted, tmp: Path, name: str, overrides: dict | None = None) -> Path:
-    """The implanted run, with a retain pool big enough (160 items in 10 shards) to stop retrieval in."""
+    """The implanted run, with a retain pool cut into enough shards (160 items in 40) to stop retrieval in."""
     extraction = SHARED_DATA / "icu_benchmark" / "forget_sets" / "exp1" / "lm_extraction_128_1.csv"
     return run_config(implanted, tmp, name, {
         "retain.paths": [str(implanted["retain"]), str(extraction)], "retain.max_items": 160,
-        "retrieval.shard_rows": 16, "unlearning.lr": 1.0e-3, **(overrides or {})})
+        "retrieval.shard_rows": 4, "unlearning.lr": 1.0e-3, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
@@ -252,9 +252,10 @@ def test_stopped_jobs_resume_to_the_uninterrupted_result(head, reference, implan
     # 1. Stop during retrieval, once some embedding shards have landed; they are not embedded again.
     job = head.submit(config)
     pool = root / "retrieval" / "pool"
-    head.stop_when(job, lambda: _running(root, "retrieve") and any(pool.glob("emb-*.npy")), "an embedding shard")
+    # an emb file counts once its record (emb-N.json) is written
+    head.stop_when(job, lambda: _running(root, "retrieve") and any(pool.glob("emb-*.json")), "an embedding shard")
     assert _manifest(root)["stages"]["retrieve"]["status"] != "done"
-    landed = {p.name: p.stat().st_mtime_ns for p in pool.glob("emb-*.npy")}
+    landed = {p.name: p.stat().st_mtime_ns for p in (r.with_suffix(".npy") for r in pool.glob("emb-*.json"))}
     logs.append(head.logs(job))
 
     # 2. Resubmit; stop during unlearning after a checkpoint; the next job says where it resumes.
