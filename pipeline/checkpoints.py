@@ -48,7 +48,11 @@ def seal(folder: Path, tag: str) -> None:
 def complete_tags(folder: Path) -> list[str]:
     """Sealed epoch tags, newest first."""
     tags = [p.name for p in folder.glob("epoch-*") if (p / RECORDS).is_file()]
-    return sorted(tags, key=lambda t: int(t.split("-")[1]), reverse=True)
+    return sorted(tags, key=_epoch, reverse=True)
+
+
+def _epoch(tag: str) -> int:
+    return int(tag.split("-")[1])
 
 
 def problem(folder: Path, tag: str) -> str | None:
@@ -72,10 +76,10 @@ def latest_verified(folder: Path) -> str | None:
 
 
 def prune(folder: Path, keep: int, current: str) -> None:
-    tags = sorted((p for p in folder.glob("epoch-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    tags = sorted((p.name for p in folder.glob("epoch-*") if p.is_dir()), key=_epoch)
     for old in tags[:-keep]:
-        if old.name != current:
-            shutil.rmtree(old, ignore_errors=True)
+        if old != current:
+            shutil.rmtree(folder / old, ignore_errors=True)
 
 
 @contextlib.contextmanager

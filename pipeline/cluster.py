@@ -22,7 +22,7 @@ def use_ray(cfg: Config) -> bool:
     return cfg.resources.launcher == "ray"
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray() -> None:
     """Connect to the cluster this job runs on (RAY_ADDRESS), or start a local Ray."""
     import ray
 
@@ -32,7 +32,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  log_to_driver=True)
 
 

@@ -268,9 +268,9 @@ def build_pool(cfg: Config, store: RunStore) -> dict[str, Any]:
     stamp = pool / "fingerprint"
     same_inputs = stamp.exists() and stamp.read_text() == pool_key
     counts = _read_counts(pool) if same_inputs else None
-    if counts is not None and damaged_items(pool, counts):
-        log.info("retrieve: items shards %s differ from their records; cutting the pool again",
-                 damaged_items(pool, counts))
+    damaged = damaged_items(pool, counts) if counts is not None else []
+    if damaged:
+        log.info("retrieve: items shards %s differ from their records; cutting the pool again", damaged)
         counts = None
     if counts is None:
         if pool.exists() and not same_inputs:

@@ -54,8 +54,9 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stamp, stage_key)
-    if checkpoints.complete_tags(folder):
-        log.info("unlearn: resuming from checkpoint %s", checkpoints.complete_tags(folder)[0])
+    sealed = checkpoints.complete_tags(folder)
+    if sealed:
+        log.info("unlearn: resuming from checkpoint %s", sealed[0])
     (ray_train if cluster.use_ray(cfg) else torchrun)(cfg, store)
     summary = json.loads(store.artefact("unlearn_result").read_text())
     consolidate(store.artefact("checkpoints"), summary["final_tag"], cfg.model_dir, store.artefact("unlearned_model"),
