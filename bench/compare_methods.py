@@ -1,15 +1,19 @@
-"""ICU vs gradient ascent vs gradient difference vs NPO, side by side, measured in one run.
+"""The improved recipe vs ICU as the paper runs it vs the baselines, side by side, in one run.
 
-    python bench/compare_methods.py [CONFIG] [--methods icu,ga,gd,npo,simnpo] [--out bench/results/compare_methods.md]
+    python bench/compare_methods.py [CONFIG] [--methods icu_band,icu-paper,ga,gd,npo,simnpo]
+                                    [--out bench/results/compare_methods.md]
 
 CONFIG defaults to the demo (prepare its inputs first: `python -m ray_jobs.customers
-runs/customers`). Each method is a run of CONFIG with `unlearning.method` overridden, in its
-own run directory `<name>-<method>`. Ingest and retrieval run once and are copied to the
-others, so every method sees the same requests, neighbours and thresholds (the original
-model's scores are shared the same way); each then runs to the same forgetting criterion (or
-max_epochs), and the evaluate stage scores it. The table (the paper's columns plus epochs
-and the unlearn stage's wall time) goes to --out. Finished runs are skipped, so a second
-call only rewrites the table.
+runs/customers`), whose recipe is icu_band. Each entry of VARIANTS is a run of CONFIG with
+those settings overridden, in its own run directory `<name>-<variant>`. Ingest and retrieval
+run once and are copied to the others, so every method sees the same requests, neighbours,
+general retain rows and thresholds (the original model's scores are shared the same way).
+Each runs to its own stopping rule: icu-paper to the paper's (set-level, one-sided); the
+baselines until every request is below the thresholds on its own (one-sided: they have no
+way back from too deep, see pipeline/method.md) or max_epochs; icu_band to the strangers'
+band. The table (the paper's columns, both MIA AUCs, the paired classification change,
+epochs and the unlearn stage's wall time) goes to --out. Finished runs are skipped, so a
+second call only rewrites the table.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ from pipeline.report import TABLE, cell  # noqa: E402
 from pipeline.store import RunStore  # noqa: E402
 
 SHARED = ("ingest", "retrieve")
+ONE_SIDED = {"unlearning.stop": "each", "unlearning.stranger_quantile": None}
+VARIANTS = {
+    "icu_band": {},  # the config's own recipe
+    "icu-paper": {"unlearning.method": "icu", "unlearning.stop": "set", "unlearning.stranger_quantile": None,
+                  "unlearning.general_batch": 0},
+    **{m: {"unlearning.method": m, **ONE_SIDED} for m in ("ga", "gd", "npo", "simnpo")},
+}
 
 
 def share_upstream(src: RunStore, dst: RunStore) -> None:
@@ -45,13 +56,18 @@ def share_upstream(src: RunStore, dst: RunStore) -> None:
         shutil.copy2(src.artefact("eval_partial") / name, scores / name)
 
 
-def run_method(config: str, method: str, base: RunStore | None) -> RunStore:
-    """One method's run through evaluate."""
-    name = f"{load_config(config).storage.name}-{method}"
-    cfg, store = driver.open_run(config, {"unlearning.method": method, "storage.name": name})
-    if base is not None:
+def run_method(config: str, variant: str, base: RunStore | None) -> RunStore:
+    """One variant's run through evaluate; the config's own recipe is the config's own run (a
+    finished `make demo` is reused, not retrained)."""
+    own = load_config(config).storage.name
+    name = own if not VARIANTS[variant] else f"{own}-{variant}"
+    cfg, store = driver.open_run(config, {**VARIANTS[variant], "storage.name": name})
+    if base is not None and store.root != base.root:
         share_upstream(base, store)
-    driver.run_pipeline(cfg, store, until="evaluate")
+    try:
+        driver.run_pipeline(cfg, store, until="evaluate")
+    finally:
+        store.unlock()
     return store
 
 
@@ -63,39 +79,51 @@ def measured(method: str, store: RunStore) -> tuple[str, dict, dict, float]:
 
 def table(rows: list[tuple[str, dict, dict, float]]) -> str:
     """Markdown: the original model once, then one row per method."""
-    columns = [c for c in TABLE if c[0] not in ("BLEU-4", "MIA AUC (Min-K%)")]
-    head = ["Model"] + [c[0] for c in columns] + ["Epochs", "Unlearn s"]
+    columns = [c for c in TABLE if c[0] not in ("BLEU-4",)]
+    head = ["Model"] + [c[0] for c in columns] + ["Classification change", "Too deep", "Epochs", "Unlearn s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     original = rows[0][1]["models"]["original"]
-    lines.append("| " + " | ".join(["original"] + [cell(g, original, f) for _, g, f in columns] + ["0", "-"]) + " |")
+    lines.append("| " + " | ".join(["original"] + [cell(g, original, f) for _, g, f in columns] + ["-", "-", "0", "-"])
+                 + " |")
     for method, metrics, unlearn, seconds in rows:
-        m = metrics["models"]["unlearned"]
-        cells = [method] + [cell(g, m, f) for _, g, f in columns] + [str(unlearn["epochs"]), f"{seconds:.0f}"]
+        m, change = metrics["models"]["unlearned"], metrics.get("paired_change", {}).get("classification")
+        cells = [method] + [cell(g, m, f) for _, g, f in columns] + [
+            f"{change['change']:+.1f} ± {change['se']:.1f}" if change else "-", str(len(unlearn.get("too_deep", []))),
+            str(unlearn["epochs"]), f"{seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_table(config: str, out: str, rows: list[tuple[str, dict, dict, float]]) -> None:
+    thr = rows[0][1]["thresholds"]
+    text = (f"# Unlearning methods side by side\n\nConfig `{config}`, one machine, one run of this script. "
+            f"Forgetting thresholds (original model on `evaluation.unseen_path`): MA {thr['ma']:.3f}, EL10 {thr['el']:.4f}. "
+            "Unlearn s = wall time of the unlearn stage (IUR checks included). Classification change = unlearned minus "
+            "original on the same examples, ± its standard error. Too deep = requests past the strangers' edge.\n\n"
+            + table(rows) + "\n")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", default="ray_jobs/configs/demo.yaml")
-    parser.add_argument("--methods", default="icu,ga,gd,npo,simnpo")
+    parser.add_argument("--methods", default=",".join(VARIANTS), help=f"from {', '.join(VARIANTS)}")
     parser.add_argument("--out", default="bench/results/compare_methods.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ensure_ray()
     rows, base = [], None
+    unknown = [v for v in args.methods.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     for method in args.methods.split(","):
         store = run_method(args.config, method, base)
         base = base or store
         rows.append(measured(method, store))
         print(f"{method}: unlearn {rows[-1][3]:.0f} s", flush=True)
-    thr = rows[0][1]["thresholds"]
-    text = (f"# Unlearning methods side by side\n\nConfig `{args.config}`, one machine, one run of this script. "
-            f"Forgetting thresholds (original model on `evaluation.unseen_path`): MA {thr['ma']:.3f}, EL10 {thr['el']:.4f}. "
-            "Unlearn s = wall time of the unlearn stage (IUR checks included).\n\n" + table(rows) + "\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+        write_table(args.config, args.out, rows)  # after every method: a stopped comparison keeps what it has
+    print(Path(args.out).read_text())
     return 0
 
 

@@ -1,11 +1,13 @@
 """`icu`: run the unlearning pipeline, one stage, or show a run's status.
 
     icu run CONFIG [--restart-from STAGE] [--set key=value ...]
-    icu ingest|retrieve|unlearn|evaluate|export CONFIG   (runs earlier stages first when needed)
+    icu ingest|retrieve|unlearn|evaluate|export CONFIG [--restart-from STAGE] [--set key=value ...]
+        (runs earlier stages first when needed)
     icu evaluate --model PATH [--suites ppl,classification] [--out DIR] [--set key=value ...]
     icu status RUN_DIR
 
-Bad input is reported as one line on stderr with exit code 2, never a traceback.
+Bad input is reported as one line on stderr with exit code 2, never a traceback. A run that
+finishes with accepted requests still remembered exits 3, naming them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import yaml
 from pipeline.errors import UserError
 from pipeline.config import SUITES
 from pipeline.store import STAGES
+
+REMEMBERED_EXIT = 3  # the run finished, but some accepted requests are still remembered
 
 EPILOG = """examples:
   icu run ray_jobs/configs/demo.yaml           whole pipeline, skipping completed stages
@@ -50,12 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         "already complete, so rerunning a command resumes it.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run the whole pipeline (completed stages are skipped)")
-    _config_args(run)
-    run.add_argument("--restart-from", choices=STAGES, help="rerun this stage and all later ones "
-                     "(required to change the config of an existing run)")
-    for stage, help_text in STAGE_HELP.items():
-        _config_args(sub.add_parser(stage, help=help_text))
+    commands = {"run": "run the whole pipeline (completed stages are skipped)", **STAGE_HELP}
+    for command, help_text in commands.items():
+        parser_of = sub.add_parser(command, help=help_text)
+        _config_args(parser_of)
+        parser_of.add_argument("--restart-from", choices=STAGES, help="rerun this stage and all later ones "
+                               "(required to change the config of an existing run)")
     evaluate = sub.choices["evaluate"]
     evaluate.add_argument("--model", help="evaluate this model folder on its own (CONFIG is then optional "
                           "and only supplies evaluation settings)")
@@ -109,7 +113,23 @@ def dispatch(args: argparse.Namespace) -> int:
             driver.run_pipeline(cfg, store, until=args.command)
     finally:
         store.unlock()
-    return 0
+    return remembered_exit(store)
+
+
+def remembered_exit(store) -> int:
+    """REMEMBERED_EXIT, with one line naming them, when unlearning ended with requests still remembered
+    (everything is written by then: the receipt lists them as not_forgotten); else 0."""
+    import json
+
+    path = store.artefact("unlearn_result")
+    remembered = json.loads(path.read_text()).get("remembered", []) if path.exists() else []
+    if not remembered:
+        return 0
+    print(f"icu: {len(remembered)} accepted requests are still remembered after unlearning: {', '.join(remembered)}; "
+          "the receipt lists them as not_forgotten; fix: rerun with --restart-from unlearn --set "
+          "unlearning.max_epochs=<more> (training continues from its last checkpoint)",
+          file=sys.stderr)
+    return REMEMBERED_EXIT
 
 
 def print_results(store) -> None:

@@ -30,6 +30,7 @@ REQUIRED = "<required>"
 TINY_MODELS = ("tiny-llama", "tiny-gptneo")
 SUITES = ("forget", "unseen", "ppl", "classification", "dialogue", "mia")
 PROJECT = Path(__file__).resolve().parents[1]
+RENAMED = {"unlearning.set_stop": "write unlearning.stop: set (was set_stop: true) or each (was false)"}
 
 
 def path_field(default: Any = REQUIRED, *, default_factory: Any = None, **meta: Any) -> Any:
@@ -101,6 +102,9 @@ class RetrievalConfig:
     batch_size: int = 64
     shard_rows: int = 1024  # pool items per embedding shard (the unit of resume)
     index_shards: int = 1  # >1: one index per slice of the pool, searched in parallel
+    # pool items per retain source, beyond the neighbours, kept as general retain text
+    # (unlearning.general_batch of them join every step): what holds general ability
+    general_per_source: int = 0
 
     def validate(self) -> None:
         _positive("retrieval.k", self.k)
@@ -108,6 +112,8 @@ class RetrievalConfig:
         _positive("retrieval.exact_max", self.exact_max)
         _positive("retrieval.shard_rows", self.shard_rows)
         _positive("retrieval.index_shards", self.index_shards)
+        if self.general_per_source < 0:
+            raise UserError(f"retrieval.general_per_source: must be >= 0, got {self.general_per_source}")
         _in_range("retrieval.ngram_threshold", self.ngram_threshold, 0.0, 1.0)
         _one_of("retrieval.index", self.index, ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw"))
         if not 1 <= self.pairs_per_request <= self.k:
@@ -132,9 +138,16 @@ class UnlearningConfig:
     simnpo_gamma: float = 0.0
     batch_size: int = 8  # per worker
     max_epochs: int = 30
-    # Also stop once the set's mean MA and EL10 are below the thresholds (the paper's rule).
-    # false: stop only when every request is forgotten (or at max_epochs).
-    set_stop: bool = True
+    # each: train until every request is forgotten on its own (or max_epochs; `icu run` then
+    # fails naming the rest). set: the paper's rule, also stop once the set's mean MA and EL
+    # are below the thresholds.
+    stop: str = "each"
+    # A request whose token-mean NLL lies above this quantile of the unseen rows' (re-measured at
+    # every check) was erased too deep: it stands out as less familiar than nearly every stranger,
+    # and does not count as forgotten. null = one-sided (the paper's rule).
+    stranger_quantile: float | None = 0.9
+    margin: float = 1.0  # icu_band: the logit margin a request's tokens are pushed off the top by
+    general_batch: int = 0  # general retain rows (retrieval.general_per_source) added to each step
     seed: int = 42
     grad_clip: float = 1.0
     warmup_steps: int = 0
@@ -151,10 +164,16 @@ class UnlearningConfig:
     def validate(self) -> None:
         _one_of("unlearning.method", self.method, tuple(METHODS))
         _one_of("unlearning.check_replica", self.check_replica, ("auto", "always", "never"))
+        _one_of("unlearning.stop", self.stop, ("each", "set"))
+        if self.stranger_quantile is not None:
+            _in_range("unlearning.stranger_quantile", self.stranger_quantile, 0.0, 1.0)
+        if self.general_batch < 0:
+            raise UserError(f"unlearning.general_batch: must be >= 0, got {self.general_batch}")
         for key in ("lr", "batch_size", "max_epochs", "num_beams", "keep_checkpoints", "grad_clip"):
             _positive(f"unlearning.{key}", getattr(self, key))
         _positive("unlearning.simnpo_beta", self.simnpo_beta)
-        for key in ("uw", "lw", "kl", "npo_beta", "retain_weight", "weight_decay", "warmup_steps", "simnpo_gamma"):
+        for key in ("uw", "lw", "kl", "npo_beta", "retain_weight", "weight_decay", "warmup_steps", "simnpo_gamma",
+                    "margin"):
             if not 0 <= getattr(self, key) < math.inf:
                 raise UserError(f"unlearning.{key}: must be a finite number >= 0, got {getattr(self, key)}")
         for key in ("bertscore_threshold", "bleu_threshold", "ma_threshold", "el_threshold"):
@@ -349,6 +368,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
+        if f"{prefix}{key}" in RENAMED:
+            raise UserError(f"{prefix}{key}: renamed; fix: {RENAMED[f'{prefix}{key}']}")
         if key not in fields:
             near = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean '{prefix}{near[0]}'?" if near else f"valid keys: {', '.join(fields)}"

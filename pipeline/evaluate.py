@@ -208,6 +208,24 @@ def summarize(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -
     return out
 
 
+def paired_change(before: pd.DataFrame, after: pd.DataFrame, suite: str, metric: str) -> dict[str, float] | None:
+    """The change of a suite's task-averaged score (x100) from `before` to `after` on the same examples,
+    with its standard error: per task, the mean and variance of the per-example differences; tasks
+    weigh equally. Pairing is what makes a 2-point change measurable with a few dozen examples per
+    task: only the examples whose answer flipped add variance."""
+    def scores(frame: pd.DataFrame) -> pd.Series:
+        rows = frame[(frame["suite"] == suite) & (frame["metric"] == metric)]
+        return rows.set_index(["task", "sample_id"])["value"]
+
+    diff = (scores(after) - scores(before)).dropna()
+    if diff.empty:
+        return None
+    by_task = diff.groupby(level="task")
+    means, variances, counts = by_task.mean(), by_task.var(ddof=1).fillna(0.0), by_task.size()
+    se = math.sqrt(float((variances / counts).sum())) / len(means)
+    return {"change": 100 * float(means.mean()), "se": 100 * se, "examples": int(counts.sum()), "tasks": len(means)}
+
+
 def _values(group: pd.DataFrame, metric: str) -> list[float]:
     return group[group["metric"] == metric].sort_values("sample_id")["value"].tolist()
 
@@ -226,8 +244,10 @@ def options(cfg) -> Options:
 
 
 def key(cfg, store: RunStore) -> str:
+    """The evaluation settings and the unlearned model itself (the unlearn stage's recorded outputs,
+    so scores kept from an earlier attempt are never reused for a retrained model)."""
     return fingerprint("evaluate", cfg.part("model", "requests", "evaluation"), cfg.max_tokens, cfg.unlearning.num_beams,
-                       store.key_of("ingest"), store.key_of("unlearn"))
+                       store.key_of("ingest"), store.key_of("unlearn"), store.outputs_of("unlearn"))
 
 
 def _tasks(cfg, tok, accepted: pd.DataFrame | None, keep: bool = True) -> list[Task]:
@@ -271,6 +291,8 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
     results = {
         "thresholds": thresholds,
         "models": {label: summarize(frame, thresholds) for label, frame in frames.items()},
+        "paired_change": {suite: change for suite, metric in (("classification", "correct"), ("dialogue", "f1"))
+                          if (change := paired_change(frames["original"], frames["unlearned"], suite, metric))},
         "unlearn": {k: unlearn[k] for k in ("method", "epochs", "stop_reason", "forgotten", "requests")
                     if k in unlearn},
     }

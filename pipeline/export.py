@@ -25,7 +25,7 @@ log = logging.getLogger("icu.export")
 OUTPUTS = ("handoff",)
 
 RECEIPT_COLUMNS = ["source_row", "request_id", "content_hash", "status", "epoch_forgotten", "reason", "ma_before",
-                   "el_before", "ma_after", "el_after", "ma_threshold", "el_threshold"]
+                   "el_before", "ma_after", "el_after", "ma_threshold", "el_threshold", "nll_after", "nll_band_high"]
 
 
 def verify(model_dir: Path, probe: dict[str, torch.Tensor], tolerance: float = 1e-5) -> float:
@@ -50,7 +50,8 @@ def verify(model_dir: Path, probe: dict[str, torch.Tensor], tolerance: float = 1
 
 
 def receipt_rows(store: RunStore) -> list[dict]:
-    """One row per input request: forgotten (and when), not forgotten (and why), or rejected at ingest."""
+    """One row per input request: forgotten (and when), not forgotten (and why: still remembered, or
+    erased too deep), or rejected at ingest."""
     accepted = pd.read_parquet(store.artefact("accepted"), columns=["source_row", "id", "content_hash"])
     rejected = pd.read_parquet(store.artefact("rejected"))
     history = pd.read_parquet(store.artefact("history"))
@@ -62,22 +63,30 @@ def receipt_rows(store: RunStore) -> list[dict]:
         first, last = checks.iloc[0], checks.iloc[-1]
         flags = checks["forgotten"].tolist()
         since = len(flags) - next((i for i, f in enumerate(reversed(flags)) if not f), len(flags))
-        forgotten = bool(last["forgotten"])
+        forgotten, deep = bool(last["forgotten"]), bool(last.get("too_deep", False))
+        stopped = f"when unlearning stopped ({result['stop_reason']} after {result['epochs']} epochs)"
         rows.append(dict(
             source_row=int(source_row), request_id=rid, content_hash=digest,
-            status="forgotten" if forgotten else "not_forgotten",
+            status="forgotten" if forgotten else "too_deep" if deep else "not_forgotten",
             epoch_forgotten=int(checks["epoch"].iloc[since]) if forgotten else None,
-            reason=None if forgotten else f"still remembered when unlearning stopped ({result['stop_reason']} "
-                                          f"after {result['epochs']} epochs)",
+            reason=None if forgotten else f"erased too deep {stopped}: its NLL {last['nll']:.2f} lies above the "
+                   f"strangers' band ({last['band_high']:.2f}), so it stands out as erased" if deep
+                   else f"still remembered {stopped}",
             ma_before=float(first["ma"]), el_before=float(first["el"]), ma_after=float(last["ma"]),
-            el_after=float(last["el"]), ma_threshold=thr["ma"], el_threshold=thr["el"]))
+            el_after=float(last["el"]), ma_threshold=thr["ma"], el_threshold=thr["el"],
+            nll_after=_number(last.get("nll")), nll_band_high=_number(last.get("band_high"))))
     for row in rejected.itertuples(index=False):
         rows.append(dict(source_row=int(row.source_row), request_id=row.id, content_hash=row.content_hash,
                          status="rejected", epoch_forgotten=None,
                          reason=f"rejected at ingest: {row.reason}" + (f" ({row.detail})" if row.detail else ""),
                          ma_before=None, el_before=None, ma_after=None, el_after=None,
-                         ma_threshold=thr["ma"], el_threshold=thr["el"]))
+                         ma_threshold=thr["ma"], el_threshold=thr["el"], nll_after=None, nll_band_high=None))
     return sorted(rows, key=lambda r: r["source_row"])
+
+
+def _number(value) -> float | None:
+    """A float, or None for a value the check did not measure (no band; history from an older run)."""
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def spreadsheet_safe(value):

@@ -10,6 +10,11 @@ below the forgetting thresholds (the model's mean MA / EL_n on text it never saw
 as in Knowledge Unlearning). Flags are recomputed every epoch, so a request whose
 memory returns re-enters training.
 
+With `unlearning.stranger_quantile` (a quantile of the unseen rows' token-mean NLL on the
+current model) the rule is two-sided: a request whose NLL lies above it was erased too deep
+(an attacker would single it out as less familiar than nearly every stranger) and is not
+forgotten either. `band_targets` tells icu_band which requests to push and which to pull back.
+
 The functions here are per-rank and pure apart from the model calls; the training
 loop shards requests and gathers the results.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from pipeline import metrics
@@ -76,3 +82,45 @@ def check_requests(model, tokenizer, rows: list[list[int]], *, thresholds: Thres
     """One IUR record per row: `score_requests`' scores and whether the row counts as forgotten."""
     return [dict(rec, forgotten=is_forgotten(rec["bleu"], rec["bertscore"], rec["ma"], rec["el"], thresholds))
             for rec in score_requests(model, tokenizer, rows, **kwargs)]
+
+
+def apply_band(records: list[dict], nll: list[float], unseen_nll: list[float], high_q: float | None) -> list[dict]:
+    """Each record with its token-mean NLL, the strangers' edge and `too_deep`; a request past the
+    edge is not forgotten (module docstring). Without a quantile, records only gain `nll`."""
+    high = float(np.quantile(unseen_nll, high_q)) if high_q is not None else None
+    out = []
+    for rec, value in zip(records, nll):
+        deep = high is not None and rec["forgotten"] and value > high
+        out.append(dict(rec, nll=value, band_high=high, too_deep=deep, forgotten=rec["forgotten"] and not deep))
+    return out
+
+
+def shared_bigrams(rows: list[list[int]], hits: list[list[bool]], share: float = 0.5) -> set[tuple[int, int]]:
+    """(token, next token) pairs the model predicts for strangers: greedy-correct in at least `share`
+    of their occurrences in the unseen rows. Such a token ("E-mail" after ". ", the template of a
+    record) is something a stranger's record gets right too, so erasing a person leaves it alone."""
+    seen: dict[tuple[int, int], list[int]] = {}
+    for row, row_hits in zip(rows, hits):
+        for t, hit in enumerate(row_hits):
+            count = seen.setdefault((row[t], row[t + 1]), [0, 0])
+            count[0] += hit
+            count[1] += 1
+    return {pair for pair, (hit, total) in seen.items() if hit >= share * total}
+
+
+def band_targets(records: list[dict], rows: list[list[int]], shared: set[tuple[int, int]],
+                 unseen_nll: list[float]) -> tuple[list[list[float]], list[float], list[float]]:
+    """icu_band's per-request (push mask over positions, low, high) for the next epoch.
+
+    A remembered request is pushed at every position whose bigram is not `shared` (what is
+    specific to the person), towards the strangers' median NLL (`low`), never pulled back
+    (high = inf). One erased too deep is not pushed and is pulled back to the strangers' edge.
+    """
+    low = float(np.median(unseen_nll))
+    push, lows, high = [], [], []
+    for rec, row in zip(records, rows):
+        remembered = not rec["forgotten"] and not rec["too_deep"]
+        push.append([float(remembered and (row[t], row[t + 1]) not in shared) for t in range(len(row) - 1)])
+        lows.append(low)
+        high.append(float("inf") if remembered or rec["band_high"] is None else rec["band_high"])
+    return push, lows, high

@@ -24,6 +24,12 @@ Methods (one `Method` record each in `METHODS`, dispatched by `unlearning_loss`)
        as in open-unlearning; set retain_weight=0 for plain NPO].
 - simnpo: -(2 / b) * logsigmoid(b * NLL(forget) - gamma) [+ retain_weight * NLL(retain)], with
        b = simnpo_beta and NLL the token mean (Fan et al. 2024: reference-free, length-normalised).
+- icu_band: icu with a bounded forget term per request, uw * (mean_t push_t * relu(z_true - z_best_other
+       + margin) + relu(low - NLL(forget)) + relu(NLL(forget) - high)), the middle term's gradient
+       through the pushed tokens only: the tokens specific to the person (`forget_push`) are
+       pushed just off the top and their NLL raised to the strangers' median (`forget_low`),
+       and no further; a request erased past the strangers' edge (`forget_high`) is pulled back
+       (pipeline/method.md, "Stopping at a stranger's level"). All three come from the loop.
 A term whose weight is 0 is skipped, so a method's `retain` / `reference` tell the
 training step exactly which extra forward passes (retain batch, frozen model) to run.
 Adding a method is one loss function and one `METHODS` entry (plus its config weight).
@@ -48,6 +54,7 @@ class LossWeights:
     retain_weight: float = 1.0  # gd, npo and simnpo: weight of the retain NLL
     simnpo_beta: float = 4.5
     simnpo_gamma: float = 0.0  # simnpo: the margin subtracted inside the sigmoid
+    margin: float = 1.0  # icu_band: logits by which a pushed token must trail the best other token
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,9 @@ class LossInputs:
     retain_mask: Tensor | None = None
     ref_retain_logits: Tensor | None = None
     ref_forget_logits: Tensor | None = None
+    forget_push: Tensor | None = None  # [B, T-1] icu_band: 1 = push the prediction of ids[:, t+1]
+    forget_low: Tensor | None = None  # [B] icu_band: the token-mean NLL a pushed row is raised to
+    forget_high: Tensor | None = None  # [B] icu_band: the token-mean NLL a row is pulled back to
 
 
 def _upcast(logits: Tensor) -> Tensor:
@@ -144,7 +154,39 @@ def _retain_nll(x: LossInputs) -> Tensor:
 
 def _icu(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
     parts = {"forget_nll": _forget_nll(x)}
-    loss = -w.uw * parts["forget_nll"]
+    return _neighbour_terms(-w.uw * parts["forget_nll"], parts, x, w)
+
+
+def _icu_band(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+    per_token, valid = _shifted_nll(x.forget_logits, x.forget_ids, x.forget_mask)
+    count = valid.sum(1).clamp(min=1)
+    push = x.forget_push.bool() & valid
+    nll = per_token.sum(1) / count
+    margin = torch.where(push, token_margins(x.forget_logits, x.forget_ids, valid, w.margin), 0.0).sum(1) / count
+    raised = torch.where(push, per_token, per_token.detach()).sum(1) / count  # nll's value, pushed tokens' gradient
+    outside = margin + push.any(1) * F.relu(x.forget_low - raised) + F.relu(nll - x.forget_high)
+    active = valid.any(1)
+    parts = {"forget_nll": _row_mean(nll.detach(), active), "band_gap": _row_mean(outside, active)}
+    return _neighbour_terms(w.uw * parts["band_gap"], parts, x, w)
+
+
+def token_margins(logits: Tensor, ids: Tensor, valid: Tensor, margin: float) -> Tensor:
+    """[B, T-1] relu(z_true - z_best_other + margin) of the prediction of ids[:, t+1].
+
+    Zero once another token leads by `margin` logits: unlike -NLL it stops as soon as greedy
+    decoding no longer produces the token, and its gradient does not vanish on confidently
+    memorized tokens (where d NLL / d z_true = p_true - 1 is near 0).
+    """
+    logits = _upcast(logits[:, :-1])
+    targets = ids[:, 1:].masked_fill(~valid, 0).unsqueeze(-1)
+    true = logits.gather(-1, targets).squeeze(-1)
+    top2 = logits.topk(2, dim=-1)
+    best_other = torch.where(top2.indices[..., 0] == targets.squeeze(-1), top2.values[..., 1], top2.values[..., 0])
+    return F.relu(true - best_other + margin)
+
+
+def _neighbour_terms(loss: Tensor, parts: Parts, x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+    """ICU's retain side: lw * NLL(neighbours) + kl * KL(p_ref || p_theta on neighbours)."""
     if w.lw > 0:
         parts["neighbour_nll"] = _retain_nll(x)
         loss = loss + w.lw * parts["neighbour_nll"]
@@ -197,14 +239,19 @@ class Method:
     `retain(w)`: whether the loss reads a retain/neighbour batch (`retain_*`).
     `reference(w)`: which rows the frozen original model must see ("retain", "forget")
     or None; the step runs that extra forward pass only then.
+    `band`: the loss reads each forget row's `forget_push` / `forget_low` / `forget_high`, so it
+    can also pull back a request erased past the strangers' level.
     """
     loss: Callable[[LossInputs, LossWeights], tuple[Tensor, Parts]]
     retain: Callable[[LossWeights], bool]
     reference: Callable[[LossWeights], str | None]
+    band: bool = False
 
 
 METHODS: dict[str, Method] = {
     "icu": Method(_icu, retain=lambda w: w.lw > 0 or w.kl > 0, reference=lambda w: "retain" if w.kl > 0 else None),
+    "icu_band": Method(_icu_band, retain=lambda w: w.lw > 0 or w.kl > 0,
+                       reference=lambda w: "retain" if w.kl > 0 else None, band=True),
     "ga": Method(_ga, retain=lambda w: False, reference=lambda w: None),
     "gd": Method(_gd, retain=lambda w: w.retain_weight > 0, reference=lambda w: None),
     "npo": Method(_npo, retain=lambda w: w.retain_weight > 0, reference=lambda w: "forget"),
@@ -222,6 +269,8 @@ def _check_inputs(m: Method, x: LossInputs, weights: LossWeights) -> None:
     required = ["retain_logits", "retain_ids", "retain_mask"] if m.retain(weights) else []
     if m.reference(weights):
         required.append(f"ref_{m.reference(weights)}_logits")
+    if m.band:
+        required += ["forget_push", "forget_low", "forget_high"]
     missing = [key for key in required if getattr(x, key) is None]
     if missing:
         raise ValueError(f"this method with {weights} needs {', '.join(missing)}")
@@ -238,12 +287,16 @@ def unlearning_loss(
     retain_mask: Tensor | None = None,
     ref_retain_logits: Tensor | None = None,
     ref_forget_logits: Tensor | None = None,
+    forget_push: Tensor | None = None,
+    forget_low: Tensor | None = None,
+    forget_high: Tensor | None = None,
     weights: LossWeights = LossWeights(),
 ) -> tuple[Tensor, dict[str, float]]:
     """The scalar training loss of method `name` and its detached parts (plus "loss") for logging."""
     m = method(name)
     x = LossInputs(forget_logits, forget_ids, forget_mask, retain_logits, retain_ids, retain_mask,
-                   ref_retain_logits, ref_forget_logits)
+                   ref_retain_logits, ref_forget_logits, forget_push, forget_low,
+                   forget_high)
     _check_inputs(m, x, weights)
     loss, parts = m.loss(x, weights)
     return loss, {"loss": loss.item(), **{key: value.item() for key, value in parts.items()}}

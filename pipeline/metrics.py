@@ -291,6 +291,20 @@ def _dummy_forwards(model: PreTrainedModel, count: int, pad_token_id: int) -> No
 # --- perplexity -----------------------------------------------------------------------------
 
 @torch.no_grad()
+@torch.no_grad()
+def greedy_hits(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch_size: int = 8,
+                pad_token_id: int = 0) -> list[list[bool]]:
+    """Per row, whether the greedy next-token prediction from x_<=t is x_{t+1}, for t = 0..len-2
+    (the positions MA averages over)."""
+    hits: list[list[bool]] = []
+    for group in _chunks(range(len(rows)), batch_size):
+        ids, mask = pad_rows([rows[k] for k in group], pad_token_id, left=False, device=model.device)
+        logits, targets, _ = _token_logits(model, ids, mask)
+        correct = (logits.argmax(-1) == targets).cpu()
+        hits += [correct[i, :len(rows[k]) - 1].tolist() for i, k in enumerate(group)]
+    return hits
+
+
 def sequence_losses(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch_size: int = 8,
                     pad_token_id: int = 0) -> torch.Tensor:
     """Mean token NLL of each row (every row needs at least 2 tokens), float64 [N]."""

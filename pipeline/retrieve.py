@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from pipeline import cluster, modeling
+from pipeline import cluster, modeling, suites
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text, check_records, file_digest, \
     file_records, sha256_file
 from pipeline.config import Config, RequestsConfig
@@ -46,7 +46,7 @@ from pipeline.ingest import read_rows
 from pipeline.store import RunStore, fingerprint
 
 log = logging.getLogger("icu.retrieve")
-OUTPUTS = ("neighbours", "retain_items", "retrieval_stats", "pool")  # the pool: checked, so damage is re-made
+OUTPUTS = ("neighbours", "retain_items", "general_items", "retrieval_stats", "pool")  # the pool: checked, so damage is re-made
 
 ITEM_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("input_ids", pa.list_(pa.int32())),
                          ("shard", pa.int32()), ("pos", pa.int32())])
@@ -313,7 +313,7 @@ def load_pool(pool: Path, n_shards: int) -> tuple[np.ndarray, list[str], _TextCo
 def find_request_neighbours(cfg: Config, store: RunStore, counts: dict[str, Any]) -> dict[str, Any]:
     """Embed the requests, search the pool with the leak guard on, write the neighbour table."""
     from retrieval.index import IndexSpec
-    from retrieval.neighbours import find_neighbours
+    from retrieval.neighbours import find_neighbours, general_rows
 
     pool = store.artefact("pool")
     requests = pd.read_parquet(store.artefact("accepted"), columns=["id", "text"])
@@ -331,12 +331,20 @@ def find_request_neighbours(cfg: Config, store: RunStore, counts: dict[str, Any]
                                    n_shards=r.index_shards, use_ray=cluster.use_ray(cfg))
     with atomic_path(store.artefact("neighbours")) as tmp:
         table.to_parquet(tmp, index=False)
-    wanted = pa.array(table["neighbour_id"].unique())
-    used = pa.concat_tables([_rows_with_ids(items_path(pool, s), wanted) for s in range(counts["shards"])])
-    with atomic_path(store.artefact("retain_items")) as tmp:
-        pq.write_table(used, tmp)
+    general = [pool_ids[i] for i in general_rows(
+        request_vecs, requests["id"].tolist(), requests["text"].tolist(), vectors, pool_ids, pool_texts,
+        r.general_per_source, exclude=table[table["rank"] < r.pairs_per_request]["neighbour_id"].unique(),
+        leak_threshold=r.leak_threshold, ngram_threshold=r.ngram_threshold,
+        held_out=suites.held_out_texts(cfg, modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code))
+        if r.general_per_source else ())]
+    for name, ids in (("retain_items", table["neighbour_id"].unique()), ("general_items", general)):
+        wanted = pa.array(ids, type=pa.string())
+        with atomic_path(store.artefact(name)) as tmp:
+            pq.write_table(pa.concat_tables([_rows_with_ids(items_path(pool, s), wanted)
+                                             for s in range(counts["shards"])]), tmp)
     stats = {**stats, "pool_counts": {k: v for k, v in counts.items() if k != "records"},
-             "requests_without_neighbours": sorted(set(requests["id"]) - set(table["request_id"]))}
+             "requests_without_neighbours": sorted(set(requests["id"]) - set(table["request_id"])),
+             "general_items": len(general)}
     atomic_write_json(store.artefact("retrieval_stats"), stats)
     return {"requests": len(requests), "pool_items": len(pool_ids), "k": k, "index": stats["index"]["kind"],
             "excluded_by_leak_guard": stats["excluded_count"], "short_of_k": stats["short_count"],
@@ -356,7 +364,11 @@ def pool_fingerprint_parts(cfg: Config) -> list[Any]:
 
 
 def key(cfg: Config, store: RunStore) -> str:
-    return fingerprint("retrieve", pool_fingerprint_parts(cfg), cfg.part("retrieval"), store.key_of("ingest"))
+    """The pool's inputs, the retrieval settings, the requests, and (for the general rows, which
+    keep out what the evaluation measures perplexity on) the evaluation's ppl settings."""
+    e = cfg.evaluation
+    held_out = [cfg.part("evaluation")[0]["data_dir"], e.ppl_chunk, e.max_samples.get("ppl"), "ppl" in e.suites]
+    return fingerprint("retrieve", pool_fingerprint_parts(cfg), cfg.part("retrieval"), held_out, store.key_of("ingest"))
 
 
 def run(cfg: Config, store: RunStore) -> dict[str, Any]:

@@ -43,6 +43,7 @@ ARTEFACTS = {
     "pool": "retrieval/pool",
     "neighbours": "retrieval/neighbours.parquet",
     "retain_items": "retrieval/retain_items.parquet",
+    "general_items": "retrieval/general_items.parquet",
     "retrieval_stats": "retrieval/stats.json",
     "checkpoints": "unlearn/checkpoints",
     "final_checkpoint": "unlearn/checkpoints/final",
@@ -174,6 +175,12 @@ class RunStore:
     def key_of(self, name: str) -> str | None:
         """The input key a finished upstream stage ran with (part of its dependants' keys)."""
         return self.stage(name).get("fingerprint")
+
+    def outputs_of(self, name: str) -> str | None:
+        """A digest of the outputs a finished stage recorded (sizes and sha256s): what it actually
+        produced, which a rerun with the same inputs need not reproduce bit for bit."""
+        outputs = self.stage(name).get("outputs")
+        return None if outputs is None else fingerprint("outputs", outputs)
 
     def why_not_done(self, name: str, key: str) -> str | None:
         """None when the stage is done with inputs `key` and outputs as recorded; else why not."""

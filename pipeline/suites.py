@@ -76,6 +76,18 @@ def threshold_rows(cfg, tokenizer) -> list[list[int]]:
                        e.max_samples.get("unseen", UNSEEN_CAP))
 
 
+PPL_SETS = ("pile", "wikitext")  # icu_benchmark/<name>.csv
+
+
+def held_out_texts(cfg, tokenizer) -> list[str]:
+    """What the evaluation measures perplexity on, when its suites include ppl."""
+    e = cfg.evaluation
+    if "ppl" not in e.suites:
+        return []
+    return [doc for name in PPL_SETS for doc in ppl_documents(Path(e.data_dir) / "icu_benchmark" / f"{name}.csv",
+                                                               tokenizer, e.ppl_chunk, e.max_samples.get("ppl"))]
+
+
 @dataclass
 class Task:
     suite: str
@@ -112,7 +124,7 @@ def build_tasks(suites: list[str], data_dir: str | Path, tokenizer, *, forget_ro
         tasks.append(Task("keep", "keep", "memorization", [{"id": f"keep:{i}", "ids": r} for i, r in enumerate(rows)]))
     if "ppl" in wanted:
         tasks += [_ppl_task(name, data / "icu_benchmark" / f"{name}.csv", tokenizer, ppl_chunk, caps.get("ppl"))
-                  for name in ("pile", "wikitext")]
+                  for name in PPL_SETS]
     if "classification" in wanted:
         cap = caps.get("classification")
         tasks.append(_lambada(data / "icu_benchmark" / "lambada.csv", tokenizer, cap))
@@ -139,14 +151,24 @@ def _context(tokenizer, text: str) -> list[int]:
     return _encode(tokenizer, text)[-CONTEXT_TOKENS:]
 
 
+def ppl_documents(path: Path, tokenizer, chunk: int, cap: int | None) -> list[str]:
+    """The documents of `path` the perplexity task reads (enough for `cap` chunks; all if no cap):
+    text that must never be trained on (retrieval keeps it out of the general retain rows)."""
+    docs, tokens = [], 0
+    for text in read_texts(path):
+        docs.append(text)
+        tokens += len(_encode(tokenizer, text)) + 1
+        if cap and tokens >= cap * chunk:
+            break
+    return docs
+
+
 def _ppl_task(name: str, path: Path, tokenizer, chunk: int, cap: int | None) -> Task:
     """Chunks of `chunk` tokens of the documents joined with EOS (cap = number of chunks)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
-    for text in read_texts(path):
+    for text in ppl_documents(path, tokenizer, chunk, cap):
         stream += _encode(tokenizer, text) + eos
-        if cap and len(stream) >= cap * chunk:
-            break
     chunks = [stream[s:s + chunk] for s in range(0, len(stream), chunk)]
     chunks = [c for c in chunks if len(c) >= 2][:cap]
     return Task("ppl", name, "ppl", [{"id": f"{name}:{i}", "ids": c} for i, c in enumerate(chunks)])

@@ -31,22 +31,30 @@ OUTPUTS = ("unlearn_result", "history", "epochs", "final_checkpoint", "unlearned
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def key(cfg: Config, store: RunStore) -> str:
+def key(cfg: Config, store: RunStore, resumable: bool = False) -> str:
     """What training and its stopping rule read: the model, the request rows and their
     neighbours (upstream keys), the unlearning settings, and only the evaluation fields the
-    unseen-set thresholds are measured with (a report setting never retrains)."""
+    unseen-set thresholds are measured with (a report setting never retrains).
+
+    `resumable`: the key the checkpoints are stamped with, without the settings that only say
+    when to stop or what to keep (`max_epochs`, `keep_checkpoints`): epoch k's weights do not
+    depend on them, so a run given more epochs continues from its last checkpoint.
+    """
     e, r = cfg.evaluation, cfg.requests
     thresholds = dict(unseen=cfg.part("evaluation")[0]["unseen_path"], unseen_digest=file_digest(e.unseen_path), el_n=e.el_n,
                       el_range=e.el_range, cap=e.max_samples.get("unseen"), batch_size=e.batch_size,
                       max_tokens=cfg.max_tokens, prefix=r.prefix_tokens, suffix=r.suffix_tokens)
-    return fingerprint("unlearn", cfg.part("model", "unlearning"), thresholds, cfg.retrieval.pairs_per_request,
+    model, unlearning = cfg.part("model", "unlearning")
+    if resumable:
+        unlearning = {k: v for k, v in unlearning.items() if k not in ("max_epochs", "keep_checkpoints")}
+    return fingerprint("unlearn", model, unlearning, thresholds, cfg.retrieval.pairs_per_request,
                        file_digest(cfg.unlearning.ds_config), cfg.resources.num_workers,
                        store.key_of("ingest"), store.key_of("retrieve"))
 
 
 def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     """Train to a stop (resuming from checkpoints of the same key), then consolidate."""
-    stage_key = key(cfg, store)
+    stage_key = key(cfg, store, resumable=True)
     folder = store.artefact("checkpoints")
     stamp = folder / "fingerprint"
     if stamp.exists() and stamp.read_text() != stage_key:  # checkpoints of other inputs: start over

@@ -3,11 +3,13 @@
 Runs unchanged as a Ray Train worker (`train_worker`, launched by `pipeline.unlearn`)
 and under plain torchrun (`python -m torch.distributed.run ... -m pipeline.worker RUN_DIR`).
 
-Per epoch: IUR checks every request (sharded across ranks, flags gathered); the still
-remembered requests and their retain neighbours are trained on with the configured loss;
-a checkpoint (sharded engine state + loop state) is written atomically. Check k happens
-after k epochs of training; the run stops when every request is forgotten, when the
-set-level thresholds hold, or at max_epochs.
+Per epoch: IUR checks every request (sharded across ranks, flags gathered) and measures
+the strangers' band on the unseen rows; the requests still to train (remembered, or for a
+band method erased too deep) and their retain neighbours, plus `general_batch` general
+retain rows per step, are trained on with the configured loss; a checkpoint (sharded
+engine state + loop state) is written atomically. Check k happens after k epochs of
+training; the run stops when no request is left to train, when the set-level thresholds
+hold (`stop: set`), or at max_epochs.
 """
 
 from __future__ import annotations
@@ -33,15 +35,15 @@ from pipeline import checkpoints, modeling, suites
 from pipeline.atomic import atomic_path, atomic_write_json, write_parquet
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.iur import Thresholds, check_requests, memorization
+from pipeline.iur import Thresholds, apply_band, band_targets, check_requests, memorization, shared_bigrams
 from pipeline.losses import LossWeights, method, unlearning_loss
-from pipeline.metrics import pad_rows
+from pipeline.metrics import greedy_hits, pad_rows, sequence_losses
 from pipeline.store import RunStore
 
 log = logging.getLogger("icu.unlearn")
 REPLICA_MAX_BYTES = 16 * 2**30  # check_replica: auto uses a replica up to this size
 PROBE_ROWS = 4  # request prefixes whose final logits export verifies
-HISTORY_COLUMNS = ["epoch", "request_id", "bleu", "bertscore", "ma", "el", "forgotten"]
+HISTORY_COLUMNS = ["epoch", "request_id", "bleu", "bertscore", "ma", "el", "nll", "band_high", "too_deep", "forgotten"]
 
 
 @dataclass
@@ -61,10 +63,12 @@ class Pairs:
     requests: list[list[int]]
     pair_request: list[int]
     pair_neighbour: list[list[int]]
+    general: list[list[int]] = field(default_factory=list)  # general retain rows (not paired)
 
 
 def load_pairs(store: RunStore, pairs_per_request: int) -> Pairs:
-    """Requests from ingest; neighbours (top `pairs_per_request`) from retrieval, if it ran."""
+    """Requests from ingest; neighbours (top `pairs_per_request`) and general retain rows from
+    retrieval, if it ran."""
     accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids"])
     ids = accepted["id"].tolist()
     rows = [list(map(int, r)) for r in accepted["input_ids"]]
@@ -82,7 +86,10 @@ def load_pairs(store: RunStore, pairs_per_request: int) -> Pairs:
         for row in neighbours.get(rid) or [[]]:
             pair_request.append(i)
             pair_neighbour.append(row)
-    return Pairs(ids, rows, pair_request, pair_neighbour)
+    general_table = store.artefact("general_items")
+    general = [list(map(int, r)) for r in pd.read_parquet(general_table, columns=["input_ids"])["input_ids"]] \
+        if general_table.exists() else []
+    return Pairs(ids, rows, pair_request, pair_neighbour, general)
 
 
 def deepspeed_config(cfg: Config, world: int, hidden: int, with_optimizer: bool = True) -> dict:
@@ -149,6 +156,7 @@ class Worker:
         self.pairs = load_pairs(self.store, self.cfg.retrieval.pairs_per_request)
         self.ckpt_dir = self.store.artefact("checkpoints")
         self.replica = None  # set by run(): the unsharded model IUR generates with, if it fits
+        self.band: tuple | None = None  # icu_band: (push masks, low, high) per request, from the last check
 
     def build_engines(self) -> None:
         import deepspeed
@@ -272,34 +280,46 @@ class Worker:
         return self.replica, None
 
     def check(self, epoch: int, thr: Thresholds, scorer) -> list[dict]:
-        c = self.cfg
+        """IUR's records for every request, two-sided against the strangers' edge when one is set;
+        also what icu_band pushes and pulls back in the next epoch (`self.band`)."""
+        c, u = self.cfg, self.cfg.unlearning
         model, sync = self.checker()
         records = self._sharded(self.pairs.requests, lambda part: check_requests(
             model, self.tok, part, prefix=c.requests.prefix_tokens,
-            suffix=c.requests.suffix_tokens, num_beams=c.unlearning.num_beams, el_n=c.evaluation.el_n,
+            suffix=c.requests.suffix_tokens, num_beams=u.num_beams, el_n=c.evaluation.el_n,
             el_range=c.evaluation.el_range, batch_size=c.evaluation.batch_size, scorer=scorer,
             thresholds=thr, sync_calls=sync))
+        options = dict(batch_size=c.evaluation.batch_size, pad_token_id=self.tok.pad_token_id)
+        nll = self._sharded(self.pairs.requests, lambda part: sequence_losses(model, part, **options).tolist())
+        strangers = suites.threshold_rows(c, self.tok) if u.stranger_quantile or self.method.band else []
+        unseen = self._sharded(strangers, lambda part: sequence_losses(model, part, **options).tolist())
+        records = apply_band(records, nll, unseen, u.stranger_quantile)
+        if self.method.band:
+            hits = self._sharded(strangers, lambda part: greedy_hits(model, part, **options))
+            self.band = band_targets(records, self.pairs.requests, shared_bigrams(strangers, hits), unseen)
         self.engine.module.train()
         return [dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)]
 
     # -- training ------------------------------------------------------------------
-    def train_epoch(self, epoch: int, forgotten: set[int]) -> dict:
+    def train_epoch(self, epoch: int, train: set[int]) -> dict:
         from tqdm import tqdm
 
         u = self.cfg.unlearning
-        active = [k for k, i in enumerate(self.pairs.pair_request) if i not in forgotten]
+        active = [k for k, i in enumerate(self.pairs.pair_request) if i in train]
         batches = epoch_batches(active, epoch, u.seed, self.rank, self.world, u.batch_size)
+        general = random.Random(u.seed * 100_003 + epoch * 101 + self.rank)
         sums: dict[str, float] = {}
         started = time.time()
         for batch in tqdm(batches, desc=f"epoch {epoch}", disable=self.rank != 0 or None, mininterval=5):
-            parts = self.step(batch)
+            extra = general.sample(self.pairs.general, min(u.general_batch, len(self.pairs.general)))
+            parts = self.step(batch, extra)
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value
         return dict(epoch=epoch, steps=len(batches), active_pairs=len(active), seconds=time.time() - started,
                     **{f"mean_{k}": v / max(len(batches), 1) for k, v in sums.items()})
 
-    def step(self, batch: list[int | None]) -> dict[str, float]:
-        """One optimizer step on paired forget/neighbour rows.
+    def step(self, batch: list[int | None], general: list[list[int]] = ()) -> dict[str, float]:
+        """One optimizer step on paired forget/neighbour rows (plus unpaired general retain rows).
 
         The sampler's None slots are dropped: ZeRO-3 needs the same number of forward,
         backward and step calls on every rank, not the same rows, and empty rows add
@@ -309,7 +329,7 @@ class Worker:
         p, pad = self.pairs, self.tok.pad_token_id
         forget = [p.requests[p.pair_request[k]] if k is not None else [] for k in batch]
         use_retain = self.method.retain(self.weights)
-        retain = [p.pair_neighbour[k] if k is not None else [] for k in batch] if use_retain else []
+        retain = [p.pair_neighbour[k] if k is not None else [] for k in batch] + list(general) if use_retain else []
         ids, mask = pad_rows(forget + retain, pad)
         ids, mask = ids.to(self.device), mask.to(self.device)
         attend = mask.clone()
@@ -319,6 +339,15 @@ class Worker:
         kwargs = dict(forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n], weights=self.weights)
         if use_retain:
             kwargs.update(retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:])
+        if self.method.band:  # an empty row's band is never read (the row is inactive)
+            rows = [p.pair_request[k] if k is not None else None for k in batch]
+            push, low, high = self.band
+            width = ids.shape[1] - 1
+            kwargs["forget_push"] = torch.tensor([(push[i] + [0.0] * width)[:width] if i is not None else [0.0] * width
+                                                  for i in rows], dtype=torch.float32, device=self.device)
+            for name, edge in (("forget_low", low), ("forget_high", high)):
+                kwargs[name] = torch.tensor([edge[i] if i is not None else 0.0 for i in rows],
+                                            dtype=torch.float32, device=self.device)
         seen = self.method.reference(self.weights)
         if self.ref is not None and seen:  # the frozen model sees only the rows its term reads
             rows = slice(n, None) if seen == "retain" else slice(0, n)
@@ -343,15 +372,18 @@ class Worker:
         while True:
             records = self.check(state.epoch, thr, scorer)
             state.history += records
-            forgotten = {i for i, r in enumerate(records) if r["forgotten"]}
-            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.set_stop)
-            self._report(state, len(forgotten), n)
+            forgotten = [r["request_id"] for r in records if r["forgotten"]]
+            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.stop, self.method.band)
+            self._report(state, records)
             if reason:
                 break
-            state.epochs.append(self.train_epoch(state.epoch + 1, forgotten))
+            train = {i for i, r in enumerate(records) if needs_training(r, self.method.band)}
+            state.epochs.append(self.train_epoch(state.epoch + 1, train))
             state.epoch += 1
             self.save(state)
         result = dict(stop_reason=reason, epochs=state.epoch, requests=n, forgotten=len(forgotten),
+                      remembered=[r["request_id"] for r in records if not r["forgotten"] and not r["too_deep"]],
+                      too_deep=[r["request_id"] for r in records if r["too_deep"]],
                       thresholds=thr.to_dict(), method=u.method, resumed_from=state.resumed_from)
         self.finish(state, result)
         return result
@@ -384,6 +416,9 @@ class Worker:
             atomic_write_json(self.store.artefact("unlearn_result"), dict(result, final_tag="final"))
             log.info("unlearn: stopped after %d epochs (%s); %d/%d requests forgotten", result["epochs"],
                      result["stop_reason"], result["forgotten"], result["requests"])
+            for key, what in (("remembered", "still remembered"), ("too_deep", "erased too deep (below the strangers' band)")):
+                if result[key]:
+                    log.warning("unlearn: %d requests %s: %s", len(result[key]), what, ", ".join(result[key]))
         dist.barrier()
 
     def probe(self) -> dict[str, torch.Tensor]:
@@ -396,24 +431,35 @@ class Worker:
             logits = self.engine.module(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
         return {"input_ids": ids, "attention_mask": mask, "logits": logits.float().cpu()}
 
-    def _report(self, state: LoopState, forgotten: int, total: int) -> None:
+    def _report(self, state: LoopState, records: list[dict]) -> None:
         if self.rank == 0:
-            note = f"{forgotten}/{total} requests forgotten after epoch {state.epoch}"
-            log.info("unlearn: %s", note)
+            forgotten, deep = sum(r["forgotten"] for r in records), sum(r["too_deep"] for r in records)
+            note = f"{forgotten}/{len(records)} requests forgotten after epoch {state.epoch}"
+            nll = sorted(r["nll"] for r in records)
+            band = f", band edge {records[0]['band_high']:.2f}" if records[0]["band_high"] is not None else ""
+            log.info("unlearn: %s; %d too deep; request NLL %.2f..%.2f%s", note, deep, nll[0], nll[-1], band)
             self.store.progress("unlearn", state.epoch, self.cfg.unlearning.max_epochs, note)
 
 
-def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: int,
-                set_stop: bool = True) -> str | None:
+def needs_training(record: dict, pull_back: bool) -> bool:
+    """A request trains while it is remembered, or erased too deep when the method can pull back."""
+    return not record["forgotten"] and (not record["too_deep"] or pull_back)
+
+
+def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: int, stop: str = "each",
+                pull_back: bool = False) -> str | None:
     """Why training stops after this check, or None to keep going.
 
-    The set-level rule stops when the mean crosses the thresholds, usually with some requests
-    still above them; `set_stop=False` keeps going until each request is forgotten.
+    `each` goes on while any request needs training (`needs_training`). `set`, the paper's
+    rule, also stops when the set's mean MA and EL cross the thresholds, usually with some
+    requests still above them.
     """
     if all(r["forgotten"] for r in records):
         return "all_forgotten"
-    if set_stop and np.mean([r["ma"] for r in records]) < thr.ma and np.mean([r["el"] for r in records]) < thr.el:
+    if stop == "set" and np.mean([r["ma"] for r in records]) < thr.ma and np.mean([r["el"] for r in records]) < thr.el:
         return "set_thresholds"
+    if not any(needs_training(r, pull_back) for r in records):
+        return "only_too_deep_left"
     if epoch >= max_epochs:
         return "max_epochs"
     return None

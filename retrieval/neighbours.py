@@ -101,6 +101,42 @@ def find_neighbours(request_vecs: np.ndarray, request_ids: Sequence, pool_vecs: 
     return table, {**stats, "index": {**params, "size": len(pool_vecs), "shards": n_shards}}
 
 
+def general_rows(request_vecs: np.ndarray, request_ids: Sequence, request_texts: Sequence[str], pool_vecs: np.ndarray,
+                 pool_ids: Sequence, pool_texts: Sequence[str], per_source: int, exclude: Sequence, seed: int = 0,
+                 leak_threshold: float = LEAK_THRESHOLD, ngram_n: int = NGRAM_N,
+                 ngram_threshold: float = NGRAM_THRESHOLD, held_out: Sequence[str] = ()) -> list[int]:
+    """Pool rows kept as general retain text: up to `per_source` per source, drawn at random (seeded)
+    from the items that are not in `exclude` (the neighbours trained on), pass the leak guard, and
+    share no more than `ngram_threshold` of their word n-grams with any `held_out` text (what the
+    evaluation measures: training on it would flatter the utility numbers).
+
+    A pool id is "<source>:<chunk>"; the quota per source keeps one large corpus from filling the set.
+    """
+    if per_source <= 0:
+        return []
+    guard = LeakGuard(as_matrix(request_vecs), request_ids, leak_threshold, request_texts, ngram_n, ngram_threshold)
+    pool_vecs = as_matrix(pool_vecs)
+    evaluated = ShingleTable(list(held_out), ngram_n) if held_out else None
+    excluded = set(exclude)
+    by_source: dict[str, list[int]] = {}
+    for row, pid in enumerate(pool_ids):
+        if pid not in excluded:
+            by_source.setdefault(str(pid).rsplit(":", 1)[0], []).append(row)
+    chosen: list[int] = []
+    rng = np.random.default_rng(seed)
+    for source in sorted(by_source):
+        rows, taken = rng.permutation(by_source[source]), []
+        for start in range(0, len(rows), 4 * per_source):  # candidates a few at a time
+            batch = rows[start:start + 4 * per_source]
+            verdicts = guard.check(batch, pool_vecs[batch], [pool_texts[i] for i in batch])
+            taken += [int(r) for r in batch if verdicts[int(r)] is None and not (
+                evaluated and evaluated.best_overlap(pool_texts[r])[0] >= ngram_threshold)][:per_source - len(taken)]
+            if len(taken) >= per_source:
+                break
+        chosen += taken
+    return chosen
+
+
 def _check_inputs(request_vecs, request_ids, pool_vecs, pool_ids, request_texts, pool_texts, k) -> None:
     if len(request_ids) != len(request_vecs) or len(pool_ids) != len(pool_vecs):
         raise ValueError("each vector needs exactly one id")

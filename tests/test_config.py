@@ -42,6 +42,11 @@ CASES = {
     "inf cpus": ("resources:\n  cpus_per_worker: .inf\n", ["resources.cpus_per_worker", "finite"]),
     "nan threshold": ("unlearning:\n  ma_threshold: .nan\n", ["unlearning.ma_threshold", "between"]),
     "empty suites": ("evaluation:\n  suites: []\n", ["evaluation.suites: empty", "fix:"]),
+    "renamed set_stop": ("unlearning:\n  set_stop: true\n", ["unlearning.set_stop: renamed", "unlearning.stop: set"]),
+    "bad stop": ("unlearning:\n  stop: every\n", ["unlearning.stop", "each"]),
+    "quantile range": ("unlearning:\n  stranger_quantile: 1.5\n", ["unlearning.stranger_quantile", "between"]),
+    "negative margin": ("unlearning:\n  margin: -1\n", ["unlearning.margin", ">= 0"]),
+    "negative general": ("retrieval:\n  general_per_source: -1\n", ["retrieval.general_per_source", ">= 0"]),
 }
 
 

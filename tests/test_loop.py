@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import build_config
-from pipeline.iur import Thresholds
-from pipeline.worker import deepspeed_config, epoch_batches, stop_reason
+import math
+
+from pipeline.iur import Thresholds, apply_band, band_targets, shared_bigrams
+from pipeline.worker import deepspeed_config, epoch_batches, needs_training, stop_reason
 
 from conftest import REPO
 
@@ -42,12 +44,65 @@ def test_deepspeed_config_fills_auto_from_the_run_config():
 
 def test_stop_reasons():
     thr = Thresholds(ma=0.3, el=0.05)
-    rec = lambda f, ma=0.5, el=0.5: {"forgotten": f, "ma": ma, "el": el}
+    rec = lambda f, ma=0.5, el=0.5, deep=False: {"forgotten": f, "ma": ma, "el": el, "too_deep": deep}
     assert stop_reason([rec(True), rec(True)], thr, 1, 30) == "all_forgotten"
-    assert stop_reason([rec(False, 0.1, 0.0), rec(True, 0.2, 0.01)], thr, 1, 30) == "set_thresholds"
-    assert stop_reason([rec(False, 0.1, 0.0), rec(True, 0.2, 0.01)], thr, 1, 30, set_stop=False) is None
+    set_level = [rec(False, 0.1, 0.0), rec(True, 0.2, 0.01)]
+    assert stop_reason(set_level, thr, 1, 30, "set") == "set_thresholds"
+    assert stop_reason(set_level, thr, 1, 30, "each") is None  # "each" (the default) waits for every request
+    assert stop_reason(set_level, thr, 1, 30) is None
     assert stop_reason([rec(False), rec(True)], thr, 30, 30) == "max_epochs"
     assert stop_reason([rec(False), rec(True)], thr, 3, 30) is None
+    # erased too deep: nothing left to do for a method that cannot pull back, more to do for one that can
+    too_deep = [rec(False, 0.0, 0.0, deep=True), rec(True)]
+    assert stop_reason(too_deep, thr, 3, 30) == "only_too_deep_left"
+    assert stop_reason(too_deep, thr, 3, 30, pull_back=True) is None
+    assert [needs_training(r, False) for r in too_deep + [rec(False)]] == [False, False, True]
+    assert [needs_training(r, True) for r in too_deep + [rec(False)]] == [True, False, True]
+
+
+def _quantile(values, q):
+    """Linear interpolation between order statistics, written out (numpy's default method)."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    below = int(math.floor(pos))
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (pos - below) * (ordered[above] - ordered[below])
+
+
+UNSEEN = [2.0, 2.4, 2.1, 3.0, 2.7, 2.2, 2.9, 2.5, 2.6, 2.3]  # token-mean NLL of 10 strangers
+
+
+def test_two_sided_rule_flags_requests_past_the_strangers_band():
+    records = [{"forgotten": f} for f in (True, True, False, False)]
+    out = apply_band(records, [2.5, 3.5, 1.0, 4.0], UNSEEN, 0.9)
+    high = _quantile(UNSEEN, 0.9)
+    assert all(r["band_high"] == pytest.approx(high) for r in out)
+    # below the thresholds and inside the band: forgotten; past the band: too deep, not forgotten;
+    # still remembered: neither, wherever its NLL lies
+    assert [(r["forgotten"], r["too_deep"]) for r in out] == [(True, False), (False, True), (False, False),
+                                                              (False, False)]
+    assert [r["nll"] for r in out] == [2.5, 3.5, 1.0, 4.0]
+    one_sided = apply_band(records, [2.5, 3.5, 1.0, 4.0], UNSEEN, None)
+    assert [r["forgotten"] for r in one_sided] == [True, True, False, False]
+    assert not any(r["too_deep"] for r in one_sided)
+
+
+def test_shared_bigrams_are_what_strangers_get_right():
+    rows = [[1, 2, 3, 9], [1, 2, 4, 9], [5, 2, 3, 9]]
+    hits = [[True, False, True], [True, True, False], [False, True, True]]
+    # (1,2): 2/2; (2,3): 1/2 (= share, counts); (3,9): 2/2; (2,4): 1/1; (4,9): 0/1; (5,2): 0/1
+    assert shared_bigrams(rows, hits) == {(1, 2), (2, 3), (3, 9), (2, 4)}
+    assert shared_bigrams(rows, hits, share=0.75) == {(1, 2), (3, 9), (2, 4)}
+
+
+def test_band_targets_push_what_is_personal_and_pull_back_the_too_deep():
+    high = _quantile(UNSEEN, 0.9)
+    rec = lambda forgotten=False, deep=False, edge=high: {"forgotten": forgotten, "too_deep": deep, "band_high": edge}
+    rows = [[1, 2, 3, 7], [1, 2, 3], [4, 5], [1, 2]]
+    push, low, hi = band_targets([rec(), rec(deep=True), rec(forgotten=True), rec(edge=None)], rows, {(1, 2)}, UNSEEN)
+    assert push == [[0.0, 1.0, 1.0], [0.0, 0.0], [0.0], [0.0]]  # (1, 2) is template: never pushed
+    assert low == [pytest.approx(_quantile(UNSEEN, 0.5))] * 4
+    assert hi[0] == hi[3] == math.inf and hi[1] == pytest.approx(high) == hi[2]
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, caplog):

@@ -90,6 +90,26 @@ def naive_simnpo(logits, ids, mask, beta, gamma):
     return batch_mean(per_row)
 
 
+def naive_band(logits, ids, mask, push, low, high, margin):
+    """icu_band's forget term, per row with a prediction: the mean over its positions of
+    push_t * relu(z_true - max over other tokens + margin); how far its token-mean NLL lies below
+    `low` (if any position is pushed; gradient through the pushed positions only); how far it lies
+    above `high`. Averaged over those rows."""
+    per_row = []
+    for b, terms in enumerate(naive_token_terms(logits, ids, mask)):
+        if terms:
+            gaps, raised = [], []
+            for k, t in enumerate(range(len(terms))):
+                z, y = logits[b, t].double(), int(ids[b, t + 1])
+                best_other = torch.cat([z[:y], z[y + 1:]]).max()
+                gaps.append(push[b, t] * torch.clamp(z[y] - best_other + margin, min=0))
+                raised.append(terms[k] if push[b, t] else terms[k].detach())
+            nll, pushed = sum(terms) / len(terms), sum(raised) / len(terms)
+            below = torch.clamp(low[b].double() - pushed, min=0) if any(push[b, :len(terms)]) else 0.0
+            per_row.append(sum(gaps) / len(terms) + below + torch.clamp(nll - high[b].double(), min=0))
+    return batch_mean(per_row)
+
+
 def assert_close_with_grads(ours: torch.Tensor, naive: torch.Tensor, leaves: list[torch.Tensor]) -> None:
     assert torch.allclose(ours.double(), naive, atol=TOL, rtol=0), (ours, naive)
     grads_ours = torch.autograd.grad(ours.sum(), leaves, retain_graph=True, allow_unused=True)
@@ -201,13 +221,26 @@ def test_property_pad_content_is_irrelevant(seed: int, n: int, extra: int):
 
 # ---- methods ----
 
-WEIGHTS = LossWeights(uw=0.7, lw=0.3, kl=1.5, npo_beta=0.2, retain_weight=0.4, simnpo_beta=2.5, simnpo_gamma=0.7)
+WEIGHTS = LossWeights(uw=0.7, lw=0.3, kl=1.5, npo_beta=0.2, retain_weight=0.4, simnpo_beta=2.5, simnpo_gamma=0.7,
+                      margin=2.0)
 
 
 def method_inputs(forget_lengths=LENGTHS, retain_lengths=(6, 3, 5, 0, 6)):
+    """Inputs every method can read. For icu_band, row 0 is pushed, row 1 pulled back (its NLL lies
+    above `high`), row 2 neither (forgotten), the others pushed or not by turns."""
     forget_logits, forget_ids, forget_mask = make_batch(list(forget_lengths), seed=10)
+    with torch.no_grad():  # the model "still predicts" the true token at every other position
+        for t in range(0, forget_ids.shape[1] - 1, 2):
+            forget_logits[torch.arange(len(forget_ids)), t, forget_ids[:, t + 1]] += 10.0
     retain_logits, retain_ids, retain_mask = make_batch(list(retain_lengths), seed=11)
+    nll = losses.token_nll(forget_logits, forget_ids, forget_mask).detach()
+    rows, width = forget_ids.shape[0], forget_ids.shape[1] - 1
+    pushed_rows = torch.tensor([True, False, False, True, True] * rows)[:rows]
+    push = (pushed_rows[:, None] & (torch.arange(width) % 3 != 1)).float()  # some positions of pushed rows
+    low = nll + torch.tensor([0.5, 0.5, 0.5, -0.5, 0.3] * rows)[:rows]  # row 3: already above its low
+    high = torch.where(torch.tensor([False, True, False, False, True] * rows)[:rows], nll - 0.5, math.inf)
     return dict(
+        forget_push=push, forget_low=low, forget_high=high,
         forget_logits=forget_logits, forget_ids=forget_ids, forget_mask=forget_mask,
         retain_logits=retain_logits, retain_ids=retain_ids, retain_mask=retain_mask,
         ref_retain_logits=make_batch(list(retain_lengths), seed=12)[0].detach(),
@@ -225,6 +258,11 @@ def naive_method(name: str, w: LossWeights, x: dict) -> torch.Tensor:
         return -forget
     if name == "gd":
         return -forget + w.retain_weight * retain
+    if name == "icu_band":
+        kl = naive_mean_kl(x["retain_logits"], x["ref_retain_logits"], x["retain_mask"])
+        band = naive_band(x["forget_logits"], x["forget_ids"], x["forget_mask"], x["forget_push"], x["forget_low"],
+                          x["forget_high"], w.margin)
+        return w.uw * band + w.lw * retain + w.kl * kl
     if name == "simnpo":
         simnpo = naive_simnpo(x["forget_logits"], x["forget_ids"], x["forget_mask"], w.simnpo_beta, w.simnpo_gamma)
         return simnpo + w.retain_weight * retain
@@ -233,7 +271,7 @@ def naive_method(name: str, w: LossWeights, x: dict) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("weights", [LossWeights(), WEIGHTS], ids=["defaults", "custom"])
-@pytest.mark.parametrize("name", ["icu", "ga", "gd", "npo", "simnpo"])
+@pytest.mark.parametrize("name", ["icu", "icu_band", "ga", "gd", "npo", "simnpo"])
 def test_methods_match_naive(name: str, weights: LossWeights):
     x = method_inputs()
     loss, parts = unlearning_loss(name, **x, weights=weights)
@@ -244,7 +282,7 @@ def test_methods_match_naive(name: str, weights: LossWeights):
 
 def test_icu_parts_and_defaults():
     assert LossWeights() == LossWeights(uw=1.0, lw=0.5, kl=1.0, npo_beta=0.1, retain_weight=1.0, simnpo_beta=4.5,
-                                        simnpo_gamma=0.0)
+                                        simnpo_gamma=0.0, margin=1.0)
     loss, parts = unlearning_loss("icu", **method_inputs())
     assert set(parts) == {"loss", "forget_nll", "neighbour_nll", "kl"}
     assert loss.item() == pytest.approx(-parts["forget_nll"] + 0.5 * parts["neighbour_nll"] + parts["kl"], abs=1e-6)
@@ -264,7 +302,7 @@ def test_plain_npo_without_retain():
     assert at_ref.item() == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)
 
 
-@pytest.mark.parametrize("name", ["icu", "ga", "gd", "npo", "simnpo"])
+@pytest.mark.parametrize("name", ["icu", "icu_band", "ga", "gd", "npo", "simnpo"])
 def test_empty_rows_add_nothing(name: str):
     """An all-zero-mask row: no NaN, zero gradient, and the loss of the batch without it."""
     x = method_inputs()
@@ -279,7 +317,7 @@ def test_empty_rows_add_nothing(name: str):
     assert loss.item() == pytest.approx(loss_without.item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["icu", "ga", "gd", "npo", "simnpo"])
+@pytest.mark.parametrize("name", ["icu", "icu_band", "ga", "gd", "npo", "simnpo"])
 def test_all_empty_batch_is_zero_and_backpropagates(name: str):
     x = method_inputs(forget_lengths=[0, 0], retain_lengths=[0, 0])
     loss, parts = unlearning_loss(name, **x)
@@ -291,8 +329,9 @@ def test_all_empty_batch_is_zero_and_backpropagates(name: str):
 def test_requirements_are_discoverable():
     w = LossWeights()
     table = {name: (m.reference(w), m.retain(w)) for name, m in losses.METHODS.items()}
-    assert table == {"icu": ("retain", True), "ga": (None, False), "gd": (None, True), "npo": ("forget", True),
-                     "simnpo": (None, True)}
+    assert table == {"icu": ("retain", True), "icu_band": ("retain", True), "ga": (None, False), "gd": (None, True),
+                     "npo": ("forget", True), "simnpo": (None, True)}
+    assert [name for name, m in losses.METHODS.items() if m.band] == ["icu_band"]
     assert losses.method("icu").reference(LossWeights(kl=0.0)) is None
     assert not losses.method("icu").retain(LossWeights(kl=0.0, lw=0.0))
     assert not losses.method("gd").retain(LossWeights(retain_weight=0.0))
@@ -308,12 +347,41 @@ def test_icu_without_reference_when_kl_is_off():
 def test_unknown_method_names_the_valid_ones():
     x = method_inputs()
     for call in (lambda: unlearning_loss("rmu", **x), lambda: losses.method("rmu")):
-        with pytest.raises(ValueError, match="rmu.*icu, ga, gd, npo, simnpo"):
+        with pytest.raises(ValueError, match="rmu.*icu, icu_band, ga, gd, npo, simnpo"):
             call()
+
+
+def test_icu_band_pushes_pulls_and_leaves_the_rest_alone():
+    """Pushed positions within the margin: the true token's logit goes down, the best other's up,
+    plus gradient ascent while the row is below `low`; unpushed positions of a pushed row: nothing;
+    a row above `high`: descent on its NLL; a row neither pushed nor too deep: no gradient."""
+    x = method_inputs(forget_lengths=[6, 6, 6], retain_lengths=[0, 0, 0])
+    x["forget_low"] = torch.tensor([-1.0, 0.0, 0.0])  # row 0 is past its low: only the margin acts
+    loss, parts = unlearning_loss("icu_band", **x, weights=LossWeights(lw=0.0, kl=0.0, margin=1.0))
+    grad = torch.autograd.grad(loss, x["forget_logits"])[0]
+    nll_grad = torch.autograd.grad(losses.token_nll(x["forget_logits"], x["forget_ids"], x["forget_mask"]).sum(),
+                                   x["forget_logits"])[0]
+    logits, ids = x["forget_logits"].detach(), x["forget_ids"]
+    moved = 0
+    for t in range(5):
+        z, y = logits[0, t], int(ids[0, t + 1])
+        within = z[y] - torch.cat([z[:y], z[y + 1:]]).max() + 1.0 > 0
+        if x["forget_push"][0, t] and within:  # exactly two logits move, by 1 / (5 tokens * 3 rows)
+            assert grad[0, t, y] == pytest.approx(1 / 15) and grad[0, t].abs().sum() == pytest.approx(2 / 15)
+            moved += 1
+        else:
+            assert (grad[0, t] == 0).all()
+    assert moved >= 2
+    assert torch.allclose(grad[1], nll_grad[1] / 3)
+    assert (grad[2] == 0).all()
+    assert parts["band_gap"] > 0
 
 
 def test_missing_inputs_are_named():
     x = method_inputs()
+    with pytest.raises(ValueError, match="forget_push, forget_low, forget_high"):
+        unlearning_loss("icu_band", **{k: v for k, v in x.items() if not k.startswith("forget_") or k in (
+            "forget_logits", "forget_ids", "forget_mask")})
     with pytest.raises(ValueError, match="ref_forget_logits"):
         unlearning_loss("npo", **{k: v for k, v in x.items() if k != "ref_forget_logits"})
     with pytest.raises(ValueError, match="retain_logits"):

@@ -18,7 +18,7 @@ import pytest
 from retrieval.embed import LMEmbedder, SentenceEmbedder
 from retrieval.index import (IndexSpec, ShardedIndex, build_index, index_params, load_index, recall_at_k, save_index,
                              search, search_shards)
-from retrieval.neighbours import ShingleTable, find_neighbours
+from retrieval.neighbours import ShingleTable, find_neighbours, general_rows
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "icu_benchmark"
 TRUNCATE = 200
@@ -103,6 +103,31 @@ def test_leak_guard_excludes_near_copies_and_matches_reference(icu):
     assert table.request_id.tolist() == np.repeat(requests.id, 10).tolist()  # request order, then rank
     np.testing.assert_array_equal(table.neighbour_id.to_numpy().reshape(128, 10), pool.id.to_numpy()[ref_ids])
     np.testing.assert_allclose(table.score.to_numpy().reshape(128, 10), ref_scores, atol=1e-5)
+
+
+def test_general_rows_fill_a_quota_per_source_past_the_leak_guard():
+    """Up to the quota from every source, never a neighbour, never a near-copy of a request, and the
+    same rows for the same seed; a source with too few usable items gives what it has."""
+    rng = np.random.default_rng(0)
+    requests = ["alice smith born 1970 lives at 12 high street and her phone is 555 0101"]
+    request_vecs = rng.normal(size=(1, 8)).astype(np.float32)
+    pool_ids = [f"a:{i}" for i in range(10)] + [f"b:{i}" for i in range(4)]
+    texts = [f"general text number {i} about weather and rivers and hills" for i in range(14)]
+    texts[11] = requests[0]  # b:1 is an exact copy of the request
+    vecs = rng.normal(size=(14, 8)).astype(np.float32)
+    vecs[12] = request_vecs[0]  # b:2 embeds exactly like it
+    chosen = general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, per_source=3, exclude=["a:0", "b:0"])
+    picked = [pool_ids[i] for i in chosen]
+    assert len([p for p in picked if p.startswith("a:")]) == 3
+    assert [p for p in picked if p.startswith("b:")] == ["b:3"]  # b:0 a neighbour, b:1 and b:2 leak
+    assert "a:0" not in picked and len(set(picked)) == len(picked)
+    assert chosen == general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, per_source=3,
+                                  exclude=["a:0", "b:0"])
+    assert general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, per_source=0, exclude=[]) == []
+    evaluated = [texts[4] + " and more words after it"]  # a:4 lies inside a text the evaluation measures
+    held = general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, per_source=10, exclude=[],
+                        held_out=evaluated)
+    assert 4 not in held and len(held) == 9 + 2  # the other 9 a items; b:0 (no neighbour now) and b:3
 
 
 def test_short_requests_get_a_reason():

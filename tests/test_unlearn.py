@@ -122,6 +122,31 @@ def test_killed_worker_resumes_to_the_same_weights(implanted, ray_run, tmp_path)
     _same_run(ray_run[0], root)
 
 
+def test_requests_left_remembered_fail_the_run_and_more_epochs_resume_it(implanted, ray_run, tmp_path, capfd):
+    """stop: each with too few epochs: exit code 3 naming the remembered ids (after writing the
+    results); given more epochs the same run continues from its last checkpoint to the weights of
+    a run that had them from the start."""
+    from pipeline.cli import REMEMBERED_EXIT, main
+
+    config = run_config(implanted, tmp_path, "short", {"resources.launcher": "torchrun", "unlearning.max_epochs": 1})
+    capfd.readouterr()
+    assert main(["unlearn", str(config)]) == REMEMBERED_EXIT
+    err = capfd.readouterr().err
+    root = tmp_path / "runs" / "short"
+    result = json.loads((root / "unlearn" / "result.json").read_text())
+    history = pd.read_parquet(root / "unlearn" / "history.parquet")
+    last = history[history.epoch == 1]
+    assert result["stop_reason"] == "max_epochs" and result["remembered"] == last[~last.forgotten].request_id.tolist()
+    assert result["remembered"], "one epoch at this lr should leave some requests remembered"
+    assert f"icu: {len(result['remembered'])} accepted requests are still remembered" in err
+    assert ", ".join(result["remembered"]) in err and "--restart-from unlearn" in err
+
+    assert main(["unlearn", str(config), "--restart-from", "unlearn", "--set", "unlearning.max_epochs=30"]) == 0
+    result = json.loads((root / "unlearn" / "result.json").read_text())
+    assert result["resumed_from"] == ["epoch-1"] and result["remembered"] == []
+    _same_run(ray_run[0], root)
+
+
 def _same_run(a: Path, b: Path) -> None:
     """Equal final weights (max abs diff <= 1e-6) and the same per-epoch history, no epoch twice."""
     wa, wb = (fp32_state_dict(p / "unlearn" / "checkpoints", "final") for p in (a, b))
