@@ -47,7 +47,11 @@ def share_upstream(src: RunStore, dst: RunStore) -> None:
     and the original model's evaluation scores (kept with the inputs they were scored on)."""
     for stage in SHARED:
         for artefact in driver.stage_module(stage).OUTPUTS:
-            shutil.copy2(src.artefact(artefact), dst.artefact(artefact))
+            source, target = src.artefact(artefact), dst.artefact(artefact)
+            if source.is_dir():  # the retrieval pool
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(source, target)
         entry = src.stage(stage)
         dst.update(lambda m, s=stage, e=entry: m["stages"].__setitem__(s, e))
     scores = dst.artefact("eval_partial")
