@@ -25,6 +25,7 @@ from pipeline.config import SUITES
 from pipeline.store import STAGES
 
 REMEMBERED_EXIT = 3  # the run finished, but some accepted requests are still remembered
+SHOWN_IDS = 20  # request ids named on that line; the receipt lists all of them
 
 EPILOG = """examples:
   icu run ray_jobs/configs/demo.yaml           whole pipeline, skipping completed stages
@@ -125,7 +126,9 @@ def remembered_exit(store) -> int:
     remembered = json.loads(path.read_text()).get("remembered", []) if path.exists() else []
     if not remembered:
         return 0
-    print(f"icu: {len(remembered)} accepted requests are still remembered after unlearning: {', '.join(remembered)}; "
+    named = ", ".join(remembered[:SHOWN_IDS]) + (f" and {len(remembered) - SHOWN_IDS} more" if len(remembered) > SHOWN_IDS
+                                                 else "")
+    print(f"icu: {len(remembered)} accepted requests are still remembered after unlearning: {named}; "
           "the receipt lists them as not_forgotten; fix: rerun with --restart-from unlearn --set "
           "unlearning.max_epochs=<more> (training continues from its last checkpoint)",
           file=sys.stderr)

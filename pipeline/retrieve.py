@@ -367,7 +367,8 @@ def key(cfg: Config, store: RunStore) -> str:
     """The pool's inputs, the retrieval settings, the requests, and (for the general rows, which
     keep out what the evaluation measures perplexity on) the evaluation's ppl settings."""
     e = cfg.evaluation
-    held_out = [cfg.part("evaluation")[0]["data_dir"], e.ppl_chunk, e.max_samples.get("ppl"), "ppl" in e.suites]
+    held_out = [cfg.part("evaluation")[0]["data_dir"], e.ppl_chunk, e.max_samples.get("ppl"), "ppl" in e.suites] \
+        if cfg.retrieval.general_per_source else None
     return fingerprint("retrieve", pool_fingerprint_parts(cfg), cfg.part("retrieval"), held_out, store.key_of("ingest"))
 
 

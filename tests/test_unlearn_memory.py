@@ -28,6 +28,7 @@ import pandas as pd
 import pytest
 
 from pipeline import modeling
+from pipeline.cli import REMEMBERED_EXIT
 
 from conftest import write_config
 
@@ -90,9 +91,12 @@ def _unlearn(tmp: Path, model: Path, data: Path, n: int) -> tuple[dict, pd.DataF
     out = subprocess.run([sys.executable, "-c", probe, str(Path(sys.executable).parent / "icu"), "unlearn",
                           str(config)], capture_output=True, text=True)
     seconds = time.time() - started
-    assert out.returncode == 0, out.stderr[-3000:]
+    # a short run leaves rows remembered: icu then exits REMEMBERED_EXIT after writing everything
+    # (not what this test measures); any other non-zero code is a failure
+    assert out.returncode in (0, REMEMBERED_EXIT), out.stderr[-3000:]
     root = tmp / "runs" / f"n{n}"
     result = json.loads((root / "unlearn" / "result.json").read_text())
+    assert (out.returncode == REMEMBERED_EXIT) == bool(result["remembered"])
     return result, pd.read_parquet(root / "unlearn" / "epochs.parquet"), int(out.stdout.split()[-1]) / 1024, seconds
 
 
