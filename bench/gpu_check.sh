@@ -3,7 +3,7 @@
 # random init) under DeepSpeed ZeRO-3 bf16, trained engine + frozen ZeRO-3 reference, on all
 # GPUs of this machine (bench/gpu_step.py says exactly what is timed and how MFU is counted).
 #
-#   bash bench/gpu_check.sh [gpu_step.py args, e.g. --steps 20 --pairs 16]   # GPU machine, repo root
+#   bash bench/gpu_check.sh [gpu_step.py args, e.g. --steps 20 --pairs 16, --lora]   # GPU machine, repo root
 #   bash bench/gpu_check.sh --cpu-smoke                                     # tiny CPU logic check
 #
 # Needs a python3 with CUDA torch + transformers (PYTHON=... to choose one). DeepSpeed and its
@@ -13,6 +13,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d bench/wheels hjson==3.1.0 pydantic==2.14.4 \
 #     pydantic_core==2.50.5 typing-inspection==0.4.5 annotated-types==0.8.0 typing_extensions==4.16.0
+#   pip download --no-deps -d bench/wheels peft==0.21.0 PyYAML==6.0.4   # for --lora (pipeline.adapter)
 # Lines with results start with RESULT; with $OUT set, the log and a JSON go there too.
 set -euo pipefail
 cd "$(dirname "$0")/.."

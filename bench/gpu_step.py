@@ -13,7 +13,7 @@ Tokens are seeded random ids, full rows (no padding), different per rank.
 Printed on rank 0, lines starting with RESULT: parameters, world size, step time,
 tokens/s (training tokens = all forget + neighbour rows' tokens of all ranks per step),
 peak GPU memory, and MFU = (6*N*train_tokens + 2*N*reference_tokens) / step_time /
-(world * peak), N = all parameters (embeddings included, attention score FLOPs not
+(world * peak) (4*N with --lora: only the adapters' weight gradients), N = all parameters (embeddings included, attention score FLOPs not
 counted), peak = --peak-tflops (989 = H200 dense bf16), plus a per-phase time split.
 
 GPU (one node, all its GPUs):   bash bench/gpu_check.sh
@@ -69,6 +69,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero3.json"))
     p.add_argument("--json", help="also write the results here (rank 0)")
+    p.add_argument("--lora", action="store_true", help="LoRA r 8 on every linear layer (pipeline.adapter, peft): "
+                   "only adapters train; the reference is the same engine with its adapters disabled")
     a = p.parse_args()
     a.shape = "tiny" if a.tiny else "tinyllama"
     for key, value in zip(("pairs", "seq", "warmup", "steps", "breakdown"), DEFAULTS[a.shape]):
@@ -83,7 +85,9 @@ def ds_config(a: argparse.Namespace, hidden: int, world: int, optimizer: bool) -
     zero = ds.setdefault("zero_optimization", {})
     for key, size in (("reduce_bucket_size", hidden * hidden),
                       ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
-                      ("stage3_param_persistence_threshold", 10 * hidden)):
+                      ("stage3_param_persistence_threshold", 10 * hidden),
+                      ("stage3_max_live_parameters", 10 * hidden * hidden),  # as pipeline.worker.zero_sizes
+                      ("stage3_max_reuse_distance", 10 * hidden * hidden)):
         if zero.get(key) == "auto":
             zero[key] = size
     ds.update(train_micro_batch_size_per_gpu=a.pairs, gradient_accumulation_steps=1, train_batch_size=a.pairs * world)
@@ -116,11 +120,15 @@ def icu_step(engine, ref, ids: torch.Tensor, mask: torch.Tensor, timer=None) -> 
     """Worker.step for the ICU loss on full rows: rows [:n] forget, rows [n:] their neighbours."""
     mark = timer or (lambda name: None)
     n = ids.shape[0] // 2
+    with torch.no_grad():
+        if ref is None:  # LoRA: the engine itself with its adapters disabled
+            with engine.module.disable_adapter():
+                ref_logits = engine.module(input_ids=ids[n:], attention_mask=mask[n:]).logits
+        else:
+            ref_logits = ref(input_ids=ids[n:], attention_mask=mask[n:]).logits
+    mark("reference_forward")
     logits = engine(input_ids=ids, attention_mask=mask).logits
     mark("forward")
-    with torch.no_grad():
-        ref_logits = ref(input_ids=ids[n:], attention_mask=mask[n:]).logits
-    mark("reference_forward")
     loss, parts = unlearning_loss("icu", forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n],
                                   retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:],
                                   ref_retain_logits=ref_logits, weights=LossWeights())
@@ -158,10 +166,18 @@ def main() -> None:
     train_ds = ds_config(a, hidden, world, optimizer=True)
     keep_alive = HfDeepSpeedConfig(train_ds)  # noqa: F841  from_config shards under it while it lives
     model = build_model(a, dtype)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=train_ds)
-    ref_model = build_model(a, dtype).requires_grad_(False)
-    ref, *_ = deepspeed.initialize(model=ref_model, config=ds_config(a, hidden, world, optimizer=False))
-    ref.eval()
+    if a.lora:
+        from pipeline import adapter
+        from pipeline.config import AdapterConfig
+
+        model = adapter.wrap(model, AdapterConfig(type="lora"), a.seed)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=train_ds)
+    ref = None
+    if not a.lora:
+        ref_model = build_model(a, dtype).requires_grad_(False)
+        ref, *_ = deepspeed.initialize(model=ref_model, config=ds_config(a, hidden, world, optimizer=False))
+        ref.eval()
     n_params = sum(p.ds_numel for p in engine.module.parameters())
     init_s = time.perf_counter() - t0
 
@@ -207,10 +223,11 @@ def main() -> None:
 
     train_tokens = world * 2 * a.pairs * a.seq
     ref_tokens = world * a.pairs * a.seq
-    flops = 6 * n_params * train_tokens + 2 * n_params * ref_tokens
+    # LoRA: no weight gradients of the frozen weights (4N per trained token, not 6N)
+    flops = (4 if a.lora else 6) * n_params * train_tokens + 2 * n_params * ref_tokens
     mfu = flops / step_s / (world * a.peak_tflops * 1e12)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    res = dict(model=a.shape, params=n_params, world=world, device=name, dtype=str(dtype).removeprefix("torch."),
+    res = dict(model=a.shape, params=n_params, lora=a.lora, world=world, device=name, dtype=str(dtype).removeprefix("torch."),
                adam="torch" if a.cpu else a.adam, rows_per_rank=2 * a.pairs, seq=a.seq, warmup=a.warmup, steps=a.steps,
                init_s=round(init_s, 1), step_s=round(step_s, 4), train_tokens_per_step=train_tokens,
                ref_tokens_per_step=ref_tokens, tokens_per_s=round(train_tokens / step_s, 1),
@@ -219,7 +236,7 @@ def main() -> None:
                mfu=round(mfu, 4), first_loss=first, last_loss=last,
                phase_s={k: round(v, 4) for k, v in phases.items()})
     if rank == 0:
-        print(f"RESULT model={a.shape} params={n_params} ({n_params / 1e9:.3f}B) world={world} device={res['device']} "
+        print(f"RESULT model={a.shape}{' LoRA' if a.lora else ''} params={n_params} ({n_params / 1e9:.3f}B) world={world} device={res['device']} "
               f"dtype={res['dtype']} adam={res['adam']} rows/rank={2 * a.pairs}x{a.seq} tokens init={init_s:.1f}s")
         print(f"RESULT step_s={step_s:.4f} (mean of {a.steps} after {a.warmup} warm-up) "
               f"tokens_per_s={train_tokens / step_s:,.0f} (train tokens/step={train_tokens}, "

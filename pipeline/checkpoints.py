@@ -20,7 +20,9 @@ which builds tensors, containers and the two DeepSpeed objects a ZeRO-3 checkpoi
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
+import io
 import json
 import logging
 import os
@@ -107,9 +109,22 @@ def weights_only(what: str) -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
-def fp32_state_dict(folder: Path, tag: str) -> dict:
-    """Full fp32 weights from the sharded checkpoint `tag` (offline, one process, weights only)."""
+@contextlib.contextmanager
+def fp32_partitions(folder: Path, tag: str) -> Iterator[dict]:
+    """Name -> lazy tensor of checkpoint `tag`'s fp32 weights (weights-only, offline, one process).
+
+    Nothing is gathered until a tensor's `.contiguous()` is called: DeepSpeed memory-maps every
+    rank's optimizer file and joins a weight's partitions on demand. The mappings close when the
+    block ends, so the pages one block read leave the process with it. DeepSpeed's own progress
+    lines (prints and a tqdm bar per call) are kept out of the log.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with weights_only(f"checkpoint {folder / tag}"):
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    with weights_only(f"checkpoint {folder / tag}"), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag, lazy_mode=True)
+    try:
+        yield lazy
+    finally:
+        lazy.clear()
+        gc.collect()

@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.errors import UserError
 from pipeline.losses import METHODS
+from pipeline.shards import parse_size
 
 REQUIRED = "<required>"
 TINY_MODELS = ("tiny-llama", "tiny-gptneo")
@@ -126,6 +127,27 @@ class RetrievalConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """What trains: every weight (none), or LoRA adapters on `target_modules` (peft) while the
+    model stays frozen; the frozen model is then the same engine with its adapters disabled."""
+    type: str = "none"  # none | lora
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def validate(self) -> None:
+        _one_of("unlearning.adapter.type", self.type, ("none", "lora"))
+        _positive("unlearning.adapter.r", self.r)
+        _positive("unlearning.adapter.alpha", self.alpha)
+        _in_range("unlearning.adapter.dropout", self.dropout, 0.0, 0.99)
+        if not self.target_modules:
+            raise UserError("unlearning.adapter.target_modules: empty; fix: name the linear layers to adapt "
+                            "(e.g. [q_proj, v_proj])")
+
+
+@dataclass
 class UnlearningConfig:
     method: str = "icu"
     lr: float = 5e-5
@@ -160,9 +182,11 @@ class UnlearningConfig:
     check_replica: str = "auto"  # IUR generates from an unsharded copy: auto (if <= 16 GiB), always, never
     keep_checkpoints: int = 2
     ds_config: str = path_field("ds_configs/zero3_cpu.json", hint="a DeepSpeed JSON config")
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
     def validate(self) -> None:
         _one_of("unlearning.method", self.method, tuple(METHODS))
+        self.adapter.validate()
         _one_of("unlearning.check_replica", self.check_replica, ("auto", "always", "never"))
         _one_of("unlearning.stop", self.stop, ("each", "set"))
         if self.stranger_quantile is not None:
@@ -221,8 +245,12 @@ class EvaluationConfig:
     el_range: str = "icu"  # "icu": prompts t = 0.75T..T-1; "ku": t = 1..T-1
     ppl_chunk: int = 512
     batch_size: int = 8
+    # score on the ZeRO-3 workers (every rank the same units, the model sharded) instead of whole
+    # replicas: auto = when one copy is larger than a worker holds (16 GiB), always, never
+    sharded: str = "auto"
 
     def validate(self) -> None:
+        _one_of("evaluation.sharded", self.sharded, ("auto", "always", "never"))
         if not self.suites:
             raise UserError(f"evaluation.suites: empty; fix: list some of {', '.join(SUITES)} (or leave the key out)")
         for suite in self.suites:
@@ -235,6 +263,18 @@ class EvaluationConfig:
             self.unseen_path = str(Path(self.data_dir) / "icu_benchmark" / "pile.csv")
         for key in ("el_n", "ppl_chunk", "batch_size"):
             _positive(f"evaluation.{key}", getattr(self, key))
+
+
+@dataclass
+class ExportConfig:
+    dtype: str = "auto"  # the hand-off's weights; auto = the dtype the model was trained in (model.dtype)
+    max_shard_size: str = "2GB"  # per safetensors file, as Hugging Face writes it ("500MB", "2GB")
+
+    def validate(self) -> None:
+        _one_of("export.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if parse_size(self.max_shard_size) is None:
+            raise UserError(f"export.max_shard_size: {self.max_shard_size!r} is not a size; fix: write e.g. "
+                            "\"500MB\" or \"2GB\"")
 
 
 @dataclass
@@ -276,6 +316,7 @@ class Config:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 

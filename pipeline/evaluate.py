@@ -50,11 +50,11 @@ def make_units(tasks: list[Task], unit_size: int = UNIT_SIZE) -> list[dict[str, 
 
 
 class Scorer:
-    """A model replica that scores units; the BERTScore encoder is loaded on first need."""
+    """A model replica that scores units; the BERTScore encoder is loaded on first need (or given)."""
 
-    def __init__(self, model, tokenizer, options: Options):
+    def __init__(self, model, tokenizer, options: Options, bert=None):
         self.model, self.tok, self.opt = model, tokenizer, options
-        self._bert = None
+        self._bert = bert
 
     @property
     def bert(self):
@@ -159,8 +159,21 @@ def score_model(spec: dict[str, Any], units: list[dict[str, Any]], actors: int, 
                 rows += json.loads(chunk)
                 bar.update()
     bar.close()
+    return rows_frame(rows)
+
+
+def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Result rows as the long-format frame, in a fixed order."""
     frame = pd.DataFrame(rows, columns=COLUMNS)
     return frame.sort_values(["suite", "task", "sample_id", "metric"], kind="stable", ignore_index=True)
+
+
+def sharded(cfg, model_dir: Path) -> bool:
+    """Whether a model is scored on ZeRO-3 workers (`evaluation.sharded`; auto: when one whole
+    copy is larger than a worker holds, modeling.REPLICA_MAX_BYTES)."""
+    mode = cfg.evaluation.sharded
+    return mode == "always" or mode == "auto" and modeling.replica_bytes(
+        model_dir, cfg.model.dtype, cfg.model.trust_remote_code) > modeling.REPLICA_MAX_BYTES
 
 
 def model_spec(model_dir: str | Path, options: Options, *, dtype: str = "auto", trust_remote_code: bool = False,
@@ -269,7 +282,7 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
     Each model's scores are kept in `eval_partial` once complete, so a stopped stage
     resumes with the model it had not finished.
     """
-    from pipeline import report
+    from pipeline import report, sharded_eval
 
     accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids"])
     tok = modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code)
@@ -284,8 +297,9 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
     for label, model_dir in models.items():
         spec = model_spec(model_dir, options(cfg), dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                           cpus=cfg.resources.cpus_per_worker, use_gpu=cfg.resources.use_gpu)
-        frames[label] = _scores_once(store.artefact("eval_partial"), keys[label], label, lambda: score_model(
-            spec, units, cfg.resources.eval_actors, cluster.use_ray(cfg), desc=f"evaluate: the {label} model"))
+        frames[label] = _scores_once(store.artefact("eval_partial"), keys[label], label, lambda: (
+            sharded_eval.score(cfg, store, spec, units, label) if sharded(cfg, Path(model_dir)) else
+            score_model(spec, units, cfg.resources.eval_actors, cluster.use_ray(cfg), desc=f"evaluate: the {label} model")))
     unlearn = json.loads(store.artefact("unlearn_result").read_text())
     thresholds = unlearn.get("thresholds") or summarize(frames["original"]).get("unseen")
     results = {

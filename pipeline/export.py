@@ -1,14 +1,16 @@
 """The export stage: the serving hand-off, verified.
 
 `handoff` (runs/<name>/model/) is the unlearned folder after its logits were checked
-against the final training engine's, with a model card, sha256 checksums and the erasure
-receipt (one row per input request).
+against the final training engine's, written in `export.dtype` a shard at a time (every
+tensor checked to be the trained one rounded to that dtype), with a model card, sha256
+checksums and the erasure receipt (one row per input request).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 import yaml
 
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from pipeline import modeling, shards
 from pipeline.errors import UserError
 from pipeline.report import paper_table
 from pipeline.store import RunStore, fingerprint
@@ -28,21 +31,25 @@ RECEIPT_COLUMNS = ["source_row", "request_id", "content_hash", "status", "epoch_
                    "el_before", "ma_after", "el_after", "ma_threshold", "el_threshold", "nll_after", "nll_band_high"]
 
 
-def verify(model_dir: Path, probe: dict[str, torch.Tensor], tolerance: float = 1e-5) -> float:
-    """Max |logit difference| between the folder (loaded as serving would) and the final engine.
+# Max |logit difference| per logit scale between the same weights run by ZeRO-3 and by torch:
+# float rounding (fp32 measured 9e-5 on SmolLM2-135M's logits of size ~30, 0 on the tiny test
+# model); the 16-bit bounds are a few units of their precision, not measured on a GPU engine.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
-    The bound is `tolerance` times the logits' scale (at least 1): the same fp32 weights run
-    through ZeRO-3's linear and torch's differ by float rounding (measured 9e-5 on
-    SmolLM2-135M's logits of size ~30, 0 on the tiny test model).
-    """
+
+def verify(model_dir: Path, probe: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+           tolerance: float | None = None) -> float:
+    """Max |logit difference| between the folder (loaded in `dtype`, as serving would) and the
+    final engine; refused above `tolerance` (default: `TOLERANCE[dtype]`) times the logits'
+    scale (at least 1)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True).eval()
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits.float()
     mask = probe["attention_mask"].bool()
     diff = float((logits - probe["logits"])[mask].abs().max())
-    tolerance *= max(1.0, float(probe["logits"][mask].abs().max()))
+    tolerance = (TOLERANCE[dtype] if tolerance is None else tolerance) * max(1.0, float(probe["logits"][mask].abs().max()))
     if not diff <= tolerance:
         raise RuntimeError(f"export verification failed: {model_dir} gives logits {diff:.3g} away from the final "
                            f"engine's (tolerance {tolerance:.3g}); the consolidated checkpoint does not match training")
@@ -106,7 +113,41 @@ def write_receipt(rows: list[dict], folder: Path) -> dict[str, int]:
 
 
 def key(cfg, store: RunStore) -> str:
-    return fingerprint("export", cfg.part("model"), store.key_of("ingest"), store.key_of("unlearn"), store.key_of("evaluate"))
+    return fingerprint("export", cfg.part("model", "export"), store.key_of("ingest"), store.key_of("unlearn"),
+                       store.key_of("evaluate"))
+
+
+def reencode(source: Path, out: Path, dtype: torch.dtype, max_bytes: int) -> None:
+    """`source` (a model folder) written to `out` with its floating-point weights in `dtype`, one
+    shard at a time, then every tensor read back and compared with the source's, rounded."""
+    for item in source.iterdir():  # config, tokenizer, the LoRA adapters (adapter/) as they are
+        if item.is_dir():
+            shutil.copytree(item, out / item.name)
+        elif not item.name.endswith(".safetensors") and item.name != shards.INDEX:
+            shutil.copy(item, out / item.name)
+    config = json.loads((out / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    atomic_write_json(out / "config.json", config)
+    mapping = shards.weight_map(source)
+    specs = {name: (shape, dtype if kind.is_floating_point else kind)
+             for name, (shape, kind) in shards.specs(source).items()}
+
+    def rounded(names: list[str]):
+        for n, t in shards.tensors(source, names, mapping):
+            yield n, t.to(specs[n][1])
+
+    written = shards.write(out, specs, rounded, max_bytes)
+    for file in dict.fromkeys(written.values()):
+        names = [n for n, f in written.items() if f == file]
+        want = dict(rounded(names))
+        changed = [n for n, t in shards.tensors(out, names, written) if not torch.equal(t, want[n])]
+        if changed:
+            raise RuntimeError(f"export: {out / file} does not hold the trained weights ({', '.join(changed[:3])})")
+
+
+def served_dtype(cfg) -> torch.dtype:
+    return modeling.torch_dtype(cfg.model.dtype if cfg.export.dtype == "auto" else cfg.export.dtype)
 
 
 def run(cfg, store: RunStore) -> dict:
@@ -115,7 +156,9 @@ def run(cfg, store: RunStore) -> dict:
     if not probe.exists():
         raise UserError(f"{probe}: missing (the run's unlearn stage predates export verification); fix: "
                         "rerun with --restart-from unlearn")
-    diff = verify(source, torch.load(probe, weights_only=True))
+    probe = torch.load(probe, weights_only=True)
+    dtype, trained = served_dtype(cfg), modeling.torch_dtype(cfg.model.dtype)
+    diff = verify(source, probe, trained)
     rows = receipt_rows(store)
     ingest = store.stage("ingest").get("summary", {})
     if "rows" in ingest and len(rows) != ingest["rows"]:
@@ -123,24 +166,39 @@ def run(cfg, store: RunStore) -> dict:
     metrics_path = store.artefact("metrics")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
     with atomic_path(store.artefact("handoff")) as tmp:
-        shutil.copytree(source, tmp)
+        if dtype == trained:
+            shutil.copytree(source, tmp)
+            served = diff
+        else:
+            tmp.mkdir()
+            reencode(source, tmp, dtype, shards.parse_size(cfg.export.max_shard_size))
+            served = verify(tmp, probe, dtype, tolerance=math.inf)
         counts = write_receipt(rows, tmp)
-        atomic_write_text(tmp / "README.md", _model_card(cfg, counts, metrics, diff))
-        sums = [f"{sha256_file(p)}  {p.name}" for p in sorted(tmp.iterdir()) if p.is_file()]  # as sha256sum -c reads
+        atomic_write_text(tmp / "README.md", _model_card(cfg, counts, metrics, diff, dtype, served))
+        sums = [f"{sha256_file(p)}  {p.relative_to(tmp)}" for p in sorted(tmp.rglob("*")) if p.is_file()]  # sha256sum -c
         atomic_write_text(tmp / "checksums.sha256", "\n".join(sums) + "\n")
-    log.info("export: %s verified (max logit diff %.2g); receipt: %s", store.artefact("handoff"), diff, counts)
-    return dict(counts, max_logit_diff=diff)
+    name = str(dtype).removeprefix("torch.")
+    log.info("export: %s verified (max logit diff %.2g; in %s %.2g); receipt: %s", store.artefact("handoff"), diff,
+             name, served, counts)
+    return dict(counts, max_logit_diff=diff, dtype=name, served_logit_diff=served)
 
 
-def _model_card(cfg, counts: dict, metrics: dict | None, diff: float) -> str:
+def _model_card(cfg, counts: dict, metrics: dict | None, diff: float, dtype: torch.dtype, served: float) -> str:
     lines = ["# Unlearned model", "",
              f"Produced by `icu` (Iterative Contrastive Unlearning, arXiv:2407.20271) from `{cfg.model.name}` "
              f"with method `{cfg.unlearning.method}`.", "",
              f"Erasure requests: {counts['forgotten']} forgotten, {counts['not_forgotten']} not forgotten, "
              f"{counts['rejected']} rejected at ingest (per-request detail in receipt.json / receipt.csv, "
              "ids and content hashes only).", "",
-             f"Verified: loading this folder with `from_pretrained` reproduces the final training engine's "
-             f"logits on fixed prompts to {diff:.2g} (fp32).", ""]
+             f"Verified: the consolidated weights, loaded with `from_pretrained`, reproduce the final training "
+             f"engine's logits on fixed prompts to {diff:.2g}. This folder holds them in "
+             f"{str(dtype).removeprefix('torch.')}" + ("." if served == diff else
+             f", each tensor checked to be the trained one rounded to it; in that precision the logits "
+             f"differ from the engine's by up to {served:.2g}."), ""]
+    a = cfg.unlearning.adapter
+    if a.type == "lora":
+        lines += [f"Unlearned with LoRA adapters (r {a.r}, alpha {a.alpha:g}, on {', '.join(a.target_modules)}), merged "
+                  "into these weights; the adapters alone are in `adapter/` (peft's format).", ""]
     if metrics:
         lines += ["## Before / after", "", paper_table(metrics), ""]
     lines += ["## Run config", "", "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]

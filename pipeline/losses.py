@@ -39,9 +39,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 
@@ -79,21 +81,95 @@ def _upcast(logits: Tensor) -> Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
+CHUNK_ELEMENTS = 1 << 22  # logits elements (16 MB in float32) per chunk of positions
+
+
+class _ByPositions(torch.autograd.Function):
+    """Per-position terms [B, T] of the logits [B, T, V], computed a chunk of positions at a time.
+
+    `terms(z, *aux)` maps a chunk of logits [B, c, V] and of the per-position inputs [B, c, ...]
+    to a tuple of [B, c] values, each position on its own. Autograd through the whole [B, T, V]
+    would keep several copies of it alive for backward (log-softmax, softmax, the gathers' and
+    top-k's scattered gradients); here forward keeps only its inputs, and backward recomputes
+    one chunk at a time and writes its gradient into a single [B, T, V] buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, terms, logits, *aux):
+        width = max(1, CHUNK_ELEMENTS // max(1, logits.shape[0] * logits.shape[-1]))
+        ctx.terms, ctx.width = terms, width
+        ctx.save_for_backward(logits, *aux)
+        chunks = [terms(logits[:, s:s + width], *(a[:, s:s + width] for a in aux))
+                  for s in range(0, logits.shape[1], width)]
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*chunks))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        logits, *aux = ctx.saved_tensors
+        out, width = torch.empty_like(logits), ctx.width
+        for s in range(0, logits.shape[1], width):
+            z = logits[:, s:s + width].detach().requires_grad_()
+            with torch.enable_grad():
+                values = ctx.terms(z, *(a[:, s:s + width] for a in aux))
+                total = sum((v * g[:, s:s + width]).sum() for v, g in zip(values, grads))
+            out[:, s:s + width] = torch.autograd.grad(total, z)[0]
+        return None, out, *(None for _ in aux)
+
+
+def _by_positions(terms, logits: Tensor, *aux: Tensor) -> tuple[Tensor, ...]:
+    return _ByPositions.apply(terms, logits, *aux)
+
+
 def _predicted(mask: Tensor) -> Tensor:
     """[B, T-1] positions whose target ids[:, t+1] and context token ids[:, t] are both real."""
     return mask[:, 1:].bool() & mask[:, :-1].bool()
 
 
-def _shifted_nll(logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-position NLL [B, T-1] of ids[:, 1:] (0 where not counted) and the counted positions.
+def _next_tokens(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per position t of [B, T]: the target ids[:, t+1] (0 where not counted; pads may hold -100)
+    and whether it counts. The last position predicts nothing, so the logits need no slicing."""
+    valid = F.pad(_predicted(mask), (0, 1), value=False)
+    targets = F.pad(ids[:, 1:], (0, 1), value=0).masked_fill(~valid, 0)
+    return targets, valid
 
-    logsumexp - gathered logit avoids keeping a full log-softmax copy of [B, T, V].
+
+def _nll_terms(z: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor]:
+    """logsumexp - gathered logit: no log-softmax copy of the chunk."""
+    z = _upcast(z)
+    nll = torch.logsumexp(z, dim=-1) - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (torch.where(valid, nll, 0.0),)
+
+
+def _band_terms(z: Tensor, targets: Tensor, valid: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+    """icu_band's per-position NLL and margin relu(z_true - z_best_other + margin).
+
+    The margin is zero once another token leads by `margin` logits: unlike -NLL it stops as soon
+    as greedy decoding no longer produces the token, and its gradient does not vanish on
+    confidently memorized tokens (where d NLL / d z_true = p_true - 1 is near 0).
     """
-    valid = _predicted(mask)
-    logits = _upcast(logits[:, :-1])
-    targets = ids[:, 1:].masked_fill(~valid, 0).unsqueeze(-1)  # pads may hold -100
-    nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets).squeeze(-1)
-    return torch.where(valid, nll, 0.0), valid
+    (nll,) = _nll_terms(z, targets, valid)
+    z = _upcast(z)
+    true = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    top2 = z.topk(2, dim=-1)
+    best_other = torch.where(top2.indices[..., 0] == targets, top2.values[..., 1], top2.values[..., 0])
+    return nll, torch.where(valid, F.relu(true - best_other + margin), 0.0)
+
+
+def _kl_terms(z: Tensor, ref: Tensor, valid: Tensor) -> tuple[Tensor]:
+    """KL(p_ref || p_theta) per position, as sum_v p_ref (log p_ref - log p_theta): one sum, not the
+    difference of two large ones (a chunk's temporaries are small, so no einsum trick is needed)."""
+    logp = F.log_softmax(_upcast(z), dim=-1)
+    with torch.no_grad():
+        ref_logp = F.log_softmax(_upcast(ref), dim=-1)
+    return (torch.where(valid, (ref_logp.exp() * (ref_logp - logp)).sum(-1), 0.0),)
+
+
+def _shifted_nll(logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-position NLL [B, T-1] of ids[:, 1:] (0 where not counted) and the counted positions."""
+    targets, valid = _next_tokens(ids, mask)
+    (nll,) = _by_positions(_nll_terms, logits, targets, valid)
+    return nll[:, :-1], valid[:, :-1]
 
 
 def token_nll(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
@@ -112,19 +188,11 @@ def kl_to_reference(logits: Tensor, ref_logits: Tensor, mask: Tensor) -> Tensor:
     """[B] token-mean KL(p_ref || p_theta) over the real positions of each row.
 
     Every real position counts (no shift: no labels are involved). The reference side
-    carries no gradient. The per-token sums over V are einsums (batched matmuls), so no
-    elementwise [B, T, V] product is materialised; what stays alive for backward is
-    log p_theta and p_ref, one [B, T, V] float32 tensor each.
+    carries no gradient.
     """
-    logp = F.log_softmax(_upcast(logits), dim=-1)
-    with torch.no_grad():
-        ref_logp = F.log_softmax(_upcast(ref_logits), dim=-1)
-        ref_p = ref_logp.exp()
-        ref_neg_entropy = torch.einsum("btv,btv->bt", ref_p, ref_logp)
-        del ref_logp
-    kl = ref_neg_entropy - torch.einsum("btv,btv->bt", ref_p, logp)
     valid = mask.bool()
-    return torch.where(valid, kl, 0.0).sum(1) / valid.sum(1).clamp(min=1)
+    (kl,) = _by_positions(_kl_terms, logits, ref_logits.detach(), valid)
+    return kl.sum(1) / valid.sum(1).clamp(min=1)
 
 
 def _row_mean(values: Tensor, active: Tensor) -> Tensor:
@@ -158,31 +226,18 @@ def _icu(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
 
 
 def _icu_band(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
-    per_token, valid = _shifted_nll(x.forget_logits, x.forget_ids, x.forget_mask)
+    targets, valid = _next_tokens(x.forget_ids, x.forget_mask)
+    terms = _by_positions(partial(_band_terms, margin=w.margin), x.forget_logits, targets, valid)
+    (per_token, margins), valid = (t[:, :-1] for t in terms), valid[:, :-1]
     count = valid.sum(1).clamp(min=1)
     push = x.forget_push.bool() & valid
     nll = per_token.sum(1) / count
-    margin = torch.where(push, token_margins(x.forget_logits, x.forget_ids, valid, w.margin), 0.0).sum(1) / count
+    margin = torch.where(push, margins, 0.0).sum(1) / count
     raised = torch.where(push, per_token, per_token.detach()).sum(1) / count  # nll's value, pushed tokens' gradient
     outside = margin + push.any(1) * F.relu(x.forget_low - raised) + F.relu(nll - x.forget_high)
     active = valid.any(1)
     parts = {"forget_nll": _row_mean(nll.detach(), active), "band_gap": _row_mean(outside, active)}
     return _neighbour_terms(w.uw * parts["band_gap"], parts, x, w)
-
-
-def token_margins(logits: Tensor, ids: Tensor, valid: Tensor, margin: float) -> Tensor:
-    """[B, T-1] relu(z_true - z_best_other + margin) of the prediction of ids[:, t+1].
-
-    Zero once another token leads by `margin` logits: unlike -NLL it stops as soon as greedy
-    decoding no longer produces the token, and its gradient does not vanish on confidently
-    memorized tokens (where d NLL / d z_true = p_true - 1 is near 0).
-    """
-    logits = _upcast(logits[:, :-1])
-    targets = ids[:, 1:].masked_fill(~valid, 0).unsqueeze(-1)
-    true = logits.gather(-1, targets).squeeze(-1)
-    top2 = logits.topk(2, dim=-1)
-    best_other = torch.where(top2.indices[..., 0] == targets.squeeze(-1), top2.values[..., 1], top2.values[..., 0])
-    return F.relu(true - best_other + margin)
 
 
 def _neighbour_terms(loss: Tensor, parts: Parts, x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:

@@ -110,6 +110,27 @@ def context_length(model_dir: Path) -> int:
                     "max_position_embeddings to it")
 
 
+# The largest whole copy of a model a worker holds on its own ("auto": IUR's replica, evaluation's
+# replicas); past it, both run on the ZeRO-3 shards instead.
+REPLICA_MAX_BYTES = 16 * 2**30
+
+
+def meta_model(model_dir: Path, trust_remote_code: bool = False):
+    """The architecture of a local model folder on the meta device: names and shapes, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    return model
+
+
+def replica_bytes(model_dir: Path, dtype: str = "auto", trust_remote_code: bool = False) -> int:
+    """Bytes of one whole copy of the model's parameters in `dtype`."""
+    return sum(p.numel() for p in meta_model(model_dir, trust_remote_code).parameters()) * torch_dtype(dtype).itemsize
+
+
 def hidden_size(model_dir: Path) -> int:
     """Width of the residual stream (DeepSpeed's "auto" bucket sizes derive from it)."""
     from transformers import AutoConfig

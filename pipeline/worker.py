@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoints, modeling, suites
+from pipeline import adapter, checkpoints, modeling, suites
 from pipeline.atomic import atomic_path, atomic_write_json, write_parquet
 from pipeline.config import Config
 from pipeline.errors import UserError
@@ -41,7 +41,6 @@ from pipeline.metrics import greedy_hits, pad_rows, sequence_losses
 from pipeline.store import RunStore
 
 log = logging.getLogger("icu.unlearn")
-REPLICA_MAX_BYTES = 16 * 2**30  # check_replica: auto uses a replica up to this size
 PROBE_ROWS = 4  # request prefixes whose final logits export verifies
 HISTORY_COLUMNS = ["epoch", "request_id", "bleu", "bertscore", "ma", "el", "nll", "band_high", "too_deep", "forgotten"]
 
@@ -92,6 +91,16 @@ def load_pairs(store: RunStore, pairs_per_request: int) -> Pairs:
     return Pairs(ids, rows, pair_request, pair_neighbour, general)
 
 
+def zero_sizes(hidden: int) -> dict[str, int]:
+    """What "auto" ZeRO-3 sizes become. The first three are those transformers' Trainer derives
+    from the hidden size; the last two bound the gathered parameters kept alive for reuse to
+    about one layer (DeepSpeed's default, 1e9 elements, keeps a whole model of up to a billion
+    parameters gathered on every rank)."""
+    return {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden, "stage3_max_live_parameters": 10 * hidden * hidden,
+            "stage3_max_reuse_distance": 10 * hidden * hidden}
+
+
 def deepspeed_config(cfg: Config, world: int, hidden: int, with_optimizer: bool = True) -> dict:
     """The JSON config from `unlearning.ds_config`, completed from the run config.
 
@@ -101,10 +110,8 @@ def deepspeed_config(cfg: Config, world: int, hidden: int, with_optimizer: bool 
     u = cfg.unlearning
     ds = json.loads(Path(u.ds_config).read_text())
     zero = ds.setdefault("zero_optimization", {})
-    for key, size in (("reduce_bucket_size", hidden * hidden),
-                      ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
-                      ("stage3_param_persistence_threshold", 10 * hidden)):
-        if zero.get(key) == "auto":  # the sizes transformers' Trainer derives from the hidden size
+    for key, size in zero_sizes(hidden).items():
+        if zero.get(key) == "auto":
             zero[key] = size
     ds.update(train_micro_batch_size_per_gpu=u.batch_size, gradient_accumulation_steps=1,
               train_batch_size=u.batch_size * world)
@@ -157,22 +164,38 @@ class Worker:
         self.ckpt_dir = self.store.artefact("checkpoints")
         self.replica = None  # set by run(): the unsharded model IUR generates with, if it fits
         self.band: tuple | None = None  # icu_band: (push masks, low, high) per request, from the last check
+        self.models_loaded = 0
+        self.lora = adapter.enabled(self.cfg.unlearning.adapter)
 
     def build_engines(self) -> None:
+        """The trained engine and what the frozen-model terms read: with LoRA, the same engine
+        with its adapters disabled; otherwise a second, frozen ZeRO-3 engine (only if a term reads it)."""
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
         ds = deepspeed_config(self.cfg, self.world, self.hidden)
         self._hf_ds = HfDeepSpeedConfig(ds)  # must stay alive: from_pretrained shards under it
         model = self._load_model()
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        u = self.cfg.unlearning
+        if self.lora:
+            model = adapter.wrap(model, u.adapter, u.seed)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)
         self.ref = None
-        if self.method.reference(self.weights):
+        if self.method.reference(self.weights) and not self.lora:
             ref_ds = deepspeed_config(self.cfg, self.world, self.hidden, with_optimizer=False)
             ref = self._load_model()
             ref.requires_grad_(False)
             self.ref, *_ = deepspeed.initialize(model=ref, config=ref_ds)
             self.ref.eval()
+
+    def reference_logits(self, ids: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        """The frozen original model's logits (no gradient)."""
+        with torch.no_grad():
+            if self.ref is not None:
+                return self.ref(input_ids=ids, attention_mask=attend).logits
+            with self.engine.module.disable_adapter():
+                return self.engine.module(input_ids=ids, attention_mask=attend).logits
 
     def _replica(self):
         """An unsharded model of the same architecture for IUR generation, or None (see `checker`)."""
@@ -185,7 +208,7 @@ class Worker:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=self.cfg.model.trust_remote_code)
         size = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
-        use = mode == "always" or (mode == "auto" and size <= REPLICA_MAX_BYTES)
+        use = mode == "always" or (mode == "auto" and size <= modeling.REPLICA_MAX_BYTES)
         if self.rank == 0:
             log.info("unlearn: IUR generates from %s (model %.0f MB)", "an unsharded replica per rank" if use
                      else "the ZeRO-3 engine, generate() synced across ranks", size / 2**20)
@@ -194,6 +217,7 @@ class Worker:
     def _load_model(self):
         from transformers import AutoModelForCausalLM
 
+        self.models_loaded += 1
         return AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=modeling.torch_dtype(self.cfg.model.dtype), local_files_only=True,
             trust_remote_code=self.cfg.model.trust_remote_code)
@@ -207,7 +231,8 @@ class Worker:
         if tag is None:
             return LoopState()
         with checkpoints.weights_only(f"checkpoint {self.ckpt_dir / tag}"):
-            self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_module_strict=True)
+            # with LoRA a checkpoint holds the adapters only (the frozen weights are the model folder's)
+            self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag, load_module_strict=not self.lora)
         state = LoopState(**json.loads((self.ckpt_dir / tag / "loop_state.json").read_text()))
         state.resumed_from.append(tag)
         rng = self.ckpt_dir / tag / f"rng-rank{self.rank}.pt"
@@ -220,7 +245,7 @@ class Worker:
     def save(self, state: LoopState) -> None:
         """Engine shards from every rank, then the loop state, then the seal (files + hashes)."""
         tag = f"epoch-{state.epoch}"
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False, exclude_frozen_parameters=self.lora)
         torch.save(torch.get_rng_state(), self.ckpt_dir / tag / f"rng-rank{self.rank}.pt")
         dist.barrier()
         if self.rank == 0:
@@ -273,10 +298,15 @@ class Worker:
             return self.engine.module, _max_over_ranks
         import deepspeed
 
-        params = list(self.engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params), torch.no_grad():
-            for mine, full in zip(self.replica.parameters(), params):
-                mine.copy_(full.data)
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters())), torch.no_grad():
+            if self.lora:
+                weights = adapter.merged({n: p.data for n, p in module.named_parameters()}, self.cfg.unlearning.adapter)
+                for name, mine in self.replica.named_parameters():
+                    mine.copy_(weights[name])
+            else:
+                for mine, full in zip(self.replica.parameters(), module.parameters()):
+                    mine.copy_(full.data)
         return self.replica, None
 
     def check(self, epoch: int, thr: Thresholds, scorer) -> list[dict]:
@@ -334,8 +364,12 @@ class Worker:
         ids, mask = ids.to(self.device), mask.to(self.device)
         attend = mask.clone()
         attend[:, 0] = 1  # an empty row still attends to one token, so attention has no NaN
-        logits = self.engine(input_ids=ids, attention_mask=attend).logits
         n = len(forget)
+        seen = self.method.reference(self.weights)
+        if seen:  # the frozen model sees only the rows its term reads; first, so ZeRO-3 sees whole passes
+            rows = slice(n, None) if seen == "retain" else slice(0, n)
+            ref_logits = self.reference_logits(ids[rows], attend[rows])
+        logits = self.engine(input_ids=ids, attention_mask=attend).logits
         kwargs = dict(forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n], weights=self.weights)
         if use_retain:
             kwargs.update(retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:])
@@ -348,11 +382,8 @@ class Worker:
             for name, edge in (("forget_low", low), ("forget_high", high)):
                 kwargs[name] = torch.tensor([edge[i] if i is not None else 0.0 for i in rows],
                                             dtype=torch.float32, device=self.device)
-        seen = self.method.reference(self.weights)
-        if self.ref is not None and seen:  # the frozen model sees only the rows its term reads
-            rows = slice(n, None) if seen == "retain" else slice(0, n)
-            with torch.no_grad():
-                kwargs[f"ref_{seen}_logits"] = self.ref(input_ids=ids[rows], attention_mask=attend[rows]).logits
+        if seen:
+            kwargs[f"ref_{seen}_logits"] = ref_logits
         loss, parts = unlearning_loss(self.cfg.unlearning.method, **kwargs)
         self.engine.backward(loss)
         self.engine.step()
@@ -397,6 +428,8 @@ class Worker:
         per_rank: list = [None] * self.world
         dist.all_gather_object(per_rank, (held, _node_id(), peak_mb))
         return {"total": sum(p.ds_numel for p in self.engine.module.parameters()),
+                "trained": sum(p.ds_numel for p in self.engine.module.parameters() if p.requires_grad),
+                "models_loaded": self.models_loaded,
                 "held_per_rank": [h for h, _, _ in per_rank], "nodes": [n for _, n, _ in per_rank],
                 "peak_rss_mb": [round(m, 1) for _, _, m in per_rank]}
 
@@ -404,7 +437,8 @@ class Worker:
         """Final engine checkpoint (for export) and, on rank 0, history and result files."""
         result["partition"] = self.partition()
         probe = self.probe()
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag="final", save_latest=False)
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag="final", save_latest=False,
+                                    exclude_frozen_parameters=self.lora)
         dist.barrier()
         if self.rank == 0:
             checkpoints.seal(self.ckpt_dir, "final")
@@ -466,14 +500,20 @@ def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: in
 
 
 def train_worker(config: dict) -> None:
-    """Entry point for one rank (Ray Train's train_loop_per_worker, or torchrun via main())."""
+    """Entry point for one rank (Ray Train's train_loop_per_worker, or torchrun via main());
+    config["args"] = [RUN_DIR]."""
+    start_rank()
+    torch.manual_seed(0)
+    Worker(config["args"][0]).run()
+
+
+def start_rank() -> None:
+    """What every rank of a ZeRO-3 job needs first: the accelerator, logging, the process group."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not logging.getLogger().handlers:  # a Ray Train worker: its stderr reaches the job's log
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _init_distributed()
-    torch.manual_seed(0)
-    Worker(config["run_dir"]).run()
 
 
 def _init_distributed() -> None:
@@ -510,14 +550,15 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, entry: Callable[[dict], None] = train_worker,
+         usage: str = "pipeline.worker RUN_DIR", nargs: int = 1) -> int:
     """torchrun entry: `python -m torch.distributed.run --nproc_per_node N -m pipeline.worker RUN_DIR`."""
     args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1:
-        print("usage: torchrun --nproc_per_node N -m pipeline.worker RUN_DIR", file=sys.stderr)
+    if len(args) != nargs:
+        print(f"usage: torchrun --nproc_per_node N -m {usage}", file=sys.stderr)
         return 2
     try:
-        train_worker({"run_dir": args[0]})
+        entry({"args": args})
     except UserError as exc:  # e.g. a checkpoint refused by the weights-only load: one line, not a traceback
         return exc.report()
     dist.barrier()

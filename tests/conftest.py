@@ -55,3 +55,11 @@ def implanted(tmp_path_factory, shared_data):
     assert ma > 0.9, f"the tiny model did not memorize its sequences (MA {ma:.3f})"
     requests, retain = write_inputs(root, memorize)
     return dict(root=root, memorize=memorize, requests=requests, retain=retain, data=shared_data)
+
+
+def checkpoint_weights(folder: Path, tag: str) -> dict:
+    """Every fp32 weight of a ZeRO-3 checkpoint tag, gathered (tests only: small models)."""
+    from pipeline.checkpoints import fp32_partitions
+
+    with fp32_partitions(folder, tag) as lazy:
+        return {name: tensor.contiguous() for name, tensor in lazy.items()}

@@ -212,3 +212,28 @@ def test_null_max_tokens_cuts_threshold_and_evaluation_rows_alike(tmp_path, shar
     unseen = next(t for t in evaluate._tasks(cfg, tok, None) if t.name == "pile_unseen")
     assert [ex["ids"] for ex in unseen.examples] == thresholds
     assert max(map(len, thresholds)) > 200  # longer than the old fallback of 200 tokens
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_gives_the_replica_values(implanted, tmp_path):
+    """Every suite scored on 2 ZeRO-3 workers (the model sharded, the same units on each rank)
+    equals one whole replica's scores, sample by sample; nothing of the units is left behind."""
+    from implant import run_config
+
+    from pipeline import driver, sharded_eval
+
+    config = run_config(implanted, tmp_path, "sharded", {
+        "resources.launcher": "torchrun", "evaluation.sharded": "always",
+        "evaluation.max_samples": {"unseen": 4, "ppl": 1, "classification": 2, "dialogue": 2}})
+    cfg, store = driver.open_run(str(config))
+    driver.run_pipeline(cfg, store, until="ingest")
+    assert evaluate.sharded(cfg, cfg.model_dir)
+    accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids"])
+    units = evaluate.make_units(evaluate._tasks(cfg, modeling.load_tokenizer(cfg.model_dir), accepted))
+    assert {"forget", "unseen", "ppl", "classification", "dialogue"} <= {u["suite"] for u in units}
+    spec = evaluate.model_spec(cfg.model_dir, evaluate.options(cfg))
+    replica = evaluate.score_model(spec, units, 1, use_ray=False)
+    shards = sharded_eval.score(cfg, store, spec, units, "original")
+    assert len(shards) == len(replica) > 100
+    pd.testing.assert_frame_equal(shards, replica, check_exact=False, atol=1e-4, rtol=0)
+    assert not list(store.artefact("eval_partial").glob("*-sharded.*"))

@@ -181,12 +181,12 @@ def test_evaluate_reports_before_and_after(reference):
     """The exported weights are the engine's; the original remembers the requests and the
     unlearned model does not; the report renders."""
     from pipeline import modeling
-    from pipeline.checkpoints import fp32_state_dict
+    from conftest import checkpoint_weights
 
     root = reference["root"]
     result = json.loads((root / "unlearn" / "result.json").read_text())
     exported = modeling.load_model(root / "unlearn" / "model")
-    final = fp32_state_dict(root / "unlearn" / "checkpoints", "final")
+    final = checkpoint_weights(root / "unlearn" / "checkpoints", "final")
     assert max((p - final[k]).abs().max().item() for k, p in exported.state_dict().items() if k in final) == 0
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     before, after = metrics["models"]["original"], metrics["models"]["unlearned"]
@@ -242,6 +242,36 @@ def test_export_hands_off_a_verified_folder_and_a_receipt(reference, implanted, 
     model.save_pretrained(bad)
     with pytest.raises(RuntimeError, match="verification failed"):
         export.verify(bad, torch.load(root / "unlearn" / "probe.pt", weights_only=True))
+
+
+def test_consolidation_and_export_write_one_shard_at_a_time(reference, implanted, tmp_path):
+    """The final checkpoint consolidated in small shards (with the index from_pretrained reads) is
+    the same model; export.dtype bfloat16 re-encodes it shard by shard to the rounded weights."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import export, shards, unlearn
+
+    root = reference["root"]
+    small = unlearn.consolidate(root / "unlearn" / "checkpoints", "final", implanted["root"] / "model",
+                                tmp_path / "small", max_bytes=60_000)
+    files = sorted(small.glob("*.safetensors"))
+    sizes = {n: shape.numel() * 4 for n, (shape, _) in shards.specs(small).items()}
+    assert len(files) >= 4 and (small / shards.INDEX).is_file()
+    assert all(f.stat().st_size <= max(60_000, max(sizes.values())) + 4096 for f in files)  # + header
+    whole = AutoModelForCausalLM.from_pretrained(root / "unlearn" / "model", local_files_only=True).state_dict()
+    parts = AutoModelForCausalLM.from_pretrained(small, local_files_only=True).state_dict()
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+
+    half = tmp_path / "bf16"
+    half.mkdir()
+    export.reencode(small, half, torch.bfloat16, max_bytes=40_000)
+    served = AutoModelForCausalLM.from_pretrained(half, local_files_only=True)
+    assert served.dtype == torch.bfloat16 and len(list(half.glob("*.safetensors"))) > len(files)
+    assert all(torch.equal(t, whole[k].to(torch.bfloat16)) for k, t in served.state_dict().items())
+    probe = torch.load(root / "unlearn" / "probe.pt", weights_only=True)
+    assert 0 < export.verify(half, probe, torch.bfloat16, tolerance=math.inf) < math.inf
 
 
 def test_stopped_jobs_resume_to_the_uninterrupted_result(head, reference, implanted, tmp_path):

@@ -22,8 +22,8 @@ import torch
 
 from pipeline import driver, modeling
 from pipeline.metrics import memorization_accuracy, pad_rows
-from pipeline.checkpoints import fp32_state_dict
 
+from conftest import checkpoint_weights
 from implant import run_config
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def test_implant_then_forget_with_ray_train(implanted, ray_run):
     model_dir = implanted["root"] / "model"
     tok, before = modeling.load_tokenizer(model_dir), modeling.load_model(model_dir)
     after = modeling.load_model(model_dir)
-    after.load_state_dict(fp32_state_dict(root / "unlearn" / "checkpoints", "final"), strict=True)
+    after.load_state_dict(checkpoint_weights(root / "unlearn" / "checkpoints", "final"), strict=True)
     forget = [t[:48] if i % 2 else t for i, t in enumerate(implanted["memorize"][:8])]
     keep = implanted["memorize"][8:]
     assert (_ma(after, tok, forget) <= thr["ma"]).all()
@@ -149,7 +149,7 @@ def test_requests_left_remembered_fail_the_run_and_more_epochs_resume_it(implant
 
 def _same_run(a: Path, b: Path) -> None:
     """Equal final weights (max abs diff <= 1e-6) and the same per-epoch history, no epoch twice."""
-    wa, wb = (fp32_state_dict(p / "unlearn" / "checkpoints", "final") for p in (a, b))
+    wa, wb = (checkpoint_weights(p / "unlearn" / "checkpoints", "final") for p in (a, b))
     assert wa.keys() == wb.keys()
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert diff <= 1e-6, f"final weights differ by {diff}"
