@@ -268,7 +268,8 @@ def test_consolidation_and_export_write_one_shard_at_a_time(reference, implanted
     half.mkdir()
     export.reencode(small, half, torch.bfloat16, max_bytes=40_000)
     served = AutoModelForCausalLM.from_pretrained(half, local_files_only=True)
-    assert served.dtype == torch.bfloat16 and len(list(half.glob("*.safetensors"))) > len(files)
+    planned = shards.plan({k: (shape, torch.bfloat16) for k, (shape, _) in shards.specs(small).items()}, 40_000)
+    assert served.dtype == torch.bfloat16 and sorted(p.name for p in half.glob("*.safetensors")) == sorted(planned)
     assert all(torch.equal(t, whole[k].to(torch.bfloat16)) for k, t in served.state_dict().items())
     probe = torch.load(root / "unlearn" / "probe.pt", weights_only=True)
     assert 0 < export.verify(half, probe, torch.bfloat16, tolerance=math.inf) < math.inf
