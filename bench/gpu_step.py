@@ -244,7 +244,7 @@ def main() -> None:
         print(f"RESULT peak_mem_gib={res['peak_mem_gib']} ({'max_memory_allocated' if device.type == 'cuda' else 'max RSS'}"
               f", max over ranks)")
         print(f"RESULT mfu={mfu:.2%} achieved={flops / step_s / 1e12:.2f} TFLOP/s over peak {world}x{a.peak_tflops} "
-              f"TFLOP/s; FLOPs/step = 6*N*train_tokens + 2*N*ref_tokens = {flops:.4g} (N=all params, attention "
+              f"TFLOP/s; FLOPs/step = {4 if a.lora else 6}*N*train_tokens + 2*N*ref_tokens = {flops:.4g} (N=all params, attention "
               f"scores not counted)")
         print("RESULT phases_s " + " ".join(f"{k}={v:.4f}" for k, v in phases.items())
               + f" (mean of {a.breakdown} synchronised steps)")
