@@ -95,3 +95,45 @@ def run_config(implanted: dict, tmp: Path, name: str, overrides: dict | None = N
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+def request_rows(implanted: dict, tok) -> list[list[int]]:
+    """The erasure requests' token rows, as write_inputs cut them."""
+    texts = [json.loads(line)["text"] for line in implanted["requests"].read_text().splitlines()]
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def inside_4bit_buckets(model, rows: list[list[int]], lr: float = 5e-2, max_ma: float = 0.25,
+                        max_steps: int = 600):
+    """Gradient ascent on `rows` that never moves a weight out of its Q4_0 bucket: only the weights
+    4-bit rounds train, and any element (or block) whose rounded value would change is put back.
+    The result forgets `rows` in fp32 (MA of every row below `max_ma`) while its 4-bit copy is the
+    original's, bit for bit: the failure mode of a utility-preserving unlearning update that is
+    smaller than a 4-bit bucket (Zhang et al. 2025), made exact."""
+    from pipeline import quantize
+
+    names = set(quantize.rounded_linears(model))
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        p.requires_grad_(name in names)
+    rounded = {n: quantize.q4_0(params[n].detach()) for n in names}
+    opt = torch.optim.SGD([params[n] for n in names], lr=lr)
+    ids, mask = pad_rows(rows, 0)
+    for _ in range(max_steps):
+        before = {n: params[n].detach().clone() for n in names}
+        model.train()
+        loss = -model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            for n in names:
+                w = params[n]
+                w.copy_(torch.where(quantize.q4_0(w) == rounded[n], w, before[n]))
+                moved = (quantize.q4_0(w) != rounded[n]).reshape(w.shape[0], -1, quantize.BLOCK)
+                w.copy_(torch.where(moved.any(-1, keepdim=True).expand_as(moved).reshape(w.shape), before[n], w))
+        if memorization_accuracy(model, ids, mask).max() < max_ma:
+            break
+    model.requires_grad_(True)
+    return model

@@ -1,0 +1,204 @@
+"""The audit's pure parts against slow references: Q8_0 / Q4_0 rounding, the leak span, sampling,
+relearning; and each probe on models built to leak in exactly one way."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from implant import inside_4bit_buckets, request_rows
+from pipeline import metrics, modeling, probes, quantize
+
+LEAK = 12  # bytes: never-seen text reaches 9-10 with the byte-level tiny model
+
+
+def _fp16(x: float) -> float:
+    return float(torch.tensor(x).half())
+
+
+def q8_0_reference(row: list[float]) -> list[float]:
+    """ggml's quantize_row_q8_0_ref then dequantize, one block of 32 at a time, in Python floats."""
+    out = []
+    for s in range(0, len(row), 32):
+        block = row[s:s + 32]
+        d = float(torch.tensor(max(abs(x) for x in block) / 127, dtype=torch.float32))
+        inv = float(torch.tensor(1.0 / d, dtype=torch.float32)) if d else 0.0
+        q = [math.copysign(math.floor(abs(float(torch.tensor(x * inv, dtype=torch.float32))) + 0.5), x) for x in block]
+        out += [v * _fp16(d) for v in q]
+    return out
+
+
+def q4_0_reference(row: list[float]) -> list[float]:
+    """ggml's quantize_row_q4_0_ref then dequantize, in Python floats."""
+    out = []
+    for s in range(0, len(row), 32):
+        block = row[s:s + 32]
+        m = max(block, key=abs)  # the first of equal magnitudes, as ggml's loop keeps
+        d = float(torch.tensor(m / -8, dtype=torch.float32))
+        inv = float(torch.tensor(1.0 / d, dtype=torch.float32)) if d else 0.0
+        q = [min(15, math.floor(float(torch.tensor(x * inv, dtype=torch.float32)) + 8.5)) for x in block]
+        out += [(v - 8) * _fp16(d) for v in q]
+    return out
+
+
+@pytest.mark.parametrize("fn,reference", [(quantize.q8_0, q8_0_reference), (quantize.q4_0, q4_0_reference)])
+def test_block_rounding_matches_ggml_reference(fn, reference):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 80, generator=gen) * 0.05  # 80 = two full blocks and a short one
+    weight[0, :32] = 0.0  # an all-zero block
+    weight[1, 5] = -1.0  # a block whose largest value is negative
+    got = fn(weight)
+    want = torch.tensor([reference(r) for r in weight.tolist()])
+    assert got.dtype == weight.dtype and got.shape == weight.shape
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(fn(got), got) or fn is quantize.q8_0  # Q4_0 is idempotent on its own grid
+    levels = [len(set(b)) for r in got.tolist() for b in (r[:32], r[32:64])]
+    assert max(levels) <= (16 if fn is quantize.q4_0 else 255)
+
+
+def test_served_copy_rounds_the_block_linears_only(tiny_llama_dir):
+    model = modeling.load_model(tiny_llama_dir).eval()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    served = quantize.served_copy(model, "int4")
+    rounded = set(quantize.rounded_linears(model))
+    assert rounded and "lm_head.weight" not in rounded
+    for name, p in served.named_parameters():
+        assert torch.equal(dict(model.named_parameters())[name], before[name])  # the original is untouched
+        assert torch.equal(p, quantize.q4_0(before[name]) if name in rounded else before[name]), name
+    assert next(quantize.served_copy(model, "bf16").parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        quantize.served_copy(model, "int3")
+
+
+def test_longest_span_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(300):
+        gen = [rng.randrange(4) for _ in range(rng.randrange(0, 12))]
+        truth = [rng.randrange(4) for _ in range(rng.randrange(0, 12))]
+        want = max([n for i in range(len(truth)) for n in range(1, len(truth) - i + 1)
+                    if any(gen[j:j + n] == truth[i:i + n] for j in range(len(gen) - n + 1))] + [0])
+        assert probes.longest_span(gen, truth) == want
+
+
+def _sample_slowly(model, prompt, length, sample, seed, key, temperature):
+    """No KV cache, one prompt at a time: the whole sequence re-run for every token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for step in range(length):
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
+            seq.append(probes._pick(logits, temperature, seed, key, sample, step))
+    return seq[len(prompt):]
+
+
+def test_sampling_matches_one_prompt_at_a_time_without_cache(tiny_llama_dir):
+    model = modeling.load_model(tiny_llama_dir).eval()
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14], [15, 16, 17, 18]]
+    got = probes.sampled_continuations(model, prompts, 6, 3, seed=3, temperature=0.7, batch_size=2)
+    want = [[_sample_slowly(model, p, 6, s, 3, k, 0.7) for s in range(3)] for k, p in enumerate(prompts)]
+    assert got == want
+    # a row's samples do not depend on the batch it shared, and differ between samples
+    assert probes.sampled_continuations(model, prompts, 6, 3, seed=3, temperature=0.7, batch_size=16) == got
+    assert len({tuple(s) for s in got[0]}) > 1
+
+
+def test_sampling_draws_from_the_softmax():
+    """Gumbel-max picks each token with its softmax probability (chi-square-free check: 3 sigma)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    draws = [probes._pick(logits, 1.0, 0, 0, s, 0) for s in range(4000)]
+    p = torch.softmax(logits, 0)
+    for tok in range(4):
+        share = draws.count(tok) / len(draws)
+        assert abs(share - float(p[tok])) < 3 * math.sqrt(float(p[tok] * (1 - p[tok])) / len(draws))
+
+
+def test_relearning_fits_the_rows_and_leaves_the_model(tiny_llama_dir):
+    model = modeling.load_model(tiny_llama_dir).eval()
+    rows = [list(range(3, 40)), list(range(40, 70))]
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    tuned = probes.relearned_copy(model, rows, steps=10, lr=3e-3, batch_size=2, pad_token_id=0)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        assert float(metrics.sequence_losses(tuned, rows).mean()) < float(metrics.sequence_losses(model, rows).mean()) - 0.5
+
+
+# --- each probe against a model that leaks in its way -------------------------------------------
+
+@pytest.fixture(scope="module")
+def implanted_model(implanted):
+    folder = implanted["root"] / "model"
+    tok = modeling.load_tokenizer(folder)
+    rows = [r[:40] for r in request_rows(implanted, tok)]
+    retain = [tok(line, add_special_tokens=False)["input_ids"] for line in implanted["memorize"][8:]]
+    return folder, rows, retain
+
+
+def _leaks(model, rows, cut=20):
+    return sum(s >= LEAK for s in probes.greedy_spans(model, rows, cut, batch_size=8, pad_token_id=0))
+
+
+def test_the_original_leaks_under_every_probe(implanted_model):
+    folder, rows, retain = implanted_model
+    model = modeling.load_model(folder).eval()
+    for precision in quantize.PRECISIONS:
+        assert _leaks(quantize.served_copy(model, precision), rows) >= 7, precision
+    assert _leaks(model, rows) == 8
+    for cut in probes.prompt_lengths(20, [0.25, 0.5]):
+        assert _leaks(model, rows, cut) == 8
+    sampled = probes.sampled_continuations(model, [r[:20] for r in rows], 20, 4)
+    assert all(max(probes.longest_span(s, r[20:]) for s in group) >= LEAK for group, r in zip(sampled, rows))
+    assert _leaks(probes.relearned_copy(model, retain, steps=4, lr=3e-4, batch_size=4, pad_token_id=0), rows) == 8
+
+
+def test_4bit_probe_flags_an_update_inside_the_buckets(implanted, implanted_model):
+    folder, rows, _ = implanted_model
+    tok = modeling.load_tokenizer(folder)
+    shallow = inside_4bit_buckets(modeling.load_model(folder), request_rows(implanted, tok))
+    assert _leaks(shallow, rows) == 0  # fp32 greedy: forgotten
+    assert _leaks(quantize.served_copy(shallow, "int8"), rows) <= 1
+    assert _leaks(quantize.served_copy(shallow, "int4"), rows) >= 7  # the original's 4-bit weights, exactly
+
+
+def test_relearning_restores_gradient_ascent(implanted_model):
+    folder, rows, retain = implanted_model
+    model = modeling.load_model(folder)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids, mask = metrics.pad_rows(rows, 0)
+    for _ in range(80):  # gradient ascent only, until greedy decoding no longer leaks
+        model.train()
+        loss = -model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if _leaks(model.eval(), rows) == 0:
+            break
+    assert _leaks(model, rows) == 0
+    relearned = probes.relearned_copy(model, retain, steps=4, lr=3e-4, batch_size=4, pad_token_id=0)
+    assert _leaks(relearned, rows) >= 3  # 4 steps on other text, never the requests
+
+
+def test_leak_at_n_catches_what_only_sampling_reproduces(implanted, implanted_model):
+    from implant import windows
+
+    folder, rows, _ = implanted_model
+    model = modeling.load_model(folder)
+    tok = modeling.load_tokenizer(folder)
+    general = windows(implanted["data"])[1][:8]  # the same prefixes, other continuations: greedy now prefers those
+    decoys = [tok(t[:20] + g[20:], add_special_tokens=False)["input_ids"][:40]
+              for t, g in zip([tok.decode(r) for r in rows], general)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids, mask = metrics.pad_rows(decoys, 0)
+    for _ in range(20):
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if _leaks(model.eval(), rows) == 0:
+            break
+    assert _leaks(model, rows) == 0
+    sampled = probes.sampled_continuations(model, [r[:20] for r in rows], 20, 32)
+    caught = sum(max(probes.longest_span(s, r[20:]) for s in group) >= LEAK for group, r in zip(sampled, rows))
+    assert caught >= 2
