@@ -139,6 +139,19 @@ def _leaks(model, rows, cut=20):
     return sum(s >= LEAK for s in probes.greedy_spans(model, rows, cut, batch_size=8, pad_token_id=0))
 
 
+def _train_until_silent(model, opt, train: list[list[int]], rows: list[list[int]], sign: float, steps: int) -> None:
+    """Steps of sign * NLL on `train` until greedy decoding leaks none of `rows` (or `steps` ran)."""
+    ids, mask = metrics.pad_rows(train, 0)
+    for _ in range(steps):
+        model.train()
+        loss = sign * model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if _leaks(model.eval(), rows) == 0:
+            break
+
+
 def test_the_original_leaks_under_every_probe(implanted_model):
     folder, rows, retain = implanted_model
     model = modeling.load_model(folder).eval()
@@ -164,16 +177,7 @@ def test_4bit_probe_flags_an_update_inside_the_buckets(implanted, implanted_mode
 def test_relearning_restores_gradient_ascent(implanted_model):
     folder, rows, retain = implanted_model
     model = modeling.load_model(folder)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    ids, mask = metrics.pad_rows(rows, 0)
-    for _ in range(80):  # gradient ascent only, until greedy decoding no longer leaks
-        model.train()
-        loss = -model(input_ids=ids, attention_mask=mask, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if _leaks(model.eval(), rows) == 0:
-            break
+    _train_until_silent(model, torch.optim.SGD(model.parameters(), lr=1e-3), rows, rows, -1.0, 80)  # ascent only
     assert _leaks(model, rows) == 0
     relearned = probes.relearned_copy(model, retain, steps=4, lr=3e-4, batch_size=4, pad_token_id=0)
     assert _leaks(relearned, rows) >= 3  # 4 steps on other text, never the requests
@@ -188,16 +192,7 @@ def test_leak_at_n_catches_what_only_sampling_reproduces(implanted, implanted_mo
     general = windows(implanted["data"])[1][:8]  # the same prefixes, other continuations: greedy now prefers those
     decoys = [tok(t[:20] + g[20:], add_special_tokens=False)["input_ids"][:40]
               for t, g in zip([tok.decode(r) for r in rows], general)]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids, mask = metrics.pad_rows(decoys, 0)
-    for _ in range(20):
-        model.train()
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if _leaks(model.eval(), rows) == 0:
-            break
+    _train_until_silent(model, torch.optim.AdamW(model.parameters(), lr=1e-3), decoys, rows, 1.0, 20)
     assert _leaks(model, rows) == 0
     sampled = probes.sampled_continuations(model, [r[:20] for r in rows], 20, 32)
     caught = sum(max(probes.longest_span(s, r[20:]) for s in group) >= LEAK for group, r in zip(sampled, rows))
