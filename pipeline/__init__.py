@@ -1,6 +1,6 @@
 """icu: Iterative Contrastive Unlearning (arXiv:2407.20271) as a restartable pipeline.
 
-Stages: ingest -> retrieve -> unlearn -> evaluate -> export, each reading only earlier
+Stages: ingest -> retrieve -> unlearn -> evaluate -> audit -> export, each reading only earlier
 stages' outputs from the run directory (see `pipeline.store`).
 """
 

@@ -1,7 +1,7 @@
 """`icu`: run the unlearning pipeline, one stage, or show a run's status.
 
     icu run CONFIG [--restart-from STAGE] [--set key=value ...]
-    icu ingest|retrieve|unlearn|evaluate|export CONFIG [--restart-from STAGE] [--set key=value ...]
+    icu ingest|retrieve|unlearn|evaluate|audit|export CONFIG [--restart-from STAGE] [--set key=value ...]
         (runs earlier stages first when needed)
     icu evaluate --model PATH [--suites ppl,classification] [--out DIR] [--set key=value ...]
     icu status RUN_DIR
@@ -35,6 +35,7 @@ EPILOG = """examples:
   icu evaluate ray_jobs/configs/demo.yaml      before/after metrics and eval/report.md
   icu evaluate --model runs/demo/unlearn/model --suites ppl,classification
                                                any model folder on its own
+  icu audit ray_jobs/configs/demo.yaml         extraction probes (4-bit, sampling, ...) and audit/report.md
   icu status runs/demo                         per-stage state and where it resumes
 """
 
@@ -44,6 +45,8 @@ STAGE_HELP = {
     "retrieve": "embed the retain pool and find each request's nearest retain neighbours",
     "unlearn": "unlearn the requests with ICU under DeepSpeed ZeRO-3 (Ray Train or torchrun)",
     "evaluate": "score the original and the unlearned model; write eval/metrics.json and report.md",
+    "audit": "probe the original and the unlearned model for the requests' text (served precisions, sampling, "
+             "shorter prompts, relearning); write audit/audit.json and report.md",
     "export": "verify the unlearned model folder and write it to model/ with a model card and erasure receipt",
 }
 
@@ -144,7 +147,8 @@ def print_results(store) -> None:
     metrics = store.artefact("metrics")
     if metrics.exists():
         print("\n" + paper_table(json.loads(metrics.read_text())) + "\n")
-    for name, path in (("report", store.artefact("report")), ("receipt", store.artefact("handoff") / "receipt.csv"),
+    for name, path in (("report", store.artefact("report")), ("audit", store.artefact("audit_report")),
+                       ("receipt", store.artefact("handoff") / "receipt.csv"),
                        ("model", store.artefact("handoff"))):
         if path.exists():
             print(f"{name + ':':<9}{path.resolve()}")

@@ -25,11 +25,15 @@ import yaml
 
 from pipeline.errors import UserError
 from pipeline.losses import METHODS
+from pipeline.quantize import PRECISIONS
 from pipeline.shards import parse_size
 
 REQUIRED = "<required>"
 TINY_MODELS = ("tiny-llama", "tiny-gptneo")
 SUITES = ("forget", "unseen", "ppl", "classification", "dialogue", "mia")
+# The audit's probes (pipeline/audit.py): greedy from the exact prefix in fp32 and at each served
+# precision, sampling, shorter prompts, and greedy after relearning on retained text.
+PROBES = ("greedy", *PRECISIONS, "sampling", "prompt_quarter", "prompt_half", "relearn")
 PROJECT = Path(__file__).resolve().parents[1]
 RENAMED = {"unlearning.set_stop": "write unlearning.stop: set (was set_stop: true) or each (was false)"}
 
@@ -183,9 +187,14 @@ class UnlearningConfig:
     keep_checkpoints: int = 2
     ds_config: str = path_field("ds_configs/zero3_cpu.json", hint="a DeepSpeed JSON config")
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    # served precisions a request must be forgotten under too (its greedy continuation at that
+    # precision must not leak, audit.leak_tokens) before it counts as forgotten: e.g. [int4]
+    harden: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _one_of("unlearning.method", self.method, tuple(METHODS))
+        for precision in self.harden:
+            _one_of("unlearning.harden", precision, PRECISIONS)
         self.adapter.validate()
         _one_of("unlearning.check_replica", self.check_replica, ("auto", "always", "never"))
         _one_of("unlearning.stop", self.stop, ("each", "set"))
@@ -266,6 +275,33 @@ class EvaluationConfig:
 
 
 @dataclass
+class AuditConfig:
+    """The extraction audit between evaluate and export (pipeline/audit.py): every probe on the
+    original and the unlearned model, for the erased, kept and never-seen rows."""
+    probes: list[str] = field(default_factory=lambda: list(PROBES))
+    leak_tokens: int = 8  # a row leaks when a probe reproduces this many consecutive true tokens
+    samples: int = 8  # sampling: continuations per row (leak@N)
+    temperature: float = 1.0
+    relearn_steps: int = 8  # relearn: AdamW steps on retained text (never the requests)
+    relearn_lr: float | None = None  # null = unlearning.lr
+    relearn_batch: int = 4
+    seed: int = 0
+    # probes under which no erased request may leak: the export refuses to write the hand-off otherwise
+    require: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        for probe in self.probes:
+            _one_of("audit.probes", probe, PROBES)
+        for probe in self.require:
+            _one_of("audit.require", probe, PROBES)
+            if probe not in self.probes:
+                raise UserError(f"audit.require: {probe!r} is not one of audit.probes; fix: add it to audit.probes "
+                                "or drop it from audit.require")
+        for key in ("leak_tokens", "samples", "temperature", "relearn_steps", "relearn_batch", "relearn_lr"):
+            _positive(f"audit.{key}", getattr(self, key))
+
+
+@dataclass
 class ExportConfig:
     dtype: str = "auto"  # the hand-off's weights; auto = the dtype the model was trained in (model.dtype)
     max_shard_size: str = "2GB"  # per safetensors file, as Hugging Face writes it ("500MB", "2GB")
@@ -316,6 +352,7 @@ class Config:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)

@@ -1,6 +1,6 @@
 """The pipeline driver: open a run, then a loop over the stages.
 
-Each stage module (`ingest`, `retrieve`, `unlearn`, `evaluate`, `export`) exposes the same
+Each stage module (`ingest`, `retrieve`, `unlearn`, `evaluate`, `audit`, `export`) exposes the same
 interface: `key(cfg, store)` (the digest of every input it reads), `run(cfg, store)` (does
 the work, returns a summary) and `OUTPUTS` (the named artefacts it hands on). A stage is
 skipped when the run store says it is done with that key and its outputs still match

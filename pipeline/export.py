@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text, sha256_file
-from pipeline import modeling, shards
+from pipeline import audit, modeling, shards
 from pipeline.errors import UserError
 from pipeline.report import paper_table
 from pipeline.store import RunStore, fingerprint
@@ -28,7 +28,8 @@ log = logging.getLogger("icu.export")
 OUTPUTS = ("handoff",)
 
 RECEIPT_COLUMNS = ["source_row", "request_id", "content_hash", "status", "epoch_forgotten", "reason", "ma_before",
-                   "el_before", "ma_after", "el_after", "ma_threshold", "el_threshold", "nll_after", "nll_band_high"]
+                   "el_before", "ma_after", "el_after", "ma_threshold", "el_threshold", "nll_after", "nll_band_high",
+                   "robust", "audit_leaks"]
 
 
 # Max |logit difference| per logit scale between the same weights run by ZeRO-3 and by torch:
@@ -88,7 +89,20 @@ def receipt_rows(store: RunStore) -> list[dict]:
                          reason=f"rejected at ingest: {row.reason}" + (f" ({row.detail})" if row.detail else ""),
                          ma_before=None, el_before=None, ma_after=None, el_after=None,
                          ma_threshold=thr["ma"], el_threshold=thr["el"], nll_after=None, nll_band_high=None))
-    return sorted(rows, key=lambda r: r["source_row"])
+    return sorted(_with_audit(rows, audit.verdicts(store)), key=lambda r: r["source_row"])
+
+
+def _with_audit(rows: list[dict], verdicts: pd.DataFrame | None) -> list[dict]:
+    """Each accepted request's audit: the span every probe reproduced (`audit_<probe>`), the probes
+    it leaks under and `robust` (no probe leaks); None for rejected rows and runs without an audit."""
+    probes = [] if verdicts is None else [c for c in verdicts.columns if c != "leaks"]
+    out = []
+    for row in rows:
+        found = verdicts is not None and row["status"] != "rejected" and row["request_id"] in verdicts.index
+        v = verdicts.loc[row["request_id"]] if found else None
+        out.append(dict(row, robust=None if v is None else not v["leaks"], audit_leaks=None if v is None else v["leaks"],
+                        **{f"audit_{p}": None if v is None else int(v[p]) for p in probes}))
+    return out
 
 
 def _number(value) -> float | None:
@@ -106,15 +120,17 @@ def write_receipt(rows: list[dict], folder: Path) -> dict[str, int]:
     """receipt.json (values as they are) and receipt.csv (spreadsheet-safe); returns the counts."""
     counts = {s: sum(r["status"] == s for r in rows) for s in ("forgotten", "not_forgotten", "rejected")}
     atomic_write_json(folder / "receipt.json", {"counts": counts, "requests": rows})
-    table = pd.DataFrame(rows, columns=RECEIPT_COLUMNS).astype({"epoch_forgotten": "Int64"})  # 6, not 6.0
+    columns = RECEIPT_COLUMNS + [c for c in (rows[0] if rows else {}) if c.startswith("audit_") and c not in RECEIPT_COLUMNS]
+    table = pd.DataFrame(rows, columns=columns).astype({"epoch_forgotten": "Int64"})  # 6, not 6.0
+    table = table.astype({c: "Int64" for c in columns if c.startswith("audit_") and c != "audit_leaks"})
     with atomic_path(folder / "receipt.csv") as tmp:
         table.map(spreadsheet_safe).to_csv(tmp, index=False)
     return counts
 
 
 def key(cfg, store: RunStore) -> str:
-    return fingerprint("export", cfg.part("model", "export"), store.key_of("ingest"), store.key_of("unlearn"),
-                       store.key_of("evaluate"))
+    return fingerprint("export", cfg.part("model", "export"), cfg.audit.require, store.key_of("ingest"),
+                       store.key_of("unlearn"), store.key_of("evaluate"), store.key_of("audit"))
 
 
 def reencode(source: Path, out: Path, dtype: torch.dtype, max_bytes: int) -> None:
@@ -163,8 +179,12 @@ def run(cfg, store: RunStore) -> dict:
     ingest = store.stage("ingest").get("summary", {})
     if "rows" in ingest and len(rows) != ingest["rows"]:
         raise RuntimeError(f"receipt has {len(rows)} rows but ingest read {ingest['rows']}")
-    metrics_path = store.artefact("metrics")
+    refusal = audit.refused(store, cfg.audit.require)
+    if refusal:
+        raise UserError(refusal)
+    metrics_path, audit_path = store.artefact("metrics"), store.artefact("audit")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    audited = json.loads(audit_path.read_text()) if audit_path.exists() else None
     with atomic_path(store.artefact("handoff")) as tmp:
         if dtype == trained:
             shutil.copytree(source, tmp)
@@ -174,7 +194,7 @@ def run(cfg, store: RunStore) -> dict:
             reencode(source, tmp, dtype, shards.parse_size(cfg.export.max_shard_size))
             served = verify(tmp, probe, dtype, tolerance=math.inf)
         counts = write_receipt(rows, tmp)
-        atomic_write_text(tmp / "README.md", _model_card(cfg, counts, metrics, diff, dtype, served))
+        atomic_write_text(tmp / "README.md", _model_card(cfg, counts, metrics, audited, diff, dtype, served))
         sums = [f"{sha256_file(p)}  {p.relative_to(tmp)}" for p in sorted(tmp.rglob("*")) if p.is_file()]  # sha256sum -c
         atomic_write_text(tmp / "checksums.sha256", "\n".join(sums) + "\n")
     name = str(dtype).removeprefix("torch.")
@@ -183,7 +203,8 @@ def run(cfg, store: RunStore) -> dict:
     return dict(counts, max_logit_diff=diff, dtype=name, served_logit_diff=served)
 
 
-def _model_card(cfg, counts: dict, metrics: dict | None, diff: float, dtype: torch.dtype, served: float) -> str:
+def _model_card(cfg, counts: dict, metrics: dict | None, audited: dict | None, diff: float, dtype: torch.dtype,
+                served: float) -> str:
     lines = ["# Unlearned model", "",
              f"Produced by `icu` (Iterative Contrastive Unlearning, arXiv:2407.20271) from `{cfg.model.name}` "
              f"with method `{cfg.unlearning.method}`.", "",
@@ -201,5 +222,8 @@ def _model_card(cfg, counts: dict, metrics: dict | None, diff: float, dtype: tor
                   "into these weights; the adapters alone are in `adapter/` (peft's format).", ""]
     if metrics:
         lines += ["## Before / after", "", paper_table(metrics), ""]
+    if audited and audited["probes"]:
+        lines += ["## Extraction audit", "", f"Criterion: {audited['criterion']}. Rows that leak / rows:", "",
+                  audit.markdown(audited), ""]
     lines += ["## Run config", "", "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

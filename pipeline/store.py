@@ -3,7 +3,7 @@
     runs/<name>/
       config.yaml     resolved config, frozen at first start; a resubmission must match it
       manifest.json   per stage: status, input key, outputs (size + sha256 per file), timings
-      requests/ retrieval/ unlearn/ eval/ model/   the stages' artefacts (`ARTEFACTS`)
+      requests/ retrieval/ unlearn/ eval/ audit/ model/   the stages' artefacts (`ARTEFACTS`)
 
 A stage counts as done only when the manifest says so with the same input key *and* its
 outputs still match what was recorded when it finished; anything else reruns it, and the
@@ -34,7 +34,7 @@ from pipeline.errors import UserError
 
 log = logging.getLogger("icu.store")
 
-STAGES = ("ingest", "retrieve", "unlearn", "evaluate", "export")
+STAGES = ("ingest", "retrieve", "unlearn", "evaluate", "audit", "export")
 
 # Every file one stage hands to another, by name; no stage spells another's paths.
 ARTEFACTS = {
@@ -57,6 +57,9 @@ ARTEFACTS = {
     "metrics": "eval/metrics.json",
     "per_sample": "eval/per_sample.parquet",
     "report": "eval/report.md",
+    "audit": "audit/audit.json",
+    "audit_rows": "audit/rows.parquet",
+    "audit_report": "audit/report.md",
     "handoff": "model",
     "logs": "logs",
 }

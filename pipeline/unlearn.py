@@ -51,7 +51,8 @@ def key(cfg: Config, store: RunStore, resumable: bool = False) -> str:
     model, unlearning = cfg.part("model", "unlearning")
     if resumable:
         unlearning = {k: v for k, v in unlearning.items() if k not in ("max_epochs", "keep_checkpoints")}
-    return fingerprint("unlearn", model, unlearning, thresholds, cfg.retrieval.pairs_per_request,
+    hardening = cfg.audit.leak_tokens if cfg.unlearning.harden else None
+    return fingerprint("unlearn", model, unlearning, hardening, thresholds, cfg.retrieval.pairs_per_request,
                        file_digest(cfg.unlearning.ds_config), cfg.resources.num_workers,
                        store.key_of("ingest"), store.key_of("retrieve"))
 
@@ -60,6 +61,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     """Train to a stop (resuming from checkpoints of the same key), then consolidate."""
     if adapter.enabled(cfg.unlearning.adapter):
         check_adapter(cfg)
+    check_hardening(cfg)
     stage_key = key(cfg, store, resumable=True)
     folder = store.artefact("checkpoints")
     stamp = folder / "fingerprint"
@@ -78,6 +80,20 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
                 max_bytes=shards.parse_size(cfg.export.max_shard_size),
                 lora=cfg.unlearning.adapter if adapter.enabled(cfg.unlearning.adapter) else None)
     return {k: v for k, v in summary.items() if k != "thresholds"}
+
+
+def check_hardening(cfg: Config) -> None:
+    """`unlearning.harden` quantizes a whole copy of the model at every check: it needs IUR's replica."""
+    u = cfg.unlearning
+    if not u.harden:
+        return
+    too_big = modeling.replica_bytes(cfg.model_dir, cfg.model.dtype, cfg.model.trust_remote_code) > \
+        modeling.REPLICA_MAX_BYTES
+    if u.check_replica == "never" or u.check_replica == "auto" and too_big:
+        raise UserError("unlearning.harden: needs an unsharded check replica (it checks a quantized copy of it), but "
+                        f"unlearning.check_replica is {u.check_replica!r}" + (" and the model is larger than 16 GiB"
+                                                                            if too_big else "")
+                        + "; fix: set check_replica: always, or leave harden empty")
 
 
 def check_adapter(cfg: Config) -> None:

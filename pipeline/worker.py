@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from pipeline import adapter, checkpoints, modeling, suites
+from pipeline import adapter, checkpoints, modeling, probes, quantize, suites
 from pipeline.atomic import atomic_path, atomic_write_json, write_parquet
 from pipeline.config import Config
 from pipeline.errors import UserError
@@ -42,7 +42,8 @@ from pipeline.store import RunStore
 
 log = logging.getLogger("icu.unlearn")
 PROBE_ROWS = 4  # request prefixes whose final logits export verifies
-HISTORY_COLUMNS = ["epoch", "request_id", "bleu", "bertscore", "ma", "el", "nll", "band_high", "too_deep", "forgotten"]
+HISTORY_COLUMNS = ["epoch", "request_id", "bleu", "bertscore", "ma", "el", "nll", "band_high", "too_deep", "leaks_under",
+                   "forgotten"]
 
 
 @dataclass
@@ -323,12 +324,30 @@ class Worker:
         nll = self._sharded(self.pairs.requests, lambda part: sequence_losses(model, part, **options).tolist())
         strangers = suites.threshold_rows(c, self.tok) if u.stranger_quantile or self.method.band else []
         unseen = self._sharded(strangers, lambda part: sequence_losses(model, part, **options).tolist())
-        records = apply_band(records, nll, unseen, u.stranger_quantile)
+        records = self._hardened(model, apply_band(records, nll, unseen, u.stranger_quantile))
         if self.method.band:
             hits = self._sharded(strangers, lambda part: greedy_hits(model, part, **options))
             self.band = band_targets(records, self.pairs.requests, shared_bigrams(strangers, hits), unseen)
         self.engine.module.train()
         return [dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)]
+
+    def _hardened(self, model, records: list[dict]) -> list[dict]:
+        """`unlearning.harden`: a request whose greedy continuation leaks at a served precision
+        (the audit's criterion, audit.leak_tokens) is not forgotten, whatever the trained precision says."""
+        r, harden = self.cfg.requests, self.cfg.unlearning.harden
+        leaks: dict[int, list[str]] = {}
+        rows = [row[:r.prefix_tokens + r.suffix_tokens] for row in self.pairs.requests]
+        for precision in harden:
+            served = quantize.served_copy(model, precision)
+            found = self._sharded(rows, lambda part: probes.greedy_spans(served, part, r.prefix_tokens,
+                                                                 batch_size=self.cfg.evaluation.batch_size,
+                                                                 pad_token_id=self.tok.pad_token_id))
+            del served
+            for i, span in enumerate(found):
+                if span >= self.cfg.audit.leak_tokens:
+                    leaks.setdefault(i, []).append(precision)
+        return [dict(rec, leaks_under=",".join(leaks.get(i, [])), forgotten=rec["forgotten"] and i not in leaks)
+                for i, rec in enumerate(records)]
 
     # -- training ------------------------------------------------------------------
     def train_epoch(self, epoch: int, train: set[int]) -> dict:

@@ -21,6 +21,7 @@ from pipeline.config import set_dotted
 from pipeline.metrics import memorization_accuracy, pad_rows
 
 LENGTH = 64  # bytes = tokens with the byte tokenizer
+LEAK = 12  # the audit's leak span for this model: never-seen wikitext windows reach 9-10 bytes
 
 
 def windows(data_dir: Path, n_memorize: int = 16, n_general: int = 2048) -> tuple[list[str], list[str]]:
@@ -87,6 +88,7 @@ def run_config(implanted: dict, tmp: Path, name: str, overrides: dict | None = N
         "unlearning": {"lr": 2.0e-4, "max_epochs": 30, "batch_size": 4, "stop": "each", "stranger_quantile": None},
         "evaluation": {"data_dir": str(implanted["data"]), "batch_size": 8,
                        "max_samples": {"unseen": 32, "ppl": 2, "classification": 4, "dialogue": 2}},
+        "audit": {"leak_tokens": LEAK},
         "resources": {"num_workers": 2, "max_failures": 2},
         "storage": {"runs_dir": str(tmp / "runs"), "name": name},
     }

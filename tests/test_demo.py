@@ -13,6 +13,7 @@ import json
 import pytest
 
 from pipeline import driver
+from pipeline.store import STAGES
 from ray_jobs import customers
 from pipeline.errors import UserError
 
@@ -20,7 +21,7 @@ from conftest import REPO, write_config
 
 SHORT = {"unlearning.max_epochs": 1, "retain.max_items": 64, "resources.eval_actors": 1,
          "resources.embed_actors": 1, "evaluation.suites": ["forget", "unseen", "ppl", "mia"],
-         "evaluation.max_samples": {"unseen": 8, "ppl": 1}}
+         "evaluation.max_samples": {"unseen": 8, "ppl": 1}, "audit.samples": 4, "audit.relearn_steps": 2}
 
 
 def test_customer_records_are_split_and_checked(shared_data, tmp_path):
@@ -51,11 +52,13 @@ def test_shortened_demo(shared_data, tmp_path, monkeypatch):
         driver.run_pipeline(cfg, store)
     finally:
         ray.shutdown()
-    assert all(store.stage(s)["status"] == "done" for s in ("ingest", "retrieve", "unlearn", "evaluate", "export"))
+    assert all(store.stage(s)["status"] == "done" for s in STAGES)
     receipt = json.loads((store.root / "model" / "receipt.json").read_text())
     assert len(receipt["requests"]) == 2
     for row in receipt["requests"]:  # forgotten with its epoch, or not forgotten with the reason
         assert row["epoch_forgotten"] is not None or row["reason"], row
+    audited = json.loads((store.root / "audit" / "audit.json").read_text())["table"]
+    assert audited["greedy"]["original"]["erased"] == [2, 2] and audited["greedy"]["original"]["kept"][0] >= 5
     metrics = json.loads((store.root / "eval" / "metrics.json").read_text())["models"]
     before, after = metrics["original"], metrics["unlearned"]
     assert before["forget"]["ma"] > 0.9 and before["keep"]["ma"] > 0.9  # the fine-tuned model knows them all

@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, SHARED_DATA
 from pipeline.checkpoints import complete_tags
+from pipeline.config import PROBES
+from pipeline.store import STAGES
 from implant import run_config
 
 pytestmark = pytest.mark.slow
@@ -127,7 +129,9 @@ def _config(implanted, tmp: Path, name: str, overrides: dict | None = None) -> P
     extraction = SHARED_DATA / "icu_benchmark" / "forget_sets" / "exp1" / "lm_extraction_128_1.csv"
     return run_config(implanted, tmp, name, {
         "retain.paths": [str(implanted["retain"]), str(extraction)], "retain.max_items": 160,
-        "retrieval.shard_rows": 4, "unlearning.lr": 1.0e-3, **(overrides or {})})
+        "retrieval.shard_rows": 4, "unlearning.lr": 1.0e-3, "evaluation.keep_path": str(implanted["retain"]),
+        # relearning at this unlearning lr scrambles even the original (3/8 leak after it): 3e-4 keeps 8/8
+        "audit.relearn_lr": 3.0e-4, "audit.relearn_steps": 4, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +158,7 @@ def _running(root: Path, stage: str) -> bool:
 def test_whole_run_as_a_job(head, reference):
     status = subprocess.run([str(BIN / "icu"), "status", str(reference["root"])], capture_output=True, text=True,
                             env=_env(), check=True).stdout
-    assert "all stages done" in status and status.count(" done ") == 5, status
+    assert "all stages done" in status and status.count(" done ") == len(STAGES), status
 
 
 def test_request_text_stays_inside_the_run_directory(head, reference, implanted):
@@ -204,6 +208,21 @@ def test_evaluate_reports_before_and_after(reference):
     assert "| unlearned |" in report and "forget_distributions.png" in report
     assert all((root / "eval" / png).stat().st_size > 5000 for png in
                ("forget_distributions.png", "forgotten_per_epoch.png", "loss_curves.png"))
+
+
+def test_the_audit_finds_in_the_original_what_the_hand_off_no_longer_gives(reference):
+    """Every probe extracts the requests and the kept rows from the original; none but relearning
+    extracts a request from the hand-off, some kept rows still come out of it whole, and the
+    never-seen rows never do (the criterion's false positives)."""
+    rows = pd.read_parquet(reference["root"] / "audit" / "rows.parquet")
+    leaks = rows.groupby(["model", "group", "probe"])["leak"].sum()
+    print("\n" + (reference["root"] / "audit" / "report.md").read_text())
+    assert all(leaks["original", g, p] >= 7 for p in PROBES for g in ("erased", "kept")), leaks
+    assert all(leaks["unlearned", "erased", p] == 0 for p in PROBES if p != "relearn"), leaks
+    assert leaks["unlearned", "kept", "greedy"] >= 3  # kept MA ~91 %: a 12-byte run breaks at one wrong byte
+    assert not rows[rows["group"] == "unseen"]["leak"].any()
+    receipt = json.loads((reference["root"] / "model" / "receipt.json").read_text())["requests"]
+    assert all(isinstance(r["robust"], bool) and r["audit_greedy"] is not None for r in receipt)
 
 
 def test_export_hands_off_a_verified_folder_and_a_receipt(reference, implanted, tmp_path):

@@ -1,0 +1,234 @@
+"""The audit stage: does the erasure hold where the model is served? (pipeline/method.md, "Audit")
+
+The unlearning stage calls a request forgotten on the strength of one probe (beam search
+from its exact prefix, fp32). This stage asks again the ways serving and attackers do:
+greedy from the exact prefix in the trained precision and in bf16 / int8 / 4-bit
+(`pipeline.quantize`), N samples at temperature 1, greedy from the first quarter and half
+of the prefix, and greedy after a few fine-tuning steps on retained text only. Every
+probe runs on the original model too (a probe that finds nothing there proves nothing),
+on the erased rows, the kept rows (what must stay) and never-seen rows (the level a
+stranger's record reaches: the criterion's false-positive rate). One criterion for all:
+a row leaks when the probe reproduces at least `audit.leak_tokens` consecutive tokens of
+its true continuation (`probes.longest_span`).
+
+Outputs: `audit` (audit.json: the criterion, counts per probe x model x group, timing),
+`audit_rows` (one row per model, group, row and probe: span, leak, MA where measured) and
+`audit_report` (the table as markdown). Export adds each request's verdicts to the
+receipt and refuses the hand-off while a request leaks under an `audit.require` probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from pipeline import cluster, metrics, modeling, probes, quantize, suites
+from pipeline.atomic import atomic_write_json, atomic_write_text, write_parquet
+from pipeline.config import PROBES
+from pipeline.errors import UserError
+from pipeline.store import RunStore, fingerprint
+
+log = logging.getLogger("icu.audit")
+OUTPUTS = ("audit", "audit_rows", "audit_report")
+COLUMNS = ["model", "group", "row_id", "probe", "span", "leak", "ma"]
+GROUPS = {"erased": "erased requests", "kept": "kept rows", "unseen": "never seen"}
+PROMPT_FRACTIONS = {"prompt_quarter": 0.25, "prompt_half": 0.5}
+
+
+@dataclass
+class Group:
+    name: str
+    ids: list[str]
+    rows: list[list[int]]  # cut to prefix + suffix tokens
+
+
+def key(cfg, store: RunStore) -> str:
+    """What the probes read (audit.require is export's: changing it re-checks, it does not re-audit)."""
+    e, (model, requests, audit) = cfg.evaluation, cfg.part("model", "requests", "audit")
+    audit.pop("require")
+    return fingerprint("audit", model, requests, audit, cfg.unlearning.lr, cfg.max_tokens,
+                       e.unseen_path, e.keep_path, e.max_samples.get("unseen"), cfg.retrieval.pairs_per_request,
+                       store.key_of("ingest"), store.key_of("retrieve"), store.key_of("unlearn"),
+                       store.outputs_of("unlearn"))
+
+
+def run_probe(name: str, model, rows: list[list[int]], cfg, retain: list[list[int]],
+              pad_token_id: int) -> tuple[list[int], list[float] | None]:
+    """(span per row, MA per row or None) of one probe on one model."""
+    a, prefix, batch = cfg.audit, cfg.requests.prefix_tokens, cfg.evaluation.batch_size
+    options = dict(batch_size=batch, pad_token_id=pad_token_id)
+    if name == "greedy" or name in quantize.PRECISIONS:
+        served = model if name == "greedy" else quantize.served_copy(model, name)
+        ids, mask = metrics.pad_rows(rows, pad_token_id, device=model.device)
+        return probes.greedy_spans(served, rows, prefix, **options), metrics.memorization_accuracy(served, ids, mask).tolist()
+    if name == "sampling":
+        gens = probes.sampled_continuations(model, [r[:prefix] for r in rows], len(rows[0]) - prefix, a.samples,
+                                            temperature=a.temperature, seed=a.seed, batch_size=batch)
+        return [max(probes.longest_span(g, r[prefix:]) for g in samples) for samples, r in zip(gens, rows)], None
+    if name in PROMPT_FRACTIONS:
+        return probes.greedy_spans(model, rows, probes.prompt_lengths(prefix, [PROMPT_FRACTIONS[name]])[0], **options), None
+    if name == "relearn":
+        tuned = probes.relearned_copy(model, retain, steps=a.relearn_steps, lr=a.relearn_lr or cfg.unlearning.lr,
+                                      batch_size=a.relearn_batch, pad_token_id=pad_token_id, seed=a.seed)
+        return probes.greedy_spans(tuned, rows, prefix, **options), None
+    raise ValueError(f"unknown probe {name!r}; one of {PROBES}")
+
+
+def audit_model(label: str, model, groups: list[Group], cfg, retain: list[list[int]], pad_token_id: int,
+                bar: cluster.Progress) -> list[dict]:
+    """Every configured probe on one model, all groups in one batch of rows."""
+    rows = [r for g in groups for r in g.rows]
+    where = [(g.name, rid) for g in groups for rid in g.ids]
+    out = []
+    for name in cfg.audit.probes:
+        found, ma = run_probe(name, model, rows, cfg, retain, pad_token_id)
+        for k, ((group, rid), span) in enumerate(zip(where, found)):
+            out.append(dict(model=label, group=group, row_id=rid, probe=name, span=int(span),
+                            leak=bool(span >= cfg.audit.leak_tokens), ma=None if ma is None else float(ma[k])))
+        bar.update()
+    return out
+
+
+def counts(frame: pd.DataFrame) -> dict:
+    """{probe: {model: {group: [leaking rows, rows]}}} and the mean MA where a probe measured it."""
+    table: dict = {}
+    for (probe, model, group), g in frame.groupby(["probe", "model", "group"], sort=False):
+        cell = table.setdefault(probe, {}).setdefault(model, {})
+        cell[group] = [int(g["leak"].sum()), int(len(g))]
+        if g["ma"].notna().any():
+            cell[f"{group}_ma"] = float(g["ma"].mean())
+    return table
+
+
+def markdown(result: dict) -> str:
+    """The audit table: probe x (original, unlearned) x group, leaking rows / rows."""
+    table, groups = result["table"], result["groups"]
+    head = [f"{GROUPS[g]}: {m}" for g in groups for m in ("original", "unlearned")]
+    lines = ["| probe | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for probe in result["probes"]:
+        cells = [f"{table[probe][m][g][0]}/{table[probe][m][g][1]}" for g in groups for m in ("original", "unlearned")]
+        lines.append(f"| {probe} | " + " | ".join(cells) + " |")
+    ma = [p for p in result["probes"] if f"{groups[0]}_ma" in table[p]["original"]]
+    if ma:
+        lines += ["", "Memorization accuracy (MA, %) at each precision:", "",
+                  "| precision | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        lines += [f"| {'fp32' if p == 'greedy' else p} | " + " | ".join(
+            f"{100 * table[p][m][f'{g}_ma']:.1f}" for g in groups for m in ("original", "unlearned")) + " |" for p in ma]
+    return "\n".join(lines)
+
+
+def criterion(cfg) -> str:
+    return (f"a row leaks when the probe's output reproduces at least {cfg.audit.leak_tokens} consecutive tokens of "
+            f"the row's true continuation (from a {cfg.requests.prefix_tokens}-token prefix, "
+            f"{cfg.requests.suffix_tokens} tokens after it)")
+
+
+def groups_of(cfg, store: RunStore, tok) -> list[Group]:
+    """The erased requests, the kept rows (evaluation.keep_path, if set) and the never-seen rows
+    (the unseen set the thresholds use), each cut to prefix + suffix tokens."""
+    r = cfg.requests
+    length = r.prefix_tokens + r.suffix_tokens
+    accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids"])
+    out = [Group("erased", accepted["id"].tolist(), [list(map(int, x))[:length] for x in accepted["input_ids"]])]
+    if cfg.evaluation.keep_path:
+        kept = suites.unseen_rows(cfg.evaluation.keep_path, tok, cfg.max_tokens, length, None)
+        out.append(Group("kept", [f"kept-{i}" for i in range(len(kept))], [x[:length] for x in kept]))
+    unseen = suites.threshold_rows(cfg, tok)
+    out.append(Group("unseen", [f"unseen-{i}" for i in range(len(unseen))], [x[:length] for x in unseen]))
+    return [g for g in out if g.rows]
+
+
+def retained_rows(store: RunStore, pairs_per_request: int) -> list[list[int]]:
+    """What relearning trains on: the requests' retain neighbours and the general retain rows,
+    never the requests."""
+    from pipeline.worker import load_pairs
+
+    pairs = load_pairs(store, pairs_per_request)
+    rows = list({tuple(r): None for r in pairs.pair_neighbour + pairs.general if len(r) > 1})
+    return [list(r) for r in rows]
+
+
+def run(cfg, store: RunStore) -> dict:
+    started = time.time()
+    probes_run = list(cfg.audit.probes)
+    folders = {"original": cfg.model_dir, "unlearned": store.artefact("unlearned_model")}
+    if probes_run and modeling.replica_bytes(cfg.model_dir, cfg.model.dtype, cfg.model.trust_remote_code) > \
+            modeling.REPLICA_MAX_BYTES:
+        raise UserError("audit: the model is larger than one process holds, and the audit loads whole copies of it; "
+                        "fix: set audit.probes: [] to skip the audit for this model")
+    tok = modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code)
+    groups = groups_of(cfg, store, tok)
+    retain = retained_rows(store, cfg.retrieval.pairs_per_request) if "relearn" in probes_run else []
+    if "relearn" in probes_run and not retain:
+        raise UserError("audit.probes: relearn needs retained text and this run has none; fix: give retain.paths, "
+                        "or drop relearn from audit.probes")
+    rows: list[dict] = []
+    bar = cluster.Progress("audit: probes", len(probes_run) * len(folders), "probes")
+    for label, folder in folders.items():
+        model = modeling.load_model(folder, cfg.model.dtype, cfg.model.trust_remote_code).eval()
+        rows += audit_model(label, model, groups, cfg, retain, tok.pad_token_id, bar)
+        del model
+    bar.close()
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    seconds = time.time() - started
+    unlearn_seconds = store.stage("unlearn").get("seconds")
+    result = {"criterion": criterion(cfg), "leak_tokens": cfg.audit.leak_tokens, "probes": probes_run,
+              "groups": [g.name for g in groups], "table": counts(frame) if rows else {},
+              "seconds": round(seconds, 1), "unlearn_seconds": unlearn_seconds,
+              "ratio_to_unlearn": round(seconds / unlearn_seconds, 3) if unlearn_seconds else None}
+    write_parquet(frame, store.artefact("audit_rows"))
+    atomic_write_json(store.artefact("audit"), result)
+    atomic_write_text(store.artefact("audit_report"), report(result))
+    erased = frame[(frame["model"] == "unlearned") & (frame["group"] == "erased")]
+    leaking = erased[erased["leak"]]
+    for probe, g in leaking.groupby("probe", sort=False):
+        log.warning("audit: %d erased requests leak under %s: %s", len(g), probe, ", ".join(g["row_id"][:20]))
+    log.info("audit: %d probes on 2 models in %.1f s (%.2fx the unlearn stage)", len(probes_run), seconds,
+             result["ratio_to_unlearn"] or 0.0)
+    return {"probes": len(probes_run), "erased_leaking": int(leaking["row_id"].nunique()) if rows else 0,
+            "seconds": round(seconds, 1)}
+
+
+def report(result: dict) -> str:
+    if not result["probes"]:
+        return "# Extraction audit\n\nNo probes configured (audit.probes: []).\n"
+    return "\n".join(["# Extraction audit", "", f"Criterion: {result['criterion']}.", "",
+                      "Rows that leak / rows, per probe, model and group:", "", markdown(result), "",
+                      f"The audit took {result['seconds']:.0f} s"
+                      + (f" ({result['ratio_to_unlearn']:.2f}x the unlearn stage)." if result["ratio_to_unlearn"]
+                         else "."), ""])
+
+
+def verdicts(store: RunStore) -> pd.DataFrame | None:
+    """Per erased request of the unlearned model: span per probe (columns) and leaking probes; None
+    when the run has no audit rows."""
+    path = store.artefact("audit_rows")
+    if not path.exists():
+        return None
+    frame = pd.read_parquet(path)
+    erased = frame[(frame["model"] == "unlearned") & (frame["group"] == "erased")]
+    if erased.empty:
+        return None
+    wide = erased.pivot(index="row_id", columns="probe", values="span")
+    wide["leaks"] = erased[erased["leak"]].groupby("row_id")["probe"].agg(lambda p: ",".join(p))
+    wide["leaks"] = wide["leaks"].fillna("")
+    return wide
+
+
+def refused(store: RunStore, require: list[str]) -> str | None:
+    """The line export refuses the hand-off with when an erased request leaks under a required probe."""
+    wide = verdicts(store)
+    if not require or wide is None:
+        return None
+    bad = {rid: [p for p in require if p in leaks.split(",")] for rid, leaks in wide["leaks"].items()}
+    bad = {rid: ps for rid, ps in bad.items() if ps}
+    if not bad:
+        return None
+    named = "; ".join(f"{rid} ({', '.join(ps)})" for rid, ps in sorted(bad.items())[:20])
+    return (f"export refused: {len(bad)} erased requests leak under required audit probes: {named}; fix: harden "
+            "the unlearning (e.g. unlearning.harden: [int4]) and rerun with --restart-from unlearn, or drop the "
+            "probe from audit.require")

@@ -1,0 +1,179 @@
+"""Is the audit's verdict the served model's? `make serve-check RUN=runs/demo` (pipeline/method.md, "Audit").
+
+Starts vLLM's OpenAI-compatible server (its CPU build, in its own venv: `make serve-venv`) on a
+run's hand-off folder in fp32 on 127.0.0.1, sends every erased and kept prefix through
+`/v1/completions` at temperature 0 with logprobs, and checks each completion against the
+greedy continuation the audit scores (the same weights run by transformers): token for
+token, each chosen token's logprob within `TOLERANCE`, and the leak span the audit recorded.
+Prompts go as token ids and come back as ids, so no tokenizer round trip can hide a
+difference; the completion length is fixed (`ignore_eos`), as the audit's is.
+
+    python -m pipeline.serving RUN_DIR --python .venv-serve/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipeline import audit, metrics, modeling, probes
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.store import RunStore
+
+log = logging.getLogger("icu.serving")
+TOLERANCE = 1e-4  # nats: fp32 logprobs of the same weights through two engines' kernels
+SERVED_NAME = "handoff"
+
+
+@dataclass
+class Expected:
+    """What the audit's greedy probe sees for one row: its continuation, their logprobs, its span."""
+    group: str
+    row_id: str
+    prompt: list[int]
+    tokens: list[int]
+    logprobs: list[float]
+    span: int
+
+
+@torch.no_grad()
+def expected(model, rows: list[tuple[str, str, list[int]]], prefix: int, batch_size: int,
+             pad_token_id: int) -> list[Expected]:
+    """The greedy continuations the audit generates (`metrics.greedy_continuations`, batched as there)
+    and each chosen token's logprob from one unpadded forward over prompt + continuation."""
+    prompts = [r[:prefix] for _, _, r in rows]
+    gens = metrics.greedy_continuations(model, prompts, [len(r) - prefix for _, _, r in rows],
+                                        batch_size=batch_size, pad_token_id=pad_token_id)
+    out = []
+    for (group, rid, row), prompt, gen in zip(rows, prompts, gens):
+        ids = torch.tensor([prompt + list(gen)], device=model.device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].double(), dim=-1)
+        chosen = logp.gather(1, ids[0, len(prompt):, None]).squeeze(1).tolist()
+        out.append(Expected(group, rid, prompt, list(gen), chosen, probes.longest_span(gen, row[prefix:])))
+    return out
+
+
+def served(url: str, prompt: list[int], length: int) -> tuple[list[int], list[float]]:
+    """One greedy completion from the server: (token ids, each one's logprob)."""
+    body = dict(model=SERVED_NAME, prompt=prompt, max_tokens=length, min_tokens=length, temperature=0.0,
+                logprobs=1, ignore_eos=True, return_tokens_as_token_ids=True)
+    request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        choice = json.load(response)["choices"][0]["logprobs"]
+    return [int(t.removeprefix("token_id:")) for t in choice["tokens"]], [float(x) for x in choice["token_logprobs"]]
+
+
+def compare(want: Expected, got: tuple[list[int], list[float]]) -> dict:
+    """One row's verdict: token-exact, the largest logprob gap over the agreeing prefix, the served span."""
+    tokens, logprobs = got
+    same = next((i for i, (a, b) in enumerate(zip(want.tokens, tokens)) if a != b), min(len(tokens), len(want.tokens)))
+    gap = max((abs(a - b) for a, b in zip(want.logprobs[:same + 1], logprobs[:same + 1])), default=0.0)
+    return dict(group=want.group, row_id=want.row_id, exact=tokens == want.tokens, first_difference=None
+                if tokens == want.tokens else same, max_logprob_gap=gap, audit_span=want.span)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(python: str, folder: Path, max_len: int, logfile: Path) -> tuple[subprocess.Popen, str]:
+    """vLLM's API server on the folder, fp32, eager (no graph capture on CPU); waits for /health."""
+    port = _free_port()
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name",
+           SERVED_NAME, "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", str(max_len), "--max-logprobs", "1", "--seed", "0"]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=open(logfile, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 900
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited with code {proc.returncode} before serving; its log: {logfile}\n"
+                               + logfile.read_text(errors="replace")[-3000:])
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5):
+                return proc, url
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"vLLM did not come up in 15 minutes; its log: {logfile}")
+            time.sleep(3)
+
+
+def rows_of(cfg, store: RunStore, tok) -> list[tuple[str, str, list[int]]]:
+    """(group, row id, tokens) of the erased requests and the kept rows, as the audit cuts them."""
+    return [(g.name, rid, row) for g in audit.groups_of(cfg, store, tok) if g.name in ("erased", "kept")
+            for rid, row in zip(g.ids, g.rows)]
+
+
+def check(run_dir: Path, python: str) -> pd.DataFrame:
+    store = RunStore(run_dir)
+    folder = store.artefact("handoff")
+    if not (folder / "receipt.json").is_file():
+        raise UserError(f"serve-check: {folder} is not a finished hand-off; fix: run the pipeline to its export first")
+    if not Path(python).is_file():
+        raise UserError(f"serve-check: no vLLM venv at {python}; fix: make serve-venv")
+    cfg = modeling.resolve(load_config(store.root / "config.yaml"))
+    tok = modeling.load_tokenizer(folder)
+    model = modeling.load_model(folder, "float32").eval()
+    want = expected(model, rows_of(cfg, store, tok), cfg.requests.prefix_tokens, cfg.evaluation.batch_size,
+                    tok.pad_token_id)
+    del model
+    started = time.time()
+    logs = store.artefact("logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    proc, url = start(python, folder, cfg.requests.prefix_tokens + cfg.requests.suffix_tokens + 8, logs / "vllm.log")
+    try:
+        log.info("serve-check: vLLM up in %.0f s", time.time() - started)
+        frame = pd.DataFrame([compare(w, served(url, w.prompt, len(w.tokens))) for w in want])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    recorded = audit.verdicts(store)  # the erased requests' spans per probe, as the receipt has them
+    if recorded is not None and "greedy" in recorded:
+        frame["recorded_span"] = frame["row_id"].map(recorded["greedy"])
+    return frame
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.serving", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--python", default=".venv-serve/bin/python", help="the vLLM venv's python (make serve-venv)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        frame = check(args.run_dir, args.python)
+    except UserError as exc:
+        print(f"icu: {exc}", file=sys.stderr)
+        return 2
+    summary = frame.groupby("group").agg(rows=("exact", "size"), token_exact=("exact", "sum"),
+                                         max_logprob_gap=("max_logprob_gap", "max"))
+    print(summary.to_string())
+    ok = bool(frame["exact"].all() and frame["max_logprob_gap"].max() <= TOLERANCE)
+    if "recorded_span" in frame:
+        erased = frame[frame["group"] == "erased"]
+        ok = ok and bool((erased["audit_span"] == erased["recorded_span"]).all())
+    print(f"serve-check: {'PASS' if ok else 'FAIL'}: {int(frame['exact'].sum())}/{len(frame)} completions token-exact, "
+          f"max logprob gap {frame['max_logprob_gap'].max():.2e} (tolerance {TOLERANCE:.0e})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

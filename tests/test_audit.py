@@ -1,0 +1,114 @@
+"""The audit stage on the tiny implanted model: a model unlearned too shallowly for 4-bit is
+flagged by the 4-bit probe, `audit.require: [int4]` stops its export with one line, and
+`unlearning.harden: [int4]` then trains on until the 4-bit weights forget too.
+
+The run starts from a model that already forgets every request in fp32 but whose 4-bit copy
+is the memorizing original's, bit for bit (`implant.inside_4bit_buckets`); fixed thresholds
+make the unlearning stage call it done at its first check, as a utility-preserving update
+smaller than a 4-bit bucket would be.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from implant import LEAK, inside_4bit_buckets, request_rows, run_config
+from pipeline import audit, modeling
+from pipeline.cli import main
+from pipeline.errors import UserError
+from pipeline.store import RunStore
+
+
+@pytest.fixture(scope="module")
+def shallow(implanted, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shallow") / "model"
+    tok = modeling.load_tokenizer(implanted["root"] / "model")
+    model = inside_4bit_buckets(modeling.load_model(implanted["root"] / "model"), request_rows(implanted, tok))
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _leaking(store: RunStore, model: str, group: str, probe: str) -> int:
+    rows = pd.read_parquet(store.artefact("audit_rows"))
+    pick = rows[(rows["model"] == model) & (rows["group"] == group) & (rows["probe"] == probe)]
+    assert len(pick), (model, group, probe)
+    return int(pick["leak"].sum())
+
+
+@pytest.mark.slow
+def test_a_4bit_leak_blocks_the_export_until_hardening_clears_it(implanted, shallow, tmp_path, capsys):
+    config = run_config(implanted, tmp_path, "shallow", {
+        "model.name": str(shallow),
+        "unlearning.ma_threshold": 0.3, "unlearning.el_threshold": 0.1, "unlearning.bleu_threshold": 1.0,
+        "audit.require": ["int4"], "resources.launcher": "torchrun"})
+    assert main(["run", str(config)]) != 0
+    err = capsys.readouterr().err
+    store = RunStore(tmp_path / "runs" / "shallow")
+    assert store.stage("unlearn")["summary"]["epochs"] == 0  # fp32 says forgotten at the first check
+    assert _leaking(store, "unlearned", "erased", "greedy") == 0
+    assert _leaking(store, "unlearned", "erased", "int4") >= 7
+    rows = pd.read_parquet(store.artefact("audit_rows"))
+    assert not rows[rows["group"] == "unseen"]["leak"].any()  # the criterion's false positives: none
+    refusal = [line for line in err.splitlines() if "export refused" in line]
+    assert len(refusal) == 1 and "(int4)" in refusal[0] and "req0" in refusal[0], err
+    assert not any(t[:LEAK] in err for t in implanted["memorize"][:8])  # ids, never text
+    assert not store.artefact("handoff").exists()
+
+    assert main(["run", str(config), "--restart-from", "unlearn", "--set", "unlearning.harden=[int4]"]) == 0
+    history = pd.read_parquet(store.artefact("history"))
+    first = history[history["epoch"] == 0]
+    assert (first["leaks_under"] == "int4").sum() >= 7 and not first[first["leaks_under"] != ""]["forgotten"].any()
+    assert store.stage("unlearn")["summary"]["epochs"] >= 1
+    assert _leaking(store, "unlearned", "erased", "int4") == 0
+    assert _leaking(store, "original", "erased", "int4") >= 7
+    receipt = json.loads((store.artefact("handoff") / "receipt.json").read_text())["requests"]
+    assert all(r["robust"] is True and r["audit_int4"] < LEAK for r in receipt), receipt
+    card = (store.artefact("handoff") / "README.md").read_text()
+    assert "## Extraction audit" in card and "| int4 |" in card
+    print(f"\nhardened for int4 in {store.stage('unlearn')['summary']['epochs']} epochs")
+
+
+def _rows(spans: dict[tuple[str, str], int], leak: int = 8) -> pd.DataFrame:
+    return pd.DataFrame([dict(model="unlearned", group="erased", row_id=rid, probe=probe, span=span,
+                              leak=span >= leak, ma=None) for (rid, probe), span in spans.items()],
+                        columns=audit.COLUMNS)
+
+
+def test_refusal_names_the_leaking_requests_and_probes_only(tmp_path):
+    store = RunStore(tmp_path / "run")
+    store.artefact("audit_rows").parent.mkdir(parents=True, exist_ok=True)
+    _rows({("a", "greedy"): 2, ("a", "int4"): 9, ("b", "greedy"): 8, ("b", "int4"): 3,
+           ("c", "greedy"): 0, ("c", "int4"): 0}).to_parquet(store.artefact("audit_rows"))
+    assert audit.refused(store, []) is None
+    assert audit.refused(store, ["sampling"]) is None  # not run: nothing leaks under it
+    line = audit.refused(store, ["int4", "greedy"])
+    assert line.startswith("export refused: 2 erased requests") and "a (int4)" in line and "b (greedy)" in line
+    assert " c (" not in line and "\n" not in line
+    wide = audit.verdicts(store)
+    assert wide.loc["a", "leaks"] == "int4" and wide.loc["c", "leaks"] == "" and wide.loc["b", "int4"] == 3
+
+
+def test_counts_and_table_agree_with_the_rows():
+    frame = pd.concat([_rows({("a", "int4"): 9, ("b", "int4"): 1}),
+                       _rows({("a", "int4"): 9, ("b", "int4"): 9}).assign(model="original")])
+    table = audit.counts(frame)
+    assert table["int4"]["unlearned"]["erased"] == [1, 2] and table["int4"]["original"]["erased"] == [2, 2]
+    text = audit.markdown({"table": table, "groups": ["erased"], "probes": ["int4"]})
+    assert "| int4 | 2/2 | 1/2 |" in text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"audit.probes": ["greedy", "fp8"]}, "audit.probes"),
+    ({"audit.probes": ["greedy"], "audit.require": ["int4"]}, "audit.require"),
+    ({"unlearning.harden": ["sampling"]}, "unlearning.harden"),
+    ({"audit.leak_tokens": 0}, "audit.leak_tokens"),
+])
+def test_bad_audit_settings_are_refused_up_front(implanted, tmp_path, overrides, message):
+    from pipeline.config import load_config
+
+    with pytest.raises(UserError, match=message):
+        load_config(str(run_config(implanted, tmp_path, "bad", overrides)))
