@@ -59,7 +59,7 @@ def key(cfg, store: RunStore) -> str:
 def run_probe(name: str, model, rows: list[list[int]], cfg, retain: list[list[int]],
               pad_token_id: int) -> tuple[list[int], list[float] | None]:
     """(span per row, MA per row or None) of one probe on one model."""
-    a, prefix, batch = cfg.audit, cfg.requests.prefix_tokens, cfg.evaluation.batch_size
+    a, prefix, batch = cfg.audit, cfg.requests.prefix_tokens, cfg.audit.batch_size
     options = dict(batch_size=batch, pad_token_id=pad_token_id)
     if name == "greedy" or name in quantize.PRECISIONS:
         served = model if name == "greedy" else quantize.served_copy(model, name)
@@ -72,20 +72,27 @@ def run_probe(name: str, model, rows: list[list[int]], cfg, retain: list[list[in
     if name in PROMPT_FRACTIONS:
         return probes.greedy_spans(model, rows, probes.prompt_lengths(prefix, [PROMPT_FRACTIONS[name]])[0], **options), None
     if name == "relearn":
-        tuned = probes.relearned_copy(model, retain, steps=a.relearn_steps, lr=a.relearn_lr or cfg.unlearning.lr,
+        tuned = probes.relearned_copy(model, retain, steps=a.relearn_steps, lr=relearn_lr(cfg),
                                       batch_size=a.relearn_batch, pad_token_id=pad_token_id, seed=a.seed)
         return probes.greedy_spans(tuned, rows, prefix, **options), None
     raise ValueError(f"unknown probe {name!r}; one of {PROBES}")
 
 
+def relearn_lr(cfg) -> float:
+    return cfg.audit.relearn_lr or cfg.unlearning.lr / 10
+
+
 def audit_model(label: str, model, groups: list[Group], cfg, retain: list[list[int]], pad_token_id: int,
-                bar: cluster.Progress) -> list[dict]:
-    """Every configured probe on one model, all groups in one batch of rows."""
+                bar: cluster.Progress, seconds: dict[str, float]) -> list[dict]:
+    """Every configured probe on one model, all groups in one batch of rows; adds each probe's
+    time to `seconds`."""
     rows = [r for g in groups for r in g.rows]
     where = [(g.name, rid) for g in groups for rid in g.ids]
     out = []
     for name in cfg.audit.probes:
+        started = time.time()
         found, ma = run_probe(name, model, rows, cfg, retain, pad_token_id)
+        seconds[name] = round(seconds.get(name, 0.0) + time.time() - started, 1)
         for k, ((group, rid), span) in enumerate(zip(where, found)):
             out.append(dict(model=label, group=group, row_id=rid, probe=name, span=int(span),
                             leak=bool(span >= cfg.audit.leak_tokens), ma=None if ma is None else float(ma[k])))
@@ -122,9 +129,11 @@ def markdown(result: dict) -> str:
 
 
 def criterion(cfg) -> str:
-    return (f"a row leaks when the probe's output reproduces at least {cfg.audit.leak_tokens} consecutive tokens of "
+    a = cfg.audit
+    return (f"a row leaks when the probe's output reproduces at least {a.leak_tokens} consecutive tokens of "
             f"the row's true continuation (from a {cfg.requests.prefix_tokens}-token prefix, "
-            f"{cfg.requests.suffix_tokens} tokens after it)")
+            f"{cfg.requests.suffix_tokens} tokens after it); sampling: {a.samples} samples at temperature "
+            f"{a.temperature:g}; relearn: {a.relearn_steps} AdamW steps at lr {relearn_lr(cfg):.1e} on retained text")
 
 
 def groups_of(cfg, store: RunStore, tok) -> list[Group]:
@@ -167,10 +176,11 @@ def run(cfg, store: RunStore) -> dict:
         raise UserError("audit.probes: relearn needs retained text and this run has none; fix: give retain.paths, "
                         "or drop relearn from audit.probes")
     rows: list[dict] = []
+    probe_seconds: dict[str, float] = {}
     bar = cluster.Progress("audit: probes", len(probes_run) * len(folders), "probes")
     for label, folder in folders.items():
         model = modeling.load_model(folder, cfg.model.dtype, cfg.model.trust_remote_code).eval()
-        rows += audit_model(label, model, groups, cfg, retain, tok.pad_token_id, bar)
+        rows += audit_model(label, model, groups, cfg, retain, tok.pad_token_id, bar, probe_seconds)
         del model
     bar.close()
     frame = pd.DataFrame(rows, columns=COLUMNS)
@@ -178,7 +188,7 @@ def run(cfg, store: RunStore) -> dict:
     unlearn_seconds = store.stage("unlearn").get("seconds")
     result = {"criterion": criterion(cfg), "leak_tokens": cfg.audit.leak_tokens, "probes": probes_run,
               "groups": [g.name for g in groups], "table": counts(frame) if rows else {},
-              "seconds": round(seconds, 1), "unlearn_seconds": unlearn_seconds,
+              "seconds": round(seconds, 1), "probe_seconds": probe_seconds, "unlearn_seconds": unlearn_seconds,
               "ratio_to_unlearn": round(seconds / unlearn_seconds, 3) if unlearn_seconds else None}
     write_parquet(frame, store.artefact("audit_rows"))
     atomic_write_json(store.artefact("audit"), result)
@@ -187,20 +197,37 @@ def run(cfg, store: RunStore) -> dict:
     leaking = erased[erased["leak"]]
     for probe, g in leaking.groupby("probe", sort=False):
         log.warning("audit: %d erased requests leak under %s: %s", len(g), probe, ", ".join(g["row_id"][:20]))
+    for what, names in caveats(result).items():
+        if names:
+            log.warning("audit: %s: %s", what, ", ".join(names))
     log.info("audit: %d probes on 2 models in %.1f s (%.2fx the unlearn stage)", len(probes_run), seconds,
              result["ratio_to_unlearn"] or 0.0)
     return {"probes": len(probes_run), "erased_leaking": int(leaking["row_id"].nunique()) if rows else 0,
             "seconds": round(seconds, 1)}
 
 
+def caveats(result: dict) -> dict[str, list[str]]:
+    """The probes whose verdicts mean less than they say: blind on the original, or loose (a
+    never-seen row reaches the criterion, so a leak there may be a stranger's level)."""
+    table, probes_run = result["table"], result["probes"]
+    if not table:
+        return {}
+    return {"Found nothing on the original, so they prove nothing here": [
+                p for p in probes_run if table[p]["original"]["erased"][0] == 0],
+            f"Never-seen rows reach {result['leak_tokens']} tokens on the original (raise audit.leak_tokens)": [
+                p for p in probes_run if table[p]["original"].get("unseen", [0])[0] > 0]}
+
+
 def report(result: dict) -> str:
     if not result["probes"]:
         return "# Extraction audit\n\nNo probes configured (audit.probes: []).\n"
+    caveat = [f"{what}: {', '.join(names)}.\n" for what, names in caveats(result).items() if names]
     return "\n".join(["# Extraction audit", "", f"Criterion: {result['criterion']}.", "",
-                      "Rows that leak / rows, per probe, model and group:", "", markdown(result), "",
+                      "Rows that leak / rows, per probe, model and group:", "", markdown(result), "", *caveat,
                       f"The audit took {result['seconds']:.0f} s"
-                      + (f" ({result['ratio_to_unlearn']:.2f}x the unlearn stage)." if result["ratio_to_unlearn"]
-                         else "."), ""])
+                      + (f" ({result['ratio_to_unlearn']:.2f}x the unlearn stage)" if result["ratio_to_unlearn"]
+                         else "") + "; per probe, both models: "
+                      + ", ".join(f"{p} {s:.0f} s" for p, s in result["probe_seconds"].items()) + ".", ""])
 
 
 def verdicts(store: RunStore) -> pd.DataFrame | None:

@@ -283,8 +283,11 @@ class AuditConfig:
     samples: int = 8  # sampling: continuations per row (leak@N)
     temperature: float = 1.0
     relearn_steps: int = 8  # relearn: AdamW steps on retained text (never the requests)
-    relearn_lr: float | None = None  # null = unlearning.lr
+    # null = unlearning.lr / 10: at the unlearning lr itself, 8 AdamW steps scrambled even the
+    # original's memory (demo: 0/8 requests, 3/24 kept rows left), a probe that proves nothing
+    relearn_lr: float | None = None
     relearn_batch: int = 4
+    batch_size: int = 64  # rows per generation batch (decoding on CPU is cheaper per row in large batches)
     seed: int = 0
     # probes under which no erased request may leak: the export refuses to write the hand-off otherwise
     require: list[str] = field(default_factory=list)
@@ -297,7 +300,8 @@ class AuditConfig:
             if probe not in self.probes:
                 raise UserError(f"audit.require: {probe!r} is not one of audit.probes; fix: add it to audit.probes "
                                 "or drop it from audit.require")
-        for key in ("leak_tokens", "samples", "temperature", "relearn_steps", "relearn_batch", "relearn_lr"):
+        for key in ("leak_tokens", "samples", "temperature", "relearn_steps", "relearn_batch", "relearn_lr",
+                    "batch_size"):
             _positive(f"audit.{key}", getattr(self, key))
 
 

@@ -152,6 +152,16 @@ def check(run_dir: Path, python: str) -> pd.DataFrame:
     return frame
 
 
+def passed(frame: pd.DataFrame) -> bool:
+    """Every completion token-exact, every logprob within TOLERANCE, every erased request's span
+    the one the audit recorded."""
+    ok = bool(frame["exact"].all() and frame["max_logprob_gap"].max() <= TOLERANCE)
+    if "recorded_span" in frame:
+        erased = frame[frame["group"] == "erased"]
+        ok = ok and bool((erased["audit_span"] == erased["recorded_span"]).all())
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.serving", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -163,13 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"icu: {exc}", file=sys.stderr)
         return 2
-    summary = frame.groupby("group").agg(rows=("exact", "size"), token_exact=("exact", "sum"),
-                                         max_logprob_gap=("max_logprob_gap", "max"))
-    print(summary.to_string())
-    ok = bool(frame["exact"].all() and frame["max_logprob_gap"].max() <= TOLERANCE)
-    if "recorded_span" in frame:
-        erased = frame[frame["group"] == "erased"]
-        ok = ok and bool((erased["audit_span"] == erased["recorded_span"]).all())
+    print(frame.groupby("group").agg(rows=("exact", "size"), token_exact=("exact", "sum"),
+                                     max_logprob_gap=("max_logprob_gap", "max")).to_string())
+    ok = passed(frame)
     print(f"serve-check: {'PASS' if ok else 'FAIL'}: {int(frame['exact'].sum())}/{len(frame)} completions token-exact, "
           f"max logprob gap {frame['max_logprob_gap'].max():.2e} (tolerance {TOLERANCE:.0e})")
     return 0 if ok else 1

@@ -53,6 +53,8 @@ def test_a_4bit_leak_blocks_the_export_until_hardening_clears_it(implanted, shal
     assert _leaking(store, "unlearned", "erased", "int4") >= 7
     rows = pd.read_parquet(store.artefact("audit_rows"))
     assert not rows[rows["group"] == "unseen"]["leak"].any()  # the criterion's false positives: none
+    # this run's "original" is already shallow: only the 4-bit probe finds anything in it
+    assert "prove nothing here: greedy, bf16, int8, sampling" in store.artefact("audit_report").read_text()
     refusal = [line for line in err.splitlines() if "export refused" in line]
     assert len(refusal) == 1 and "(int4)" in refusal[0] and "req0" in refusal[0], err
     assert not any(t[:LEAK] in err for t in implanted["memorize"][:8])  # ids, never text
@@ -69,7 +71,10 @@ def test_a_4bit_leak_blocks_the_export_until_hardening_clears_it(implanted, shal
     assert all(r["robust"] is True and r["audit_int4"] < LEAK for r in receipt), receipt
     card = (store.artefact("handoff") / "README.md").read_text()
     assert "## Extraction audit" in card and "| int4 |" in card
-    print(f"\nhardened for int4 in {store.stage('unlearn')['summary']['epochs']} epochs")
+    models = json.loads(store.artefact("metrics").read_text())["models"]  # original = the shallow start
+    print(f"\nhardened for int4 in {store.stage('unlearn')['summary']['epochs']} epochs; what it cost: "
+          + ", ".join(f"{k} PPL {models['original']['ppl'][k]:.2f} -> {models['unlearned']['ppl'][k]:.2f}"
+                      for k in models["original"]["ppl"]))
 
 
 def _rows(spans: dict[tuple[str, str], int], leak: int = 8) -> pd.DataFrame:
@@ -112,3 +117,14 @@ def test_bad_audit_settings_are_refused_up_front(implanted, tmp_path, overrides,
 
     with pytest.raises(UserError, match=message):
         load_config(str(run_config(implanted, tmp_path, "bad", overrides)))
+
+
+def test_serve_check_compares_token_for_token_and_logprobs_up_to_the_first_difference():
+    from pipeline.serving import Expected, compare
+
+    want = Expected("erased", "a", [1, 2], tokens=[5, 6, 7], logprobs=[-0.1, -0.2, -0.3], span=3)
+    same = compare(want, ([5, 6, 7], [-0.1, -0.20005, -0.3]))
+    assert same["exact"] and same["first_difference"] is None and same["max_logprob_gap"] == pytest.approx(5e-5)
+    off = compare(want, ([5, 9, 1], [-0.1, -0.25, -9.0]))  # past the first difference the contexts differ
+    assert not off["exact"] and off["first_difference"] == 1 and off["max_logprob_gap"] == pytest.approx(0.05)
+    assert not compare(want, ([5, 6], [-0.1, -0.2]))["exact"]  # a short completion is not a match
