@@ -80,9 +80,13 @@ def sampled_continuations(model, prompts: Sequence[Sequence[int]], length: int, 
 
 def _sample_batch(model, prompts: list[Sequence[int]], keys: list[tuple[int, int]], length: int,
                   temperature: float, seed: int) -> list[list[int]]:
-    ids = torch.tensor([list(p) for p in prompts], device=model.device)
-    out = model(input_ids=ids, use_cache=True)
-    cache, logits = out.cache, out.logits[:, -1]
+    # each distinct prompt is run once and its KV cache shared by its samples
+    distinct = {tuple(p): None for p in prompts}
+    index = {p: k for k, p in enumerate(distinct)}
+    out = model(input_ids=torch.tensor(list(distinct), device=model.device), use_cache=True)
+    rows = torch.tensor([index[tuple(p)] for p in prompts], device=model.device)
+    cache, logits = out.cache, out.logits[rows, -1]
+    cache.reorder_cache(rows)
     tokens: list[list[int]] = [[] for _ in prompts]
     for step in range(length):
         picks = [_pick(logits[i], temperature, seed, key, sample, step) for i, (key, sample) in enumerate(keys)]

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -139,10 +140,16 @@ def check(run_dir: Path, python: str) -> pd.DataFrame:
     started = time.time()
     logs = store.artefact("logs")
     logs.mkdir(parents=True, exist_ok=True)
-    proc, url = start(python, folder, cfg.requests.prefix_tokens + cfg.requests.suffix_tokens + 8, logs / "vllm.log")
+    logfile = logs / "vllm.log"
+    proc, url = start(python, folder, cfg.requests.prefix_tokens + cfg.requests.suffix_tokens + 8, logfile)
     try:
         log.info("serve-check: vLLM up in %.0f s", time.time() - started)
         frame = pd.DataFrame([compare(w, served(url, w.prompt, len(w.tokens))) for w in want])
+    except urllib.error.HTTPError as exc:
+        errors = [line for line in logfile.read_text(errors="replace").splitlines()
+                  if re.search(r"\w(Error|Exception): ", line) and "stack trace" not in line]
+        raise UserError(f"serve-check: vLLM could not serve {folder} (HTTP {exc.code}): "
+                        f"{errors[-1].strip() if errors else 'no error in its log'}; its log: {logfile}") from None
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -19,6 +19,8 @@ from pipeline.errors import UserError
 
 from conftest import REPO, write_config
 
+SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
+
 SHORT = {"unlearning.max_epochs": 1, "retain.max_items": 64, "resources.eval_actors": 1,
          "resources.embed_actors": 1, "evaluation.suites": ["forget", "unseen", "ppl", "mia"],
          "evaluation.max_samples": {"unseen": 8, "ppl": 1}, "audit.samples": 4, "audit.relearn_steps": 2}
@@ -35,23 +37,32 @@ def test_customer_records_are_split_and_checked(shared_data, tmp_path):
         customers.records(tmp_path, 8)
 
 
-@pytest.mark.slow
-def test_shortened_demo(shared_data, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def short_run(shared_data, tmp_path_factory):
+    """The shortened demo, run once on local Ray: (its run store, the prepared customers' paths)."""
     import ray
 
-    monkeypatch.chdir(REPO)  # the demo's relative paths are relative to the project root
-    paths = customers.prepare(tmp_path / "customers", shared_data, customers=8, erase=2)
+    tmp = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)  # the demo's relative paths are relative to the project root
+        paths = customers.prepare(tmp / "customers", shared_data, customers=8, erase=2)
+        text = (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(tmp / "customers"))
+        cfg, store = driver.open_run(str(write_config(tmp, text, "demo.yaml")),
+                                     dict(SHORT, **{"storage.runs_dir": str(tmp / "runs")}))
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        try:
+            driver.run_pipeline(cfg, store)
+        finally:
+            ray.shutdown()
+            store.unlock()
+    return store, paths
+
+
+@pytest.mark.slow
+def test_shortened_demo(short_run):
+    store, paths = short_run
     memorized = json.loads((paths["model"] / "memorized.json").read_text())
     assert memorized["ma"] > 0.9
-    text = (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace(
-        "runs/customers", str(tmp_path / "customers"))
-    cfg, store = driver.open_run(str(write_config(tmp_path, text, "demo.yaml")),
-                                 dict(SHORT, **{"storage.runs_dir": str(tmp_path / "runs")}))
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        driver.run_pipeline(cfg, store)
-    finally:
-        ray.shutdown()
     assert all(store.stage(s)["status"] == "done" for s in STAGES)
     receipt = json.loads((store.root / "model" / "receipt.json").read_text())
     assert len(receipt["requests"]) == 2
@@ -66,3 +77,17 @@ def test_shortened_demo(shared_data, tmp_path, monkeypatch):
     print(f"\nshortened demo: forget MA {before['forget']['ma']:.3f} -> {after['forget']['ma']:.3f}, kept customers' "
           f"MA {before['keep']['ma']:.3f} -> {after['keep']['ma']:.3f}, Pile PPL {before['ppl']['pile']:.2f} -> "
           f"{after['ppl']['pile']:.2f}, receipt {receipt['counts']}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SERVE_PYTHON.is_file(), reason="vLLM's venv is not built here (make serve-venv)")
+def test_vllm_serves_what_the_audit_scored(short_run, monkeypatch):
+    """The shortened demo's hand-off served by vLLM (CPU build, fp32): greedy completions token
+    for token, logprobs within 1e-4, the erased requests' spans as the audit recorded them.
+    (The byte-level tiny model cannot be served: vLLM's CPU attention has no head_dim 16.)"""
+    from pipeline import serving
+
+    monkeypatch.chdir(REPO)
+    frame = serving.check(short_run[0].root, str(SERVE_PYTHON))
+    print("\n" + frame.to_string())
+    assert serving.passed(frame) and frame["recorded_span"].notna().sum() == 2
