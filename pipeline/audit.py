@@ -63,8 +63,9 @@ def run_probe(name: str, model, rows: list[list[int]], cfg, retain: list[list[in
     options = dict(batch_size=batch, pad_token_id=pad_token_id)
     if name == "greedy" or name in quantize.PRECISIONS:
         served = model if name == "greedy" else quantize.served_copy(model, name)
-        ids, mask = metrics.pad_rows(rows, pad_token_id, device=model.device)
-        return probes.greedy_spans(served, rows, prefix, **options), metrics.memorization_accuracy(served, ids, mask).tolist()
+        ma = [v for s in range(0, len(rows), batch) for v in metrics.memorization_accuracy(
+            served, *metrics.pad_rows(rows[s:s + batch], pad_token_id, device=model.device)).tolist()]
+        return probes.greedy_spans(served, rows, prefix, **options), ma
     if name == "sampling":
         gens = probes.sampled_continuations(model, [r[:prefix] for r in rows], len(rows[0]) - prefix, a.samples,
                                             temperature=a.temperature, seed=a.seed, batch_size=batch)
@@ -161,11 +162,21 @@ def retained_rows(store: RunStore, pairs_per_request: int) -> list[list[int]]:
     return [list(r) for r in rows]
 
 
+def _write(store: RunStore, frame: pd.DataFrame, result: dict) -> None:
+    write_parquet(frame, store.artefact("audit_rows"))
+    atomic_write_json(store.artefact("audit"), result)
+    atomic_write_text(store.artefact("audit_report"), report(result))
+
+
 def run(cfg, store: RunStore) -> dict:
     started = time.time()
     probes_run = list(cfg.audit.probes)
     folders = {"original": cfg.model_dir, "unlearned": store.artefact("unlearned_model")}
-    if probes_run and modeling.replica_bytes(cfg.model_dir, cfg.model.dtype, cfg.model.trust_remote_code) > \
+    if not probes_run:  # skipped: empty outputs, no model loaded
+        _write(store, pd.DataFrame(columns=COLUMNS), {"criterion": criterion(cfg), "leak_tokens": cfg.audit.leak_tokens,
+                                                      "probes": [], "groups": [], "table": {}, "seconds": 0.0})
+        return {"probes": 0, "erased_leaking": 0, "seconds": 0.0}
+    if modeling.replica_bytes(cfg.model_dir, cfg.model.dtype, cfg.model.trust_remote_code) > \
             modeling.REPLICA_MAX_BYTES:
         raise UserError("audit: the model is larger than one process holds, and the audit loads whole copies of it; "
                         "fix: set audit.probes: [] to skip the audit for this model")
@@ -187,12 +198,10 @@ def run(cfg, store: RunStore) -> dict:
     seconds = time.time() - started
     unlearn_seconds = store.stage("unlearn").get("seconds")
     result = {"criterion": criterion(cfg), "leak_tokens": cfg.audit.leak_tokens, "probes": probes_run,
-              "groups": [g.name for g in groups], "table": counts(frame) if rows else {},
+              "groups": [g.name for g in groups], "table": counts(frame),
               "seconds": round(seconds, 1), "probe_seconds": probe_seconds, "unlearn_seconds": unlearn_seconds,
               "ratio_to_unlearn": round(seconds / unlearn_seconds, 3) if unlearn_seconds else None}
-    write_parquet(frame, store.artefact("audit_rows"))
-    atomic_write_json(store.artefact("audit"), result)
-    atomic_write_text(store.artefact("audit_report"), report(result))
+    _write(store, frame, result)
     erased = frame[(frame["model"] == "unlearned") & (frame["group"] == "erased")]
     leaking = erased[erased["leak"]]
     for probe, g in leaking.groupby("probe", sort=False):
@@ -202,7 +211,7 @@ def run(cfg, store: RunStore) -> dict:
             log.warning("audit: %s: %s", what, ", ".join(names))
     log.info("audit: %d probes on 2 models in %.1f s (%.2fx the unlearn stage)", len(probes_run), seconds,
              result["ratio_to_unlearn"] or 0.0)
-    return {"probes": len(probes_run), "erased_leaking": int(leaking["row_id"].nunique()) if rows else 0,
+    return {"probes": len(probes_run), "erased_leaking": int(leaking["row_id"].nunique()),
             "seconds": round(seconds, 1)}
 
 
@@ -258,4 +267,4 @@ def refused(store: RunStore, require: list[str]) -> str | None:
     named = "; ".join(f"{rid} ({', '.join(ps)})" for rid, ps in sorted(bad.items())[:20])
     return (f"export refused: {len(bad)} erased requests leak under required audit probes: {named}; fix: harden "
             "the unlearning (e.g. unlearning.harden: [int4]) and rerun with --restart-from unlearn, or drop the "
-            "probe from audit.require")
+            "probe from audit.require and rerun with --restart-from export")

@@ -434,7 +434,19 @@ def build_config(data: dict[str, Any]) -> Config:
     config = _build(Config, data, "")
     for section in dataclasses.fields(config):
         getattr(config, section.name).validate()
+    _check_audit(config)
     return config
+
+
+def _check_audit(config: Config) -> None:
+    """The audit's settings that depend on other sections."""
+    a, u, r = config.audit, config.unlearning, config.requests
+    if a.leak_tokens > r.suffix_tokens:
+        raise UserError(f"audit.leak_tokens: {a.leak_tokens} is longer than requests.suffix_tokens "
+                        f"({r.suffix_tokens}), so nothing could ever leak; fix: set it at most {r.suffix_tokens}")
+    if u.harden and u.stop == "set":
+        raise UserError("unlearning.harden: stop: set ends training on the set's mean, before each request is "
+                        "forgotten at the served precision; fix: use stop: each with harden")
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

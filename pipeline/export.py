@@ -181,6 +181,10 @@ def run(cfg, store: RunStore) -> dict:
         raise RuntimeError(f"receipt has {len(rows)} rows but ingest read {ingest['rows']}")
     refusal = audit.refused(store, cfg.audit.require)
     if refusal:
+        stale = store.artefact("handoff")
+        if stale.exists():  # an earlier hand-off of this run must not stay behind to be served
+            shutil.rmtree(stale)
+            refusal += f" (the earlier hand-off {stale} was removed)"
         raise UserError(refusal)
     metrics_path, audit_path = store.artefact("metrics"), store.artefact("audit")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None

@@ -95,6 +95,14 @@ def apply_band(records: list[dict], nll: list[float], unseen_nll: list[float], h
     return out
 
 
+def with_leaks(records: list[dict], leaks: dict[int, list[str]]) -> list[dict]:
+    """`unlearning.harden`: a request that leaks at a served precision (`leaks`: row -> precisions)
+    is neither forgotten nor too deep, whatever the trained precision says, so it trains on."""
+    return [dict(rec, leaks_under=",".join(leaks.get(i, [])),
+                 forgotten=rec["forgotten"] and i not in leaks, too_deep=rec["too_deep"] and i not in leaks)
+            for i, rec in enumerate(records)]
+
+
 def shared_bigrams(rows: list[list[int]], hits: list[list[bool]], share: float = 0.5) -> set[tuple[int, int]]:
     """(token, next token) pairs the model predicts for strangers: greedy-correct in at least `share`
     of their occurrences in the unseen rows. Such a token ("E-mail" after ". ", the template of a

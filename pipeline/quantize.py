@@ -22,6 +22,8 @@ import copy
 
 import torch
 
+from pipeline.errors import UserError
+
 PRECISIONS = ("bf16", "int8", "int4")
 BLOCK = 32
 
@@ -80,7 +82,11 @@ def served_copy(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     served = copy.deepcopy(model)
     if precision == "bf16":
         return served.to(torch.bfloat16)
-    params = dict(served.named_parameters())
-    for name in rounded_linears(served):
+    params, names = dict(served.named_parameters()), rounded_linears(served)
+    if not names:
+        raise UserError(f"{precision}: this model has no nn.Linear layers to round (GPT-2-style Conv1D?), so its "
+                        f"{precision} copy would be the fp32 model; fix: drop {precision} from audit.probes and "
+                        "unlearning.harden for this model")
+    for name in names:
         params[name].copy_(ROUND_TRIPS[precision](params[name]))
     return served

@@ -102,20 +102,42 @@ def start(python: str, folder: Path, max_len: int, logfile: Path) -> tuple[subpr
            "--max-model-len", str(max_len), "--max-logprobs", "1", "--seed", "0"]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=open(logfile, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(logfile, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 900
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited with code {proc.returncode} before serving; its log: {logfile}\n"
-                               + logfile.read_text(errors="replace")[-3000:])
+            raise UserError(f"serve-check: vLLM exited with code {proc.returncode} before serving: {root_error(logfile)}; "
+                            f"its log: {logfile}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5):
                 return proc, url
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             if time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"vLLM did not come up in 15 minutes; its log: {logfile}")
+                stop(proc)
+                raise UserError(f"serve-check: vLLM did not come up in 15 minutes; its log: {logfile}")
             time.sleep(3)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def root_error(logfile: Path) -> str:
+    """The last exception line of vLLM's log that names a cause (not 'see the stack trace')."""
+    errors = [line.strip() for line in logfile.read_text(errors="replace").splitlines()
+              if re.search(r"\w(Error|Exception): ", line) and "stack trace" not in line]
+    return errors[-1] if errors else "no exception in its log"
+
+
+def _dtype(folder: Path) -> str | None:
+    config = json.loads((folder / "config.json").read_text())
+    return config.get("dtype") or config.get("torch_dtype")
 
 
 def rows_of(cfg, store: RunStore, tok) -> list[tuple[str, str, list[int]]]:
@@ -125,16 +147,18 @@ def rows_of(cfg, store: RunStore, tok) -> list[tuple[str, str, list[int]]]:
 
 
 def check(run_dir: Path, python: str) -> pd.DataFrame:
+    if not (Path(run_dir) / "manifest.json").is_file():
+        raise UserError(f"serve-check: {run_dir} is not a run directory; fix: pass runs/<name> (RUN=runs/<name>)")
     store = RunStore(run_dir)
     folder = store.artefact("handoff")
-    if not (folder / "receipt.json").is_file():
+    if store.stage("export").get("status") != "done" or not (folder / "receipt.json").is_file():
         raise UserError(f"serve-check: {folder} is not a finished hand-off; fix: run the pipeline to its export first")
     if not Path(python).is_file():
         raise UserError(f"serve-check: no vLLM venv at {python}; fix: make serve-venv")
     cfg = modeling.resolve(load_config(store.root / "config.yaml"))
     tok = modeling.load_tokenizer(folder)
     model = modeling.load_model(folder, "float32").eval()
-    want = expected(model, rows_of(cfg, store, tok), cfg.requests.prefix_tokens, cfg.evaluation.batch_size,
+    want = expected(model, rows_of(cfg, store, tok), cfg.requests.prefix_tokens, cfg.audit.batch_size,
                     tok.pad_token_id)
     del model
     started = time.time()
@@ -145,16 +169,14 @@ def check(run_dir: Path, python: str) -> pd.DataFrame:
     try:
         log.info("serve-check: vLLM up in %.0f s", time.time() - started)
         frame = pd.DataFrame([compare(w, served(url, w.prompt, len(w.tokens))) for w in want])
-    except urllib.error.HTTPError as exc:
-        errors = [line for line in logfile.read_text(errors="replace").splitlines()
-                  if re.search(r"\w(Error|Exception): ", line) and "stack trace" not in line]
-        raise UserError(f"serve-check: vLLM could not serve {folder} (HTTP {exc.code}): "
-                        f"{errors[-1].strip() if errors else 'no error in its log'}; its log: {logfile}") from None
+    except (urllib.error.URLError, ConnectionError) as exc:
+        raise UserError(f"serve-check: vLLM could not serve {folder} ({exc}): {root_error(logfile)}; "
+                        f"its log: {logfile}") from None
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop(proc)
     recorded = audit.verdicts(store)  # the erased requests' spans per probe, as the receipt has them
-    if recorded is not None and "greedy" in recorded:
+    same_weights = _dtype(folder) == _dtype(store.artefact("unlearned_model"))  # else the audit's are not fp32's
+    if recorded is not None and "greedy" in recorded and same_weights:
         frame["recorded_span"] = frame["row_id"].map(recorded["greedy"])
     return frame
 

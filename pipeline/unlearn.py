@@ -51,8 +51,10 @@ def key(cfg: Config, store: RunStore, resumable: bool = False) -> str:
     model, unlearning = cfg.part("model", "unlearning")
     if resumable:
         unlearning = {k: v for k, v in unlearning.items() if k not in ("max_epochs", "keep_checkpoints")}
-    hardening = cfg.audit.leak_tokens if cfg.unlearning.harden else None
-    return fingerprint("unlearn", model, unlearning, hardening, thresholds, cfg.retrieval.pairs_per_request,
+    # unchanged for runs that do not harden (their keys predate it)
+    harden = unlearning.pop("harden")
+    hardening = [harden, cfg.audit.leak_tokens] if harden else []
+    return fingerprint("unlearn", model, unlearning, *hardening, thresholds, cfg.retrieval.pairs_per_request,
                        file_digest(cfg.unlearning.ds_config), cfg.resources.num_workers,
                        store.key_of("ingest"), store.key_of("retrieve"))
 

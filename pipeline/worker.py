@@ -35,7 +35,8 @@ from pipeline import adapter, checkpoints, modeling, probes, quantize, suites
 from pipeline.atomic import atomic_path, atomic_write_json, write_parquet
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.iur import Thresholds, apply_band, band_targets, check_requests, memorization, shared_bigrams
+from pipeline.iur import (Thresholds, apply_band, band_targets, check_requests, memorization, shared_bigrams,
+                          with_leaks)
 from pipeline.losses import LossWeights, method, unlearning_loss
 from pipeline.metrics import greedy_hits, pad_rows, sequence_losses
 from pipeline.store import RunStore
@@ -346,8 +347,7 @@ class Worker:
             for i, span in enumerate(found):
                 if span >= self.cfg.audit.leak_tokens:
                     leaks.setdefault(i, []).append(precision)
-        return [dict(rec, leaks_under=",".join(leaks.get(i, [])), forgotten=rec["forgotten"] and i not in leaks)
-                for i, rec in enumerate(records)]
+        return with_leaks(records, leaks)
 
     # -- training ------------------------------------------------------------------
     def train_epoch(self, epoch: int, train: set[int]) -> dict:

@@ -75,6 +75,14 @@ def test_a_4bit_leak_blocks_the_export_until_hardening_clears_it(implanted, shal
     print(f"\nhardened for int4 in {store.stage('unlearn')['summary']['epochs']} epochs; what it cost: "
           + ", ".join(f"{k} PPL {models['original']['ppl'][k]:.2f} -> {models['unlearned']['ppl'][k]:.2f}"
                       for k in models["original"]["ppl"]))
+    # Back to no hardening: the refusal also takes away the hand-off the hardened run wrote.
+    assert main(["run", str(config), "--restart-from", "unlearn", "--set", "unlearning.harden=[]"]) != 0
+    assert "was removed" in capsys.readouterr().err and not store.artefact("handoff").exists()
+    # No probes: the audit writes empty outputs, loads no model, and the export has no verdicts.
+    assert main(["run", str(config), "--restart-from", "audit", "--set", "audit.probes=[]",
+                 "--set", "audit.require=[]"]) == 0
+    assert "No probes configured" in store.artefact("audit_report").read_text()
+    assert all(r["robust"] is None for r in json.loads((store.artefact("handoff") / "receipt.json").read_text())["requests"])
 
 
 def _rows(spans: dict[tuple[str, str], int], leak: int = 8) -> pd.DataFrame:
@@ -111,6 +119,8 @@ def test_counts_and_table_agree_with_the_rows():
     ({"audit.probes": ["greedy"], "audit.require": ["int4"]}, "audit.require"),
     ({"unlearning.harden": ["sampling"]}, "unlearning.harden"),
     ({"audit.leak_tokens": 0}, "audit.leak_tokens"),
+    ({"audit.leak_tokens": 21}, "longer than requests.suffix_tokens"),
+    ({"unlearning.harden": ["int4"], "unlearning.stop": "set"}, "stop: set"),
 ])
 def test_bad_audit_settings_are_refused_up_front(implanted, tmp_path, overrides, message):
     from pipeline.config import load_config
@@ -128,3 +138,16 @@ def test_serve_check_compares_token_for_token_and_logprobs_up_to_the_first_diffe
     off = compare(want, ([5, 9, 1], [-0.1, -0.25, -9.0]))  # past the first difference the contexts differ
     assert not off["exact"] and off["first_difference"] == 1 and off["max_logprob_gap"] == pytest.approx(0.05)
     assert not compare(want, ([5, 6], [-0.1, -0.2]))["exact"]  # a short completion is not a match
+
+
+def test_a_request_that_leaks_when_served_trains_on_even_if_erased_too_deep_in_fp32():
+    from pipeline.iur import with_leaks
+    from pipeline.worker import needs_training
+
+    records = [dict(forgotten=True, too_deep=False), dict(forgotten=False, too_deep=True),
+               dict(forgotten=True, too_deep=False)]
+    out = with_leaks(records, {1: ["int4"], 2: ["int8", "int4"]})
+    assert [r["forgotten"] for r in out] == [True, False, False]
+    assert [r["too_deep"] for r in out] == [False, False, False]
+    assert [r["leaks_under"] for r in out] == ["", "int4", "int8,int4"]
+    assert [needs_training(r, pull_back=False) for r in out] == [False, True, True]
