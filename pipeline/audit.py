@@ -56,26 +56,40 @@ def key(cfg, store: RunStore) -> str:
                        store.outputs_of("unlearn"))
 
 
-def run_probe(name: str, model, rows: list[list[int]], cfg, retain: list[list[int]],
-              pad_token_id: int) -> tuple[list[int], list[float] | None]:
-    """(span per row, MA per row or None) of one probe on one model."""
-    a, prefix, batch = cfg.audit, cfg.requests.prefix_tokens, cfg.audit.batch_size
-    options = dict(batch_size=batch, pad_token_id=pad_token_id)
-    if name == "greedy" or name in quantize.PRECISIONS:
-        served = model if name == "greedy" else quantize.served_copy(model, name)
-        ma = [v for s in range(0, len(rows), batch) for v in metrics.memorization_accuracy(
-            served, *metrics.pad_rows(rows[s:s + batch], pad_token_id, device=model.device)).tolist()]
-        return probes.greedy_spans(served, rows, prefix, **options), ma
+def units(names: list[str]) -> list[tuple[str, ...]]:
+    """The configured probes in the groups that share work: greedy and the shorter prompts read one
+    teacher-forced pass of the same weights (`probes.greedy_continuations`); the rest run alone."""
+    shared = tuple(n for n in names if n == "greedy" or n in PROMPT_FRACTIONS)
+    return ([shared] if shared else []) + [(n,) for n in names if n not in shared]
+
+
+def run_unit(unit: tuple[str, ...], model, rows: list[list[int]], cfg, retain: list[list[int]],
+             pad_token_id: int) -> dict[str, tuple[list[int], list[float] | None]]:
+    """{probe: (span per row, MA per row or None)} for one unit of probes on one model."""
+    a, prefix = cfg.audit, cfg.requests.prefix_tokens
+    options = dict(batch_size=a.batch_size, pad_token_id=pad_token_id, settle=a.leak_tokens)
+
+    def greedy(served, cuts: dict[str, int], ma_for: str | None) -> dict:
+        gens, ma = probes.greedy_continuations(served, rows, sorted(set(cuts.values())), **options)
+        return {name: ([probes.longest_span(g, r[c:]) for g, r in zip(gens[c], rows)], ma if name == ma_for else None)
+                for name, c in cuts.items()}
+
+    name = unit[0]
+    if name == "greedy" or name in PROMPT_FRACTIONS:
+        fractions = [PROMPT_FRACTIONS.get(n, 1.0) for n in unit]
+        return greedy(model, dict(zip(unit, probes.prompt_lengths(prefix, fractions))), "greedy")
+    if name in quantize.PRECISIONS:
+        return greedy(quantize.served_copy(model, name), {name: prefix}, name)
     if name == "sampling":
         gens = probes.sampled_continuations(model, [r[:prefix] for r in rows], len(rows[0]) - prefix, a.samples,
-                                            temperature=a.temperature, seed=a.seed, batch_size=batch)
-        return [max(probes.longest_span(g, r[prefix:]) for g in samples) for samples, r in zip(gens, rows)], None
-    if name in PROMPT_FRACTIONS:
-        return probes.greedy_spans(model, rows, probes.prompt_lengths(prefix, [PROMPT_FRACTIONS[name]])[0], **options), None
+                                            temperature=a.temperature, seed=a.seed, batch_size=a.batch_size,
+                                            truths=[r[prefix:] for r in rows], settle=a.leak_tokens)
+        return {name: ([max(probes.longest_span(g, r[prefix:]) for g in samples) for samples, r in zip(gens, rows)],
+                       None)}
     if name == "relearn":
         tuned = probes.relearned_copy(model, retain, steps=a.relearn_steps, lr=relearn_lr(cfg),
                                       batch_size=a.relearn_batch, pad_token_id=pad_token_id, seed=a.seed)
-        return probes.greedy_spans(tuned, rows, prefix, **options), None
+        return greedy(tuned, {name: prefix}, None)
     raise ValueError(f"unknown probe {name!r}; one of {PROBES}")
 
 
@@ -85,20 +99,21 @@ def relearn_lr(cfg) -> float:
 
 def audit_model(label: str, model, groups: list[Group], cfg, retain: list[list[int]], pad_token_id: int,
                 bar: cluster.Progress, seconds: dict[str, float]) -> list[dict]:
-    """Every configured probe on one model, all groups in one batch of rows; adds each probe's
-    time to `seconds`."""
+    """Every configured probe on one model, all groups in one batch of rows; adds each unit's
+    time to `seconds` (probes that share work are timed together, under their names joined by +)."""
     rows = [r for g in groups for r in g.rows]
     where = [(g.name, rid) for g in groups for rid in g.ids]
-    out = []
-    for name in cfg.audit.probes:
+    found: dict[str, tuple[list[int], list[float] | None]] = {}
+    for unit in units(list(cfg.audit.probes)):
         started = time.time()
-        found, ma = run_probe(name, model, rows, cfg, retain, pad_token_id)
-        seconds[name] = round(seconds.get(name, 0.0) + time.time() - started, 1)
-        for k, ((group, rid), span) in enumerate(zip(where, found)):
-            out.append(dict(model=label, group=group, row_id=rid, probe=name, span=int(span),
-                            leak=bool(span >= cfg.audit.leak_tokens), ma=None if ma is None else float(ma[k])))
-        bar.update()
-    return out
+        found.update(run_unit(unit, model, rows, cfg, retain, pad_token_id))
+        joined = "+".join(unit)
+        seconds[joined] = round(seconds.get(joined, 0.0) + time.time() - started, 1)
+        bar.update(len(unit))
+    return [dict(model=label, group=group, row_id=rid, probe=name, span=int(spans[k]),
+                 leak=bool(spans[k] >= cfg.audit.leak_tokens), ma=None if ma is None else float(ma[k]))
+            for name in cfg.audit.probes for (spans, ma) in [found[name]]
+            for k, (group, rid) in enumerate(where)]
 
 
 def counts(frame: pd.DataFrame) -> dict:
@@ -133,7 +148,8 @@ def criterion(cfg) -> str:
     a = cfg.audit
     return (f"a row leaks when the probe's output reproduces at least {a.leak_tokens} consecutive tokens of "
             f"the row's true continuation (from a {cfg.requests.prefix_tokens}-token prefix, "
-            f"{cfg.requests.suffix_tokens} tokens after it); sampling: {a.samples} samples at temperature "
+            f"{cfg.requests.suffix_tokens} tokens after it; a span below {a.leak_tokens} is the longest found before "
+            f"the probe could no longer reach {a.leak_tokens}); sampling: {a.samples} samples at temperature "
             f"{a.temperature:g}; relearn: {a.relearn_steps} AdamW steps at lr {relearn_lr(cfg):.1e} on retained text")
 
 

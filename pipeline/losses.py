@@ -57,6 +57,7 @@ class LossWeights:
     simnpo_beta: float = 4.5
     simnpo_gamma: float = 0.0  # simnpo: the margin subtracted inside the sigmoid
     margin: float = 1.0  # icu_band: logits by which a pushed token must trail the best other token
+    general_lw: float | None = None  # icu, icu_band: NLL weight of the general retain rows (None = lw)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class LossInputs:
     forget_push: Tensor | None = None  # [B, T-1] icu_band: 1 = push the prediction of ids[:, t+1]
     forget_low: Tensor | None = None  # [B] icu_band: the token-mean NLL a pushed row is raised to
     forget_high: Tensor | None = None  # [B] icu_band: the token-mean NLL a row is pulled back to
+    retain_general: Tensor | None = None  # [R] bool: general retain rows (not a request's neighbour)
 
 
 def _upcast(logits: Tensor) -> Tensor:
@@ -241,10 +243,17 @@ def _icu_band(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
 
 
 def _neighbour_terms(loss: Tensor, parts: Parts, x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
-    """ICU's retain side: lw * NLL(neighbours) + kl * KL(p_ref || p_theta on neighbours)."""
-    if w.lw > 0:
-        parts["neighbour_nll"] = _retain_nll(x)
-        loss = loss + w.lw * parts["neighbour_nll"]
+    """ICU's retain side: lw * NLL(neighbours) + kl * KL(p_ref || p_theta on neighbours); general
+    rows (`retain_general`) weigh `general_lw` instead of lw in the NLL mean."""
+    general = w.lw if w.general_lw is None else w.general_lw
+    if w.lw > 0 or general > 0:
+        per_row = token_nll(x.retain_logits, x.retain_ids, x.retain_mask)
+        active = _predicted(x.retain_mask).any(1)
+        weight = torch.full_like(per_row, w.lw)
+        if x.retain_general is not None:
+            weight = torch.where(x.retain_general, general, weight)
+        parts["neighbour_nll"] = _row_mean(per_row.detach(), active)
+        loss = loss + _row_mean(weight * per_row, active)
     if w.kl > 0:
         parts["kl"] = _mean_kl(x.retain_logits, x.ref_retain_logits, x.retain_mask)
         loss = loss + w.kl * parts["kl"]
@@ -303,9 +312,13 @@ class Method:
     band: bool = False
 
 
+def _holds_neighbours(w: LossWeights) -> bool:
+    return w.lw > 0 or w.kl > 0 or bool(w.general_lw)
+
+
 METHODS: dict[str, Method] = {
-    "icu": Method(_icu, retain=lambda w: w.lw > 0 or w.kl > 0, reference=lambda w: "retain" if w.kl > 0 else None),
-    "icu_band": Method(_icu_band, retain=lambda w: w.lw > 0 or w.kl > 0,
+    "icu": Method(_icu, retain=_holds_neighbours, reference=lambda w: "retain" if w.kl > 0 else None),
+    "icu_band": Method(_icu_band, retain=_holds_neighbours,
                        reference=lambda w: "retain" if w.kl > 0 else None, band=True),
     "ga": Method(_ga, retain=lambda w: False, reference=lambda w: None),
     "gd": Method(_gd, retain=lambda w: w.retain_weight > 0, reference=lambda w: None),
@@ -345,13 +358,14 @@ def unlearning_loss(
     forget_push: Tensor | None = None,
     forget_low: Tensor | None = None,
     forget_high: Tensor | None = None,
+    retain_general: Tensor | None = None,
     weights: LossWeights = LossWeights(),
 ) -> tuple[Tensor, dict[str, float]]:
     """The scalar training loss of method `name` and its detached parts (plus "loss") for logging."""
     m = method(name)
     x = LossInputs(forget_logits, forget_ids, forget_mask, retain_logits, retain_ids, retain_mask,
                    ref_retain_logits, ref_forget_logits, forget_push, forget_low,
-                   forget_high)
+                   forget_high, retain_general)
     _check_inputs(m, x, weights)
     loss, parts = m.loss(x, weights)
     return loss, {"loss": loss.item(), **{key: value.item() for key, value in parts.items()}}

@@ -54,38 +54,45 @@ TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
 # -- reading and chunking the pool -----------------------------------------------------
-def read_pool(paths: list[str], text_column: str) -> Iterator[tuple[str, str]]:
-    """(source key, text) for every usable row of every retain source, in order.
+def read_pool(paths: list[str], text_column: str) -> list[Iterator[tuple[str, str]]]:
+    """Per retain source, a lazy stream of (row key, text) for every usable row, in order.
 
     A source is a jsonl/json/csv/parquet file, a saved `datasets` folder, or a folder of
     text files (one document per file). Unusable rows (malformed, undecodable, empty)
-    are counted in the stats by `chunk_pool`, never silently lost.
+    are counted in the stats by `chunk_pool`, never silently lost. Row keys start with the
+    source's name (`source_of`).
     """
-    names = _source_names(paths)
-    for path, name in zip(paths, names):
-        p = Path(path)
-        if p.is_dir() and not (p / "state.json").exists() and not (p / "dataset_dict.json").exists():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
-            if not files:
-                raise UserError(f"retain.paths: {p} holds no dataset and no {'/'.join(TEXT_SUFFIXES)} files; "
-                                "fix: point it at a data file, a saved dataset or a folder of text files")
-            for f in files:
-                yield f"{name}/{f.relative_to(p)}", f.read_text(encoding="utf-8", errors="replace")
-            continue
-        cfg = RequestsConfig(path=str(p), text_column=text_column, max_tokens=None)
-        try:
-            for row in read_rows(cfg):
-                text = row.text if row.problem is None and isinstance(row.text, str) else None
-                yield f"{name}:{row.row}", text
-        except UserError as exc:  # the reader speaks of requests.*; here the file is a retain source
-            raise UserError(str(exc).replace("requests.path", "retain.paths").replace("requests.", "retain.")) \
-                from None
+    return [_read_source(Path(path), name, text_column) for path, name in zip(paths, source_names(paths))]
 
 
-def _source_names(paths: list[str]) -> list[str]:
+def _read_source(p: Path, name: str, text_column: str) -> Iterator[tuple[str, str]]:
+    if p.is_dir() and not (p / "state.json").exists() and not (p / "dataset_dict.json").exists():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise UserError(f"retain.paths: {p} holds no dataset and no {'/'.join(TEXT_SUFFIXES)} files; "
+                            "fix: point it at a data file, a saved dataset or a folder of text files")
+        for f in files:
+            yield f"{name}/{f.relative_to(p)}", f.read_text(encoding="utf-8", errors="replace")
+        return
+    cfg = RequestsConfig(path=str(p), text_column=text_column, max_tokens=None)
+    try:
+        for row in read_rows(cfg):
+            text = row.text if row.problem is None and isinstance(row.text, str) else None
+            yield f"{name}:{row.row}", text
+    except UserError as exc:  # the reader speaks of requests.*; here the file is a retain source
+        raise UserError(str(exc).replace("requests.path", "retain.paths").replace("requests.", "retain.")) \
+            from None
+
+
+def source_names(paths: list[str]) -> list[str]:
     """Short, unique, stable names for the sources (file stems, numbered on collision)."""
     stems = [Path(p).stem for p in paths]
     return [s if stems.count(s) == 1 else f"{s}#{i}" for i, s in enumerate(stems)]
+
+
+def source_of(item_id: str, names: list[str]) -> str:
+    """The source a pool item came from: its id is "<source>:<row>:<chunk>" or "<source>/<file>:<chunk>"."""
+    return max((n for n in names if item_id.startswith((f"{n}:", f"{n}/"))), key=len)
 
 
 def chunk_pool(cfg: Config, tokenizer, out: Path, chunk_tokens: int, shard_rows: int) -> dict[str, Any]:
@@ -103,10 +110,25 @@ def chunk_pool(cfg: Config, tokenizer, out: Path, chunk_tokens: int, shard_rows:
 
 
 def _chunks(cfg: Config, tokenizer, chunk_tokens: int, counts: dict) -> Iterator[dict]:
-    rows = tqdm(read_pool(cfg.retain.paths, cfg.retain.text_column), desc="retain pool", unit=" rows",
-                disable=None)
+    """The sources' chunks taken in turn, one from each source while it has any, so that
+    `retain.max_items` cuts every source alike instead of leaving the last ones out."""
+    bar = tqdm(desc="retain pool", unit=" rows", disable=None)
+    streams = [_source_chunks(rows, tokenizer, chunk_tokens, counts, bar)
+               for rows in read_pool(cfg.retain.paths, cfg.retain.text_column)]
+    while streams:
+        for stream in list(streams):
+            item = next(stream, None)
+            if item is None:
+                streams.remove(stream)
+            else:
+                yield item
+    bar.close()
+
+
+def _source_chunks(rows: Iterator[tuple[str, str]], tokenizer, chunk_tokens: int, counts: dict, bar) -> Iterator[dict]:
     for key, text in rows:
         counts["rows"] += 1
+        bar.update()
         if text is None:
             counts["unusable_rows"] += 1
             continue
@@ -331,8 +353,10 @@ def find_request_neighbours(cfg: Config, store: RunStore, counts: dict[str, Any]
                                    n_shards=r.index_shards, use_ray=cluster.use_ray(cfg))
     with atomic_path(store.artefact("neighbours")) as tmp:
         table.to_parquet(tmp, index=False)
+    names = source_names(cfg.retain.paths)
     general = [pool_ids[i] for i in general_rows(
         request_vecs, requests["id"].tolist(), requests["text"].tolist(), vectors, pool_ids, pool_texts,
+        [source_of(str(pid), names) for pid in pool_ids],
         r.general_per_source, exclude=table[table["rank"] < r.pairs_per_request]["neighbour_id"].unique(),
         leak_threshold=r.leak_threshold, ngram_threshold=r.ngram_threshold,
         held_out=suites.held_out_texts(cfg, modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code))

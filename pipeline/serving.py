@@ -53,9 +53,10 @@ class Expected:
 
 @torch.no_grad()
 def expected(model, rows: list[tuple[str, str, list[int]]], prefix: int, batch_size: int,
-             pad_token_id: int) -> list[Expected]:
-    """The greedy continuations the audit generates (`metrics.greedy_continuations`, batched as there)
-    and each chosen token's logprob from one unpadded forward over prompt + continuation."""
+             pad_token_id: int, settle: int) -> list[Expected]:
+    """The greedy continuations the audit's probe stands for, whole (`metrics.greedy_continuations`:
+    generate(), not the audit's own decoder), each chosen token's logprob from one unpadded forward
+    over prompt + continuation, and the span the audit records (`probes.settled` at `settle`)."""
     prompts = [r[:prefix] for _, _, r in rows]
     gens = metrics.greedy_continuations(model, prompts, [len(r) - prefix for _, _, r in rows],
                                         batch_size=batch_size, pad_token_id=pad_token_id)
@@ -64,7 +65,9 @@ def expected(model, rows: list[tuple[str, str, list[int]]], prefix: int, batch_s
         ids = torch.tensor([prompt + list(gen)], device=model.device)
         logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].double(), dim=-1)
         chosen = logp.gather(1, ids[0, len(prompt):, None]).squeeze(1).tolist()
-        out.append(Expected(group, rid, prompt, list(gen), chosen, probes.longest_span(gen, row[prefix:])))
+        truth = row[prefix:]
+        out.append(Expected(group, rid, prompt, list(gen), chosen,
+                            probes.longest_span(probes.settled(gen, truth, settle), truth)))
     return out
 
 
@@ -159,7 +162,7 @@ def check(run_dir: Path, python: str) -> pd.DataFrame:
     tok = modeling.load_tokenizer(folder)
     model = modeling.load_model(folder, "float32").eval()
     want = expected(model, rows_of(cfg, store, tok), cfg.requests.prefix_tokens, cfg.audit.batch_size,
-                    tok.pad_token_id)
+                    tok.pad_token_id, cfg.audit.leak_tokens)
     del model
     started = time.time()
     logs = store.artefact("logs")

@@ -342,7 +342,8 @@ class Worker:
             served = quantize.served_copy(model, precision)
             found = self._sharded(rows, lambda part: probes.greedy_spans(served, part, r.prefix_tokens,
                                                                  batch_size=self.cfg.evaluation.batch_size,
-                                                                 pad_token_id=self.tok.pad_token_id))
+                                                                 pad_token_id=self.tok.pad_token_id,
+                                                                 settle=self.cfg.audit.leak_tokens))
             del served
             for i, span in enumerate(found):
                 if span >= self.cfg.audit.leak_tokens:
@@ -391,7 +392,8 @@ class Worker:
         logits = self.engine(input_ids=ids, attention_mask=attend).logits
         kwargs = dict(forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n], weights=self.weights)
         if use_retain:
-            kwargs.update(retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:])
+            kwargs.update(retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:],
+                          retain_general=torch.arange(len(retain), device=self.device) >= len(batch))
         if self.method.band:  # an empty row's band is never read (the row is inactive)
             rows = [p.pair_request[k] if k is not None else None for k in batch]
             push, low, high = self.band

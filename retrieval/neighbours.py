@@ -102,7 +102,8 @@ def find_neighbours(request_vecs: np.ndarray, request_ids: Sequence, pool_vecs: 
 
 
 def general_rows(request_vecs: np.ndarray, request_ids: Sequence, request_texts: Sequence[str], pool_vecs: np.ndarray,
-                 pool_ids: Sequence, pool_texts: Sequence[str], per_source: int, exclude: Sequence, seed: int = 0,
+                 pool_ids: Sequence, pool_texts: Sequence[str], pool_sources: Sequence[str], per_source: int,
+                 exclude: Sequence, seed: int = 0,
                  leak_threshold: float = LEAK_THRESHOLD, ngram_n: int = NGRAM_N,
                  ngram_threshold: float = NGRAM_THRESHOLD, held_out: Sequence[str] = ()) -> list[int]:
     """Pool rows kept as general retain text: up to `per_source` per source, drawn at random (seeded)
@@ -110,7 +111,8 @@ def general_rows(request_vecs: np.ndarray, request_ids: Sequence, request_texts:
     share no more than `ngram_threshold` of their word n-grams with any `held_out` text (what the
     evaluation measures: training on it would flatter the utility numbers).
 
-    A pool id is "<source>:<chunk>"; the quota per source keeps one large corpus from filling the set.
+    `pool_sources` names each pool row's source (its retain file); the quota per source keeps one
+    large corpus from filling the set.
     """
     if per_source <= 0:
         return []
@@ -119,9 +121,9 @@ def general_rows(request_vecs: np.ndarray, request_ids: Sequence, request_texts:
     evaluated = ShingleTable(list(held_out), ngram_n) if held_out else None
     excluded = set(exclude)
     by_source: dict[str, list[int]] = {}
-    for row, pid in enumerate(pool_ids):
+    for row, (pid, source) in enumerate(zip(pool_ids, pool_sources, strict=True)):
         if pid not in excluded:
-            by_source.setdefault(str(pid).rsplit(":", 1)[0], []).append(row)
+            by_source.setdefault(source, []).append(row)
     chosen: list[int] = []
     rng = np.random.default_rng(seed)
     for source in sorted(by_source):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -286,6 +287,25 @@ def test_methods_match_naive(name: str, weights: LossWeights):
     assert_close_with_grads(loss, naive_method(name, weights, x), [x["forget_logits"], x["retain_logits"]])
     assert parts["loss"] == pytest.approx(loss.item())
     assert all(isinstance(v, float) for v in parts.values())
+
+
+@pytest.mark.parametrize("general_lw", [0.0, 0.9, None])
+@pytest.mark.parametrize("name", ["icu", "icu_band"])
+def test_general_rows_weigh_general_lw_in_the_retain_nll(name: str, general_lw):
+    """Neighbour rows weigh lw and general rows general_lw (None: lw) in the mean over active retain
+    rows; the KL holds every retain row alike."""
+    x = method_inputs()
+    general = torch.tensor([False, False, True, True, True])  # row 3 is empty: it counts for nothing
+    w = dataclasses.replace(WEIGHTS, general_lw=general_lw)
+    loss, parts = unlearning_loss(name, **x, retain_general=general, weights=w)
+    terms = naive_token_terms(x["retain_logits"], x["retain_ids"], x["retain_mask"])
+    weight = [(w.lw if general_lw is None else general_lw) if g else w.lw for g in general.tolist()]
+    retain = batch_mean([k * sum(r) / len(r) for k, r in zip(weight, terms) if r])
+    want = naive_method(name, w, x) - w.lw * naive_mean_nll(x["retain_logits"], x["retain_ids"], x["retain_mask"]) \
+        + retain
+    assert_close_with_grads(loss, want, [x["forget_logits"], x["retain_logits"]])
+    assert parts["neighbour_nll"] == pytest.approx(float(naive_mean_nll(x["retain_logits"], x["retain_ids"],
+                                                                        x["retain_mask"])), rel=1e-5)
 
 
 # The implementation before the loss was chunked: plain autograd through whole [B, T, V] tensors.

@@ -81,13 +81,57 @@ def test_longest_span_matches_brute_force():
         assert probes.longest_span(gen, truth) == want
 
 
+def _greedy_slowly(model, row, cut):
+    """No KV cache, one row at a time: argmax of the whole sequence re-run for every token."""
+    seq = list(row[:cut])
+    with torch.no_grad():
+        while len(seq) < len(row):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[cut:]
+
+
+def test_greedy_continuations_match_one_row_at_a_time_without_cache(tiny_llama_dir):
+    """Rows the model reproduces whole (no decoding), from some point on, or not at all; ragged
+    lengths in one batch; several cuts from one teacher-forced pass; MA as metrics computes it."""
+    model = modeling.load_model(tiny_llama_dir).eval()
+    rng = random.Random(1)
+    own = [_greedy_slowly(model, [5 + k, 9, 11 + k] + [0] * 13, 3) for k in range(3)]
+    rows = [[5 + k, 9, 11 + k] + own[k] for k in range(3)]  # memorized from the third token on
+    rows += [r[:9] + [(r[9] + 1) % 50 + 3] + r[10:] for r in rows[:2]]  # wrong at one position
+    rows += [[rng.randrange(3, 200) for _ in range(rng.randrange(10, 17))] for _ in range(4)]
+    cuts = [2, 3, 6]
+    gens, ma = probes.greedy_continuations(model, rows, cuts, batch_size=4, pad_token_id=0)
+    assert gens == {c: [_greedy_slowly(model, r, c) for r in rows] for c in cuts}
+    assert gens[3][:3] == [r[3:] for r in rows[:3]]
+    want = torch.cat([metrics.memorization_accuracy(model, *metrics.pad_rows([r], 0)) for r in rows]).tolist()
+    assert ma == pytest.approx(want, abs=1e-12)
+    assert probes.greedy_spans(model, rows, 3, batch_size=3, pad_token_id=0) == [
+        probes.longest_span(g, r[3:]) for g, r in zip(gens[3], rows)]
+    settled, _ = probes.greedy_continuations(model, rows, cuts, batch_size=4, pad_token_id=0, settle=5)
+    _same_verdicts(settled, gens, rows, 5)
+
+
+def _same_verdicts(settled: dict, full: dict, rows, settle: int) -> None:
+    """Settled continuations are prefixes of the full ones, with the same verdict at `settle` and
+    the exact span wherever it reaches `settle`; at least one was cut short."""
+    shorter = 0
+    for cut in full:
+        for got, whole, row in zip(settled[cut], full[cut], rows):
+            assert got == probes.settled(whole, row[cut:], settle)  # a prefix, cut where the rule says
+            span, exact = probes.longest_span(got, row[cut:]), probes.longest_span(whole, row[cut:])
+            assert (span >= settle) == (exact >= settle) and (span == exact or exact < settle)
+            shorter += len(got) < len(whole)
+    assert shorter
+
+
 def _sample_slowly(model, prompt, length, sample, seed, key, temperature):
     """No KV cache, one prompt at a time: the whole sequence re-run for every token."""
     seq = list(prompt)
     with torch.no_grad():
         for step in range(length):
             logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
-            seq.append(probes._pick(logits, temperature, seed, key, sample, step))
+            u = probes.uniforms(seed, [(key, sample, step)])
+            seq.append(int(probes.pick(logits[None], temperature, u)))
     return seq[len(prompt):]
 
 
@@ -100,16 +144,34 @@ def test_sampling_matches_one_prompt_at_a_time_without_cache(tiny_llama_dir):
     # a row's samples do not depend on the batch it shared, and differ between samples
     assert probes.sampled_continuations(model, prompts, 6, 3, seed=3, temperature=0.7, batch_size=16) == got
     assert len({tuple(s) for s in got[0]}) > 1
+    # nearly greedy: samples share their histories (one model row each) until they part
+    cold = probes.sampled_continuations(model, prompts[:2] + prompts[:1], 6, 3, seed=1, temperature=1e-3,
+                                        keys=[0, 1, 7], batch_size=9)
+    assert cold == [[_sample_slowly(model, p, 6, s, 1, k, 1e-3) for s in range(3)]
+                    for k, p in zip([0, 1, 7], prompts[:2] + prompts[:1])]
+    assert len({tuple(s) for group in cold for s in group}) < 9
+    # settled samples: what leaks at 3 tokens (here: the model's own likely continuations) is exact
+    truths = [group[0] for group in got]
+    settled = probes.sampled_continuations(model, prompts, 6, 3, seed=3, temperature=0.7, batch_size=5,
+                                           truths=truths, settle=3)
+    flat = lambda groups: {0: [s for group in groups for s in group]}  # noqa: E731
+    _same_verdicts(flat(settled), flat(got), [t for t in truths for _ in range(3)], 3)
 
 
 def test_sampling_draws_from_the_softmax():
-    """Gumbel-max picks each token with its softmax probability (chi-square-free check: 3 sigma)."""
-    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
-    draws = [probes._pick(logits, 1.0, 0, 0, s, 0) for s in range(4000)]
-    p = torch.softmax(logits, 0)
+    """Each token with its softmax probability (3 sigma), and each draw the first token whose
+    cumulative probability exceeds its uniform (a Python loop)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    u = probes.uniforms(0, [(0, s, 0) for s in range(4000)])
+    draws = probes.pick(logits, 1.0, u).tolist()
+    p = torch.softmax(logits[0].double(), 0).tolist()
     for tok in range(4):
         share = draws.count(tok) / len(draws)
-        assert abs(share - float(p[tok])) < 3 * math.sqrt(float(p[tok] * (1 - p[tok])) / len(draws))
+        assert abs(share - p[tok]) < 3 * math.sqrt(p[tok] * (1 - p[tok]) / len(draws))
+    cumulative = [sum(p[:k + 1]) for k in range(4)]
+    assert draws == [next(k for k, c in enumerate(cumulative) if c > x or k == 3) for x in u.tolist()]
+    cold = probes.pick(logits[:1] * 4, 0.25, torch.tensor([0.999]))  # temperature divides the logits
+    assert int(cold) == int(probes.pick(logits[:1] * 16, 1.0, torch.tensor([0.999])))
 
 
 def test_relearning_fits_the_rows_and_leaves_the_model(tiny_llama_dir):

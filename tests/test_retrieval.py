@@ -111,23 +111,25 @@ def test_general_rows_fill_a_quota_per_source_past_the_leak_guard():
     rng = np.random.default_rng(0)
     requests = ["alice smith born 1970 lives at 12 high street and her phone is 555 0101"]
     request_vecs = rng.normal(size=(1, 8)).astype(np.float32)
-    pool_ids = [f"a:{i}" for i in range(10)] + [f"b:{i}" for i in range(4)]
+    pool_ids = [f"a:{i}:0" for i in range(10)] + [f"b:{i // 2}:{i % 2}" for i in range(4)]  # <source>:<row>:<chunk>
+    sources = [p.split(":")[0] for p in pool_ids]
     texts = [f"general text number {i} about weather and rivers and hills" for i in range(14)]
-    texts[11] = requests[0]  # b:1 is an exact copy of the request
+    texts[11] = requests[0]  # b:0:1 is an exact copy of the request
     vecs = rng.normal(size=(14, 8)).astype(np.float32)
-    vecs[12] = request_vecs[0]  # b:2 embeds exactly like it
-    chosen = general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, per_source=3, exclude=["a:0", "b:0"])
+    vecs[12] = request_vecs[0]  # b:1:0 embeds exactly like it
+    chosen = general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, sources, per_source=3,
+                          exclude=["a:0:0", "b:0:0"])
     picked = [pool_ids[i] for i in chosen]
     assert len([p for p in picked if p.startswith("a:")]) == 3
-    assert [p for p in picked if p.startswith("b:")] == ["b:3"]  # b:0 a neighbour, b:1 and b:2 leak
-    assert "a:0" not in picked and len(set(picked)) == len(picked)
-    assert chosen == general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, per_source=3,
-                                  exclude=["a:0", "b:0"])
-    assert general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, per_source=0, exclude=[]) == []
+    assert [p for p in picked if p.startswith("b:")] == ["b:1:1"]  # b:0:0 a neighbour, b:0:1 and b:1:0 leak
+    assert "a:0:0" not in picked and len(set(picked)) == len(picked)
+    assert chosen == general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, sources, per_source=3,
+                                  exclude=["a:0:0", "b:0:0"])
+    assert general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, sources, per_source=0, exclude=[]) == []
     evaluated = [texts[4] + " and more words after it"]  # a:4 lies inside a text the evaluation measures
-    held = general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, per_source=10, exclude=[],
+    held = general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, sources, per_source=10, exclude=[],
                         held_out=evaluated)
-    assert 4 not in held and len(held) == 9 + 2  # the other 9 a items; b:0 (no neighbour now) and b:3
+    assert 4 not in held and len(held) == 9 + 2  # the other 9 a items; b:0:0 (no neighbour now) and b:1:1
 
 
 def test_short_requests_get_a_reason():

@@ -84,6 +84,25 @@ def test_stage_output_and_leak_guard(inputs, tmp_path):
     assert counts["rows"] == 126 and counts["unusable_rows"] == 0 and counts["shards"] == -(-counts["items"] // 64)
 
 
+def test_every_source_in_the_pool_and_in_the_general_rows(inputs, tmp_path, shared_data):
+    """retain.max_items takes the sources in turn (the second file is not crowded out by the first),
+    and general_per_source is a quota per retain file, whatever its rows and chunks are called."""
+    rows = pd.read_csv(shared_data / "icu_benchmark/forget_sets/exp1/lm_extraction_128_1.csv")["text"].tolist()
+    for name, part in (("first", rows[:60]), ("second", rows[60:120])):  # text no evaluation suite reads
+        pd.DataFrame({"text": part}).to_json(tmp_path / f"{name}.jsonl", orient="records", lines=True)
+    text = (CONFIG.format(requests=inputs / "requests.jsonl", retain=tmp_path / "first.jsonl", max_items=40,
+                          shard_rows=64, data=REPO.parent / "shared" / "data", runs=tmp_path / "runs", name="mixed")
+            .replace(f"[{tmp_path / 'first.jsonl'}]", f"[{tmp_path / 'first.jsonl'}, {tmp_path / 'second.jsonl'}]")
+            .replace("k: 5}", "k: 5, general_per_source: 3}"))
+    out = _run(write_config(tmp_path, text, "mixed.yaml"))
+    pool = pd.concat(pd.read_parquet(f) for f in sorted((out / "pool").glob("items-*.parquet")))
+    assert len(pool) == 40 and pool["id"].str.startswith("first:").sum() == 20
+    general = pd.read_parquet(out / "general_items.parquet")["id"]
+    assert sorted(general.str.split(":").str[0].value_counts().tolist()) == [3, 3]
+    assert retrieve.source_of("first:12:3", ["first", "first:12"]) == "first:12"  # the longest name that fits
+    assert retrieve.source_of("docs/a/b.txt:0", ["docs", "docs#1"]) == "docs"
+
+
 def test_ray_data_embeddings_equal_in_process(inputs, tmp_path):
     ray = pytest.importorskip("ray")
     out = _run(_config(inputs, tmp_path, "local", max_items=160, shard_rows=32))  # in-process embedding
