@@ -160,9 +160,10 @@ def groups_of(cfg, store: RunStore, tok) -> list[Group]:
     length = r.prefix_tokens + r.suffix_tokens
     accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids"])
     out = [Group("erased", accepted["id"].tolist(), [list(map(int, x))[:length] for x in accepted["input_ids"]])]
-    if cfg.evaluation.keep_path:
-        kept = suites.unseen_rows(cfg.evaluation.keep_path, tok, cfg.max_tokens, length, None)
-        out.append(Group("kept", [f"kept-{i}" for i in range(len(kept))], [x[:length] for x in kept]))
+    if cfg.evaluation.keep_path:  # ids as the evaluation's keep task names them; too short to probe: left out
+        kept = [(f"keep:{i}", ids[:length]) for i, text in enumerate(suites.read_texts(cfg.evaluation.keep_path))
+                if len(ids := tok(text, add_special_tokens=False)["input_ids"]) >= length]
+        out.append(Group("kept", [rid for rid, _ in kept], [row for _, row in kept]))
     unseen = suites.threshold_rows(cfg, tok)
     out.append(Group("unseen", [f"unseen-{i}" for i in range(len(unseen))], [x[:length] for x in unseen]))
     return [g for g in out if g.rows]

@@ -221,6 +221,9 @@ def test_the_audit_finds_in_the_original_what_the_hand_off_no_longer_gives(refer
     assert all(leaks["unlearned", "erased", p] == 0 for p in PROBES if p != "relearn"), leaks
     assert leaks["unlearned", "kept", "greedy"] >= 3  # kept MA ~91 %: a 12-byte run breaks at one wrong byte
     assert not rows[rows["group"] == "unseen"]["leak"].any()
+    evaluated = pd.read_parquet(reference["root"] / "eval" / "per_sample.parquet")
+    kept = set(evaluated.loc[evaluated["task"] == "keep", "sample_id"])
+    assert set(rows.loc[rows["group"] == "kept", "row_id"]) == kept  # one name per kept row, both stages
     receipt = json.loads((reference["root"] / "model" / "receipt.json").read_text())["requests"]
     assert all(isinstance(r["robust"], bool) and r["audit_greedy"] is not None for r in receipt)
 
