@@ -172,6 +172,10 @@ class UnlearningConfig:
     # every check) was erased too deep: it stands out as less familiar than nearly every stranger,
     # and does not count as forgotten. null = one-sided (the paper's rule).
     stranger_quantile: float | None = 0.9
+    # When a request trained since the last check went from remembered to erased too deep (or
+    # back), the steps are longer than the band is wide: every later step's lr is multiplied by
+    # this. 1 = never. Only a two-sided rule (stranger_quantile) has a band to jump.
+    lr_backoff: float = 0.5
     margin: float = 1.0  # icu_band: the logit margin a request's tokens are pushed off the top by
     general_batch: int = 0  # general retain rows (retrieval.general_per_source) added to each step
     general_lw: float | None = None  # icu, icu_band: NLL weight of those rows (null = lw; the KL holds them too)
@@ -201,6 +205,8 @@ class UnlearningConfig:
         _one_of("unlearning.stop", self.stop, ("each", "set"))
         if self.stranger_quantile is not None:
             _in_range("unlearning.stranger_quantile", self.stranger_quantile, 0.0, 1.0)
+        if not 0 < self.lr_backoff <= 1:
+            raise UserError(f"unlearning.lr_backoff: must be in (0, 1] (1 = never back off), got {self.lr_backoff}")
         if self.general_batch < 0:
             raise UserError(f"unlearning.general_batch: must be >= 0, got {self.general_batch}")
         for key in ("lr", "batch_size", "max_epochs", "num_beams", "keep_checkpoints", "grad_clip"):

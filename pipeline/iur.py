@@ -21,6 +21,7 @@ loop shards requests and gathers the results.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -103,32 +104,55 @@ def with_leaks(records: list[dict], leaks: dict[int, list[str]]) -> list[dict]:
             for i, rec in enumerate(records)]
 
 
-def shared_bigrams(rows: list[list[int]], hits: list[list[bool]], share: float = 0.5) -> set[tuple[int, int]]:
-    """(token, next token) pairs the model predicts for strangers: greedy-correct in at least `share`
-    of their occurrences in the unseen rows. Such a token ("E-mail" after ". ", the template of a
-    record) is something a stranger's record gets right too, so erasing a person leaves it alone."""
+def bigram_share(rows: list[list[int]], hits: list[list[bool]]) -> dict[tuple[int, int], float]:
+    """For each (token, next token) pair in the unseen rows, the share of its occurrences the model
+    predicts greedily. A pair strangers mostly get right ("E-mail" after ". ", the template of a
+    record) is something a stranger's record reproduces too, so erasing a person leaves it alone."""
     seen: dict[tuple[int, int], list[int]] = {}
     for row, row_hits in zip(rows, hits):
         for t, hit in enumerate(row_hits):
             count = seen.setdefault((row[t], row[t + 1]), [0, 0])
             count[0] += hit
             count[1] += 1
-    return {pair for pair, (hit, total) in seen.items() if hit >= share * total}
+    return {pair: hit / total for pair, (hit, total) in seen.items()}
 
 
-def band_targets(records: list[dict], rows: list[list[int]], shared: set[tuple[int, int]],
-                 unseen_nll: list[float]) -> tuple[list[list[float]], list[float], list[float]]:
+def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[bool]],
+                 share: dict[tuple[int, int], float], unseen_nll: list[float], ma_threshold: float,
+                 shared_at: float = 0.5) -> tuple[list[list[float]], list[float], list[float]]:
     """icu_band's per-request (push mask over positions, low, high) for the next epoch.
 
-    A remembered request is pushed at every position whose bigram is not `shared` (what is
-    specific to the person), towards the strangers' median NLL (`low`), never pulled back
-    (high = inf). One erased too deep is not pushed and is pulled back to the strangers' edge.
+    A remembered request is pushed at every position whose bigram strangers do not mostly get
+    right (share < `shared_at`: what is specific to the person), towards the strangers' median NLL
+    (`low`), never pulled back (high = inf). One whose personal tokens are all off the top already
+    (`hits`: its greedy hits now) but whose MA is still above the threshold has more template than
+    a stranger's record; pushing it deeper would not lower its MA, so its template hits are pushed
+    too, least shared first and only as many as the threshold needs. One erased too deep is not
+    pushed and is pulled back to the strangers' edge.
     """
     low = float(np.median(unseen_nll))
     push, lows, high = [], [], []
-    for rec, row in zip(records, rows):
+    for rec, row, row_hits in zip(records, rows, hits):
         remembered = not rec["forgotten"] and not rec["too_deep"]
-        push.append([float(remembered and (row[t], row[t + 1]) not in shared) for t in range(len(row) - 1)])
+        pairs = [(row[t], row[t + 1]) for t in range(len(row) - 1)]
+        mask = [float(remembered and share.get(pair, 0.0) < shared_at) for pair in pairs]
+        if remembered and not any(h and m for h, m in zip(row_hits, mask)):
+            excess = sum(row_hits) - math.floor(ma_threshold * len(pairs) + 1e-9)
+            template = sorted((share[pair], t) for t, (pair, h) in enumerate(zip(pairs, row_hits)) if h)
+            for _, t in template[:max(excess, 0)]:
+                mask[t] = 1.0
+        push.append(mask)
         lows.append(low)
         high.append(float("inf") if remembered or rec["band_high"] is None else rec["band_high"])
     return push, lows, high
+
+
+def standing(record: dict) -> str:
+    return "too_deep" if record["too_deep"] else "forgotten" if record["forgotten"] else "remembered"
+
+
+def jumped_band(before: list[dict], after: list[dict], trained: set[int]) -> list[int]:
+    """Rows trained since the last check that went from remembered to too deep, or back: the steps
+    in between were longer than the band is wide (`unlearning.lr_backoff` then shortens them)."""
+    return [i for i in sorted(trained)
+            if {standing(before[i]), standing(after[i])} == {"remembered", "too_deep"}]

@@ -291,31 +291,28 @@ def _dummy_forwards(model: PreTrainedModel, count: int, pad_token_id: int) -> No
 # --- perplexity -----------------------------------------------------------------------------
 
 @torch.no_grad()
-@torch.no_grad()
-def greedy_hits(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch_size: int = 8,
-                pad_token_id: int = 0) -> list[list[bool]]:
-    """Per row, whether the greedy next-token prediction from x_<=t is x_{t+1}, for t = 0..len-2
-    (the positions MA averages over)."""
-    hits: list[list[bool]] = []
+def nll_and_hits(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch_size: int = 8,
+                 pad_token_id: int = 0) -> tuple[torch.Tensor, list[list[bool]]]:
+    """From one forward pass per batch: each row's mean token NLL (float64 [N], as `sequence_losses`)
+    and, per position t = 0..len-2, whether the greedy prediction from x_<=t is x_{t+1} (the
+    positions MA averages over). IUR needs both for the requests and the strangers at every check."""
+    if any(len(r) < 2 for r in rows):
+        raise ValueError("sequence losses: every row needs at least 2 tokens")
+    losses, hits = [], []
     for group in _chunks(range(len(rows)), batch_size):
         ids, mask = pad_rows([rows[k] for k in group], pad_token_id, left=False, device=model.device)
-        logits, targets, _ = _token_logits(model, ids, mask)
+        logits, targets, valid = _token_logits(model, ids, mask)
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").masked_fill(~valid, 0.0)
+        losses.append(nll.sum(-1).double() / valid.sum(-1))
         correct = (logits.argmax(-1) == targets).cpu()
         hits += [correct[i, :len(rows[k]) - 1].tolist() for i, k in enumerate(group)]
-    return hits
+    return (torch.cat(losses).cpu() if losses else torch.empty(0, dtype=torch.float64)), hits
 
 
 def sequence_losses(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch_size: int = 8,
                     pad_token_id: int = 0) -> torch.Tensor:
     """Mean token NLL of each row (every row needs at least 2 tokens), float64 [N]."""
-    if any(len(r) < 2 for r in rows):
-        raise ValueError("sequence_losses: every row needs at least 2 tokens")
-    losses = []
-    for group in _chunks(range(len(rows)), batch_size):
-        ids, mask = pad_rows([rows[k] for k in group], pad_token_id, left=False, device=model.device)
-        nll, valid = _token_nll(model, ids, mask)
-        losses.append(nll.sum(-1).double() / valid.sum(-1))
-    return torch.cat(losses).cpu() if losses else torch.empty(0, dtype=torch.float64)
+    return nll_and_hits(model, rows, batch_size=batch_size, pad_token_id=pad_token_id)[0]
 
 
 # --- classification -------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def _plots(out: Path, results: dict[str, Any], samples: pd.DataFrame,
         made.append(_save(fig, out / "forgotten_per_epoch.png", "Requests forgotten per epoch"))
     if epochs is not None and epochs.exists():
         frame = pd.read_parquet(epochs)
-        terms = [c for c in frame.columns if c.startswith("mean_")]
+        terms = [c for c in frame.columns if c.startswith("mean_") and c != "mean_lr"]  # lr: another scale
         if terms and not frame.empty:
             fig, ax = plt.subplots(figsize=(6, 3.8))
             for term in terms:

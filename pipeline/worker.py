@@ -35,10 +35,10 @@ from pipeline import adapter, checkpoints, modeling, probes, quantize, suites
 from pipeline.atomic import atomic_path, atomic_write_json, write_parquet
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.iur import (Thresholds, apply_band, band_targets, check_requests, memorization, shared_bigrams,
-                          with_leaks)
+from pipeline.iur import (Thresholds, apply_band, band_targets, bigram_share, check_requests, jumped_band,
+                          memorization, with_leaks)
 from pipeline.losses import LossWeights, method, unlearning_loss
-from pipeline.metrics import greedy_hits, pad_rows, sequence_losses
+from pipeline.metrics import nll_and_hits, pad_rows
 from pipeline.store import RunStore
 
 log = logging.getLogger("icu.unlearn")
@@ -54,6 +54,7 @@ class LoopState:
     history: list[dict] = field(default_factory=list)  # one row per (check, request)
     epochs: list[dict] = field(default_factory=list)  # one row per training epoch
     thresholds: dict | None = None
+    lr_scale: float = 1.0  # unlearning.lr_backoff's factor so far
     resumed_from: list[str] = field(default_factory=list)  # checkpoint tags this run restarted from
 
 
@@ -167,6 +168,7 @@ class Worker:
         self.replica = None  # set by run(): the unsharded model IUR generates with, if it fits
         self.band: tuple | None = None  # icu_band: (push masks, low, high) per request, from the last check
         self.models_loaded = 0
+        self.lr_scale = 1.0  # unlearning.lr_backoff (LoopState.lr_scale)
         self.lora = adapter.enabled(self.cfg.unlearning.adapter)
 
     def build_engines(self) -> None:
@@ -183,6 +185,7 @@ class Worker:
             model = adapter.wrap(model, u.adapter, u.seed)
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)
+        self.base_lr = [group["lr"] for group in self.engine.optimizer.param_groups]
         self.ref = None
         if self.method.reference(self.weights) and not self.lora:
             ref_ds = deepspeed_config(self.cfg, self.world, self.hidden, with_optimizer=False)
@@ -322,15 +325,24 @@ class Worker:
             el_range=c.evaluation.el_range, batch_size=c.evaluation.batch_size, scorer=scorer,
             thresholds=thr, sync_calls=sync))
         options = dict(batch_size=c.evaluation.batch_size, pad_token_id=self.tok.pad_token_id)
-        nll = self._sharded(self.pairs.requests, lambda part: sequence_losses(model, part, **options).tolist())
+        nll, hits = self._nll_and_hits(model, self.pairs.requests, options)
         strangers = suites.threshold_rows(c, self.tok) if u.stranger_quantile or self.method.band else []
-        unseen = self._sharded(strangers, lambda part: sequence_losses(model, part, **options).tolist())
+        unseen, unseen_hits = self._nll_and_hits(model, strangers, options)
         records = self._hardened(model, apply_band(records, nll, unseen, u.stranger_quantile))
         if self.method.band:
-            hits = self._sharded(strangers, lambda part: greedy_hits(model, part, **options))
-            self.band = band_targets(records, self.pairs.requests, shared_bigrams(strangers, hits), unseen)
+            self.band = band_targets(records, self.pairs.requests, hits, bigram_share(strangers, unseen_hits),
+                                     unseen, thr.ma)
         self.engine.module.train()
         return [dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)]
+
+    def _nll_and_hits(self, model, rows: list[list[int]], options: dict) -> tuple[list[float], list[list[bool]]]:
+        """`metrics.nll_and_hits` of rows, sharded across ranks."""
+        def score(part: list[list[int]]) -> list[tuple[float, list[bool]]]:
+            nll, hits = nll_and_hits(model, part, **options)
+            return list(zip(nll.tolist(), hits))
+
+        pairs = self._sharded(rows, score)
+        return [n for n, _ in pairs], [h for _, h in pairs]
 
     def _hardened(self, model, records: list[dict]) -> list[dict]:
         """`unlearning.harden`: a request whose greedy continuation leaks at a served precision
@@ -407,8 +419,17 @@ class Worker:
             kwargs[f"ref_{seen}_logits"] = ref_logits
         loss, parts = unlearning_loss(self.cfg.unlearning.method, **kwargs)
         self.engine.backward(loss)
+        lr = self._scale_lr()
         self.engine.step()
-        return parts
+        return dict(parts, lr=lr)
+
+    def _scale_lr(self) -> float:
+        """Every param group's lr = the scheduled one (or the configured one) x `lr_scale`; the
+        first group's, for the epoch's record."""
+        groups, sched = self.engine.optimizer.param_groups, self.engine.lr_scheduler
+        for group, lr in zip(groups, sched.get_last_lr() if sched else self.base_lr):
+            group["lr"] = lr * self.lr_scale
+        return groups[0]["lr"]
 
     # -- the loop ------------------------------------------------------------------
     def run(self) -> dict:
@@ -423,6 +444,7 @@ class Worker:
         n, u = len(self.pairs.requests), self.cfg.unlearning
         while True:
             records = self.check(state.epoch, thr, scorer)
+            self._back_off(state, records)
             state.history += records
             forgotten = [r["request_id"] for r in records if r["forgotten"]]
             reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.stop, self.method.band)
@@ -439,6 +461,20 @@ class Worker:
                       thresholds=thr.to_dict(), method=u.method, resumed_from=state.resumed_from)
         self.finish(state, result)
         return result
+
+    def _back_off(self, state: LoopState, records: list[dict]) -> None:
+        """`unlearning.lr_backoff`: a request that jumped over the band since the last check (see
+        `iur.jumped_band`) shrinks the lr of every later step. Read from the history, so a resumed
+        run decides exactly as the uninterrupted one did."""
+        before = [r for r in state.history if r["epoch"] == state.epoch - 1]
+        trained = {i for i, r in enumerate(before) if needs_training(r, self.method.band)}
+        jumped = jumped_band(before, records, trained) if before else []
+        if jumped and self.cfg.unlearning.lr_backoff < 1:
+            state.lr_scale *= self.cfg.unlearning.lr_backoff
+            if self.rank == 0:
+                log.info("unlearn: %d requests jumped over the band (%s); lr now %.3g x the configured",
+                         len(jumped), ", ".join(self.pairs.request_ids[i] for i in jumped), state.lr_scale)
+        self.lr_scale = state.lr_scale
 
     def partition(self) -> dict:
         """Per rank: parameter elements held (ZeRO-3: about 1/world of the total), node, peak host RSS."""

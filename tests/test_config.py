@@ -45,6 +45,7 @@ CASES = {
     "renamed set_stop": ("unlearning:\n  set_stop: true\n", ["unlearning.set_stop: renamed", "unlearning.stop: set"]),
     "bad stop": ("unlearning:\n  stop: every\n", ["unlearning.stop", "each"]),
     "quantile range": ("unlearning:\n  stranger_quantile: 1.5\n", ["unlearning.stranger_quantile", "between"]),
+    "lr back-off range": ("unlearning:\n  lr_backoff: 0\n", ["unlearning.lr_backoff", "(0, 1]"]),
     "negative margin": ("unlearning:\n  margin: -1\n", ["unlearning.margin", ">= 0"]),
     "negative general": ("retrieval:\n  general_per_source: -1\n", ["retrieval.general_per_source", ">= 0"]),
 }

@@ -7,7 +7,7 @@ import pytest
 from pipeline.config import build_config
 import math
 
-from pipeline.iur import Thresholds, apply_band, band_targets, shared_bigrams
+from pipeline.iur import Thresholds, apply_band, band_targets, bigram_share, jumped_band
 from pipeline.worker import deepspeed_config, epoch_batches, needs_training, stop_reason
 
 from conftest import REPO
@@ -87,22 +87,67 @@ def test_two_sided_rule_flags_requests_past_the_strangers_band():
     assert not any(r["too_deep"] for r in one_sided)
 
 
-def test_shared_bigrams_are_what_strangers_get_right():
+def test_bigram_share_is_how_often_strangers_get_a_pair_right():
     rows = [[1, 2, 3, 9], [1, 2, 4, 9], [5, 2, 3, 9]]
     hits = [[True, False, True], [True, True, False], [False, True, True]]
-    # (1,2): 2/2; (2,3): 1/2 (= share, counts); (3,9): 2/2; (2,4): 1/1; (4,9): 0/1; (5,2): 0/1
-    assert shared_bigrams(rows, hits) == {(1, 2), (2, 3), (3, 9), (2, 4)}
-    assert shared_bigrams(rows, hits, share=0.75) == {(1, 2), (3, 9), (2, 4)}
+    assert bigram_share(rows, hits) == {(1, 2): 1.0, (2, 3): 0.5, (3, 9): 1.0, (2, 4): 1.0, (4, 9): 0.0,
+                                        (5, 2): 0.0}
 
 
 def test_band_targets_push_what_is_personal_and_pull_back_the_too_deep():
     high = _quantile(UNSEEN, 0.9)
     rec = lambda forgotten=False, deep=False, edge=high: {"forgotten": forgotten, "too_deep": deep, "band_high": edge}
     rows = [[1, 2, 3, 7], [1, 2, 3], [4, 5], [1, 2]]
-    push, low, hi = band_targets([rec(), rec(deep=True), rec(forgotten=True), rec(edge=None)], rows, {(1, 2)}, UNSEEN)
-    assert push == [[0.0, 1.0, 1.0], [0.0, 0.0], [0.0], [0.0]]  # (1, 2) is template: never pushed
+    hits = [[True, True, False], [True, True], [False], [True]]
+    share = {(1, 2): 0.9, (2, 3): 0.2, (3, 7): 0.5}
+    push, low, hi = band_targets([rec(), rec(deep=True), rec(forgotten=True), rec(edge=None)], rows, hits, share,
+                                 UNSEEN, ma_threshold=0.5)
+    # (1, 2) and (3, 7) are template: not pushed while a personal token is still a hit (row 0),
+    # pushed when only template hits keep MA above the threshold (row 3: MA 1 > 0.5)
+    assert push == [[0.0, 1.0, 0.0], [0.0, 0.0], [0.0], [1.0]]
     assert low == [pytest.approx(_quantile(UNSEEN, 0.5))] * 4
     assert hi[0] == hi[3] == math.inf and hi[1] == pytest.approx(high) == hi[2]
+
+
+def _naive_push(row, row_hits, share, ma_threshold):
+    """Personal positions; if none of them is a hit, template hits least shared first, one at a
+    time, until MA (every pushed hit lost) is at the threshold."""
+    pairs = list(zip(row, row[1:]))
+    push = [share.get(p, 0.0) < 0.5 for p in pairs]
+    if any(h and q for h, q in zip(row_hits, push)):
+        return [float(q) for q in push]
+    for t in sorted((t for t in range(len(pairs)) if row_hits[t]), key=lambda t: (share[pairs[t]], t)):
+        if (sum(row_hits) - sum(h and q for h, q in zip(row_hits, push))) / len(pairs) <= ma_threshold:
+            break
+        push[t] = True
+    return [float(q) for q in push]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_band_targets_push_template_hits_only_when_nothing_personal_is_left(seed):
+    """A record whose personal tokens are all off the top but whose template hits keep its MA above
+    the threshold gets the least shared of them pushed, exactly as many as a naive loop adds."""
+    import random
+
+    rng = random.Random(seed)
+    rows = [[rng.randrange(6) for _ in range(rng.randrange(5, 30))] for _ in range(6)]
+    share = {(a, b): rng.choice([0.1, 0.5, 0.6, 0.8, 1.0]) for a in range(6) for b in range(6)}
+    # half the rows: every personal position already wrong
+    hits = [[rng.random() < 0.9 and (k % 2 == 0 or share[pair] >= 0.5) for pair in zip(row, row[1:])]
+            for k, row in enumerate(rows)]
+    thr = rng.choice([0.1, 0.2, 0.3])
+    rec = {"forgotten": False, "too_deep": False, "band_high": 9.0}
+    push, _, _ = band_targets([rec] * len(rows), rows, hits, share, UNSEEN, ma_threshold=thr)
+    assert push == [_naive_push(r, h, share, thr) for r, h in zip(rows, hits)]
+    assert any(p != [float(share.get(q, 0.0) < 0.5) for q in zip(r, r[1:])] for p, r in zip(push, rows))
+
+
+def test_jumped_band_is_a_trained_request_crossing_between_remembered_and_too_deep():
+    s = lambda name: {"forgotten": name == "f", "too_deep": name == "d"}
+    before = [s("r"), s("d"), s("r"), s("f"), s("r"), s("d")]
+    after = [s("d"), s("r"), s("f"), s("d"), s("r"), s("d")]
+    assert jumped_band(before, after, trained={0, 1, 2, 4, 5}) == [0, 1]
+    assert jumped_band(before, after, trained={1, 3}) == [1]  # 3 drifted there untrained: not counted
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, caplog):
@@ -128,3 +173,74 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, caplog):
     assert checkpoints.latest_verified(tmp_path) == "epoch-1"
     (tmp_path / "epoch-1" / "loop_state.json").write_text("{} ")
     assert checkpoints.latest_verified(tmp_path) is None
+
+
+def test_lr_scale_multiplies_the_scheduled_lr_without_compounding():
+    """`unlearning.lr_backoff`'s factor applies on top of the warmup schedule (which rewrites the
+    lr after every step) and of a constant lr (which nothing rewrites), each step anew."""
+    from types import SimpleNamespace
+
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
+    from pipeline.worker import Worker
+
+    def optimizer_and_schedule():
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
+        return opt, WarmupLR(opt, warmup_min_lr=0.0, warmup_max_lr=1e-3, warmup_num_steps=4, warmup_type="linear")
+
+    plain_opt, plain_sched = optimizer_and_schedule()
+    opt, sched = optimizer_and_schedule()
+    worker = Worker.__new__(Worker)
+    worker.engine, worker.lr_scale, worker.base_lr = SimpleNamespace(optimizer=opt, lr_scheduler=sched), 0.25, [1e-3]
+    scheduled = []
+    for _ in range(6):
+        scheduled.append(plain_opt.param_groups[0]["lr"])
+        assert worker._scale_lr() == pytest.approx(0.25 * scheduled[-1]) == opt.param_groups[0]["lr"]
+        for o, s in ((plain_opt, plain_sched), (opt, sched)):
+            o.step()
+            s.step()
+    assert scheduled[0] < scheduled[2] < scheduled[-1] == pytest.approx(1e-3)  # the warmup ran
+    worker.engine = SimpleNamespace(optimizer=opt, lr_scheduler=None)
+    assert worker._scale_lr() == pytest.approx(2.5e-4) == worker._scale_lr()
+
+
+def test_back_off_halves_the_lr_per_jump_and_a_resumed_run_decides_alike():
+    """The factor follows the check history: a trained request crossing the band halves it (pulled
+    back across counts too; one that drifts there untrained does not), and a run resumed from a
+    checkpoint's loop state arrives at the same factor."""
+    import dataclasses
+    import json
+    from types import SimpleNamespace
+
+    from pipeline.losses import method
+    from pipeline.worker import LoopState, Worker
+
+    worker = Worker.__new__(Worker)
+    worker.cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
+                               "unlearning": {"method": "icu_band", "lr_backoff": 0.5}})
+    worker.method, worker.rank = method("icu_band"), 1
+    worker.pairs = SimpleNamespace(request_ids=["a", "b"])
+    flags = {"r": (False, False), "f": (True, False), "d": (False, True)}
+    checks = ["rr", "dr", "rf", "fd", "ff"]  # a: remembered, too deep, remembered; b drifts too deep untrained
+    rows = lambda e: [dict(epoch=e, request_id=rid, forgotten=flags[c][0], too_deep=flags[c][1])
+                      for rid, c in zip("ab", checks[e])]
+
+    def run(state: LoopState, epochs: range) -> list[float]:
+        scales = []
+        for epoch in epochs:
+            state.epoch = epoch
+            records = rows(epoch)
+            worker._back_off(state, records)
+            state.history += records
+            scales.append(worker.lr_scale)
+        return scales
+
+    state = LoopState()
+    assert run(state, range(5)) == [1.0, 0.5, 0.25, 0.25, 0.25]
+    resumed = LoopState()
+    run(resumed, range(3))
+    resumed = LoopState(**json.loads(json.dumps(dataclasses.asdict(resumed))))  # through the checkpoint's JSON
+    assert run(resumed, range(3, 5)) == [0.25, 0.25]
+    worker.cfg.unlearning.lr_backoff = 1.0
+    assert run(LoopState(), range(5)) == [1.0] * 5

@@ -264,17 +264,22 @@ def test_chunk_losses_match_token_by_token_nll(model, doc_lengths, chunks):
     assert math.exp(got_losses.mean()) == pytest.approx(want, rel=1e-6)
 
 
-def test_greedy_hits_match_one_unpadded_forward_per_row(model):
-    """Per position, greedy next token == the true one, for rows of different lengths batched together."""
+def test_nll_and_hits_match_one_unpadded_forward_per_row(model):
+    """Per row, the mean token NLL and, per position, greedy next token == the true one, for rows of
+    different lengths batched together."""
     gen = torch.Generator().manual_seed(11)
     rows = [torch.randint(0, VOCAB, (k,), generator=gen).tolist() for k in (9, 2, 14, 5)]
     rows[2][5:9] = rows[2][1:5]  # a repeat the tiny model may predict
-    want = []
+    want_hits, want_nll = [], []
     for row in rows:
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([row])).logits[0]
-        want.append([int(logits[t].argmax()) == row[t + 1] for t in range(len(row) - 1)])
-    assert metrics.greedy_hits(model, rows, batch_size=3) == want
+        want_hits.append([int(logits[t].argmax()) == row[t + 1] for t in range(len(row) - 1)])
+        want_nll.append(float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(row[1:]))))
+    nll, hits = metrics.nll_and_hits(model, rows, batch_size=3)
+    assert hits == want_hits
+    assert nll.tolist() == pytest.approx(want_nll, abs=1e-5)
+    assert not nll.requires_grad
 
 
 # --- classification --------------------------------------------------------------------------
