@@ -148,6 +148,7 @@ def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[boo
 
 
 def standing(record: dict) -> str:
+    """Which side of the line a checked request is on."""
     return "too_deep" if record["too_deep"] else "forgotten" if record["forgotten"] else "remembered"
 
 

@@ -78,8 +78,11 @@ def _token_nll(model: PreTrainedModel, input_ids: torch.Tensor,
                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position NLL of x_t given x_<t, shape [B, T-1] (0 on pads), and the valid mask."""
     logits, targets, valid = _token_logits(model, input_ids, attention_mask)
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return nll.masked_fill(~valid, 0.0), valid
+    return _masked_nll(logits, targets, valid), valid
+
+
+def _masked_nll(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").masked_fill(~valid, 0.0)
 
 
 @torch.no_grad()
@@ -302,8 +305,7 @@ def nll_and_hits(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch
     for group in _chunks(range(len(rows)), batch_size):
         ids, mask = pad_rows([rows[k] for k in group], pad_token_id, left=False, device=model.device)
         logits, targets, valid = _token_logits(model, ids, mask)
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").masked_fill(~valid, 0.0)
-        losses.append(nll.sum(-1).double() / valid.sum(-1))
+        losses.append(_masked_nll(logits, targets, valid).sum(-1).double() / valid.sum(-1))
         correct = (logits.argmax(-1) == targets).cpu()
         hits += [correct[i, :len(rows[k]) - 1].tolist() for i, k in enumerate(group)]
     return (torch.cat(losses).cpu() if losses else torch.empty(0, dtype=torch.float64)), hits
