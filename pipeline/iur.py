@@ -7,7 +7,8 @@ is compared with the true suffix (sentence BLEU-4 and BERTScore-F1, see
 forgotten when its generation no longer resembles the suffix (BERTScore-F1 below its
 threshold OR BLEU below its threshold, the paper's rule) AND its MA and EL_n are at or
 below the forgetting thresholds (the model's mean MA / EL_n on text it never saw,
-as in Knowledge Unlearning). Flags are recomputed every epoch, so a request whose
+as in Knowledge Unlearning). MA and EL_n come first (teacher-forced); only a request at or
+below both is generated from, since no generation can make another one forgotten. Flags are recomputed every epoch, so a request whose
 memory returns re-enters training.
 
 With `unlearning.stranger_quantile` (a quantile of the unseen rows' token-mean NLL on the
@@ -22,6 +23,7 @@ loop shards requests and gathers the results.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -64,25 +66,36 @@ def memorization(model, rows: list[list[int]], *, el_n: int, el_range: str, batc
 @torch.no_grad()
 def score_requests(model, tokenizer, rows: list[list[int]], *, prefix: int, suffix: int, num_beams: int,
                    el_n: int, el_range: str, batch_size: int, scorer,
-                   sync_calls: metrics.SyncCalls | None = None) -> list[dict]:
-    """bleu, bertscore (the generated suffix vs the true one), ma and el of each row."""
+                   sync_calls: metrics.SyncCalls | None = None,
+                   generate: Callable[[float, float], bool] | None = None) -> list[dict]:
+    """bleu, bertscore (the generated suffix vs the true one), ma and el of each row. With
+    `generate` (a test of a row's MA and EL), only the rows that pass it are generated from;
+    the others' bleu and bertscore are NaN."""
     pad_id = tokenizer.pad_token_id
-    generated = metrics.greedy_continuations(
-        model, [r[:prefix] for r in rows], [len(r[prefix:prefix + suffix]) for r in rows],
-        num_beams=num_beams, batch_size=batch_size, sync_calls=sync_calls, pad_token_id=pad_id)
-    truths = [tokenizer.decode(r[prefix:prefix + suffix], skip_special_tokens=True) for r in rows]
-    guesses = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
-    bleu = [sentence_bleu4(t, g) for t, g in zip(truths, guesses)]
-    bert = scorer.f1(truths, guesses).tolist() if rows else []
     ma, el = memorization(model, rows, el_n=el_n, el_range=el_range, batch_size=batch_size, pad_id=pad_id,
                           sync_calls=sync_calls)
+    chosen = [k for k in range(len(rows)) if generate is None or generate(ma[k], el[k])]
+    generated = metrics.greedy_continuations(
+        model, [rows[k][:prefix] for k in chosen], [len(rows[k][prefix:prefix + suffix]) for k in chosen],
+        num_beams=num_beams, batch_size=batch_size, sync_calls=sync_calls, pad_token_id=pad_id)
+    truths = [tokenizer.decode(rows[k][prefix:prefix + suffix], skip_special_tokens=True) for k in chosen]
+    guesses = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+    bleu, bert = [math.nan] * len(rows), [math.nan] * len(rows)
+    for k, b, s in zip(chosen, [sentence_bleu4(t, g) for t, g in zip(truths, guesses)],
+                       scorer.f1(truths, guesses).tolist() if chosen else []):
+        bleu[k], bert[k] = b, s
     return [dict(bleu=b, bertscore=s, ma=m, el=e) for b, s, m, e in zip(bleu, bert, ma, el)]
 
 
 def check_requests(model, tokenizer, rows: list[list[int]], *, thresholds: Thresholds, **kwargs) -> list[dict]:
-    """One IUR record per row: `score_requests`' scores and whether the row counts as forgotten."""
+    """One IUR record per row: `score_requests`' scores and whether the row counts as forgotten.
+    A row above the MA or EL threshold is remembered whatever it generates, so only the rows at or
+    below both are generated from (beam search and BERTScore are most of a check's cost)."""
+    def screen(ma: float, el: float) -> bool:
+        return ma <= thresholds.ma and el <= thresholds.el
+
     return [dict(rec, forgotten=is_forgotten(rec["bleu"], rec["bertscore"], rec["ma"], rec["el"], thresholds))
-            for rec in score_requests(model, tokenizer, rows, **kwargs)]
+            for rec in score_requests(model, tokenizer, rows, generate=screen, **kwargs)]
 
 
 def apply_band(records: list[dict], nll: list[float], unseen_nll: list[float], high_q: float | None) -> list[dict]:

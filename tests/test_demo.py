@@ -2,9 +2,7 @@
 
 The same `ray_jobs/configs/demo.yaml` as `make demo`, with the inputs prepared by
 `ray_jobs.customers` for 8 customers instead of 32, one epoch at most and small
-evaluation samples (classification and dialogue left out: the full demo runs them), and
-the audit without its bf16 probe (a third of the audit's time on a CPU without bf16
-instructions; the tiny model's run in test_jobs.py audits in bf16).
+evaluation samples (classification and dialogue left out: the full demo runs them).
 The fine-tuned model is cached per machine like the full demo's.
 """
 
@@ -15,7 +13,6 @@ import json
 import pytest
 
 from pipeline import driver
-from pipeline.config import PROBES
 from pipeline.store import STAGES
 from ray_jobs import customers
 from pipeline.errors import UserError
@@ -26,8 +23,7 @@ SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
 
 SHORT = {"unlearning.max_epochs": 1, "retain.max_items": 64, "resources.eval_actors": 1,
          "resources.embed_actors": 1, "evaluation.suites": ["forget", "unseen", "ppl", "mia"],
-         "evaluation.max_samples": {"unseen": 8, "ppl": 1}, "audit.samples": 4, "audit.relearn_steps": 2,
-         "audit.probes": [p for p in PROBES if p != "bf16"]}
+         "evaluation.max_samples": {"unseen": 8, "ppl": 1}, "audit.samples": 4, "audit.relearn_steps": 2}
 
 
 def test_customer_records_are_split_and_checked(shared_data, tmp_path):

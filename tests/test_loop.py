@@ -7,7 +7,8 @@ import pytest
 from pipeline.config import build_config
 import math
 
-from pipeline.iur import Thresholds, apply_band, band_targets, bigram_share, jumped_band
+from pipeline.iur import (Thresholds, apply_band, band_targets, bigram_share, check_requests, is_forgotten,
+                         jumped_band, score_requests)
 from pipeline.worker import deepspeed_config, epoch_batches, needs_training, stop_reason
 
 from conftest import REPO
@@ -85,6 +86,48 @@ def test_two_sided_rule_flags_requests_past_the_strangers_band():
     one_sided = apply_band(records, [2.5, 3.5, 1.0, 4.0], UNSEEN, None)
     assert [r["forgotten"] for r in one_sided] == [True, True, False, False]
     assert not any(r["too_deep"] for r in one_sided)
+
+
+class CountingScorer:
+    """BERTScore stand-in: token-set F1 of the decoded texts; records how many pairs it scored."""
+
+    def __init__(self):
+        self.scored = 0
+
+    def f1(self, truths, guesses):
+        import torch
+
+        self.scored += len(truths)
+        scores = []
+        for t, g in zip(truths, guesses):
+            a, b = set(t.split()), set(g.split())
+            scores.append(2 * len(a & b) / (len(a) + len(b)) if a and b else 0.0)
+        return torch.tensor(scores)
+
+
+def test_check_generates_only_from_requests_below_the_ma_and_el_thresholds(tiny_llama_dir):
+    """The screened check gives every row the verdict the unscreened rule gives it, and scores
+    (generates from) only the rows at or below both thresholds."""
+    import random
+
+    from pipeline import modeling
+
+    model, tok = modeling.load_model(tiny_llama_dir).eval(), modeling.load_tokenizer(tiny_llama_dir)
+    rng = random.Random(0)
+    rows = [[rng.randrange(3, 200) for _ in range(16)] for _ in range(8)]
+    options = dict(prefix=8, suffix=8, num_beams=1, el_n=2, el_range="ku", batch_size=4)
+    full = score_requests(model, tok, rows, scorer=CountingScorer(), **options)
+    ma = sorted(r["ma"] for r in full)
+    thr = Thresholds(ma=ma[len(ma) // 2], el=1.0, bertscore=1.1, bleu=1.1)  # half the rows pass the screen
+    scorer = CountingScorer()
+    got = check_requests(model, tok, rows, thresholds=thr, scorer=scorer, **options)
+    passing = [r["ma"] <= thr.ma and r["el"] <= thr.el for r in full]
+    assert 0 < sum(passing) < len(rows) and scorer.scored == sum(passing)
+    assert [g["forgotten"] for g in got] == [is_forgotten(r["bleu"], r["bertscore"], r["ma"], r["el"], thr) for r in full]
+    assert any(g["forgotten"] for g in got)
+    for g, r, p in zip(got, full, passing):
+        assert (g["ma"], g["el"]) == (r["ma"], r["el"])
+        assert (g["bleu"], g["bertscore"]) == (r["bleu"], r["bertscore"]) if p else math.isnan(g["bleu"])
 
 
 def test_bigram_share_is_how_often_strangers_get_a_pair_right():

@@ -66,9 +66,26 @@ def test_served_copy_rounds_the_block_linears_only(tiny_llama_dir):
     for name, p in served.named_parameters():
         assert torch.equal(dict(model.named_parameters())[name], before[name])  # the original is untouched
         assert torch.equal(p, quantize.q4_0(before[name]) if name in rounded else before[name]), name
-    assert next(quantize.served_copy(model, "bf16").parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError):
         quantize.served_copy(model, "int3")
+
+
+def test_bf16_copy_computes_what_torch_bf16_computes(tiny_llama_dir):
+    """The bf16 copy's fp32-accumulated matmuls against torch's own bf16 model (the slow reference on
+    a CPU without bf16 instructions): they differ by the summation order only, far less than bf16
+    differs from fp32, and greedy decoding agrees."""
+    model = modeling.load_model(tiny_llama_dir).eval()
+    served = quantize.served_copy(model, "bf16")
+    native = modeling.load_model(tiny_llama_dir).eval().to(torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in served.parameters())
+    ids = torch.randint(3, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, full = (m(input_ids=ids).logits.float() for m in (served, native, model))
+    assert got.dtype == torch.float32 and not torch.equal(want, full)
+    assert (got - want).abs().max() < (want - full).abs().max() / 100
+    rows = ids.tolist()
+    assert probes.greedy_continuations(served, rows, [4], batch_size=4, pad_token_id=0)[0] == \
+        probes.greedy_continuations(native, rows, [4], batch_size=4, pad_token_id=0)[0]
 
 
 def test_longest_span_matches_brute_force():
