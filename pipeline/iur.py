@@ -8,8 +8,8 @@ forgotten when its generation no longer resembles the suffix (BERTScore-F1 below
 threshold OR BLEU below its threshold, the paper's rule) AND its MA and EL_n are at or
 below the forgetting thresholds (the model's mean MA / EL_n on text it never saw,
 as in Knowledge Unlearning). MA and EL_n come first (teacher-forced); only a request at or
-below both is generated from, since no generation can make another one forgotten. Flags are recomputed every epoch, so a request whose
-memory returns re-enters training.
+below both is generated from, since no generation can make another one forgotten. Flags are
+recomputed every epoch, so a request whose memory returns re-enters training.
 
 With `unlearning.stranger_quantile` (a quantile of the unseen rows' token-mean NLL on the
 current model) the rule is two-sided: a request whose NLL lies above it was erased too deep
