@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -47,7 +48,12 @@ class Thresholds:
 def is_forgotten(bleu: float, bertscore: float, ma: float, el: float, thr: Thresholds) -> bool:
     """The per-request stopping rule (see module docstring)."""
     dissimilar = bertscore < thr.bertscore or bleu < thr.bleu
-    return dissimilar and ma <= thr.ma and el <= thr.el
+    return dissimilar and below(ma, el, thr)
+
+
+def below(ma: float, el: float, thr: Thresholds) -> bool:
+    """MA and EL_n at or below the forgetting thresholds: the half of the rule a teacher-forced pass decides."""
+    return ma <= thr.ma and el <= thr.el
 
 
 @torch.no_grad()
@@ -91,11 +97,8 @@ def check_requests(model, tokenizer, rows: list[list[int]], *, thresholds: Thres
     """One IUR record per row: `score_requests`' scores and whether the row counts as forgotten.
     A row above the MA or EL threshold is remembered whatever it generates, so only the rows at or
     below both are generated from (beam search and BERTScore are most of a check's cost)."""
-    def screen(ma: float, el: float) -> bool:
-        return ma <= thresholds.ma and el <= thresholds.el
-
     return [dict(rec, forgotten=is_forgotten(rec["bleu"], rec["bertscore"], rec["ma"], rec["el"], thresholds))
-            for rec in score_requests(model, tokenizer, rows, generate=screen, **kwargs)]
+            for rec in score_requests(model, tokenizer, rows, generate=partial(below, thr=thresholds), **kwargs)]
 
 
 def apply_band(records: list[dict], nll: list[float], unseen_nll: list[float], high_q: float | None) -> list[dict]:
