@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import pandas as pd
 import torch
@@ -30,13 +31,14 @@ from pipeline import cluster, metrics, modeling, probes, quantize, suites
 from pipeline.atomic import atomic_write_json, atomic_write_text, write_parquet
 from pipeline.config import PROBES
 from pipeline.errors import UserError
-from pipeline.store import RunStore, fingerprint
+from pipeline.store import RunStore, fingerprint, frame_once
 
 log = logging.getLogger("icu.audit")
 OUTPUTS = ("audit", "audit_rows", "audit_report")
 COLUMNS = ["model", "group", "row_id", "probe", "span", "leak", "ma"]
 GROUPS = {"erased": "erased requests", "kept": "kept rows", "unseen": "never seen"}
 PROMPT_FRACTIONS = {"prompt_quarter": 0.25, "prompt_half": 0.5}
+MODELS = ("original", "unlearned")
 
 
 @dataclass
@@ -46,14 +48,16 @@ class Group:
     rows: list[list[int]]  # cut to prefix + suffix tokens
 
 
-def key(cfg, store: RunStore) -> str:
-    """What the probes read (audit.require is export's: changing it re-checks, it does not re-audit)."""
-    e, (model, requests, audit) = cfg.evaluation, cfg.part("model", "requests", "audit")
+def key(cfg, store: RunStore, model: str = "unlearned") -> str:
+    """What the probes read (audit.require is export's: changing it re-checks, it does not re-audit).
+    The original model's probes read neither the unlearning settings nor its outputs, so a run
+    restarted from unlearn (e.g. to harden) reads them back instead of probing the original again."""
+    e, (model_part, requests, audit) = cfg.evaluation, cfg.part("model", "requests", "audit")
     audit.pop("require")
-    return fingerprint("audit", model, requests, audit, cfg.unlearning.lr, cfg.max_tokens,
-                       e.unseen_path, e.keep_path, e.max_samples.get("unseen"), cfg.retrieval.pairs_per_request,
-                       store.key_of("ingest"), store.key_of("retrieve"), store.key_of("unlearn"),
-                       store.outputs_of("unlearn"))
+    unlearned = [store.key_of("unlearn"), store.outputs_of("unlearn")] if model == "unlearned" else []
+    return fingerprint("audit" if model == "unlearned" else f"audit-{model}", model_part, requests, audit,
+                       relearn_lr(cfg), cfg.max_tokens, e.unseen_path, e.keep_path, e.max_samples.get("unseen"),
+                       cfg.retrieval.pairs_per_request, store.key_of("ingest"), store.key_of("retrieve"), *unlearned)
 
 
 def units(names: list[str]) -> list[tuple[str, ...]]:
@@ -130,17 +134,17 @@ def counts(frame: pd.DataFrame) -> dict:
 def markdown(result: dict) -> str:
     """The audit table: probe x (original, unlearned) x group, leaking rows / rows."""
     table, groups = result["table"], result["groups"]
-    head = [f"{GROUPS[g]}: {m}" for g in groups for m in ("original", "unlearned")]
+    head = [f"{GROUPS[g]}: {m}" for g in groups for m in MODELS]
     lines = ["| probe | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for probe in result["probes"]:
-        cells = [f"{table[probe][m][g][0]}/{table[probe][m][g][1]}" for g in groups for m in ("original", "unlearned")]
+        cells = [f"{table[probe][m][g][0]}/{table[probe][m][g][1]}" for g in groups for m in MODELS]
         lines.append(f"| {probe} | " + " | ".join(cells) + " |")
     ma = [p for p in result["probes"] if f"{groups[0]}_ma" in table[p]["original"]]
     if ma:
         lines += ["", "Memorization accuracy (MA, %) at each precision:", "",
                   "| precision | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
         lines += [f"| {'fp32' if p == 'greedy' else p} | " + " | ".join(
-            f"{100 * table[p][m][f'{g}_ma']:.1f}" for g in groups for m in ("original", "unlearned")) + " |" for p in ma]
+            f"{100 * table[p][m][f'{g}_ma']:.1f}" for g in groups for m in MODELS) + " |" for p in ma]
     return "\n".join(lines)
 
 
@@ -188,7 +192,7 @@ def _write(store: RunStore, frame: pd.DataFrame, result: dict) -> None:
 def run(cfg, store: RunStore) -> dict:
     started = time.time()
     probes_run = list(cfg.audit.probes)
-    folders = {"original": cfg.model_dir, "unlearned": store.artefact("unlearned_model")}
+    folders = dict(zip(MODELS, (cfg.model_dir, store.artefact("unlearned_model"))))
     if not probes_run:  # skipped: empty outputs, no model loaded
         _write(store, pd.DataFrame(columns=COLUMNS), {"criterion": criterion(cfg), "leak_tokens": cfg.audit.leak_tokens,
                                                       "probes": [], "groups": [], "table": {}, "seconds": 0.0})
@@ -203,20 +207,33 @@ def run(cfg, store: RunStore) -> dict:
     if "relearn" in probes_run and not retain:
         raise UserError("audit.probes: relearn needs retained text and this run has none; fix: give retain.paths, "
                         "or drop relearn from audit.probes")
-    rows: list[dict] = []
     probe_seconds: dict[str, float] = {}
+    model_seconds: dict[str, float] = {}
     bar = cluster.Progress("audit: probes", len(probes_run) * len(folders), "probes")
-    for label, folder in folders.items():
-        model = modeling.load_model(folder, cfg.model.dtype, cfg.model.trust_remote_code).eval()
-        rows += audit_model(label, model, groups, cfg, retain, tok.pad_token_id, bar, probe_seconds)
-        del model
+
+    def probe_model(label: str) -> pd.DataFrame:
+        begun = time.time()
+        model = modeling.load_model(folders[label], cfg.model.dtype, cfg.model.trust_remote_code).eval()
+        frame = pd.DataFrame(audit_model(label, model, groups, cfg, retain, tok.pad_token_id, bar, probe_seconds),
+                             columns=COLUMNS)
+        model_seconds[label] = round(time.time() - begun, 1)
+        return frame
+
+    frames = [frame_once(store.artefact("audit_partial"), key(cfg, store, label), label, partial(probe_model, label))
+              for label in folders]
+    reused = [label for label in folders if label not in model_seconds]
+    for label in reused:
+        bar.update(len(probes_run))
+        log.info("audit: the %s model's probes read back from an earlier audit of the same inputs", label)
     bar.close()
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame = pd.concat(frames, ignore_index=True)
     seconds = time.time() - started
     unlearn_seconds = store.stage("unlearn").get("seconds")
     result = {"criterion": criterion(cfg), "leak_tokens": cfg.audit.leak_tokens, "probes": probes_run,
               "groups": [g.name for g in groups], "table": counts(frame),
-              "seconds": round(seconds, 1), "probe_seconds": probe_seconds, "unlearn_seconds": unlearn_seconds,
+              "seconds": round(seconds, 1), "probe_seconds": probe_seconds, "model_seconds": model_seconds,
+              "reused": reused,
+              "unlearn_seconds": unlearn_seconds,
               "ratio_to_unlearn": round(seconds / unlearn_seconds, 3) if unlearn_seconds else None}
     _write(store, frame, result)
     erased = frame[(frame["model"] == "unlearned") & (frame["group"] == "erased")]
@@ -226,8 +243,8 @@ def run(cfg, store: RunStore) -> dict:
     for what, names in caveats(result).items():
         if names:
             log.warning("audit: %s: %s", what, ", ".join(names))
-    log.info("audit: %d probes on 2 models in %.1f s (%.2fx the unlearn stage)", len(probes_run), seconds,
-             result["ratio_to_unlearn"] or 0.0)
+    log.info("audit: %d probes on 2 models in %.1f s (%.2fx the unlearn stage)%s", len(probes_run), seconds,
+             result["ratio_to_unlearn"] or 0.0, f", read back: {', '.join(reused)}" if reused else "")
     return {"probes": len(probes_run), "erased_leaking": int(leaking["row_id"].nunique()),
             "seconds": round(seconds, 1)}
 
@@ -250,10 +267,18 @@ def report(result: dict) -> str:
     caveat = [f"{what}: {', '.join(names)}.\n" for what, names in caveats(result).items() if names]
     return "\n".join(["# Extraction audit", "", f"Criterion: {result['criterion']}.", "",
                       "Rows that leak / rows, per probe, model and group:", "", markdown(result), "", *caveat,
-                      f"The audit took {result['seconds']:.0f} s"
+                      f"The audit took {result['seconds']:.0f} s" + (" this time" if result.get("reused") else "")
                       + (f" ({result['ratio_to_unlearn']:.2f}x the unlearn stage)" if result["ratio_to_unlearn"]
-                         else "") + "; per probe, both models: "
-                      + ", ".join(f"{p} {s:.0f} s" for p, s in result["probe_seconds"].items()) + ".", ""])
+                         else "") + timing(result), ""])
+
+
+def timing(result: dict) -> str:
+    reused = result.get("reused", [])
+    probed = "both models" if not reused else " and ".join(f"the {m} model" for m in MODELS if m not in reused)
+    return ((f": the {' and '.join(reused)} model's probes were read back from an earlier audit of the same "
+             "inputs" if reused else "")
+            + (f"; per probe, {probed}: " + ", ".join(f"{p} {s:.0f} s" for p, s in result["probe_seconds"].items())
+               if result["probe_seconds"] else "") + ".")
 
 
 def verdicts(store: RunStore) -> pd.DataFrame | None:

@@ -32,8 +32,16 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 log_to_driver=True)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "pipeline.cluster.quiet_local_workers"})
+
+
+def quiet_local_workers() -> None:
+    """Run in every worker of a local Ray. Ray Train's PlacementGroupCleaner asks the state API
+    every second whether the training controller lives; without the dashboard (left out of a
+    local Ray) it cannot, and warns each time. It guards against a controller that dies while its
+    cluster lives on, and a local Ray ends with its driver: nothing is lost by silencing it."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def actor_pool_map(actor: type, spec: dict[str, Any], items: list[dict[str, Any]], actors: int,

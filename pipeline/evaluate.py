@@ -23,7 +23,7 @@ import torch
 from pipeline import cluster, metrics, modeling
 from pipeline.atomic import atomic_write_json, write_parquet
 from pipeline.iur import memorization, score_requests
-from pipeline.store import RunStore, fingerprint
+from pipeline.store import RunStore, fingerprint, frame_once
 from pipeline.suites import SPEAKERS, Task
 
 log = logging.getLogger("icu.evaluate")
@@ -297,7 +297,7 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
     for label, model_dir in models.items():
         spec = model_spec(model_dir, options(cfg), dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                           cpus=cfg.resources.cpus_per_worker, use_gpu=cfg.resources.use_gpu)
-        frames[label] = _scores_once(store.artefact("eval_partial"), keys[label], label, lambda: (
+        frames[label] = frame_once(store.artefact("eval_partial"), keys[label], label, lambda: (
             sharded_eval.score(cfg, store, spec, units, label) if sharded(cfg, Path(model_dir)) else
             score_model(spec, units, cfg.resources.eval_actors, cluster.use_ray(cfg), desc=f"evaluate: the {label} model")))
     unlearn = json.loads(store.artefact("unlearn_result").read_text())
@@ -334,16 +334,3 @@ def evaluate_folder(model_dir: Path, cfg, out: Path) -> dict[str, Any]:
     atomic_write_json(out / "metrics.json", results)
     report.write_report(out, results, frame.assign(model=model_dir.name))
     return results
-
-
-def _scores_once(partial: Path, key: str, label: str, compute) -> pd.DataFrame:
-    """One model's scores: read back if an earlier attempt (same inputs, `key`) finished them."""
-    path, stamp = partial / f"{label}.parquet", partial / f"{label}.key"
-    if path.exists() and stamp.exists() and stamp.read_text() == key:
-        return pd.read_parquet(path)
-    partial.mkdir(parents=True, exist_ok=True)
-    stamp.unlink(missing_ok=True)  # a stamp names the parquet written after it, never an older one
-    frame = compute()
-    write_parquet(frame, path)
-    stamp.write_text(key)
-    return frame

@@ -60,6 +60,7 @@ ARTEFACTS = {
     "audit": "audit/audit.json",
     "audit_rows": "audit/rows.parquet",
     "audit_report": "audit/report.md",
+    "audit_partial": "audit/partial",
     "handoff": "model",
     "logs": "logs",
 }
@@ -73,6 +74,24 @@ def fingerprint(*parts: Any) -> str:
     """A stable digest of JSON-able inputs: config sections, upstream keys, file digests."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def frame_once(folder: Path, key: str, label: str, compute: Callable[[], Any]) -> Any:
+    """One model's part of a stage (a DataFrame): read back when an earlier attempt with the same
+    inputs (`key`) finished it, so a stopped or restarted stage redoes only what changed."""
+    import pandas as pd
+
+    from pipeline.atomic import write_parquet
+
+    path, stamp = folder / f"{label}.parquet", folder / f"{label}.key"
+    if path.exists() and stamp.exists() and stamp.read_text() == key:
+        return pd.read_parquet(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)  # a stamp names the parquet written after it, never an older one
+    frame = compute()
+    write_parquet(frame, path)
+    stamp.write_text(key)
+    return frame
 
 
 class RunStore:

@@ -32,7 +32,10 @@ OUTPUTS = ("unlearn_result", "history", "epochs", "final_checkpoint", "unlearned
 # MALLOC_MMAP_THRESHOLD_: glibc otherwise raises its mmap threshold after each large free, and
 # the gathered ZeRO-3 parameters and logits freed every step then stay in the process's heap
 # (measured on the 135M bench step: peak RSS per rank 4.7 GB -> 3.5 GB with it fixed at 64 KiB).
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536"}
+# PYTHONWARNINGS: DeepSpeed calls torch's all_gather_into_tensor / reduce_scatter_tensor, which
+# warn (FutureWarning, deprecated) on every call: hundreds of lines in a short run's log.
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536",
+              "PYTHONWARNINGS": "ignore::FutureWarning:torch.distributed.c10d_logger"}
 
 
 def key(cfg: Config, store: RunStore, resumable: bool = False) -> str:

@@ -59,8 +59,16 @@ def test_a_4bit_leak_blocks_the_export_until_hardening_clears_it(implanted, shal
     assert len(refusal) == 1 and "(int4)" in refusal[0] and "req0" in refusal[0], err
     assert not any(t[:LEAK] in err for t in implanted["memorize"][:8])  # ids, never text
     assert not store.artefact("handoff").exists()
+    first_audit = pd.read_parquet(store.artefact("audit_rows"))
 
     assert main(["run", str(config), "--restart-from", "unlearn", "--set", "unlearning.harden=[int4]"]) == 0
+    # The original's probes read nothing the restart changed: read back, not probed again.
+    result = json.loads(store.artefact("audit").read_text())
+    assert result["reused"] == ["original"] and "original model's probes were read back" in \
+        store.artefact("audit_report").read_text()
+    again = pd.read_parquet(store.artefact("audit_rows"))
+    pd.testing.assert_frame_equal(again[again["model"] == "original"].reset_index(drop=True),
+                                  first_audit[first_audit["model"] == "original"].reset_index(drop=True))
     history = pd.read_parquet(store.artefact("history"))
     first = history[history["epoch"] == 0]
     assert (first["leaks_under"] == "int4").sum() >= 7 and not first[first["leaks_under"] != ""]["forgotten"].any()

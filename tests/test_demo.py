@@ -11,10 +11,11 @@ The fine-tuned model is cached per machine like the full demo's.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from pipeline import driver
+from pipeline import cluster, driver
 from pipeline.store import STAGES
 from ray_jobs import customers
 from pipeline.errors import UserError
@@ -51,12 +52,16 @@ def short_run(shared_data, tmp_path_factory):
         text = (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(tmp / "customers"))
         cfg, store = driver.open_run(str(write_config(tmp, text, "demo.yaml")),
                                      dict(SHORT, **{"storage.runs_dir": str(tmp / "runs")}))
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        cluster.ensure_ray()  # the local Ray `make demo` starts
         try:
             driver.run_pipeline(cfg, store)
+            logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+            spam = [f"{p.name}: {line}" for p in logs.glob("worker-*") for line in p.read_text(errors="replace").splitlines()
+                    if "Failed to query Ray Train" in line or "FutureWarning: `torch.distributed" in line]
         finally:
             ray.shutdown()
             store.unlock()
+    assert not spam, f"{len(spam)} lines of Ray Train / torch.distributed warnings in the workers' logs: {spam[:3]}"
     return store, paths
 
 
