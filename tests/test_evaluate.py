@@ -82,22 +82,6 @@ def test_stage_perplexity_equals_the_metric_on_the_same_stream(tiny_llama_dir, s
         assert summary["ppl"][task.name] == pytest.approx(want, rel=1e-9)
 
 
-def test_model_scores_are_reused_only_for_the_same_inputs(tmp_path):
-    calls = []
-
-    def compute(value):
-        return lambda: calls.append(value) or pd.DataFrame({"value": [value]})
-
-    partial = tmp_path / "partial"
-    assert evaluate._scores_once(partial, "a", "original", compute(1))["value"].tolist() == [1]
-    assert evaluate._scores_once(partial, "a", "original", compute(2))["value"].tolist() == [1]  # kept
-    assert evaluate._scores_once(partial, "b", "original", compute(3))["value"].tolist() == [3]  # other inputs
-    (partial / "original.key").unlink()  # stopped between the scores and their stamp
-    assert evaluate._scores_once(partial, "b", "original", compute(4))["value"].tolist() == [4]
-    assert evaluate._scores_once(partial, "b", "unlearned", compute(5))["value"].tolist() == [5]
-    assert calls == [1, 3, 4, 5]
-
-
 def test_summary_counts_and_auc_from_per_sample_rows():
     rows = []
     for i, (ma, el, loss) in enumerate([(0.9, 0.5, -1.0), (0.1, 0.0, -3.0), (0.2, 0.01, -2.0)]):

@@ -7,11 +7,12 @@ import subprocess
 import sys
 import textwrap
 
+import pandas as pd
 import pytest
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.errors import UserError
-from pipeline.store import RunStore, fingerprint
+from pipeline.store import RunStore, fingerprint, frame_once
 
 from conftest import REPO
 
@@ -197,3 +198,19 @@ def test_a_second_icu_on_a_running_run_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", str(config)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_models_part_is_read_back_only_for_the_same_inputs(tmp_path):
+    calls = []
+
+    def compute(value):
+        return lambda: calls.append(value) or pd.DataFrame({"value": [value]})
+
+    partial = tmp_path / "partial"
+    assert frame_once(partial, "a", "original", compute(1))["value"].tolist() == [1]
+    assert frame_once(partial, "a", "original", compute(2))["value"].tolist() == [1]  # kept
+    assert frame_once(partial, "b", "original", compute(3))["value"].tolist() == [3]  # other inputs
+    (partial / "original.key").unlink()  # stopped between the scores and their stamp
+    assert frame_once(partial, "b", "original", compute(4))["value"].tolist() == [4]
+    assert frame_once(partial, "b", "unlearned", compute(5))["value"].tolist() == [5]
+    assert calls == [1, 3, 4, 5]
