@@ -33,10 +33,13 @@ from pipeline.report import TABLE, cell  # noqa: E402
 from pipeline.store import RunStore  # noqa: E402
 
 SHARED = ("ingest", "retrieve")
-ONE_SIDED = {"unlearning.stop": "each", "unlearning.stranger_quantile": None}
+# The others run at the lr they were measured at (2026-12-05, the demo's then) and stop as soon
+# as every request is forgotten: holding forgotten requests needs a band method.
+OTHERS = {"unlearning.lr": 3e-4, "unlearning.recover_within": None}
+ONE_SIDED = {**OTHERS, "unlearning.stop": "each", "unlearning.stranger_quantile": None}
 VARIANTS = {
     "icu_band": {},  # the config's own recipe
-    "icu-paper": {"unlearning.method": "icu", "unlearning.stop": "set", "unlearning.stranger_quantile": None,
+    "icu-paper": {**OTHERS, "unlearning.method": "icu", "unlearning.stop": "set", "unlearning.stranger_quantile": None,
                   "unlearning.general_batch": 0},
     **{m: {"unlearning.method": m, **ONE_SIDED} for m in ("ga", "gd", "npo", "simnpo")},
 }

@@ -176,6 +176,11 @@ class UnlearningConfig:
     # back), the steps are longer than the band is wide: every later step's lr is multiplied by
     # this. 1 = never. Only a two-sided rule (stranger_quantile) has a band to jump.
     lr_backoff: float = 0.5
+    # icu_band: once a request is forgotten it stays in training, held below the line (its
+    # personal tokens' margin), and its neighbours keep being trained; the run stops only when
+    # every request is forgotten and the neighbours' MA is back within this of the original
+    # model's (0-1, absolute), or at max_epochs. null = stop as soon as every request is forgotten.
+    recover_within: float | None = None
     margin: float = 1.0  # icu_band: the logit margin a request's tokens are pushed off the top by
     general_batch: int = 0  # general retain rows (retrieval.general_per_source) added to each step
     general_lw: float | None = None  # icu, icu_band: NLL weight of those rows (null = lw; the KL holds them too)
@@ -205,6 +210,12 @@ class UnlearningConfig:
         _one_of("unlearning.stop", self.stop, ("each", "set"))
         if self.stranger_quantile is not None:
             _in_range("unlearning.stranger_quantile", self.stranger_quantile, 0.0, 1.0)
+        if self.recover_within is not None:
+            _in_range("unlearning.recover_within", self.recover_within, 0.0, 1.0)
+            if not METHODS[self.method].band:
+                raise UserError(f"unlearning.recover_within: only a band method holds a forgotten request below the "
+                                f"line while its neighbours recover, not {self.method}; fix: use method: icu_band "
+                                f"or set recover_within: null")
         if not 0 < self.lr_backoff <= 1:
             raise UserError(f"unlearning.lr_backoff: must be in (0, 1] (1 = never back off), got {self.lr_backoff}")
         if self.general_batch < 0:

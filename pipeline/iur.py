@@ -135,7 +135,7 @@ def bigram_share(rows: list[list[int]], hits: list[list[bool]]) -> dict[tuple[in
 
 def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[bool]],
                  share: dict[tuple[int, int], float], unseen_nll: list[float], ma_threshold: float,
-                 shared_at: float = 0.5) -> tuple[list[list[float]], list[float], list[float]]:
+                 shared_at: float = 0.5, hold: bool = False) -> tuple[list[list[float]], list[float], list[float]]:
     """icu_band's per-request (push mask over positions, low, high) for the next epoch.
 
     A remembered request is pushed at every position whose bigram strangers do not mostly get
@@ -144,21 +144,24 @@ def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[boo
     (`hits`: its greedy hits now) but whose MA is still above the threshold has more template than
     a stranger's record; pushing it deeper would not lower its MA, so its template hits are pushed
     too, least shared first and only as many as the threshold needs. One erased too deep is not
-    pushed and is pulled back to the strangers' edge.
+    pushed and is pulled back to the strangers' edge. With `hold` a forgotten request keeps its
+    personal mask with nothing to raise (low 0): the margin is 0 while its tokens stay off the
+    top, so it only acts on a token the neighbours' training brings back.
     """
     low = float(np.median(unseen_nll))
     push, lows, high = [], [], []
     for rec, row, row_hits in zip(records, rows, hits):
         remembered = not rec["forgotten"] and not rec["too_deep"]
+        held = hold and rec["forgotten"]
         pairs = [(row[t], row[t + 1]) for t in range(len(row) - 1)]
-        mask = [float(remembered and share.get(pair, 0.0) < shared_at) for pair in pairs]
+        mask = [float((remembered or held) and share.get(pair, 0.0) < shared_at) for pair in pairs]
         if remembered and not any(h and m for h, m in zip(row_hits, mask)):
             excess = sum(row_hits) - math.floor(ma_threshold * len(pairs) + 1e-9)
             template = sorted((share[pair], t) for t, (pair, h) in enumerate(zip(pairs, row_hits)) if h)
             for _, t in template[:max(excess, 0)]:
                 mask[t] = 1.0
         push.append(mask)
-        lows.append(low)
+        lows.append(0.0 if held else low)
         high.append(float("inf") if remembered or rec["band_high"] is None else rec["band_high"])
     return push, lows, high
 

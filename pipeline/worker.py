@@ -55,6 +55,7 @@ class LoopState:
     epochs: list[dict] = field(default_factory=list)  # one row per training epoch
     thresholds: dict | None = None
     lr_scale: float = 1.0  # unlearning.lr_backoff's factor so far
+    neighbour_ma: list[float] = field(default_factory=list)  # recover_within: the neighbours' MA at each check
     resumed_from: list[str] = field(default_factory=list)  # checkpoint tags this run restarted from
 
 
@@ -66,6 +67,10 @@ class Pairs:
     pair_request: list[int]
     pair_neighbour: list[list[int]]
     general: list[list[int]] = field(default_factory=list)  # general retain rows (not paired)
+
+    def neighbours(self) -> list[list[int]]:
+        """Each distinct neighbour row once, in pair order."""
+        return [list(row) for row in dict.fromkeys(tuple(row) for row in self.pair_neighbour if row)]
 
 
 def load_pairs(store: RunStore, pairs_per_request: int) -> Pairs:
@@ -92,6 +97,19 @@ def load_pairs(store: RunStore, pairs_per_request: int) -> Pairs:
     general = [list(map(int, r)) for r in pd.read_parquet(general_table, columns=["input_ids"])["input_ids"]] \
         if general_table.exists() else []
     return Pairs(ids, rows, pair_request, pair_neighbour, general)
+
+
+def step_rows(pairs: Pairs, batch: list[int | None], general: list[list[int]] | None) -> tuple[list, list]:
+    """A step's forget rows and retain rows (none when `general` is None: the method reads no
+    retain side). Pair k gives its request and its neighbour (None: an empty row of each); the
+    general rows follow the neighbours, cut to the longest paired row: their KL holds the model
+    token by token, and their full length would only pad every other row of the step."""
+    forget = [pairs.requests[pairs.pair_request[k]] if k is not None else [] for k in batch]
+    if general is None:
+        return forget, []
+    paired = [pairs.pair_neighbour[k] if k is not None else [] for k in batch]
+    width = max(map(len, forget + paired)) or None
+    return forget, paired + [row[:width] for row in general]
 
 
 def zero_sizes(hidden: int) -> dict[str, int]:
@@ -169,6 +187,7 @@ class Worker:
         self.band: tuple | None = None  # icu_band: (push masks, low, high) per request, from the last check
         self.models_loaded = 0
         self.lr_scale = 1.0  # unlearning.lr_backoff (LoopState.lr_scale)
+        self.neighbour_ma: float | None = None  # unlearning.recover_within: the neighbours' MA at the last check
         self.lora = adapter.enabled(self.cfg.unlearning.adapter)
 
     def build_engines(self) -> None:
@@ -331,7 +350,10 @@ class Worker:
         records = self._hardened(model, apply_band(records, nll, unseen, u.stranger_quantile))
         if self.method.band:
             self.band = band_targets(records, self.pairs.requests, hits, bigram_share(strangers, unseen_hits),
-                                     unseen, thr.ma)
+                                     unseen, thr.ma, hold=u.recover_within is not None)
+        if u.recover_within is not None:
+            _, neighbour_hits = self._nll_and_hits(model, self.pairs.neighbours(), options)
+            self.neighbour_ma = float(np.mean([np.mean(h) for h in neighbour_hits if h]))
         self.engine.module.train()
         return [dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)]
 
@@ -389,9 +411,8 @@ class Worker:
         """
         batch = [k for k in batch if k is not None] or [None]
         p, pad = self.pairs, self.tok.pad_token_id
-        forget = [p.requests[p.pair_request[k]] if k is not None else [] for k in batch]
         use_retain = self.method.retain(self.weights)
-        retain = [p.pair_neighbour[k] if k is not None else [] for k in batch] + list(general) if use_retain else []
+        forget, retain = step_rows(p, batch, general if use_retain else None)
         ids, mask = pad_rows(forget + retain, pad)
         ids, mask = ids.to(self.device), mask.to(self.device)
         attend = mask.clone()
@@ -446,19 +467,24 @@ class Worker:
             records = self.check(state.epoch, thr, scorer)
             self._back_off(state, records)
             state.history += records
+            if self.neighbour_ma is not None:
+                state.neighbour_ma.append(self.neighbour_ma)
             forgotten = [r["request_id"] for r in records if r["forgotten"]]
-            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.stop, self.method.band)
+            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.stop, self.method.band,
+                                 recovered(state.neighbour_ma, u.recover_within))
             self._report(state, records)
             if reason:
                 break
-            train = {i for i, r in enumerate(records) if needs_training(r, self.method.band)}
+            hold = u.recover_within is not None
+            train = {i for i, r in enumerate(records) if needs_training(r, self.method.band) or hold and r["forgotten"]}
             state.epochs.append(self.train_epoch(state.epoch + 1, train))
             state.epoch += 1
             self.save(state)
         result = dict(stop_reason=reason, epochs=state.epoch, requests=n, forgotten=len(forgotten),
                       remembered=[r["request_id"] for r in records if not r["forgotten"] and not r["too_deep"]],
                       too_deep=[r["request_id"] for r in records if r["too_deep"]],
-                      thresholds=thr.to_dict(), method=u.method, resumed_from=state.resumed_from)
+                      thresholds=thr.to_dict(), method=u.method, resumed_from=state.resumed_from,
+                      neighbour_ma=state.neighbour_ma)
         self.finish(state, result)
         return result
 
@@ -528,6 +554,8 @@ class Worker:
             note = f"{forgotten}/{len(records)} requests forgotten after epoch {state.epoch}"
             nll = sorted(r["nll"] for r in records)
             band = f", band edge {records[0]['band_high']:.2f}" if records[0]["band_high"] is not None else ""
+            if state.neighbour_ma:
+                band += f"; neighbours' MA {state.neighbour_ma[-1]:.3f} (original {state.neighbour_ma[0]:.3f})"
             log.info("unlearn: %s; %d too deep; request NLL %.2f..%.2f%s", note, deep, nll[0], nll[-1], band)
             self.store.progress("unlearn", state.epoch, self.cfg.unlearning.max_epochs, note)
 
@@ -537,19 +565,27 @@ def needs_training(record: dict, pull_back: bool) -> bool:
     return not record["forgotten"] and (not record["too_deep"] or pull_back)
 
 
+def recovered(neighbour_ma: list[float], within: float | None) -> bool:
+    """`unlearning.recover_within`: the neighbours' MA at the last check is within `within` of the
+    original model's (the first check's). Always true without the option."""
+    return within is None or bool(neighbour_ma) and neighbour_ma[-1] >= neighbour_ma[0] - within
+
+
 def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: int, stop: str = "each",
-                pull_back: bool = False) -> str | None:
+                pull_back: bool = False, neighbours_recovered: bool = True) -> str | None:
     """Why training stops after this check, or None to keep going.
 
-    `each` goes on while any request needs training (`needs_training`). `set`, the paper's
+    `each` goes on while any request needs training (`needs_training`), and with
+    `unlearning.recover_within` until the neighbours have recovered too. `set`, the paper's
     rule, also stops when the set's mean MA and EL cross the thresholds, usually with some
     requests still above them.
     """
-    if all(r["forgotten"] for r in records):
+    everyone = all(r["forgotten"] for r in records)
+    if everyone and neighbours_recovered:
         return "all_forgotten"
     if stop == "set" and np.mean([r["ma"] for r in records]) < thr.ma and np.mean([r["el"] for r in records]) < thr.el:
         return "set_thresholds"
-    if not any(needs_training(r, pull_back) for r in records):
+    if not everyone and not any(needs_training(r, pull_back) for r in records):
         return "only_too_deep_left"
     if epoch >= max_epochs:
         return "max_epochs"

@@ -77,6 +77,8 @@ def test_shortened_demo(short_run):
         assert row["epoch_forgotten"] is not None or row["reason"], row
     audited = json.loads((store.root / "audit" / "audit.json").read_text())["table"]
     assert audited["greedy"]["original"]["erased"] == [2, 2] and audited["greedy"]["original"]["kept"][0] >= 5
+    unlearned = json.loads((store.root / "unlearn" / "result.json").read_text())
+    assert len(unlearned["neighbour_ma"]) == unlearned["epochs"] + 1  # recover_within: measured at every check
     metrics = json.loads((store.root / "eval" / "metrics.json").read_text())["models"]
     before, after = metrics["original"], metrics["unlearned"]
     assert before["forget"]["ma"] > 0.9 and before["keep"]["ma"] > 0.9  # the fine-tuned model knows them all

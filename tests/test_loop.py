@@ -9,7 +9,7 @@ import math
 
 from pipeline.iur import (Thresholds, apply_band, band_targets, bigram_share, check_requests, is_forgotten,
                          jumped_band, score_requests)
-from pipeline.worker import deepspeed_config, epoch_batches, needs_training, stop_reason
+from pipeline.worker import Pairs, deepspeed_config, epoch_batches, needs_training, recovered, step_rows, stop_reason
 
 from conftest import REPO
 
@@ -59,6 +59,31 @@ def test_stop_reasons():
     assert stop_reason(too_deep, thr, 3, 30, pull_back=True) is None
     assert [needs_training(r, False) for r in too_deep + [rec(False)]] == [False, False, True]
     assert [needs_training(r, True) for r in too_deep + [rec(False)]] == [True, False, True]
+
+
+def test_recover_within_waits_for_the_neighbours_after_every_request_is_forgotten():
+    thr = Thresholds(ma=0.3, el=0.05)
+    done = [{"forgotten": True, "ma": 0.1, "el": 0.0, "too_deep": False}] * 2
+    assert recovered([0.9, 0.7, 0.86], None) and recovered([0.9, 0.7, 0.86], 0.05)
+    assert not recovered([0.9, 0.7, 0.84], 0.05) and not recovered([], 0.05)
+    assert stop_reason(done, thr, 3, 30, pull_back=True, neighbours_recovered=False) is None
+    assert stop_reason(done, thr, 30, 30, pull_back=True, neighbours_recovered=False) == "max_epochs"
+    assert stop_reason(done, thr, 3, 30, pull_back=True, neighbours_recovered=True) == "all_forgotten"
+    left = [done[0], {"forgotten": False, "ma": 0.5, "el": 0.5, "too_deep": False}]
+    assert stop_reason(left, thr, 3, 30, pull_back=True, neighbours_recovered=True) is None
+
+
+def test_neighbours_are_each_distinct_row_once():
+    pairs = Pairs(["a", "b"], [[1], [2]], [0, 0, 1, 1], [[5, 6], [7], [5, 6], []])
+    assert pairs.neighbours() == [[5, 6], [7]]
+
+
+def test_step_rows_pair_requests_with_neighbours_and_cut_general_rows_to_them():
+    pairs = Pairs(["a", "b"], [[1, 1, 1], [2]], [0, 1], [[5, 6, 7, 8], []])
+    general = [list(range(10)), [9, 9]]
+    assert step_rows(pairs, [1, 0, None], general) == ([[2], [1, 1, 1], []], [[], [5, 6, 7, 8], [], [0, 1, 2, 3], [9, 9]])
+    assert step_rows(pairs, [1, None], None) == ([[2], []], [])
+    assert step_rows(pairs, [None], general) == ([[]], [[]] + general)  # nothing paired: nothing to cut to
 
 
 def _quantile(values, q):
@@ -150,6 +175,10 @@ def test_band_targets_push_what_is_personal_and_pull_back_the_too_deep():
     assert push == [[0.0, 1.0, 0.0], [0.0, 0.0], [0.0], [1.0]]
     assert low == [pytest.approx(_quantile(UNSEEN, 0.5))] * 4
     assert hi[0] == hi[3] == math.inf and hi[1] == pytest.approx(high) == hi[2]
+    # held (recover_within): the forgotten row keeps its personal positions with nothing to raise
+    held, held_low, held_hi = band_targets([rec(), rec(deep=True), rec(forgotten=True), rec(edge=None)], rows, hits,
+                                           share, UNSEEN, ma_threshold=0.5, hold=True)
+    assert held == push[:2] + [[1.0]] + push[3:] and held_low == low[:2] + [0.0] + low[3:] and held_hi == hi
 
 
 def _naive_push(row, row_hits, share, ma_threshold):
