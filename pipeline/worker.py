@@ -351,8 +351,9 @@ class Worker:
         if self.method.band:
             self.band = band_targets(records, self.pairs.requests, hits, bigram_share(strangers, unseen_hits),
                                      unseen, thr.ma, hold=u.recover_within is not None)
-        if u.recover_within is not None:
-            _, neighbour_hits = self._nll_and_hits(model, self.pairs.neighbours(), options)
+        neighbours = self.pairs.neighbours() if u.recover_within is not None else []
+        if neighbours:
+            _, neighbour_hits = self._nll_and_hits(model, neighbours, options)
             self.neighbour_ma = float(np.mean([np.mean(h) for h in neighbour_hits if h]))
         self.engine.module.train()
         return [dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)]
@@ -567,8 +568,9 @@ def needs_training(record: dict, pull_back: bool) -> bool:
 
 def recovered(neighbour_ma: list[float], within: float | None) -> bool:
     """`unlearning.recover_within`: the neighbours' MA at the last check is within `within` of the
-    original model's (the first check's). Always true without the option."""
-    return within is None or bool(neighbour_ma) and neighbour_ma[-1] >= neighbour_ma[0] - within
+    original model's (the first check's). Always true without the option or without neighbours
+    (nothing measured: retrieval found none)."""
+    return within is None or not neighbour_ma or neighbour_ma[-1] >= neighbour_ma[0] - within
 
 
 def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: int, stop: str = "each",

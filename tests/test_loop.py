@@ -65,7 +65,7 @@ def test_recover_within_waits_for_the_neighbours_after_every_request_is_forgotte
     thr = Thresholds(ma=0.3, el=0.05)
     done = [{"forgotten": True, "ma": 0.1, "el": 0.0, "too_deep": False}] * 2
     assert recovered([0.9, 0.7, 0.86], None) and recovered([0.9, 0.7, 0.86], 0.05)
-    assert not recovered([0.9, 0.7, 0.84], 0.05) and not recovered([], 0.05)
+    assert not recovered([0.9, 0.7, 0.84], 0.05) and recovered([], 0.05)  # no neighbours: nothing to wait for
     assert stop_reason(done, thr, 3, 30, pull_back=True, neighbours_recovered=False) is None
     assert stop_reason(done, thr, 30, 30, pull_back=True, neighbours_recovered=False) == "max_epochs"
     assert stop_reason(done, thr, 3, 30, pull_back=True, neighbours_recovered=True) == "all_forgotten"
