@@ -68,7 +68,8 @@ def write_report(out: Path, results: dict[str, Any], samples: pd.DataFrame,
                   f"forgotten by IUR after {u.get('epochs')} epochs (stopped: {u.get('stop_reason')}).", ""]
         if u.get("neighbour_ma"):
             curve = ", ".join(f"{m:.3f}" for m in u["neighbour_ma"])
-            parts += [f"Neighbours' MA at each check (`unlearning.recover_within`; the first is the original's): {curve}.", ""]
+            parts += [f"Neighbours' MA at each check (`unlearning.recover_within`; the first is the original's): "
+                      f"{curve}.", ""]
     for suite, c in (results.get("paired_change") or {}).items():
         parts += [f"{suite.capitalize()}: unlearned minus original {c['change']:+.1f} points (standard error "
                   f"{c['se']:.1f}; paired, the same {c['examples']} examples over {c['tasks']} tasks).", ""]

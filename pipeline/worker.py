@@ -15,6 +15,7 @@ hold (`stop: set`), or at max_epochs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -68,6 +69,7 @@ class Pairs:
     pair_neighbour: list[list[int]]
     general: list[list[int]] = field(default_factory=list)  # general retain rows (not paired)
 
+    @functools.cached_property
     def neighbours(self) -> list[list[int]]:
         """Each distinct neighbour row once, in pair order."""
         return [list(row) for row in dict.fromkeys(tuple(row) for row in self.pair_neighbour if row)]
@@ -187,7 +189,8 @@ class Worker:
         self.band: tuple | None = None  # icu_band: (push masks, low, high) per request, from the last check
         self.models_loaded = 0
         self.lr_scale = 1.0  # unlearning.lr_backoff (LoopState.lr_scale)
-        self.neighbour_ma: float | None = None  # unlearning.recover_within: the neighbours' MA at the last check
+        self.hold = u.recover_within is not None  # forgotten requests stay in training (recover_within)
+        self.neighbour_ma: float | None = None  # with hold: the neighbours' MA at the last check
         self.lora = adapter.enabled(self.cfg.unlearning.adapter)
 
     def build_engines(self) -> None:
@@ -350,10 +353,9 @@ class Worker:
         records = self._hardened(model, apply_band(records, nll, unseen, u.stranger_quantile))
         if self.method.band:
             self.band = band_targets(records, self.pairs.requests, hits, bigram_share(strangers, unseen_hits),
-                                     unseen, thr.ma, hold=u.recover_within is not None)
-        neighbours = self.pairs.neighbours() if u.recover_within is not None else []
-        if neighbours:
-            _, neighbour_hits = self._nll_and_hits(model, neighbours, options)
+                                     unseen, thr.ma, hold=self.hold)
+        if self.hold and self.pairs.neighbours:
+            _, neighbour_hits = self._nll_and_hits(model, self.pairs.neighbours, options)
             self.neighbour_ma = float(np.mean([np.mean(h) for h in neighbour_hits if h]))
         self.engine.module.train()
         return [dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)]
@@ -476,8 +478,8 @@ class Worker:
             self._report(state, records)
             if reason:
                 break
-            hold = u.recover_within is not None
-            train = {i for i, r in enumerate(records) if needs_training(r, self.method.band) or hold and r["forgotten"]}
+            train = {i for i, r in enumerate(records)
+                     if needs_training(r, self.method.band) or self.hold and r["forgotten"]}
             state.epochs.append(self.train_epoch(state.epoch + 1, train))
             state.epoch += 1
             self.save(state)

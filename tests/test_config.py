@@ -47,7 +47,8 @@ CASES = {
     "quantile range": ("unlearning:\n  stranger_quantile: 1.5\n", ["unlearning.stranger_quantile", "between"]),
     "lr back-off range": ("unlearning:\n  lr_backoff: 0\n", ["unlearning.lr_backoff", "(0, 1]"]),
     "recover without a band": ("unlearning:\n  recover_within: 0.03\n", ["unlearning.recover_within", "icu_band"]),
-    "recover range": ("unlearning:\n  method: icu_band\n  recover_within: 2\n", ["unlearning.recover_within", "between"]),
+    "recover range": ("unlearning:\n  method: icu_band\n  recover_within: 2\n",
+                      ["unlearning.recover_within", "between"]),
     "negative margin": ("unlearning:\n  margin: -1\n", ["unlearning.margin", ">= 0"]),
     "negative general": ("retrieval:\n  general_per_source: -1\n", ["retrieval.general_per_source", ">= 0"]),
 }

@@ -75,13 +75,14 @@ def test_recover_within_waits_for_the_neighbours_after_every_request_is_forgotte
 
 def test_neighbours_are_each_distinct_row_once():
     pairs = Pairs(["a", "b"], [[1], [2]], [0, 0, 1, 1], [[5, 6], [7], [5, 6], []])
-    assert pairs.neighbours() == [[5, 6], [7]]
+    assert pairs.neighbours == [[5, 6], [7]]
 
 
 def test_step_rows_pair_requests_with_neighbours_and_cut_general_rows_to_them():
     pairs = Pairs(["a", "b"], [[1, 1, 1], [2]], [0, 1], [[5, 6, 7, 8], []])
     general = [list(range(10)), [9, 9]]
-    assert step_rows(pairs, [1, 0, None], general) == ([[2], [1, 1, 1], []], [[], [5, 6, 7, 8], [], [0, 1, 2, 3], [9, 9]])
+    assert step_rows(pairs, [1, 0, None], general) == ([[2], [1, 1, 1], []],
+                                                        [[], [5, 6, 7, 8], [], [0, 1, 2, 3], [9, 9]])
     assert step_rows(pairs, [1, None], None) == ([[2], []], [])
     assert step_rows(pairs, [None], general) == ([[]], [[]] + general)  # nothing paired: nothing to cut to
 
