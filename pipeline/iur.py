@@ -144,17 +144,21 @@ def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[boo
     (`hits`: its greedy hits now) but whose MA is still above the threshold has more template than
     a stranger's record; pushing it deeper would not lower its MA, so its template hits are pushed
     too, least shared first and only as many as the threshold needs. One erased too deep is not
-    pushed and is pulled back to the strangers' edge. With `hold` a forgotten request keeps its
-    personal mask with nothing to raise (low 0): the margin is 0 while its tokens stay off the
-    top, so it only acts on a token the neighbours' training brings back.
+    pushed and is pulled back to the strangers' edge. With `hold` a forgotten or too-deep request
+    is held where it stands, with nothing to raise (low 0): every personal position and every
+    position greedy decoding misses now. The margin is 0 while those tokens trail the best other
+    by `margin` logits, so it acts only on a token the neighbours' training (or the pull-back)
+    brings back: the template tokens that were pushed to cross the line stay crossed, and a
+    request pulled back from too deep comes back by its NLL, not by becoming remembered again.
     """
     low = float(np.median(unseen_nll))
     push, lows, high = [], [], []
     for rec, row, row_hits in zip(records, rows, hits):
         remembered = not rec["forgotten"] and not rec["too_deep"]
-        held = hold and rec["forgotten"]
+        held = hold and not remembered
         pairs = [(row[t], row[t + 1]) for t in range(len(row) - 1)]
-        mask = [float((remembered or held) and share.get(pair, 0.0) < shared_at) for pair in pairs]
+        mask = [float(remembered and share.get(pair, 0.0) < shared_at
+                      or held and (share.get(pair, 0.0) < shared_at or not hit)) for pair, hit in zip(pairs, row_hits)]
         if remembered and not any(h and m for h, m in zip(row_hits, mask)):
             excess = sum(row_hits) - math.floor(ma_threshold * len(pairs) + 1e-9)
             template = sorted((share[pair], t) for t, (pair, h) in enumerate(zip(pairs, row_hits)) if h)

@@ -72,13 +72,26 @@ def write_report(out: Path, results: dict[str, Any], samples: pd.DataFrame,
                       f"{curve}.", ""]
     for suite, c in (results.get("paired_change") or {}).items():
         parts += [f"{suite.capitalize()}: unlearned minus original {c['change']:+.1f} points (standard error "
-                  f"{c['se']:.1f}; paired, the same {c['examples']} examples over {c['tasks']} tasks).", ""]
+                  f"{c['se']:.1f}; paired, the same {c['examples']} examples over {c['tasks']} tasks). "
+                  f"{_resolution(suite, c)}", ""]
     parts += _task_tables(results)
     for png, caption in _plots(out, results, samples, training or (None, None)):
         parts += [f"![{caption}]({png.name})", ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def _resolution(suite: str, change: dict[str, float]) -> str:
+    """What the paired change can and cannot tell, in words: within two standard errors of 0 it is
+    not told apart from no change, and a 2-point target needs a standard error under 1."""
+    if abs(change["change"]) < 2 * change["se"]:
+        verdict = "Within two standard errors of 0: at this size it is not told apart from no change"
+    else:
+        verdict = "More than two standard errors from 0: a change"
+    more = (f"; to tell 2 points apart it needs about {math.ceil(change['examples'] * change['se'] ** 2)} examples"
+            f" (`bench/classification_power.py` scores more)" if change["se"] > 1 and suite == "classification" else "")
+    return verdict + more + "."
 
 
 def _task_tables(results: dict[str, Any]) -> list[str]:

@@ -163,7 +163,9 @@ def test_report_renders_table_task_tables_and_plots(tmp_path):
     summary = {"forget": {"el": 0.5, "ma": 0.9, "bertscore": 0.6, "bleu": 0.2, "below_thresholds": 0, "requests": 4},
                "ppl": {"pile": 20.0, "wikitext": 25.0}, "classification": {"lambada": 30.0, "average": 30.0}}
     results = {"thresholds": {"ma": 0.4, "el": 0.01}, "models": {"original": summary, "unlearned": summary},
-               "unlearn": {"method": "icu", "epochs": 3, "stop_reason": "all_forgotten", "forgotten": 4, "requests": 4}}
+               "unlearn": {"method": "icu", "epochs": 3, "stop_reason": "all_forgotten", "forgotten": 4, "requests": 4},
+               "paired_change": {"classification": {"change": -5.4, "se": 3.1, "examples": 56, "tasks": 7},
+                                 "dialogue": {"change": 3.0, "se": 1.2, "examples": 16, "tasks": 4}}}
     unlearn = tmp_path / "unlearn"
     unlearn.mkdir()
     pd.DataFrame({"epoch": [0, 0, 1, 1], "request_id": ["a", "b", "a", "b"], "forgotten": [False, False, True, True]}
@@ -173,6 +175,12 @@ def test_report_renders_table_task_tables_and_plots(tmp_path):
     text = path.read_text()
     assert "| Model | EL10 % | MA % |" in text and "| unlearned | 50.0 | 90.0 |" in text and "| 3 |" in text
     assert "## Classification" in text and "MIA" not in text.split("\n")[2]  # no MIA column without MIA data
+    # 56 examples at SE 3.1: a 2-point target needs SE 1, i.e. 56 * 3.1^2 = 539 examples
+    assert ("-5.4 points (standard error 3.1; paired, the same 56 examples over 7 tasks). Within two standard "
+            "errors of 0: at this size it is not told apart from no change; to tell 2 points apart it needs about "
+            "539 examples") in text
+    assert "+3.0 points (standard error 1.2; paired, the same 16 examples over 4 tasks). More than two standard " \
+           "errors from 0: a change." in text
     for png in ("forget_distributions.png", "forgotten_per_epoch.png", "loss_curves.png"):
         assert f"]({png})" in text and (tmp_path / png).stat().st_size > 5000
 

@@ -176,10 +176,13 @@ def test_band_targets_push_what_is_personal_and_pull_back_the_too_deep():
     assert push == [[0.0, 1.0, 0.0], [0.0, 0.0], [0.0], [1.0]]
     assert low == [pytest.approx(_quantile(UNSEEN, 0.5))] * 4
     assert hi[0] == hi[3] == math.inf and hi[1] == pytest.approx(high) == hi[2]
-    # held (recover_within): the forgotten row keeps its personal positions with nothing to raise
-    held, held_low, held_hi = band_targets([rec(), rec(deep=True), rec(forgotten=True), rec(edge=None)], rows, hits,
-                                           share, UNSEEN, ma_threshold=0.5, hold=True)
-    assert held == push[:2] + [[1.0]] + push[3:] and held_low == low[:2] + [0.0] + low[3:] and held_hi == hi
+    # held (recover_within): a forgotten or too-deep row keeps its personal positions and every
+    # position it misses now (row 4: the template (1, 2) is off the top), with nothing to raise
+    rows, hits = rows + [[1, 2, 3]], hits + [[False, True]]
+    recs = [rec(), rec(deep=True), rec(forgotten=True), rec(edge=None), rec(forgotten=True)]
+    held, held_low, held_hi = band_targets(recs, rows, hits, share, UNSEEN, ma_threshold=0.5, hold=True)
+    assert held == [push[0], [0.0, 1.0], [1.0], push[3], [1.0, 1.0]]
+    assert held_low == [low[0], 0.0, 0.0, low[3], 0.0] and held_hi == hi + [pytest.approx(high)]
 
 
 def _naive_push(row, row_hits, share, ma_threshold):
