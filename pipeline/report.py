@@ -84,8 +84,9 @@ def write_report(out: Path, results: dict[str, Any], samples: pd.DataFrame,
 
 def _resolution(suite: str, change: dict[str, float]) -> str:
     """What the paired change can and cannot tell, in words: within two standard errors of 0 it is
-    not told apart from no change, and a 2-point target needs a standard error under 1."""
-    if abs(change["change"]) < 2 * change["se"]:
+    not told apart from no change (no change at all, SE 0, included), and a 2-point target needs a
+    standard error under 1."""
+    if abs(change["change"]) <= 2 * change["se"]:
         verdict = "Within two standard errors of 0: at this size it is not told apart from no change"
     else:
         verdict = "More than two standard errors from 0: a change"

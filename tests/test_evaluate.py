@@ -181,6 +181,7 @@ def test_report_renders_table_task_tables_and_plots(tmp_path):
             "539 examples") in text
     assert "+3.0 points (standard error 1.2; paired, the same 16 examples over 4 tasks). More than two standard " \
            "errors from 0: a change." in text
+    assert report._resolution("dialogue", {"change": 0.0, "se": 0.0, "examples": 16}).startswith("Within two")
     for png in ("forget_distributions.png", "forgotten_per_epoch.png", "loss_curves.png"):
         assert f"]({png})" in text and (tmp_path / png).stat().st_size > 5000
 
