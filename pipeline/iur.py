@@ -140,18 +140,21 @@ def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[boo
 
     A remembered request is pushed at every position whose bigram strangers do not mostly get
     right (share < `shared_at`: what is specific to the person), towards the strangers' median NLL
-    (`low`), never pulled back (high = inf). One whose personal tokens are all off the top already
-    (`hits`: its greedy hits now) but whose MA is still above the threshold has more template than
-    a stranger's record; pushing it deeper would not lower its MA, so its template hits are pushed
-    too, least shared first and only as many as the threshold needs. One erased too deep is not
+    (`low`), never pulled back (high = inf). When its template hits alone (`hits`: its greedy hits
+    now) keep its MA above the threshold, with every personal hit lost, it has more template than
+    a stranger's record: pushing the personal tokens deeper would not bring it to the line, so
+    template hits are pushed too, least shared first and only as many as the threshold needs (a
+    comma after a name can stay a hit for epochs while the rest of the record is gone). One erased too deep is not
     pushed and is pulled back to the strangers' edge. With `hold` a forgotten or too-deep request
-    is held where it stands, with nothing to raise (low 0): every personal position and every
-    position greedy decoding misses now. The margin is 0 while those tokens trail the best other
-    by `margin` logits, so it acts only on a token the neighbours' training (or the pull-back)
-    brings back: the template tokens that were pushed to cross the line stay crossed, and a
-    request pulled back from too deep comes back by its NLL, not by becoming remembered again.
+    is held: every personal position and every position greedy decoding misses now keep their
+    margin, which is 0 while those tokens trail the best other by `margin` logits, so it acts only
+    on a token the neighbours' training (or the pull) brings back: the template tokens that were
+    pushed to cross the line stay crossed, and a request pulled back from too deep comes back by
+    its NLL, not by becoming remembered again. Its NLL is kept in the strangers' middle half
+    (`low`, `high`: their 25th and 75th percentiles), so it ends where a stranger's record would.
     """
     low = float(np.median(unseen_nll))
+    middle = [float(q) for q in np.quantile(unseen_nll, [0.25, 0.75])]
     push, lows, high = [], [], []
     for rec, row, row_hits in zip(records, rows, hits):
         remembered = not rec["forgotten"] and not rec["too_deep"]
@@ -159,14 +162,15 @@ def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[boo
         pairs = [(row[t], row[t + 1]) for t in range(len(row) - 1)]
         mask = [float(remembered and share.get(pair, 0.0) < shared_at
                       or held and (share.get(pair, 0.0) < shared_at or not hit)) for pair, hit in zip(pairs, row_hits)]
-        if remembered and not any(h and m for h, m in zip(row_hits, mask)):
-            excess = sum(row_hits) - math.floor(ma_threshold * len(pairs) + 1e-9)
-            template = sorted((share[pair], t) for t, (pair, h) in enumerate(zip(pairs, row_hits)) if h)
+        if remembered:
+            lost = sum(1 for h, m in zip(row_hits, mask) if h and m)
+            excess = sum(row_hits) - lost - math.floor(ma_threshold * len(pairs) + 1e-9)
+            template = sorted((share[pair], t) for t, (pair, h, m) in enumerate(zip(pairs, row_hits, mask)) if h and not m)
             for _, t in template[:max(excess, 0)]:
                 mask[t] = 1.0
         push.append(mask)
-        lows.append(0.0 if held else low)
-        high.append(float("inf") if remembered or rec["band_high"] is None else rec["band_high"])
+        lows.append(middle[0] if held else low)
+        high.append(float("inf") if remembered or rec["band_high"] is None else middle[1] if held else rec["band_high"])
     return push, lows, high
 
 

@@ -324,26 +324,57 @@ def _score_continuations(model: PreTrainedModel, contexts: Sequence[Sequence[int
                          continuations: Sequence[Sequence[int]], batch_size: int,
                          pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL of each continuation given its context, and whether every continuation token
-    is the teacher-forced argmax (i.e. greedy decoding would reproduce it exactly)."""
+    is the teacher-forced argmax (i.e. greedy decoding would reproduce it exactly).
+
+    Rows that share a context (a question's answer options) read it from one pass: a 185-token
+    question with five 10-token options costs 235 tokens instead of 975.
+    """
     if any(len(c) == 0 for c in contexts) or any(len(c) == 0 for c in continuations):
         raise ValueError("contexts and continuations need at least one token each")
-    seqs = [list(c) + list(x) for c, x in zip(contexts, continuations)]
-    nll_sum = torch.zeros(len(seqs), dtype=torch.float64)
-    greedy = torch.zeros(len(seqs), dtype=torch.bool)
-    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]), reverse=True)
-    for group in _chunks(order, batch_size):
+    nll_sum = torch.zeros(len(contexts), dtype=torch.float64)
+    greedy = torch.zeros(len(contexts), dtype=torch.bool)
+    sharing: dict[tuple[int, ...], list[int]] = {}
+    for k, ctx in enumerate(contexts):
+        sharing.setdefault(tuple(ctx), []).append(k)
+    alone = [k for rows in sharing.values() if len(rows) == 1 for k in rows]
+    seqs = {k: list(contexts[k]) + list(continuations[k]) for k in alone}
+    for group in _chunks(sorted(alone, key=lambda k: len(seqs[k]), reverse=True), batch_size):
         ids, mask = pad_rows([seqs[k] for k in group], pad_token_id, left=False, device=model.device)
         logits, targets, _ = _token_logits(model, ids, mask)
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        hit = logits.argmax(-1) == targets
         # target position p predicts token p+1: the continuation is predicted from len(ctx)-1 on
         pos = torch.arange(targets.shape[1], device=targets.device)
         first = torch.tensor([len(contexts[k]) - 1 for k in group], device=targets.device)
         end = torch.tensor([len(seqs[k]) - 1 for k in group], device=targets.device)
         span = (pos >= first[:, None]) & (pos < end[:, None])
-        nll_sum[group] = (nll.double() * span).sum(-1).cpu()
-        greedy[group] = (hit | ~span).all(-1).cpu()
+        nll_sum[group], greedy[group] = _span_scores(logits, targets, span)
+    for ctx, rows in sharing.items():
+        if len(rows) > 1:
+            for group in _chunks(rows, batch_size):
+                logits, targets, span = _after_shared(model, ctx, [continuations[k] for k in group], pad_token_id)
+                nll_sum[group], greedy[group] = _span_scores(logits, targets, span)
     return nll_sum, greedy
+
+
+def _after_shared(model: PreTrainedModel, context: Sequence[int], continuations: list[Sequence[int]],
+                  pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits predicting each continuation token, the tokens, which are real) for continuations
+    of one context: the context once, with a KV cache every continuation then reads."""
+    device = model.device
+    out = model(input_ids=torch.tensor([list(context)], device=device), use_cache=True)
+    ids, mask = pad_rows(continuations, pad_token_id, left=False, device=device)
+    out.cache.reorder_cache(torch.zeros(len(continuations), dtype=torch.long, device=device))
+    attend = torch.cat([mask.new_ones(len(continuations), len(context)), mask], dim=1)
+    positions = (len(context) + torch.arange(ids.shape[1], device=device)).expand(len(continuations), -1)
+    later = model(input_ids=ids, attention_mask=attend, position_ids=positions, cache=out.cache).logits
+    first = out.logits[:, -1:].expand(len(continuations), -1, -1)
+    return torch.cat([first, later[:, :-1]], dim=1).float(), ids, mask.bool()
+
+
+def _span_scores(logits: torch.Tensor, targets: torch.Tensor, span: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL over the span and whether every span token is the argmax, per row."""
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    hit = logits.argmax(-1) == targets
+    return (nll.double() * span).sum(-1).cpu(), (hit | ~span).all(-1).cpu()
 
 
 def continuation_nll(model: PreTrainedModel, contexts: Sequence[Sequence[int]],

@@ -460,14 +460,18 @@ class Worker:
         from pipeline.similarity import BertScorer
 
         # Both before build_engines: a model made under a live ZeRO-3 config would be sharded.
+        started = time.time()
         scorer = BertScorer()
         self.replica = self._replica()
         self.build_engines()
         state = self.resume()
         thr = self.thresholds(state)
+        self.seconds = {"start": time.time() - started, "checks": 0.0, "training": 0.0, "saves": 0.0}
         n, u = len(self.pairs.requests), self.cfg.unlearning
         while True:
+            clock = time.time()
             records = self.check(state.epoch, thr, scorer)
+            self.seconds["checks"] += time.time() - clock
             self._back_off(state, records)
             state.history += records
             if self.neighbour_ma is not None:
@@ -481,8 +485,11 @@ class Worker:
             train = {i for i, r in enumerate(records)
                      if needs_training(r, self.method.band) or self.hold and r["forgotten"]}
             state.epochs.append(self.train_epoch(state.epoch + 1, train))
+            self.seconds["training"] += state.epochs[-1]["seconds"]
             state.epoch += 1
+            clock = time.time()
             self.save(state)
+            self.seconds["saves"] += time.time() - clock
         result = dict(stop_reason=reason, epochs=state.epoch, requests=n, forgotten=len(forgotten),
                       remembered=[r["request_id"] for r in records if not r["forgotten"] and not r["too_deep"]],
                       too_deep=[r["request_id"] for r in records if r["too_deep"]],
@@ -521,6 +528,7 @@ class Worker:
 
     def finish(self, state: LoopState, result: dict) -> None:
         """Final engine checkpoint (for export) and, on rank 0, history and result files."""
+        clock = time.time()
         result["partition"] = self.partition()
         probe = self.probe()
         self.engine.save_checkpoint(str(self.ckpt_dir), tag="final", save_latest=False,
@@ -528,6 +536,9 @@ class Worker:
         dist.barrier()
         if self.rank == 0:
             checkpoints.seal(self.ckpt_dir, "final")
+            self.seconds["final_save"] = time.time() - clock
+            result["seconds"] = {k: round(v, 1) for k, v in self.seconds.items()}
+            log.info("unlearn: seconds on rank 0: %s", ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
             with atomic_path(self.store.artefact("probe")) as tmp:
                 torch.save(probe, tmp)
             # Column order fixed: rows restored from a checkpoint's JSON come back with sorted keys.

@@ -177,21 +177,21 @@ def test_band_targets_push_what_is_personal_and_pull_back_the_too_deep():
     assert low == [pytest.approx(_quantile(UNSEEN, 0.5))] * 4
     assert hi[0] == hi[3] == math.inf and hi[1] == pytest.approx(high) == hi[2]
     # held (recover_within): a forgotten or too-deep row keeps its personal positions and every
-    # position it misses now (row 4: the template (1, 2) is off the top), with nothing to raise
+    # position it misses now (row 4: the template (1, 2) is off the top), and is kept within the
+    # strangers' middle half (their 25th to 75th percentile NLL)
     rows, hits = rows + [[1, 2, 3]], hits + [[False, True]]
     recs = [rec(), rec(deep=True), rec(forgotten=True), rec(edge=None), rec(forgotten=True)]
     held, held_low, held_hi = band_targets(recs, rows, hits, share, UNSEEN, ma_threshold=0.5, hold=True)
     assert held == [push[0], [0.0, 1.0], [1.0], push[3], [1.0, 1.0]]
-    assert held_low == [low[0], 0.0, 0.0, low[3], 0.0] and held_hi == hi + [pytest.approx(high)]
+    q25, q75 = pytest.approx(_quantile(UNSEEN, 0.25)), pytest.approx(_quantile(UNSEEN, 0.75))
+    assert held_low == [low[0], q25, q25, low[3], q25] and held_hi == [math.inf, q75, q75, math.inf, q75]
 
 
 def _naive_push(row, row_hits, share, ma_threshold):
-    """Personal positions; if none of them is a hit, template hits least shared first, one at a
-    time, until MA (every pushed hit lost) is at the threshold."""
+    """Personal positions, then template hits least shared first, one at a time, until MA (every
+    pushed hit lost) is at the threshold."""
     pairs = list(zip(row, row[1:]))
     push = [share.get(p, 0.0) < 0.5 for p in pairs]
-    if any(h and q for h, q in zip(row_hits, push)):
-        return [float(q) for q in push]
     for t in sorted((t for t in range(len(pairs)) if row_hits[t]), key=lambda t: (share[pairs[t]], t)):
         if (sum(row_hits) - sum(h and q for h, q in zip(row_hits, push))) / len(pairs) <= ma_threshold:
             break
@@ -200,9 +200,10 @@ def _naive_push(row, row_hits, share, ma_threshold):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_band_targets_push_template_hits_only_when_nothing_personal_is_left(seed):
-    """A record whose personal tokens are all off the top but whose template hits keep its MA above
-    the threshold gets the least shared of them pushed, exactly as many as a naive loop adds."""
+def test_band_targets_push_template_hits_the_personal_ones_cannot_make_up_for(seed):
+    """A record whose template hits alone keep its MA above the threshold (every personal hit lost)
+    gets the least shared of them pushed, exactly as many as a naive loop adds, whether or not a
+    personal token is still a hit."""
     import random
 
     rng = random.Random(seed)
@@ -215,7 +216,9 @@ def test_band_targets_push_template_hits_only_when_nothing_personal_is_left(seed
     rec = {"forgotten": False, "too_deep": False, "band_high": 9.0}
     push, _, _ = band_targets([rec] * len(rows), rows, hits, share, UNSEEN, ma_threshold=thr)
     assert push == [_naive_push(r, h, share, thr) for r, h in zip(rows, hits)]
-    assert any(p != [float(share.get(q, 0.0) < 0.5) for q in zip(r, r[1:])] for p, r in zip(push, rows))
+    personal = [[float(share.get(q, 0.0) < 0.5) for q in zip(r, r[1:])] for r in rows]
+    assert any(p != q for p, q in zip(push, personal))
+    assert any(p != q and any(h and m for h, m in zip(hit, q)) for p, q, hit in zip(push, personal, hits))
 
 
 def test_jumped_band_is_a_trained_request_crossing_between_remembered_and_too_deep():

@@ -318,6 +318,12 @@ def test_greedy_matches_are_greedy_exact_match(model):
     correct = [naive_greedy(model, c, len(t)) == t for c, t in zip(contexts, targets)]
     assert correct == [True, False, True, True, False, True]
     assert metrics.greedy_matches(model, contexts, targets, batch_size=4).tolist() == correct
+    # targets that share a context read it from one pass
+    shared = [contexts[3]] * 3 + [contexts[1]] * 2
+    options = [targets[3], targets[3][:2], [(targets[3][0] + 1) % VOCAB], targets[1], naive_greedy(model, contexts[1], 3)]
+    want = [naive_greedy(model, c, len(t)) == t for c, t in zip(shared, options)]
+    assert want == [True, True, False, False, True]
+    assert metrics.greedy_matches(model, shared, options, batch_size=2).tolist() == want
 
 
 # --- dialogue --------------------------------------------------------------------------------
