@@ -177,7 +177,8 @@ class UnlearningConfig:
     # this. 1 = never. Only a two-sided rule (stranger_quantile) has a band to jump.
     lr_backoff: float = 0.5
     # icu_band: once a request is forgotten it stays in training, held below the line (the margin
-    # on its personal tokens and every token it misses), and its neighbours keep being trained;
+    # on its personal tokens and every token it misses, its NLL within the strangers' middle
+    # half), and its neighbours keep being trained;
     # the run stops only when every request is forgotten and the neighbours' MA is back within
     # this of the original model's (0-1, absolute), or at max_epochs. null = stop as soon as
     # every request is forgotten.
