@@ -144,14 +144,14 @@ def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[boo
     now) keep its MA above the threshold, with every personal hit lost, it has more template than
     a stranger's record: pushing the personal tokens deeper would not bring it to the line, so
     template hits are pushed too, least shared first and only as many as the threshold needs (a
-    comma after a name can stay a hit for epochs while the rest of the record is gone). One erased too deep is not
-    pushed and is pulled back to the strangers' edge. With `hold` a forgotten or too-deep request
-    is held: every personal position and every position greedy decoding misses now keep their
-    margin, which is 0 while those tokens trail the best other by `margin` logits, so it acts only
-    on a token the neighbours' training (or the pull) brings back: the template tokens that were
-    pushed to cross the line stay crossed, and a request pulled back from too deep comes back by
-    its NLL, not by becoming remembered again. Its NLL is kept in the strangers' middle half
-    (`low`, `high`: their 25th and 75th percentiles), so it ends where a stranger's record would.
+    comma after a name can stay a hit for epochs while the rest of the record is gone). One
+    erased too deep is not pushed and is pulled back to the strangers' edge. With `hold` a
+    forgotten or too-deep request is held: every personal position and every position greedy
+    decoding misses now keep their margin, which is 0 while those tokens trail the best other by
+    `margin` logits, so it acts only on a token the neighbours' training (or the pull) brings
+    back: the template tokens that were pushed to cross the line stay crossed, and a request
+    pulled back from too deep comes back by its NLL, not by becoming remembered again. Its NLL is
+    kept in the strangers' middle half (`low`, `high`: their 25th and 75th percentiles).
     """
     low = float(np.median(unseen_nll))
     middle = [float(q) for q in np.quantile(unseen_nll, [0.25, 0.75])]
@@ -160,8 +160,8 @@ def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[boo
         remembered = not rec["forgotten"] and not rec["too_deep"]
         held = hold and not remembered
         pairs = [(row[t], row[t + 1]) for t in range(len(row) - 1)]
-        mask = [float(remembered and share.get(pair, 0.0) < shared_at
-                      or held and (share.get(pair, 0.0) < shared_at or not hit)) for pair, hit in zip(pairs, row_hits)]
+        personal = [share.get(pair, 0.0) < shared_at for pair in pairs]
+        mask = [float(remembered and p or held and (p or not hit)) for p, hit in zip(personal, row_hits)]
         if remembered:
             lost = sum(1 for h, m in zip(row_hits, mask) if h and m)
             excess = sum(row_hits) - lost - math.floor(ma_threshold * len(pairs) + 1e-9)

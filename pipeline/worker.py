@@ -459,8 +459,8 @@ class Worker:
     def run(self) -> dict:
         from pipeline.similarity import BertScorer
 
-        # Both before build_engines: a model made under a live ZeRO-3 config would be sharded.
         started = time.time()
+        # Both before build_engines: a model made under a live ZeRO-3 config would be sharded.
         scorer = BertScorer()
         self.replica = self._replica()
         self.build_engines()
