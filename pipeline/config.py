@@ -178,10 +178,9 @@ class UnlearningConfig:
     lr_backoff: float = 0.5
     # icu_band: once a request is forgotten it stays in training, held below the line (the margin
     # on its personal tokens and every token it misses, its NLL within the strangers' middle
-    # half), and its neighbours keep being trained;
-    # the run stops only when every request is forgotten and the neighbours' MA is back within
-    # this of the original model's (0-1, absolute), or at max_epochs. null = stop as soon as
-    # every request is forgotten.
+    # half), and its neighbours keep being trained; the run stops only when every request is
+    # forgotten and the neighbours' MA is back within this of the original model's (0-1,
+    # absolute), or at max_epochs. null = stop as soon as every request is forgotten.
     recover_within: float | None = None
     margin: float = 1.0  # icu_band: the logit margin a request's tokens are pushed off the top by
     general_batch: int = 0  # general retain rows (retrieval.general_per_source) added to each step
