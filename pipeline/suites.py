@@ -76,6 +76,15 @@ def threshold_rows(cfg, tokenizer) -> list[list[int]]:
                        e.max_samples.get("unseen", UNSEEN_CAP))
 
 
+def stranger_rows(cfg, tokenizer) -> list[list[int]]:
+    """The never-seen rows each unlearning check compares the requests with
+    (`unlearning.strangers_path`, else the thresholds' rows), cut like them."""
+    e, r = cfg.evaluation, cfg.requests
+    path = cfg.unlearning.strangers_path or e.unseen_path
+    return unseen_rows(path, tokenizer, cfg.max_tokens, r.prefix_tokens + r.suffix_tokens,
+                       e.max_samples.get("unseen", UNSEEN_CAP))
+
+
 PPL_SETS = ("pile", "wikitext")  # icu_benchmark/<name>.csv
 
 

@@ -54,10 +54,15 @@ def key(cfg: Config, store: RunStore, resumable: bool = False) -> str:
     model, unlearning = cfg.part("model", "unlearning")
     if resumable:
         unlearning = {k: v for k, v in unlearning.items() if k not in ("max_epochs", "keep_checkpoints")}
-    # unchanged for runs that do not harden (their keys predate it)
+    # options added later leave the keys of runs that do not use them as they were
     harden = unlearning.pop("harden")
-    hardening = [harden, cfg.audit.leak_tokens] if harden else []
-    return fingerprint("unlearn", model, unlearning, *hardening, thresholds, cfg.retrieval.pairs_per_request,
+    later = [harden, cfg.audit.leak_tokens] if harden else []
+    for name in ("mia_within", "strangers_path"):
+        if unlearning[name] is None:
+            unlearning.pop(name)
+    if cfg.unlearning.strangers_path:
+        later.append(file_digest(cfg.unlearning.strangers_path))
+    return fingerprint("unlearn", model, unlearning, *later, thresholds, cfg.retrieval.pairs_per_request,
                        file_digest(cfg.unlearning.ds_config), cfg.resources.num_workers,
                        store.key_of("ingest"), store.key_of("retrieve"))
 

@@ -37,7 +37,7 @@ from pipeline.atomic import atomic_path, atomic_write_json, write_parquet
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.iur import (Thresholds, apply_band, band_targets, bigram_share, check_requests, jumped_band,
-                          memorization, with_leaks)
+                          memorization, set_auc, set_side, with_leaks)
 from pipeline.losses import LossWeights, method, unlearning_loss
 from pipeline.metrics import nll_and_hits, pad_rows
 from pipeline.store import RunStore
@@ -57,6 +57,7 @@ class LoopState:
     thresholds: dict | None = None
     lr_scale: float = 1.0  # unlearning.lr_backoff's factor so far
     neighbour_ma: list[float] = field(default_factory=list)  # recover_within: the neighbours' MA at each check
+    set_auc: list[float] = field(default_factory=list)  # mia_within: the requests' LOSS AUC vs strangers at each check
     resumed_from: list[str] = field(default_factory=list)  # checkpoint tags this run restarted from
 
 
@@ -191,6 +192,7 @@ class Worker:
         self.lr_scale = 1.0  # unlearning.lr_backoff (LoopState.lr_scale)
         self.hold = u.recover_within is not None  # forgotten requests stay in training (recover_within)
         self.neighbour_ma: float | None = None  # with hold: the neighbours' MA at the last check
+        self.set_auc: float | None = None  # with mia_within: the requests' LOSS AUC vs strangers at the last check
         self.lora = adapter.enabled(self.cfg.unlearning.adapter)
 
     def build_engines(self) -> None:
@@ -348,12 +350,13 @@ class Worker:
             thresholds=thr, sync_calls=sync))
         options = dict(batch_size=c.evaluation.batch_size, pad_token_id=self.tok.pad_token_id)
         nll, hits = self._nll_and_hits(model, self.pairs.requests, options)
-        strangers = suites.threshold_rows(c, self.tok) if u.stranger_quantile or self.method.band else []
+        strangers = suites.stranger_rows(c, self.tok) if u.stranger_quantile or self.method.band else []
         unseen, unseen_hits = self._nll_and_hits(model, strangers, options)
         records = self._hardened(model, apply_band(records, nll, unseen, u.stranger_quantile))
+        self.set_auc = set_auc(nll, unseen) if u.mia_within is not None else None
         if self.method.band:
             self.band = band_targets(records, self.pairs.requests, hits, bigram_share(strangers, unseen_hits),
-                                     unseen, thr.ma, hold=self.hold)
+                                     unseen, thr.ma, hold=self.hold, side=set_side(self.set_auc, u.mia_within))
         if self.hold and self.pairs.neighbours:
             _, neighbour_hits = self._nll_and_hits(model, self.pairs.neighbours, options)
             self.neighbour_ma = float(np.mean([np.mean(h) for h in neighbour_hits if h]))
@@ -476,9 +479,11 @@ class Worker:
             state.history += records
             if self.neighbour_ma is not None:
                 state.neighbour_ma.append(self.neighbour_ma)
+            if self.set_auc is not None:
+                state.set_auc.append(self.set_auc)
             forgotten = [r["request_id"] for r in records if r["forgotten"]]
-            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.stop, self.method.band,
-                                 recovered(state.neighbour_ma, u.recover_within))
+            settled = recovered(state.neighbour_ma, u.recover_within) and not set_side(self.set_auc, u.mia_within)
+            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.stop, self.method.band, settled)
             self._report(state, records)
             if reason:
                 break
@@ -494,7 +499,7 @@ class Worker:
                       remembered=[r["request_id"] for r in records if not r["forgotten"] and not r["too_deep"]],
                       too_deep=[r["request_id"] for r in records if r["too_deep"]],
                       thresholds=thr.to_dict(), method=u.method, resumed_from=state.resumed_from,
-                      neighbour_ma=state.neighbour_ma)
+                      neighbour_ma=state.neighbour_ma, set_auc=state.set_auc)
         self.finish(state, result)
         return result
 
@@ -570,6 +575,8 @@ class Worker:
             band = f", band edge {records[0]['band_high']:.2f}" if records[0]["band_high"] is not None else ""
             if state.neighbour_ma:
                 band += f"; neighbours' MA {state.neighbour_ma[-1]:.3f} (original {state.neighbour_ma[0]:.3f})"
+            if state.set_auc:
+                band += f"; set LOSS AUC vs strangers {state.set_auc[-1]:.3f}"
             log.info("unlearn: %s; %d too deep; request NLL %.2f..%.2f%s", note, deep, nll[0], nll[-1], band)
             self.store.progress("unlearn", state.epoch, self.cfg.unlearning.max_epochs, note)
 
@@ -587,16 +594,17 @@ def recovered(neighbour_ma: list[float], within: float | None) -> bool:
 
 
 def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: int, stop: str = "each",
-                pull_back: bool = False, neighbours_recovered: bool = True) -> str | None:
+                pull_back: bool = False, settled: bool = True) -> str | None:
     """Why training stops after this check, or None to keep going.
 
-    `each` goes on while any request needs training (`needs_training`), and with
-    `unlearning.recover_within` until the neighbours have recovered too. `set`, the paper's
+    `each` goes on while any request needs training (`needs_training`), and until the run has
+    `settled`: the neighbours recovered (`unlearning.recover_within`) and the set as familiar as
+    strangers (`unlearning.mia_within`). `set`, the paper's
     rule, also stops when the set's mean MA and EL cross the thresholds, usually with some
     requests still above them.
     """
     everyone = all(r["forgotten"] for r in records)
-    if everyone and neighbours_recovered:
+    if everyone and settled:
         return "all_forgotten"
     if stop == "set" and np.mean([r["ma"] for r in records]) < thr.ma and np.mean([r["el"] for r in records]) < thr.el:
         return "set_thresholds"

@@ -11,7 +11,9 @@ recipe, so it is built once.
 
 writes OUT_DIR/erase.jsonl (the erasure requests), OUT_DIR/keep.jsonl (the other
 customers: retain pool and collateral-damage check), OUT_DIR/unseen.jsonl (as many
-further people, never trained on) and OUT_DIR/model (a link to the cached fine-tuned model).
+further people, never trained on: the evaluation's), OUT_DIR/strangers.jsonl (as many again,
+the ones the unlearning checks compare the requests with) and OUT_DIR/model (a link to the
+cached fine-tuned model).
 
 The unseen records set the forgetting thresholds. Records share a template (", born",
 "E-mail", a mail address spelled from the name), so a model predicts much of a record it
@@ -121,10 +123,12 @@ def prepare(out: Path, data_dir: Path, customers: int, erase: int) -> dict[str, 
     """Write the erasure requests and the kept customers, and link the original model beside them."""
     if not 0 < erase < customers:
         raise UserError(f"--erase: {erase} must be between 1 and --customers - 1 = {customers - 1}")
-    rows = records(data_dir, 2 * customers)
+    rows = records(data_dir, 3 * customers)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / f"{name}.jsonl" for name in ("erase", "keep", "unseen")} | {"model": out / "model"}
-    for name, part in (("erase", rows[:erase]), ("keep", rows[erase:customers]), ("unseen", rows[customers:])):
+    parts = {"erase": rows[:erase], "keep": rows[erase:customers], "unseen": rows[customers:2 * customers],
+             "strangers": rows[2 * customers:]}
+    paths = {name: out / f"{name}.jsonl" for name in parts} | {"model": out / "model"}
+    for name, part in parts.items():
         atomic_write_text(paths[name], "".join(json.dumps(r) + "\n" for r in part))
     model = original_model([r["text"] for r in rows[:customers]])
     if paths["model"].is_symlink() or paths["model"].exists():

@@ -47,6 +47,12 @@ CASES = {
     "quantile range": ("unlearning:\n  stranger_quantile: 1.5\n", ["unlearning.stranger_quantile", "between"]),
     "lr back-off range": ("unlearning:\n  lr_backoff: 0\n", ["unlearning.lr_backoff", "(0, 1]"]),
     "recover without a band": ("unlearning:\n  recover_within: 0.03\n", ["unlearning.recover_within", "icu_band"]),
+    "mia without holding": ("unlearning:\n  method: icu_band\n  mia_within: 0.05\n",
+                            ["unlearning.mia_within", "recover_within"]),
+    "mia range": ("unlearning:\n  method: icu_band\n  recover_within: 0.03\n  mia_within: 0.7\n",
+                  ["unlearning.mia_within", "between"]),
+    "strangers missing": ("unlearning:\n  strangers_path: /nonexistent/strangers.jsonl\n",
+                          ["unlearning.strangers_path", "not found"]),
     "recover range": ("unlearning:\n  method: icu_band\n  recover_within: 2\n",
                       ["unlearning.recover_within", "between"]),
     "negative margin": ("unlearning:\n  margin: -1\n", ["unlearning.margin", ">= 0"]),
@@ -130,7 +136,7 @@ def test_example_configs_validate(monkeypatch, tmp_path):
     demo = (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(tmp_path))
     with pytest.raises(Exception, match="requests.path: path not found"):
         load_config(write_config(tmp_path, demo, "demo.yaml"))
-    for name in ("erase.jsonl", "keep.jsonl", "unseen.jsonl", "model"):
+    for name in ("erase.jsonl", "keep.jsonl", "unseen.jsonl", "strangers.jsonl", "model"):
         (tmp_path / name).touch()
     assert load_config(write_config(tmp_path, demo, "demo.yaml")).evaluation.keep_path == str(tmp_path / "keep.jsonl")
 

@@ -78,7 +78,11 @@ def test_shortened_demo(short_run):
     audited = json.loads((store.root / "audit" / "audit.json").read_text())["table"]
     assert audited["greedy"]["original"]["erased"] == [2, 2] and audited["greedy"]["original"]["kept"][0] >= 5
     unlearned = json.loads((store.root / "unlearn" / "result.json").read_text())
-    assert len(unlearned["neighbour_ma"]) == unlearned["epochs"] + 1  # recover_within: measured at every check
+    # recover_within and mia_within: measured at every check
+    assert len(unlearned["neighbour_ma"]) == len(unlearned["set_auc"]) == unlearned["epochs"] + 1
+    people = {name: {json.loads(line)["id"] for line in (paths["erase"].parent / f"{name}.jsonl").open()}
+              for name in ("erase", "keep", "unseen", "strangers")}
+    assert [len(p) for p in people.values()] == [2, 6, 8, 8] and len(set().union(*people.values())) == 24
     metrics = json.loads((store.root / "eval" / "metrics.json").read_text())["models"]
     before, after = metrics["original"], metrics["unlearned"]
     assert before["forget"]["ma"] > 0.9 and before["keep"]["ma"] > 0.9  # the fine-tuned model knows them all
