@@ -208,8 +208,10 @@ def summarize(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -
     if "keep" in by:
         out["keep"] = {m: mean("keep", m) for m in ("el", "ma")}
     if "forget" in by and "pile_unseen" in by:
-        out["mia_auc"] = {k: metrics.auc(_values(by["forget"], f"mia_{k}"), _values(by["pile_unseen"], f"mia_{k}"))
-                          for k in ("loss", "zlib", "min_k")}
+        scores = {k: (_values(by["forget"], f"mia_{k}"), _values(by["pile_unseen"], f"mia_{k}"))
+                  for k in ("loss", "zlib", "min_k")}
+        out["mia_auc"] = {k: metrics.auc(*pair) for k, pair in scores.items()}
+        out["mia_auc_se"] = {k: metrics.auc_se(*pair) for k, pair in scores.items() if min(map(len, pair)) >= 2}
     ppl = {t: _perplexity(g) for t, g in by.items() if t in ("pile", "wikitext")}
     if ppl:
         out["ppl"] = ppl

@@ -13,6 +13,7 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import math
 import re
 import string
 import zlib
@@ -470,3 +471,15 @@ def auc(member_scores: Sequence[float] | torch.Tensor,
     below = torch.searchsorted(others, members, right=False).sum().item()
     at_or_below = torch.searchsorted(others, members, right=True).sum().item()
     return (below + at_or_below) / (2 * members.numel() * others.numel())
+
+
+def auc_se(member_scores: Sequence[float] | torch.Tensor, nonmember_scores: Sequence[float] | torch.Tensor) -> float:
+    """DeLong's standard error of `auc`: from each row's placement (the share of the other group it
+    beats, ties half), var(member placements)/m + var(non-member placements)/n. With 8 erased rows
+    against 32 strangers it is about 0.07: the figure's precision, stated beside it."""
+    members = torch.as_tensor(member_scores, dtype=torch.float64).flatten()
+    others = torch.as_tensor(nonmember_scores, dtype=torch.float64).flatten()
+    if members.numel() < 2 or others.numel() < 2:
+        raise ValueError("auc_se: need at least two member and two non-member scores")
+    beats = (members[:, None] > others[None, :]).double() + 0.5 * (members[:, None] == others[None, :]).double()
+    return math.sqrt(beats.mean(1).var().item() / members.numel() + beats.mean(0).var().item() / others.numel())

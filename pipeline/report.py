@@ -21,9 +21,15 @@ TABLE = [  # (column, how to read it from one model's summary, format)
     ("Dialogue avg F1", lambda m: m["dialogue"]["average"], "{:.1f}"),
     ("Pile PPL", lambda m: m["ppl"]["pile"], "{:.2f}"),
     ("WikiText PPL", lambda m: m["ppl"]["wikitext"], "{:.2f}"),
-    ("MIA AUC (LOSS)", lambda m: m["mia_auc"]["loss"], "{:.3f}"),
-    ("MIA AUC (Min-K%)", lambda m: m["mia_auc"]["min_k"], "{:.3f}"),
+    ("MIA AUC (LOSS)", lambda m: _with_se(m, "loss"), "{}"),
+    ("MIA AUC (Min-K%)", lambda m: _with_se(m, "min_k"), "{}"),
 ]
+
+
+def _with_se(m: dict[str, Any], score: str) -> str:
+    """An AUC with its standard error, where the summary has one."""
+    se = m.get("mia_auc_se", {}).get(score)
+    return f"{m['mia_auc'][score]:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 HEADLINE = ("EL10 %", "MA %", "Kept MA %", "Pile PPL")
 

@@ -97,6 +97,8 @@ def test_summary_counts_and_auc_from_per_sample_rows():
     assert out["forget"]["ma"] == pytest.approx(0.4)
     # members -1, -3, -2 vs non-members -2.5, -1.5: pairs won 2 + 0 + 1 = 3 of 6
     assert out["mia_auc"]["loss"] == pytest.approx(0.5)
+    # placements: members 1, 0, 0.5 (variance 1/4), non-members 2/3, 1/3 (1/18): sqrt(1/12 + 1/36)
+    assert out["mia_auc_se"]["loss"] == pytest.approx((1 / 12 + 1 / 36) ** 0.5)
 
 
 @pytest.mark.slow

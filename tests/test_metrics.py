@@ -372,6 +372,38 @@ def test_auc_equals_pairwise_count_with_half_ties(members, others):
     assert metrics.auc(members, others) == brute_force_auc(members, others)
 
 
+def delong_se_by_loops(members, others) -> float:
+    """DeLong (1988), written out: each row's placement among the other group, their sample variances."""
+    from statistics import variance
+
+    psi = lambda m, o: (m > o) + 0.5 * (m == o)
+    v10 = [sum(psi(m, o) for o in others) / len(others) for m in members]
+    v01 = [sum(psi(m, o) for m in members) / len(members) for o in others]
+    return (variance(v10) / len(members) + variance(v01) / len(others)) ** 0.5
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=2, max_size=12), st.lists(st.integers(-3, 3), min_size=2, max_size=12))
+def test_auc_se_is_delongs(members, others):
+    assert metrics.auc_se(members, others) == pytest.approx(delong_se_by_loops(members, others), abs=1e-12)
+
+
+def test_auc_se_matches_the_spread_of_auc_over_stranger_draws():
+    """The standard error says how far the AUC moves between draws of the same populations."""
+    import random
+
+    rng = random.Random(0)
+    draws = [metrics.auc([rng.gauss(0.3, 1) for _ in range(8)], [rng.gauss(0, 1) for _ in range(32)])
+             for _ in range(2000)]
+    mean = sum(draws) / len(draws)
+    spread = (sum((a - mean) ** 2 for a in draws) / (len(draws) - 1)) ** 0.5
+    se = [metrics.auc_se([rng.gauss(0.3, 1) for _ in range(8)], [rng.gauss(0, 1) for _ in range(32)])
+          for _ in range(200)]
+    assert sum(se) / len(se) == pytest.approx(spread, rel=0.15)
+    with pytest.raises(ValueError):
+        metrics.auc_se([1.0], [1.0, 2.0])
+
+
 def test_auc_extremes_and_empty_input():
     assert metrics.auc([3.0, 4.0], [1.0, 2.0]) == 1.0
     assert metrics.auc(torch.tensor([1.0]), torch.tensor([2.0])) == 0.0
