@@ -182,14 +182,9 @@ class UnlearningConfig:
     # forgotten and the neighbours' MA is back within this of the original model's (0-1,
     # absolute), or at max_epochs. null = stop as soon as every request is forgotten.
     recover_within: float | None = None
-    # icu_band with recover_within: the run also waits until the erased set, as a whole, is as
-    # familiar as strangers: the membership AUC (LOSS: token-mean NLL) of the requests against the
-    # strangers within 0.5 +- this. While it is not, the held requests' NLL is steered to the
-    # strangers' median from the side the set is off on. null = no set-level rule.
-    mia_within: float | None = None
-    # the never-seen records the checks compare the requests with (the band, the bigram template,
-    # mia_within); null = evaluation.unseen_path. A file of its own keeps the evaluation's
-    # membership AUC on people the stopping rule never looked at.
+    # the never-seen records the checks compare the requests with (the band, the bigram template);
+    # null = evaluation.unseen_path. A file of its own keeps the evaluation's membership AUC on
+    # people the stopping rule never looked at.
     strangers_path: str | None = path_field(None, hint="a jsonl/csv/parquet file with a text column")
     margin: float = 1.0  # icu_band: the logit margin a request's tokens are pushed off the top by
     general_batch: int = 0  # general retain rows (retrieval.general_per_source) added to each step
@@ -226,11 +221,6 @@ class UnlearningConfig:
                 raise UserError(f"unlearning.recover_within: only a band method holds a forgotten request below the "
                                 f"line while its neighbours recover, not {self.method}; fix: use method: icu_band "
                                 f"or set recover_within: null")
-        if self.mia_within is not None:
-            _in_range("unlearning.mia_within", self.mia_within, 0.0, 0.5)
-            if self.recover_within is None:
-                raise UserError("unlearning.mia_within: the set-level rule steers the held requests, and only "
-                                "recover_within holds them; fix: set recover_within (e.g. 0.03) or mia_within: null")
         if not 0 < self.lr_backoff <= 1:
             raise UserError(f"unlearning.lr_backoff: must be in (0, 1] (1 = never back off), got {self.lr_backoff}")
         if self.general_batch < 0:

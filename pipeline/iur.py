@@ -135,7 +135,7 @@ def bigram_share(rows: list[list[int]], hits: list[list[bool]]) -> dict[tuple[in
 
 def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[bool]],
                  share: dict[tuple[int, int], float], unseen_nll: list[float], ma_threshold: float,
-                 shared_at: float = 0.5, hold: bool = False, side: int = 0) -> tuple[list[list[float]], list[float], list[float]]:
+                 shared_at: float = 0.5, hold: bool = False) -> tuple[list[list[float]], list[float], list[float]]:
     """icu_band's per-request (push mask over positions, low, high) for the next epoch.
 
     A remembered request is pushed at every position whose bigram strangers do not mostly get
@@ -151,13 +151,10 @@ def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[boo
     `margin` logits, so it acts only on a token the neighbours' training (or the pull) brings
     back: the template tokens that were pushed to cross the line stay crossed, and a request
     pulled back from too deep comes back by its NLL, not by becoming remembered again. Its NLL is
-    kept in the strangers' middle half (`low`, `high`: their 25th and 75th percentiles), or, when
-    the set as a whole is off to one `side` (`set_side`), in the half of it nearer the other side.
+    kept in the strangers' middle half (`low`, `high`: their 25th and 75th percentiles).
     """
     low = float(np.median(unseen_nll))
     middle = [float(q) for q in np.quantile(unseen_nll, [0.25, 0.75])]
-    if side:  # too deep: no higher than the median; too familiar: no lower
-        middle[1 if side < 0 else 0] = low
     push, lows, high = [], [], []
     for rec, row, row_hits in zip(records, rows, hits):
         remembered = not rec["forgotten"] and not rec["too_deep"]
@@ -181,14 +178,6 @@ def set_auc(nll: list[float], unseen_nll: list[float]) -> float:
     """The LOSS membership AUC of the requests against the strangers (0.5: told apart no better
     than chance; below: erased deeper than strangers are unknown, which singles them out too)."""
     return metrics.auc([-x for x in nll], [-x for x in unseen_nll])
-
-
-def set_side(auc: float | None, within: float | None) -> int:
-    """Which way the requests as a set are off the strangers (`unlearning.mia_within`): -1 erased
-    too deep (AUC below 0.5 - within), +1 still too familiar (above 0.5 + within), else 0."""
-    if auc is None or within is None:
-        return 0
-    return -1 if auc < 0.5 - within else 1 if auc > 0.5 + within else 0
 
 
 def standing(record: dict) -> str:

@@ -78,8 +78,8 @@ def write_report(out: Path, results: dict[str, Any], samples: pd.DataFrame,
                       f"{curve}.", ""]
         if u.get("set_auc"):
             curve = ", ".join(f"{a:.3f}" for a in u["set_auc"])
-            parts += [f"The requests' LOSS membership AUC against the strangers at each check (`unlearning.mia_within`; "
-                      f"0.5 = told apart no better than chance): {curve}.", ""]
+            parts += [f"The requests' LOSS membership AUC against the strangers the checks measure (`unlearning."
+                      f"strangers_path`; 0.5 = told apart no better than chance) at each check: {curve}.", ""]
     for suite, c in (results.get("paired_change") or {}).items():
         parts += [f"{suite.capitalize()}: unlearned minus original {c['change']:+.1f} points (standard error "
                   f"{c['se']:.1f}; paired, the same {c['examples']} examples over {c['tasks']} tasks). "

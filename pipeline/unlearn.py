@@ -57,10 +57,7 @@ def key(cfg: Config, store: RunStore, resumable: bool = False) -> str:
     # options added later leave the keys of runs that do not use them as they were
     harden = unlearning.pop("harden")
     later = [harden, cfg.audit.leak_tokens] if harden else []
-    for name in ("mia_within", "strangers_path"):
-        if unlearning[name] is None:
-            unlearning.pop(name)
-    if cfg.unlearning.strangers_path:
+    if unlearning.pop("strangers_path"):
         later.append(file_digest(cfg.unlearning.strangers_path))
     return fingerprint("unlearn", model, unlearning, *later, thresholds, cfg.retrieval.pairs_per_request,
                        file_digest(cfg.unlearning.ds_config), cfg.resources.num_workers,

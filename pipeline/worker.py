@@ -37,7 +37,7 @@ from pipeline.atomic import atomic_path, atomic_write_json, write_parquet
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.iur import (Thresholds, apply_band, band_targets, bigram_share, check_requests, jumped_band,
-                          memorization, set_auc, set_side, with_leaks)
+                          memorization, set_auc, with_leaks)
 from pipeline.losses import LossWeights, method, unlearning_loss
 from pipeline.metrics import nll_and_hits, pad_rows
 from pipeline.store import RunStore
@@ -57,7 +57,7 @@ class LoopState:
     thresholds: dict | None = None
     lr_scale: float = 1.0  # unlearning.lr_backoff's factor so far
     neighbour_ma: list[float] = field(default_factory=list)  # recover_within: the neighbours' MA at each check
-    set_auc: list[float] = field(default_factory=list)  # mia_within: the requests' LOSS AUC vs strangers at each check
+    set_auc: list[float] = field(default_factory=list)  # band methods: the requests' LOSS AUC vs strangers at each check
     resumed_from: list[str] = field(default_factory=list)  # checkpoint tags this run restarted from
 
 
@@ -192,7 +192,7 @@ class Worker:
         self.lr_scale = 1.0  # unlearning.lr_backoff (LoopState.lr_scale)
         self.hold = u.recover_within is not None  # forgotten requests stay in training (recover_within)
         self.neighbour_ma: float | None = None  # with hold: the neighbours' MA at the last check
-        self.set_auc: float | None = None  # with mia_within: the requests' LOSS AUC vs strangers at the last check
+        self.set_auc: float | None = None  # band methods: the requests' LOSS AUC vs strangers at the last check
         self.lora = adapter.enabled(self.cfg.unlearning.adapter)
 
     def build_engines(self) -> None:
@@ -353,10 +353,10 @@ class Worker:
         strangers = suites.stranger_rows(c, self.tok) if u.stranger_quantile or self.method.band else []
         unseen, unseen_hits = self._nll_and_hits(model, strangers, options)
         records = self._hardened(model, apply_band(records, nll, unseen, u.stranger_quantile))
-        self.set_auc = set_auc(nll, unseen) if u.mia_within is not None else None
         if self.method.band:
+            self.set_auc = set_auc(nll, unseen)
             self.band = band_targets(records, self.pairs.requests, hits, bigram_share(strangers, unseen_hits),
-                                     unseen, thr.ma, hold=self.hold, side=set_side(self.set_auc, u.mia_within))
+                                     unseen, thr.ma, hold=self.hold)
         if self.hold and self.pairs.neighbours:
             _, neighbour_hits = self._nll_and_hits(model, self.pairs.neighbours, options)
             self.neighbour_ma = float(np.mean([np.mean(h) for h in neighbour_hits if h]))
@@ -482,8 +482,8 @@ class Worker:
             if self.set_auc is not None:
                 state.set_auc.append(self.set_auc)
             forgotten = [r["request_id"] for r in records if r["forgotten"]]
-            settled = recovered(state.neighbour_ma, u.recover_within) and not set_side(self.set_auc, u.mia_within)
-            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.stop, self.method.band, settled)
+            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.stop, self.method.band,
+                                 recovered(state.neighbour_ma, u.recover_within))
             self._report(state, records)
             if reason:
                 break
@@ -594,17 +594,16 @@ def recovered(neighbour_ma: list[float], within: float | None) -> bool:
 
 
 def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: int, stop: str = "each",
-                pull_back: bool = False, settled: bool = True) -> str | None:
+                pull_back: bool = False, neighbours_recovered: bool = True) -> str | None:
     """Why training stops after this check, or None to keep going.
 
-    `each` goes on while any request needs training (`needs_training`), and until the run has
-    `settled`: the neighbours recovered (`unlearning.recover_within`) and the set as familiar as
-    strangers (`unlearning.mia_within`). `set`, the paper's
+    `each` goes on while any request needs training (`needs_training`), and with
+    `unlearning.recover_within` until the neighbours have recovered too. `set`, the paper's
     rule, also stops when the set's mean MA and EL cross the thresholds, usually with some
     requests still above them.
     """
     everyone = all(r["forgotten"] for r in records)
-    if everyone and settled:
+    if everyone and neighbours_recovered:
         return "all_forgotten"
     if stop == "set" and np.mean([r["ma"] for r in records]) < thr.ma and np.mean([r["el"] for r in records]) < thr.el:
         return "set_thresholds"

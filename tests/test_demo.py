@@ -78,7 +78,7 @@ def test_shortened_demo(short_run):
     audited = json.loads((store.root / "audit" / "audit.json").read_text())["table"]
     assert audited["greedy"]["original"]["erased"] == [2, 2] and audited["greedy"]["original"]["kept"][0] >= 5
     unlearned = json.loads((store.root / "unlearn" / "result.json").read_text())
-    # recover_within and mia_within: measured at every check
+    # the neighbours' MA (recover_within) and the set's AUC against strangers: measured at every check
     assert len(unlearned["neighbour_ma"]) == len(unlearned["set_auc"]) == unlearned["epochs"] + 1
     people = {name: {json.loads(line)["id"] for line in (paths["erase"].parent / f"{name}.jsonl").open()}
               for name in ("erase", "keep", "unseen", "strangers")}
