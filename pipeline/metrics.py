@@ -476,7 +476,7 @@ def auc(member_scores: Sequence[float] | torch.Tensor,
 def auc_se(member_scores: Sequence[float] | torch.Tensor, nonmember_scores: Sequence[float] | torch.Tensor) -> float:
     """DeLong's standard error of `auc`: from each row's placement (the share of the other group it
     beats, ties half), var(member placements)/m + var(non-member placements)/n. With 8 erased rows
-    against 32 strangers it is about 0.07: the figure's precision, stated beside it."""
+    against 32 strangers it is about 0.1: the figure's precision, stated beside it."""
     members = torch.as_tensor(member_scores, dtype=torch.float64).flatten()
     others = torch.as_tensor(nonmember_scores, dtype=torch.float64).flatten()
     if members.numel() < 2 or others.numel() < 2:
