@@ -309,9 +309,8 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
         "models": {label: summarize(frame, thresholds) for label, frame in frames.items()},
         "paired_change": {suite: change for suite, metric in (("classification", "correct"), ("dialogue", "f1"))
                           if (change := paired_change(frames["original"], frames["unlearned"], suite, metric))},
-        "unlearn": {k: unlearn[k] for k in ("method", "epochs", "stop_reason", "forgotten", "requests", "neighbour_ma",
-                                              "set_auc")
-                    if k in unlearn},
+        "unlearn": {k: unlearn[k] for k in ("method", "epochs", "stop_reason", "forgotten", "requests",
+                                            "neighbour_ma", "set_auc") if k in unlearn},
     }
     samples = pd.concat([f.assign(model=label) for label, f in frames.items()], ignore_index=True)
     write_parquet(samples, store.artefact("per_sample"))

@@ -31,6 +31,7 @@ def _with_se(m: dict[str, Any], score: str) -> str:
     se = m.get("mia_auc_se", {}).get(score)
     return f"{m['mia_auc'][score]:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
+
 HEADLINE = ("EL10 %", "MA %", "Kept MA %", "Pile PPL")
 
 
