@@ -350,7 +350,7 @@ class Worker:
             thresholds=thr, sync_calls=sync))
         options = dict(batch_size=c.evaluation.batch_size, pad_token_id=self.tok.pad_token_id)
         nll, hits = self._nll_and_hits(model, self.pairs.requests, options)
-        strangers = suites.stranger_rows(c, self.tok) if u.stranger_quantile or self.method.band else []
+        strangers = suites.threshold_rows(c, self.tok, u.strangers_path) if u.stranger_quantile or self.method.band else []
         unseen, unseen_hits = self._nll_and_hits(model, strangers, options)
         records = self._hardened(model, apply_band(records, nll, unseen, u.stranger_quantile))
         if self.method.band:
