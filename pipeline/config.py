@@ -182,6 +182,10 @@ class UnlearningConfig:
     # forgotten and the neighbours' MA is back within this of the original model's (0-1,
     # absolute), or at max_epochs. null = stop as soon as every request is forgotten.
     recover_within: float | None = None
+    # icu_band with recover_within: the run also holds until the erased set as a whole is as
+    # familiar as strangers, its LOSS membership AUC against them (`strangers_path`) within 0.5 +-
+    # this. Nothing is steered towards it: the hold keeps training, the rule only waits. null = off.
+    mia_within: float | None = None
     # the never-seen records the checks compare the requests with (the band, the bigram template);
     # null = evaluation.unseen_path. A file of its own keeps the evaluation's membership AUC on
     # people the stopping rule never looked at.
@@ -221,6 +225,12 @@ class UnlearningConfig:
                 raise UserError(f"unlearning.recover_within: only a band method holds a forgotten request below the "
                                 f"line while its neighbours recover, not {self.method}; fix: use method: icu_band "
                                 f"or set recover_within: null")
+        if self.mia_within is not None:
+            _in_range("unlearning.mia_within", self.mia_within, 0.0, 0.5)
+            if self.recover_within is None:
+                raise UserError("unlearning.mia_within: only the hold (recover_within) keeps training a set that is "
+                                "forgotten but not yet as familiar as strangers; fix: set recover_within (e.g. 0.03) "
+                                "or mia_within: null")
         if not 0 < self.lr_backoff <= 1:
             raise UserError(f"unlearning.lr_backoff: must be in (0, 1] (1 = never back off), got {self.lr_backoff}")
         if self.general_batch < 0:

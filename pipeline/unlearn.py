@@ -53,12 +53,14 @@ def key(cfg: Config, store: RunStore, resumable: bool = False) -> str:
                       max_tokens=cfg.max_tokens, prefix=r.prefix_tokens, suffix=r.suffix_tokens)
     model, unlearning = cfg.part("model", "unlearning")
     if resumable:
-        unlearning = {k: v for k, v in unlearning.items() if k not in ("max_epochs", "keep_checkpoints")}
+        unlearning = {k: v for k, v in unlearning.items() if k not in ("max_epochs", "keep_checkpoints", "mia_within")}
     # options added later leave the keys of runs that do not use them as they were
     harden = unlearning.pop("harden")
     later = [harden, cfg.audit.leak_tokens] if harden else []
     if unlearning.pop("strangers_path"):
         later.append(file_digest(cfg.unlearning.strangers_path))
+    if unlearning.pop("mia_within", None) is not None:
+        later.append(("mia_within", cfg.unlearning.mia_within))
     return fingerprint("unlearn", model, unlearning, *later, thresholds, cfg.retrieval.pairs_per_request,
                        file_digest(cfg.unlearning.ds_config), cfg.resources.num_workers,
                        store.key_of("ingest"), store.key_of("retrieve"))

@@ -105,14 +105,16 @@ def load_pairs(store: RunStore, pairs_per_request: int) -> Pairs:
 def step_rows(pairs: Pairs, batch: list[int | None], general: list[list[int]] | None) -> tuple[list, list]:
     """A step's forget rows and retain rows (none when `general` is None: the method reads no
     retain side). Pair k gives its request and its neighbour (None: an empty row of each); the
-    general rows follow the neighbours, cut to the longest paired row: their KL holds the model
-    token by token, and their full length would only pad every other row of the step."""
+    general rows follow the neighbours. Every retain row is cut to the run's longest request, so
+    every step on every rank has one width: ZeRO-3's ranks wait for each other at every layer, and
+    one 128-token neighbour made its step (and its peer's wait) 1.8x as long. The retain terms
+    hold the model token by token, so a cut row still holds what it keeps."""
     forget = [pairs.requests[pairs.pair_request[k]] if k is not None else [] for k in batch]
     if general is None:
         return forget, []
+    width = max(map(len, pairs.requests))
     paired = [pairs.pair_neighbour[k] if k is not None else [] for k in batch]
-    width = max(map(len, forget + paired)) or None
-    return forget, paired + [row[:width] for row in general]
+    return forget, [row[:width] for row in paired + list(general)]
 
 
 def zero_sizes(hidden: int) -> dict[str, int]:
@@ -482,8 +484,8 @@ class Worker:
             if self.set_auc is not None:
                 state.set_auc.append(self.set_auc)
             forgotten = [r["request_id"] for r in records if r["forgotten"]]
-            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.stop, self.method.band,
-                                 recovered(state.neighbour_ma, u.recover_within))
+            settled = recovered(state.neighbour_ma, u.recover_within) and familiar(state.set_auc, u.mia_within)
+            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.stop, self.method.band, settled)
             self._report(state, records)
             if reason:
                 break
@@ -593,17 +595,24 @@ def recovered(neighbour_ma: list[float], within: float | None) -> bool:
     return within is None or not neighbour_ma or neighbour_ma[-1] >= neighbour_ma[0] - within
 
 
+def familiar(set_auc: list[float], within: float | None) -> bool:
+    """`unlearning.mia_within`: the set's LOSS AUC against the strangers at the last check is within
+    `within` of 0.5. Always true without the option or before anything is measured."""
+    return within is None or not set_auc or abs(set_auc[-1] - 0.5) <= within
+
+
 def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: int, stop: str = "each",
-                pull_back: bool = False, neighbours_recovered: bool = True) -> str | None:
+                pull_back: bool = False, settled: bool = True) -> str | None:
     """Why training stops after this check, or None to keep going.
 
-    `each` goes on while any request needs training (`needs_training`), and with
-    `unlearning.recover_within` until the neighbours have recovered too. `set`, the paper's
+    `each` goes on while any request needs training (`needs_training`), and until the run has
+    `settled`: the neighbours recovered (`unlearning.recover_within`) and the set as familiar as
+    strangers (`unlearning.mia_within`). `set`, the paper's
     rule, also stops when the set's mean MA and EL cross the thresholds, usually with some
     requests still above them.
     """
     everyone = all(r["forgotten"] for r in records)
-    if everyone and neighbours_recovered:
+    if everyone and settled:
         return "all_forgotten"
     if stop == "set" and np.mean([r["ma"] for r in records]) < thr.ma and np.mean([r["el"] for r in records]) < thr.el:
         return "set_thresholds"

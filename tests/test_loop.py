@@ -9,7 +9,7 @@ import math
 
 from pipeline.iur import (Thresholds, apply_band, band_targets, bigram_share, check_requests, is_forgotten,
                          jumped_band, score_requests, set_auc)
-from pipeline.worker import Pairs, deepspeed_config, epoch_batches, needs_training, recovered, step_rows, stop_reason
+from pipeline.worker import Pairs, deepspeed_config, epoch_batches, familiar, needs_training, recovered, step_rows, stop_reason
 
 from conftest import REPO
 
@@ -66,11 +66,18 @@ def test_recover_within_waits_for_the_neighbours_after_every_request_is_forgotte
     done = [{"forgotten": True, "ma": 0.1, "el": 0.0, "too_deep": False}] * 2
     assert recovered([0.9, 0.7, 0.86], None) and recovered([0.9, 0.7, 0.86], 0.05)
     assert not recovered([0.9, 0.7, 0.84], 0.05) and recovered([], 0.05)  # no neighbours: nothing to wait for
-    assert stop_reason(done, thr, 3, 30, pull_back=True, neighbours_recovered=False) is None
-    assert stop_reason(done, thr, 30, 30, pull_back=True, neighbours_recovered=False) == "max_epochs"
-    assert stop_reason(done, thr, 3, 30, pull_back=True, neighbours_recovered=True) == "all_forgotten"
+    assert stop_reason(done, thr, 3, 30, pull_back=True, settled=False) is None
+    assert stop_reason(done, thr, 30, 30, pull_back=True, settled=False) == "max_epochs"
+    assert stop_reason(done, thr, 3, 30, pull_back=True, settled=True) == "all_forgotten"
     left = [done[0], {"forgotten": False, "ma": 0.5, "el": 0.5, "too_deep": False}]
-    assert stop_reason(left, thr, 3, 30, pull_back=True, neighbours_recovered=True) is None
+    assert stop_reason(left, thr, 3, 30, pull_back=True, settled=True) is None
+
+
+def test_mia_within_waits_until_the_set_is_as_familiar_as_strangers_on_either_side():
+    assert familiar([0.2, 0.9], None) and familiar([], 0.1)  # off, or nothing measured yet
+    assert familiar([1.0, 0.41], 0.1) and familiar([1.0, 0.59], 0.1)
+    assert not familiar([1.0, 0.38], 0.1)  # erased too deep as a set: singled out as erased
+    assert not familiar([0.5, 0.62], 0.1)  # still more familiar than strangers
 
 
 def test_neighbours_are_each_distinct_row_once():
@@ -78,13 +85,15 @@ def test_neighbours_are_each_distinct_row_once():
     assert pairs.neighbours == [[5, 6], [7]]
 
 
-def test_step_rows_pair_requests_with_neighbours_and_cut_general_rows_to_them():
+def test_step_rows_cut_every_retain_row_to_the_longest_request_so_every_step_has_one_width():
     pairs = Pairs(["a", "b"], [[1, 1, 1], [2]], [0, 1], [[5, 6, 7, 8], []])
     general = [list(range(10)), [9, 9]]
     assert step_rows(pairs, [1, 0, None], general) == ([[2], [1, 1, 1], []],
-                                                        [[], [5, 6, 7, 8], [], [0, 1, 2, 3], [9, 9]])
+                                                        [[], [5, 6, 7], [], [0, 1, 2], [9, 9]])
+    # the step without the long request is cut to the same width: ranks stay in step
+    assert step_rows(pairs, [1, None], general) == ([[2], []], [[], [], [0, 1, 2], [9, 9]])
     assert step_rows(pairs, [1, None], None) == ([[2], []], [])
-    assert step_rows(pairs, [None], general) == ([[]], [[]] + general)  # nothing paired: nothing to cut to
+    assert step_rows(pairs, [None], general) == ([[]], [[], [0, 1, 2], [9, 9]])
 
 
 def _quantile(values, q):
