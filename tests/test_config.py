@@ -55,6 +55,7 @@ CASES = {
                   ["unlearning.mia_within", "between"]),
     "recover range": ("unlearning:\n  method: icu_band\n  recover_within: 2\n",
                       ["unlearning.recover_within", "between"]),
+    "zero mmap threshold": ("resources:\n  malloc_mmap_threshold: 0\n", ["resources.malloc_mmap_threshold", "> 0"]),
     "negative margin": ("unlearning:\n  margin: -1\n", ["unlearning.margin", ">= 0"]),
     "negative general": ("retrieval:\n  general_per_source: -1\n", ["retrieval.general_per_source", ">= 0"]),
 }
@@ -204,3 +205,12 @@ def test_malformed_set_is_one_line(item, needles, requests_file, tmp_path, capsy
     assert main(["run", str(write_config(tmp_path, base(requests_file))), "--set", item]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(n in err for n in needles), err
+
+
+def test_the_workers_malloc_threshold_is_the_configs_and_off_when_null(requests_file, tmp_path):
+    from pipeline.unlearn import worker_env
+
+    cfg = load_config(write_config(tmp_path, base(requests_file)))
+    assert worker_env(cfg)["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    cfg.resources.malloc_mmap_threshold = None
+    assert "MALLOC_MMAP_THRESHOLD_" not in worker_env(cfg)
