@@ -345,3 +345,20 @@ def test_back_off_halves_the_lr_per_jump_and_a_resumed_run_decides_alike():
     assert run(resumed, range(3, 5)) == [0.25, 0.25]
     worker.cfg.unlearning.lr_backoff = 1.0
     assert run(LoopState(), range(5)) == [1.0] * 5
+
+
+def test_mia_within_is_a_stop_setting_the_checkpoints_key_leaves_out(tmp_path):
+    from pipeline.store import RunStore
+    from pipeline.unlearn import key
+
+    def keys(**unlearning):
+        cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
+                            "unlearning": {"method": "icu_band", "recover_within": 0.03, **unlearning}})
+        cfg.resolve(tmp_path / "model", 64)
+        store = RunStore(tmp_path / "run")
+        return key(cfg, store), key(cfg, store, resumable=True)
+
+    (plain, plain_resumable), (waits, waits_resumable) = keys(), keys(mia_within=0.1)
+    assert waits != plain  # a run that waits for the set stops elsewhere: its result is another
+    assert waits_resumable == plain_resumable  # but its epoch k weights are the same: it resumes from them
+    assert keys(mia_within=0.2)[0] != waits
