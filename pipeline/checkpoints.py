@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.atomic import atomic_write_json, check_records, file_records
+from pipeline.atomic import atomic_write_json, check_records, file_records, sha256_file
 from pipeline.errors import UserError
 
 log = logging.getLogger("icu.checkpoints")
@@ -40,11 +40,22 @@ RECORDS = "files.json"
 SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler")
 
 
-def seal(folder: Path, tag: str) -> None:
-    """Record every file of a fully written tag; from now on it counts as complete."""
+def seal(folder: Path, tag: str, records: dict[str, list] | None = None) -> None:
+    """Record every file of a fully written tag; from now on it counts as complete. `records`:
+    the files' [size, sha256] (`hash_share`) when the ranks hashed them, else hashed here."""
     path = folder / tag
-    records = {k: v for k, v in file_records(path).items() if k != RECORDS}
+    if records is None:
+        records = {k: v for k, v in file_records(path).items() if k != RECORDS}
     atomic_write_json(path / RECORDS, records)
+
+
+def hash_share(folder: Path, tag: str, rank: int, world: int) -> dict[str, list]:
+    """[size, sha256] of rank `rank`'s share of a tag's files, dealt largest first so the ranks'
+    shares weigh alike (one core hashes a 1.6 GB tag in 3.5 s)."""
+    path = folder / tag
+    files = sorted((f for f in path.rglob("*") if f.is_file() and f.name != RECORDS),
+                   key=lambda f: (-f.stat().st_size, str(f)))
+    return {str(f.relative_to(path)): [f.stat().st_size, sha256_file(f)] for f in files[rank::world]}
 
 
 def complete_tags(folder: Path) -> list[str]:

@@ -73,24 +73,17 @@ class Scorer:
     @torch.no_grad()
     def _requests(self, examples: list[dict]) -> list[dict[str, float]]:
         """Erasure requests: IUR's scores (generation similarity, MA, EL) and membership scores."""
-        o, rows = self.opt, [ex["ids"] for ex in examples]
-        recs = score_requests(self.model, self.tok, rows, prefix=o.prefix, suffix=o.suffix, num_beams=o.num_beams,
-                              el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size, scorer=self.bert)
-        return [dict(rec, **mia) for rec, mia in zip(recs, self._mia(rows))]
+        o = self.opt
+        return score_requests(self.model, self.tok, [ex["ids"] for ex in examples], prefix=o.prefix, suffix=o.suffix,
+                              num_beams=o.num_beams, el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size,
+                              scorer=self.bert, mia=True)
 
-    @torch.no_grad()
     def _memorization(self, examples: list[dict]) -> list[dict[str, float]]:
         """Unseen text: MA and EL (the forgetting thresholds) and membership scores (MIA non-members)."""
         o, rows = self.opt, [ex["ids"] for ex in examples]
-        ma, el = memorization(self.model, rows, el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size,
-                              pad_id=self.tok.pad_token_id)
-        return [dict(ma=m, el=e, **mia) for m, e, mia in zip(ma, el, self._mia(rows))]
-
-    def _mia(self, rows: list[list[int]]) -> list[dict[str, float]]:
-        ids, mask = metrics.pad_rows(rows, self.tok.pad_token_id)
-        texts = [self.tok.decode(r, skip_special_tokens=True) for r in rows]
-        scores = metrics.mia_scores(self.model, ids, mask, texts)
-        return [{f"mia_{k}": float(v[i]) for k, v in scores.items()} for i in range(len(rows))]
+        return memorization(self.model, rows, el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size,
+                            pad_id=self.tok.pad_token_id, texts=[self.tok.decode(r, skip_special_tokens=True)
+                                                                 for r in rows])
 
     def _ppl(self, examples: list[dict]) -> list[dict[str, float]]:
         rows = [ex["ids"] for ex in examples]

@@ -57,30 +57,40 @@ def below(ma: float, el: float, thr: Thresholds) -> bool:
 
 
 @torch.no_grad()
-def memorization(model, rows: list[list[int]], *, el_n: int, el_range: str, batch_size: int,
-                 pad_id: int, sync_calls: metrics.SyncCalls | None = None) -> tuple[list[float], list[float]]:
-    """(MA, EL_n) of each row, in batches of `batch_size` rows."""
-    ma, el = [], []
+def memorization(model, rows: list[list[int]], *, el_n: int, el_range: str, batch_size: int, pad_id: int,
+                 sync_calls: metrics.SyncCalls | None = None, texts: list[str] | None = None) -> list[dict]:
+    """{"ma", "el"} of each row, and its membership scores ("mia_loss", ...; `metrics.mia_scores`)
+    when `texts` (the rows decoded) are given. One forward pass per batch of `batch_size` rows
+    serves all three: MA and the scores read its logits, EL's prompts its KV cache."""
+    records = []
     for start in range(0, len(rows), batch_size):
         ids, mask = metrics.pad_rows(rows[start:start + batch_size], pad_id, device=model.device)
-        ma += metrics.memorization_accuracy(model, ids, mask).tolist()
-        el += metrics.extraction_likelihood(model, ids, mask, n=el_n, prompt_range=el_range,
-                                            sync_calls=sync_calls, pad_token_id=pad_id).tolist()
-    return ma, el
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        ma = metrics.memorization_accuracy(model, ids, mask, logits=out.logits).tolist()
+        el = metrics.extraction_likelihood(model, ids, mask, n=el_n, prompt_range=el_range, sync_calls=sync_calls,
+                                           pad_token_id=pad_id, out=out).tolist()
+        part = [dict(ma=m, el=e) for m, e in zip(ma, el)]
+        if texts is not None:
+            scores = metrics.mia_scores(model, ids, mask, texts[start:start + batch_size], logits=out.logits)
+            for i, record in enumerate(part):
+                record.update({f"mia_{k}": float(v[i]) for k, v in scores.items()})
+        records += part
+    return records
 
 
 @torch.no_grad()
 def score_requests(model, tokenizer, rows: list[list[int]], *, prefix: int, suffix: int, num_beams: int,
                    el_n: int, el_range: str, batch_size: int, scorer,
                    sync_calls: metrics.SyncCalls | None = None,
-                   generate: Callable[[float, float], bool] | None = None) -> list[dict]:
-    """bleu, bertscore (the generated suffix vs the true one), ma and el of each row. With
-    `generate` (a test of a row's MA and EL), only the rows that pass it are generated from;
-    the others' bleu and bertscore are NaN."""
+                   generate: Callable[[float, float], bool] | None = None, mia: bool = False) -> list[dict]:
+    """bleu, bertscore (the generated suffix vs the true one), ma and el of each row (and its
+    membership scores with `mia`, see `memorization`). With `generate` (a test of a row's MA and
+    EL), only the rows that pass it are generated from; the others' bleu and bertscore are NaN."""
     pad_id = tokenizer.pad_token_id
-    ma, el = memorization(model, rows, el_n=el_n, el_range=el_range, batch_size=batch_size, pad_id=pad_id,
-                          sync_calls=sync_calls)
-    chosen = [k for k in range(len(rows)) if generate is None or generate(ma[k], el[k])]
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows] if mia else None
+    records = memorization(model, rows, el_n=el_n, el_range=el_range, batch_size=batch_size, pad_id=pad_id,
+                           sync_calls=sync_calls, texts=texts)
+    chosen = [k for k, r in enumerate(records) if generate is None or generate(r["ma"], r["el"])]
     generated = metrics.greedy_continuations(
         model, [rows[k][:prefix] for k in chosen], [len(rows[k][prefix:prefix + suffix]) for k in chosen],
         num_beams=num_beams, batch_size=batch_size, sync_calls=sync_calls, pad_token_id=pad_id)
@@ -90,7 +100,7 @@ def score_requests(model, tokenizer, rows: list[list[int]], *, prefix: int, suff
     for k, b, s in zip(chosen, [sentence_bleu4(t, g) for t, g in zip(truths, guesses)],
                        scorer.f1(truths, guesses).tolist() if chosen else []):
         bleu[k], bert[k] = b, s
-    return [dict(bleu=b, bertscore=s, ma=m, el=e) for b, s, m, e in zip(bleu, bert, ma, el)]
+    return [dict(r, bleu=b, bertscore=s) for r, b, s in zip(records, bleu, bert)]
 
 
 def check_requests(model, tokenizer, rows: list[list[int]], *, thresholds: Thresholds, **kwargs) -> list[dict]:

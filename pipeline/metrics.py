@@ -63,22 +63,24 @@ def _unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[i
 
 # --- teacher-forced scoring -----------------------------------------------------------------
 
-def _token_logits(model: PreTrainedModel, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 logits predicting each next token, the targets, and which targets are real tokens.
+def _token_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 logits predicting each next token, the targets, and which targets are real tokens;
+    `logits`: the model's logits for these ids, when a pass the caller made already has them.
 
     Upcast because bf16 log-softmax over a 50k+ vocabulary is too coarse for PPL and MIA.
     """
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    return logits, input_ids[:, 1:], attention_mask[:, 1:].bool()
+    if logits is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits[:, :-1].float(), input_ids[:, 1:], attention_mask[:, 1:].bool()
 
 
-def _token_nll(model: PreTrainedModel, input_ids: torch.Tensor,
-               attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_nll(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position NLL of x_t given x_<t, shape [B, T-1] (0 on pads), and the valid mask."""
-    logits, targets, valid = _token_logits(model, input_ids, attention_mask)
+    logits, targets, valid = _token_logits(model, input_ids, attention_mask, logits)
     return _masked_nll(logits, targets, valid), valid
 
 
@@ -87,14 +89,15 @@ def _masked_nll(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
 
 
 @torch.no_grad()
-def memorization_accuracy(model: PreTrainedModel, input_ids: torch.Tensor,
-                          attention_mask: torch.Tensor) -> torch.Tensor:
-    """MA per row: share of t in 1..T_i-1 with argmax p(.|x_<t) == x_t, from one forward pass.
+def memorization_accuracy(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                          logits: torch.Tensor | None = None) -> torch.Tensor:
+    """MA per row: share of t in 1..T_i-1 with argmax p(.|x_<t) == x_t, from one forward pass
+    (or the `logits` of one the caller made).
 
     Teacher forcing gives exactly the reference's 199 one-token generate() calls. Rows with
     fewer than two tokens score 0.
     """
-    logits, targets, valid = _token_logits(model, input_ids, attention_mask)
+    logits, targets, valid = _token_logits(model, input_ids, attention_mask, logits)
     hits = (logits.argmax(-1) == targets) & valid
     return (hits.sum(-1).double() / valid.sum(-1).clamp_min(1)).cpu()
 
@@ -190,16 +193,17 @@ def _ngram_hit_rate(generated: Sequence[int], truth: Sequence[int], n: int) -> f
 def extraction_likelihood(model: PreTrainedModel, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor, n: int = 10,
                           prompt_range: PromptRange = "icu", *, batch_size: int = 64,
-                          sync_calls: SyncCalls | None = None, pad_token_id: int = 0) -> torch.Tensor:
+                          sync_calls: SyncCalls | None = None, pad_token_id: int = 0, out=None) -> torch.Tensor:
     """EL_n per row: mean over prompt lengths t of the n-gram hit rate of the greedy
     (T_i - t)-token continuation of x_<t against x_>=t (0.0 when no t qualifies).
 
     A row's prompts are prefixes of each other, so `prefix_continuations` prefills them
-    all with one forward pass over the batch of rows.
+    all with one forward pass over the batch of rows (or reads `out`, see there).
     """
     rows = _unpad(input_ids, attention_mask)
     starts = [list(el_prompt_lengths(len(row), n, prompt_range)) for row in rows]
-    conts, calls = prefix_continuations(model, rows, starts, batch_size=batch_size, pad_token_id=pad_token_id)
+    conts, calls = prefix_continuations(model, rows, starts, batch_size=batch_size, pad_token_id=pad_token_id,
+                                        out=out)
     scores = []
     for row, ts, gens in zip(rows, starts, conts):
         hits = [_ngram_hit_rate(gen, row[t:], n) for t, gen in zip(ts, gens)]
@@ -211,7 +215,8 @@ def extraction_likelihood(model: PreTrainedModel, input_ids: torch.Tensor,
 
 @torch.no_grad()
 def prefix_continuations(model: PreTrainedModel, rows: Sequence[Sequence[int]], starts: Sequence[Sequence[int]],
-                         *, batch_size: int = 64, pad_token_id: int = 0) -> tuple[list[list[list[int]]], int]:
+                         *, batch_size: int = 64, pad_token_id: int = 0, out=None
+                         ) -> tuple[list[list[list[int]]], int]:
     """For each row r and t in starts[r], the greedy continuation of rows[r][:t] to the row's
     length; and the number of forward calls made. Equal to generating from each prompt on
     its own (up to float summation order), at a fraction of the cost:
@@ -224,21 +229,27 @@ def prefix_continuations(model: PreTrainedModel, rows: Sequence[Sequence[int]], 
       prompt's cached entries end at the batch's longest prompt, the masked gap comes first
       (so sliding-window attention sees true distances), new tokens take positions t,
       t+1, ..., and a prompt leaves the batch once it has its T - t tokens.
+    `out`: the model's output (logits and KV cache) for the whole rows, right-padded in one batch,
+    when the caller made that pass anyway (MA reads the same logits): under causal attention its
+    first t entries are prompt t's own, so the first pass is not made again (and not counted).
     """
     todo = [r for r, ts in enumerate(starts) if ts]
     if any(min(starts[r]) < 1 or max(starts[r]) >= len(rows[r]) for r in todo):
         raise ValueError("prefix_continuations: need 1 <= t < len(row) for every start")
     if not todo:
         return [[] for _ in rows], 0
-    ids, mask = pad_rows([rows[r][:max(starts[r])] for r in todo], pad_token_id, device=model.device)
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-    first = dict(zip(todo, out.logits.argmax(-1).tolist()))
+    slot, calls = {r: r for r in todo}, 0
+    if out is None:
+        ids, mask = pad_rows([rows[r][:max(starts[r])] for r in todo], pad_token_id, device=model.device)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        slot, calls = {r: j for j, r in enumerate(todo)}, 1
+    pred = out.logits.argmax(-1).tolist()
+    first = {r: pred[slot[r]] for r in todo}
     cache = [(layer.keys, layer.values) for layer in out.cache.layers]
-    slot = {r: j for j, r in enumerate(todo)}
     chained = [(r, t) for r in todo for t in starts[r] if t + 1 in set(starts[r]) and first[r][t - 1] == rows[r][t]]
     jobs = sorted({(r, t) for r in todo for t in starts[r]} - set(chained),
                   key=lambda job: (len(rows[job[0]]) - job[1], job))  # shortest first: batches shrink sooner
-    conts, calls = {}, 1
+    conts = {}
     for batch in _chunks(jobs, batch_size):
         needs = [len(rows[r]) - t for r, t in batch]
         conts.update(zip(batch, _decode_batch(model, cache, [slot[r] for r, _ in batch], [t for _, t in batch],
@@ -435,7 +446,8 @@ def unigram_f1(prediction: str, reference: str) -> float:
 
 @torch.no_grad()
 def mia_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               texts: Sequence[str], *, min_k: float = 0.2) -> dict[str, torch.Tensor]:
+               texts: Sequence[str], *, min_k: float = 0.2, logits: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
     """Membership scores per row, every one oriented so that HIGHER = more likely a member.
 
     - "loss":  -mean token NLL (Yeom et al.).
@@ -443,9 +455,10 @@ def mia_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: 
                al. 2021 divide the log-perplexity, i.e. the MEAN NLL, by the zlib length).
     - "min_k": mean log-prob of the max(1, floor(min_k * n)) least likely tokens (Min-K% Prob,
                Shi et al. 2024), n = number of predicted tokens of the row.
-    `texts[i]` is the decoded text of row i (for the zlib length only).
+    `texts[i]` is the decoded text of row i (for the zlib length only). `logits`: the model's
+    logits for these ids, when the caller's own pass has them.
     """
-    nll, valid = _token_nll(model, input_ids, attention_mask)
+    nll, valid = _token_nll(model, input_ids, attention_mask, logits)
     count = valid.sum(-1)
     if bool((count == 0).any()):
         raise ValueError("mia_scores: every row needs at least 2 tokens")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from pipeline.config import build_config
-import math
-
 from pipeline.iur import (Thresholds, apply_band, band_targets, bigram_share, check_requests, is_forgotten,
                          jumped_band, score_requests, set_auc)
 from pipeline.worker import Pairs, deepspeed_config, epoch_batches, familiar, needs_training, recovered, step_rows, stop_reason
@@ -274,6 +275,25 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, caplog):
     assert checkpoints.latest_verified(tmp_path) == "epoch-1"
     (tmp_path / "epoch-1" / "loop_state.json").write_text("{} ")
     assert checkpoints.latest_verified(tmp_path) is None
+
+
+def test_ranks_hash_disjoint_shares_that_seal_as_one_rank_would(tmp_path):
+    """Each rank hashes a share of a tag's files (largest first, dealt in turn); together the shares
+    are exactly what one process records, and a seal from them verifies."""
+    from pipeline import checkpoints
+    from pipeline.atomic import file_records
+
+    tag = tmp_path / "epoch-1"
+    (tag / "global_step").mkdir(parents=True)
+    for name, size in (("a.pt", 900), ("b.pt", 800), ("c.pt", 30), ("global_step/d.pt", 20), ("loop_state.json", 5)):
+        (tag / name).write_bytes(bytes([size % 251]) * size)
+    shares = [checkpoints.hash_share(tmp_path, "epoch-1", rank, 2) for rank in range(2)]
+    assert not set(shares[0]) & set(shares[1])
+    assert {"a.pt", "b.pt"} == {max(share, key=lambda k: share[k][0]) for share in shares}  # one large file each
+    checkpoints.seal(tmp_path, "epoch-1", {k: v for share in shares for k, v in share.items()})
+    assert json.loads((tag / checkpoints.RECORDS).read_text()) == {
+        k: v for k, v in file_records(tag).items() if k != checkpoints.RECORDS}
+    assert checkpoints.latest_verified(tmp_path) == "epoch-1"
 
 
 def test_lr_scale_multiplies_the_scheduled_lr_without_compounding():

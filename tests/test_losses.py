@@ -18,9 +18,12 @@ TOL = 1e-5
 ONE_FIXTURE = [HealthCheck.function_scoped_fixture]  # `chunks` sets one constant per test, not per example
 
 
-@pytest.fixture(autouse=True, params=["one chunk", "one position per chunk"])
+@pytest.fixture(autouse=True, params=["whole tensor", "one chunk", "one position per chunk"])
 def chunks(request, monkeypatch):
-    """Every test runs with the whole row in one chunk and with one position per chunk."""
+    """Every test runs with autograd through the whole logits, and chunked (`_ByPositions`) with
+    the whole row in one chunk and with one position per chunk."""
+    if request.param != "whole tensor":
+        monkeypatch.setattr(losses, "WHOLE_ELEMENTS", 0)
     if request.param == "one position per chunk":
         monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 1)
 

@@ -168,6 +168,33 @@ def test_prefix_continuations_equal_one_prompt_at_a_time_generation(model):
     assert 1 < calls < sum(len(row) - t for row, ts in zip(rows, starts) for t in ts)  # work was saved
 
 
+def test_memorization_reads_ma_el_and_membership_off_one_pass_per_batch(model):
+    """`iur.memorization` with texts: each row's naive MA, EL and membership scores, and one
+    full-length forward pass per batch of rows (the rest are one-token decoding steps)."""
+    from pipeline import iur
+
+    rows = memorized_rows(model, [24, 40, 33, 9, 30], seed=7)
+    texts = ["".join(string.ascii_letters[t % 52] for t in r) for r in rows]
+    widths = []
+    forward = model.forward
+    model.forward = lambda *a, **k: widths.append(k["input_ids"].shape[1]) or forward(*a, **k)
+    try:
+        got = iur.memorization(model, rows, el_n=3, el_range="icu", batch_size=3, pad_id=0, texts=texts)
+    finally:
+        del model.forward
+    assert sum(w > 1 for w in widths) == 2  # batches of 3 and 2 rows
+    for rec, row, text in zip(got, rows, texts):
+        assert rec["ma"] == sum(int(next_logits(model, row[:t]).argmax()) == row[t]
+                                for t in range(1, len(row))) / (len(row) - 1)
+        assert rec["el"] == pytest.approx(naive_el(model, row, 3, "icu"), abs=1e-12)
+        nll = naive_token_nll(model, row)
+        k = max(1, int(0.2 * len(nll)))
+        assert rec["mia_loss"] == pytest.approx(-sum(nll) / len(nll), rel=1e-6)
+        assert rec["mia_zlib"] == pytest.approx(-sum(nll) / len(nll) / len(zlib.compress(text.encode())), rel=1e-6)
+        assert rec["mia_min_k"] == pytest.approx(sum(sorted(-x for x in nll)[:k]) / k, rel=1e-6)
+    assert len({rec["el"] for rec in got}) >= 3 and max(rec["ma"] for rec in got) > 0.5
+
+
 def test_extraction_likelihood_without_scorable_prompt_is_zero(model):
     ids, mask = right_pad([[5, 6, 7], [5, 6, 7, 8, 9, 10]])
     assert metrics.extraction_likelihood(model, ids, mask, n=10, prompt_range="ku").tolist() == [0.0, 0.0]
