@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pipeline.config import ResourcesConfig  # noqa: E402
-from pipeline.unlearn import WORKER_ENV  # noqa: E402
+from pipeline.unlearn import worker_env  # noqa: E402
 from pipeline.worker import zero_sizes  # noqa: E402
 SIZES = {  # Llama shapes: SmolLM2-135M, a ~500M, TinyLlama-1.1B
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -216,8 +216,7 @@ def _config_of(base: Path):
 
 
 def _run(cmd: list[str], tag: str) -> list | dict:
-    env = dict(os.environ, **WORKER_ENV, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
-               MALLOC_MMAP_THRESHOLD_=str(ResourcesConfig.malloc_mmap_threshold))
+    env = dict(os.environ, **worker_env(ResourcesConfig()), PYTHONPATH=str(REPO))  # 1 CPU a rank, no GPU
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     line = next((l for l in proc.stdout.splitlines() if l.startswith(tag)), None)
     if proc.returncode != 0 or line is None:

@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.atomic import atomic_write_json, check_records, file_records, sha256_file
+from pipeline.atomic import atomic_write_json, check_records, file_records
 from pipeline.errors import UserError
 
 log = logging.getLogger("icu.checkpoints")
@@ -55,7 +55,7 @@ def hash_share(folder: Path, tag: str, rank: int, world: int) -> dict[str, list]
     path = folder / tag
     files = sorted((f for f in path.rglob("*") if f.is_file() and f.name != RECORDS),
                    key=lambda f: (-f.stat().st_size, str(f)))
-    return {str(f.relative_to(path)): [f.stat().st_size, sha256_file(f)] for f in files[rank::world]}
+    return {str(f.relative_to(path)): file_records(f)["."] for f in files[rank::world]}
 
 
 def complete_tags(folder: Path) -> list[str]:

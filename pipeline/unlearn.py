@@ -22,7 +22,7 @@ import torch
 
 from pipeline import adapter, checkpoints, cluster, modeling, shards
 from pipeline.atomic import atomic_path, atomic_write_text, file_digest
-from pipeline.config import AdapterConfig, Config
+from pipeline.config import AdapterConfig, Config, ResourcesConfig
 from pipeline.errors import UserError
 from pipeline.store import RunStore, fingerprint
 
@@ -119,15 +119,14 @@ def check_adapter(cfg: Config) -> None:
                         "frozen weights back from it); fix: save the model with safe_serialization=True") from None
 
 
-def worker_env(cfg: Config) -> dict[str, str]:
+def worker_env(r: ResourcesConfig) -> dict[str, str]:
     """The workers' environment. MALLOC_MMAP_THRESHOLD_ (`resources.malloc_mmap_threshold`):
     glibc otherwise raises its threshold after each large free, and the gathered ZeRO-3
     parameters and logits freed every step then stay in the process's heap."""
-    r = cfg.resources
     env = dict(WORKER_ENV, OMP_NUM_THREADS=str(max(1, int(r.cpus_per_worker))))
     if r.malloc_mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(r.malloc_mmap_threshold)
-    if not cfg.resources.use_gpu:
+    if not r.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return env
 
@@ -156,7 +155,7 @@ def ray_train(cfg: Config, store: RunStore, module: str, args: list[str], name: 
                                      placement_strategy=r.placement),
         run_config=RunConfig(name=name, storage_path=str(store.artefact("ray_train")),
                              failure_config=FailureConfig(max_failures=r.max_failures),
-                             worker_runtime_env={"env_vars": worker_env(cfg)}),
+                             worker_runtime_env={"env_vars": worker_env(cfg.resources)}),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -168,7 +167,7 @@ def torchrun(cfg: Config, store: RunStore, module: str, args: list[str], name: s
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={cfg.resources.num_workers}", f"--max-restarts={cfg.resources.max_failures}",
            "-m", module, *args]
-    env = dict(os.environ, **worker_env(cfg))
+    env = dict(os.environ, **worker_env(cfg.resources))
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                          env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(cmd, env=env)

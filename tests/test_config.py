@@ -211,6 +211,6 @@ def test_the_workers_malloc_threshold_is_the_configs_and_off_when_null(requests_
     from pipeline.unlearn import worker_env
 
     cfg = load_config(write_config(tmp_path, base(requests_file)))
-    assert worker_env(cfg)["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    assert worker_env(cfg.resources)["MALLOC_MMAP_THRESHOLD_"] == "65536"
     cfg.resources.malloc_mmap_threshold = None
-    assert "MALLOC_MMAP_THRESHOLD_" not in worker_env(cfg)
+    assert "MALLOC_MMAP_THRESHOLD_" not in worker_env(cfg.resources)
