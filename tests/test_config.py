@@ -139,7 +139,13 @@ def test_example_configs_validate(monkeypatch, tmp_path):
         load_config(write_config(tmp_path, demo, "demo.yaml"))
     for name in ("erase.jsonl", "keep.jsonl", "unseen.jsonl", "strangers.jsonl", "model"):
         (tmp_path / name).touch()
-    assert load_config(write_config(tmp_path, demo, "demo.yaml")).evaluation.keep_path == str(tmp_path / "keep.jsonl")
+    demo_path = write_config(tmp_path, demo, "demo.yaml")
+    assert load_config(demo_path).evaluation.keep_path == str(tmp_path / "keep.jsonl")
+    sys.path.insert(0, str(REPO / "bench"))
+    from compare_methods import VARIANTS
+
+    for variant, overrides in VARIANTS.items():  # each of the comparison's runs of the demo
+        assert load_config(demo_path, overrides).unlearning.method == overrides.get("unlearning.method", "icu_band")
 
 def test_job_in_rays_copy_of_the_project_refuses_relative_paths(tmp_path, monkeypatch, capsys):
     """Inside `ray job submit --working-dir .` the job runs in a temporary copy: a relative run
