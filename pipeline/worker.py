@@ -190,6 +190,9 @@ class Worker:
         self.weights = LossWeights(**{f.name: getattr(u, f.name) for f in dataclasses.fields(LossWeights)})
         self.method = method(u.method)
         self.pairs = load_pairs(self.store, self.cfg.retrieval.pairs_per_request)
+        # the never-seen rows each check measures the band on (two-sided line, band methods)
+        self.strangers = (suites.threshold_rows(self.cfg, self.tok, u.strangers_path)
+                          if u.stranger_quantile or self.method.band else [])
         self.ckpt_dir = self.store.artefact("checkpoints")
         self.replica = None  # set by run(): the unsharded model IUR generates with, if it fits
         self.band: tuple | None = None  # icu_band: (push masks, low, high) per request, from the last check
@@ -363,12 +366,11 @@ class Worker:
             thresholds=thr, sync_calls=sync))
         options = dict(batch_size=c.evaluation.batch_size, pad_token_id=self.tok.pad_token_id)
         nll, hits = self._nll_and_hits(model, self.pairs.requests, options)
-        strangers = suites.threshold_rows(c, self.tok, u.strangers_path) if u.stranger_quantile or self.method.band else []
-        unseen, unseen_hits = self._nll_and_hits(model, strangers, options)
+        unseen, unseen_hits = self._nll_and_hits(model, self.strangers, options)
         records = self._hardened(model, apply_band(records, nll, unseen, u.stranger_quantile))
         if self.method.band:
             self.set_auc = set_auc(nll, unseen)
-            self.band = band_targets(records, self.pairs.requests, hits, bigram_share(strangers, unseen_hits),
+            self.band = band_targets(records, self.pairs.requests, hits, bigram_share(self.strangers, unseen_hits),
                                      unseen, thr.ma, hold=self.hold)
         if self.hold and self.pairs.neighbours:
             _, neighbour_hits = self._nll_and_hits(model, self.pairs.neighbours, options)
