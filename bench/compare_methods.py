@@ -39,8 +39,9 @@ OTHERS = {"unlearning.lr": 3e-4, "unlearning.recover_within": None, "unlearning.
 ONE_SIDED = {**OTHERS, "unlearning.stop": "each", "unlearning.stranger_quantile": None}
 # NPO's and SimNPO's weight on a record decays as its likelihood falls: at their published betas
 # (0.1 on the summed log-ratio, 4.5 on the token-mean NLL) it is below 2 % of its start once a
-# record is 1 nat a token less likely than on the original, far short of a stranger's ~4.7 here, and they forgot 0/8 and 0/8 at lr 3e-4, 4/8 and
-# 0/8 at 1e-3, in 12 epochs. These betas keep the weight >= ~5 % up to a stranger's level.
+# record is 1 nat a token less likely than on the original, far short of a stranger's ~4.7 here:
+# they forgot 0/8 and 0/8 at lr 3e-4, 4/8 and 0/8 at 1e-3, in 12 epochs (pipeline/method.md,
+# "Baselines"). These betas keep the weight >= ~5 % up to a stranger's level.
 SATURATING = {**ONE_SIDED, "unlearning.npo_beta": 0.01, "unlearning.simnpo_beta": 0.5}
 VARIANTS = {
     "icu_band": {},  # the config's own recipe

@@ -40,13 +40,10 @@ RECORDS = "files.json"
 SAFE_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler")
 
 
-def seal(folder: Path, tag: str, records: dict[str, list] | None = None) -> None:
-    """Record every file of a fully written tag; from now on it counts as complete. `records`:
-    the files' [size, sha256] (`hash_share`) when the ranks hashed them, else hashed here."""
-    path = folder / tag
-    if records is None:
-        records = {k: v for k, v in file_records(path).items() if k != RECORDS}
-    atomic_write_json(path / RECORDS, records)
+def seal(folder: Path, tag: str, records: dict[str, list]) -> None:
+    """Record every file of a fully written tag (`records`: each file's [size, sha256], the ranks'
+    `hash_share`s together); from now on it counts as complete."""
+    atomic_write_json(folder / tag / RECORDS, records)
 
 
 def hash_share(folder: Path, tag: str, rank: int, world: int) -> dict[str, list]:

@@ -141,7 +141,7 @@ def test_example_configs_validate(monkeypatch, tmp_path):
         (tmp_path / name).touch()
     demo_path = write_config(tmp_path, demo, "demo.yaml")
     assert load_config(demo_path).evaluation.keep_path == str(tmp_path / "keep.jsonl")
-    sys.path.insert(0, str(REPO / "bench"))
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
     from compare_methods import VARIANTS
 
     for variant, overrides in VARIANTS.items():  # each of the comparison's runs of the demo

@@ -263,7 +263,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, caplog):
         (tag / "global_step" / "zero_pp_rank_0_model_states.pt").write_bytes(bytes([epoch]) * 64)
         (tag / "loop_state.json").write_text("{}")
         if epoch < 3:
-            checkpoints.seal(tmp_path, tag.name)
+            checkpoints.seal(tmp_path, tag.name, checkpoints.hash_share(tmp_path, tag.name, 0, 1))
     assert checkpoints.complete_tags(tmp_path) == ["epoch-2", "epoch-1"]  # epoch-3 was never sealed
     assert checkpoints.latest_verified(tmp_path) == "epoch-2"
     shard = tmp_path / "epoch-2" / "global_step" / "zero_pp_rank_0_model_states.pt"

@@ -193,7 +193,7 @@ def test_a_crafted_checkpoint_is_refused_on_export_and_on_resume(implanted, ray_
 
     newest = checkpoints.complete_tags(folder)[0]
     _plant(folder / newest, marker)
-    checkpoints.seal(folder, newest)  # the attacker rewrites the hashes too
+    checkpoints.seal(folder, newest, checkpoints.hash_share(folder, newest, 0, 1))  # the attacker rewrites the hashes too
     config = run_config(implanted, tmp_path, "ray", {"resources.launcher": "torchrun", "resources.max_failures": 0})
     capfd.readouterr()
     with pytest.raises(RuntimeError, match="torchrun unlearning workers exited with code"):
