@@ -8,7 +8,7 @@
 #
 # Needs a python3 with CUDA torch + transformers (PYTHON=... to choose one). DeepSpeed and its
 # small pure-python needs, if missing or older there, are installed (--no-deps, never torch) into
-# /tmp/site from the wheels in bench/wheels/ (git-ignored: carry it, 5 MB). Made with:
+# a fresh private folder (mktemp -d) from the wheels in bench/wheels/ (git-ignored: carry it, 5 MB). Made with:
 #   pip wheel deepspeed==0.19.8 --no-deps --no-build-isolation -w bench/wheels
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d bench/wheels hjson==3.1.0 pydantic==2.14.4 \
@@ -48,9 +48,11 @@ EOF
 )
   [[ -n "$WHEELS" ]] || { echo "ERROR: deepspeed fails to import though its wheels' packages are installed:"; \
     "$PY" -c "import deepspeed"; exit 1; }
-  echo "installing into /tmp/site: $(echo $WHEELS | xargs -n1 basename | tr '\n' ' ')"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHEELS
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  SITE=$(mktemp -d)  # ours alone: a fixed /tmp path put first on PYTHONPATH is anyone's to fill
+  trap 'rm -rf "$SITE"' EXIT
+  echo "installing into $SITE: $(echo $WHEELS | xargs -n1 basename | tr '\n' ' ')"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $WHEELS
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   "$PY" -c "import deepspeed" || { echo "ERROR: deepspeed still fails to import (see above)"; exit 1; }
 fi
 "$PY" -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda,
@@ -60,7 +62,7 @@ NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 [[ "$NGPU" -ge 1 ]] || { echo "ERROR: torch sees no CUDA GPU (use --cpu-smoke for the CPU logic check)"; exit 1; }
 
 LOG=${OUT:+$OUT/gpu_check.log}
-JSON=${OUT:-/tmp}/gpu_step.json
+JSON=${OUT:-$(mktemp -d)}/gpu_step.json
 set -o pipefail
 timeout --kill-after=15 "${GPU_STEP_TIMEOUT:-300}" "$PY" -m torch.distributed.run --standalone \
   --nproc_per_node "$NGPU" bench/gpu_step.py --json "$JSON" "$@" 2>&1 | tee ${LOG:-/dev/null}

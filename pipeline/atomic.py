@@ -1,28 +1,33 @@
 """Atomic file writes and content digests: what makes a run directory safe to kill.
 
 Every file is written to a temporary sibling, fsynced and renamed over its target, so
-a process killed mid-write leaves the previous version, never half a file.
+a process killed mid-write leaves the previous version, never half a file. A rename replaces
+a symbolic link planted at the target instead of writing through it, and what lands is
+readable by its owner alone. The few files written in place (logs) are opened with
+`open_private`, which refuses a link.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
+
+from pipeline.errors import UserError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so readers see the old file or the new one, nothing between."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -45,7 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)) / path.name
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _seal_tree(tmp)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -110,10 +115,37 @@ def check_records(path: Path, records: dict[str, list], hash_files: bool = True,
     return None
 
 
-def _fsync_tree(path: Path) -> None:
-    for file in [path] if path.is_file() else path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as fh:
+def open_private(path: str | os.PathLike, append: bool = False) -> BinaryIO:
+    """A file written in place (a log), never through a symbolic link planted at its name: a
+    link is refused, O_NOFOLLOW closes the race, and a new file is created 0600. Without
+    `append` the old file is replaced (unlinked, then created exclusively)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{path} is a symbolic link, and a run directory holds none (it would be written through); "
+                        "fix: remove it, and check who else can write to the run directory")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    if append:
+        flags |= os.O_APPEND
+    else:
+        path.unlink(missing_ok=True)
+        flags |= os.O_EXCL
+    try:
+        return os.fdopen(os.open(path, flags, 0o600), "ab" if append else "wb")
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EEXIST):
+            raise UserError(f"{path} was replaced while it was opened (a symbolic link or another file appeared); "
+                            "fix: check who else can write to the run directory") from None
+        raise
+
+
+def _seal_tree(path: Path) -> None:
+    """fsync every file of a finished temporary and make it its owner's alone (0600 / 0700)."""
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if item.is_symlink():
+            continue
+        item.chmod(0o700 if item.is_dir() else 0o600)
+        if item.is_file():
+            with open(item, "rb") as fh:
                 os.fsync(fh.fileno())
 
 

@@ -283,7 +283,7 @@ def timing(result: dict) -> str:
 
 def verdicts(store: RunStore) -> pd.DataFrame | None:
     """Per erased request of the unlearned model: span per probe (columns) and leaking probes; None
-    when the run has no audit rows."""
+    when the run has no audit rows of them."""
     path = store.artefact("audit_rows")
     if not path.exists():
         return None
@@ -297,9 +297,20 @@ def verdicts(store: RunStore) -> pd.DataFrame | None:
     return wide
 
 
-def refused(store: RunStore, require: list[str]) -> str | None:
-    """The line export refuses the hand-off with when an erased request leaks under a required probe."""
+def refused(store: RunStore, require: list[str], probes: list[str] = (), accepted: list[str] = ()) -> str | None:
+    """The line export refuses the hand-off with: an erased request leaks under a required probe, or
+    an `accepted` request has no verdict under one of the configured `probes` (a missing verdict
+    never passes for a clean one)."""
     wide = verdicts(store)
+    if probes:
+        have = pd.DataFrame(index=pd.Index([], name="row_id")) if wide is None else wide
+        missing = {rid: [p for p in probes if p not in have.columns or rid not in have.index or pd.isna(have.at[rid, p])]
+                   for rid in accepted}
+        missing = {rid: ps for rid, ps in missing.items() if ps}
+        if missing:
+            named = "; ".join(f"{rid} ({', '.join(ps)})" for rid, ps in list(missing.items())[:20])
+            return (f"export refused: the audit has no verdict for {len(missing)} accepted requests: {named}; fix: "
+                    "rerun with --restart-from audit")
     if not require or wide is None:
         return None
     bad = {rid: [p for p in require if p in leaks.split(",")] for rid, leaks in wide["leaks"].items()}

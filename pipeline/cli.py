@@ -5,6 +5,7 @@
         (runs earlier stages first when needed)
     icu evaluate --model PATH [--suites ppl,classification] [--out DIR] [--set key=value ...]
     icu status RUN_DIR
+    icu hash [FILE]        (a request's keyed content hash, as receipts hold it; FILE or stdin)
 
 Bad input is reported as one line on stderr with exit code 2, never a traceback. A run that
 finishes with accepted requests still remembered exits 3, naming them.
@@ -37,6 +38,7 @@ EPILOG = """examples:
                                                any model folder on its own
   icu audit ray_jobs/configs/demo.yaml         extraction probes (4-bit, sampling, ...) and audit/report.md
   icu status runs/demo                         per-stage state and where it resumes
+  icu hash record.txt                          the keyed content hash a receipt lists for that text
 """
 
 
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="with --model: output folder (default: runs/eval-<folder name>)")
     status = sub.add_parser("status", help="show each stage's state, progress and timings")
     status.add_argument("run_dir", help="a run directory, e.g. runs/demo")
+    hashed = sub.add_parser("hash", help="print a text's content hash under the operator's receipt key (to find a "
+                            "request in a receipt)")
+    hashed.add_argument("file", nargs="?", default="-", help="a file holding the request's text (default: stdin)")
     return parser
 
 
@@ -103,6 +108,8 @@ def dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"status: {args.run_dir} is not a run directory; fix: pass runs/<name>")
         print("\n".join(driver.status_lines(args.run_dir)))
         return 0
+    if args.command == "hash":
+        return print_hash(args.file)
     if args.command == "evaluate" and args.model:
         return evaluate_folder(args)
     if args.config is None:
@@ -118,6 +125,18 @@ def dispatch(args: argparse.Namespace) -> int:
     finally:
         store.unlock()
     return remembered_exit(store)
+
+
+def print_hash(source: str) -> int:
+    """`icu hash`: the keyed content hash of one request's text, as ingest computed it."""
+    from pipeline import keys
+
+    try:
+        text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"hash: cannot read {source} as UTF-8 text ({type(exc).__name__}); fix: pass a text file") from None
+    print(keys.keyed_hash(keys.receipt_key(), text))
+    return 0
 
 
 def remembered_exit(store) -> int:

@@ -29,6 +29,7 @@ from pipeline.quantize import PRECISIONS
 from pipeline.shards import parse_size
 
 REQUIRED = "<required>"
+PATH = "<path>"  # a path's value where paths are left out (Config.to_dict)
 TINY_MODELS = ("tiny-llama", "tiny-gptneo")
 SUITES = ("forget", "unseen", "ppl", "classification", "dialogue", "mia")
 # The audit's probes (pipeline/audit.py): greedy from the exact prefix in fp32 and at each served
@@ -436,17 +437,25 @@ class Config:
         """The request length: `requests.max_tokens`, or the model's context when null."""
         return self.resolved_dict()["max_tokens"]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, paths: bool = True) -> dict[str, Any]:
         """Plain data, as frozen in the run directory. Files shipped with the project
         (ds_configs/...) are written relative to it: a Ray job runs in a fresh copy of the
-        project each time, and a resubmission must not differ by where that copy is."""
+        project each time, and a resubmission must not differ by where that copy is.
+        `paths=False` writes every path as "<path>" (what leaves the machine: the model card)."""
         data = dataclasses.asdict(self)
         for section in dataclasses.fields(self):
             for f in dataclasses.fields(getattr(self, section.name)):
                 value = data[section.name][f.name]
-                if f.metadata.get("path") and f.metadata.get("must_exist", True) and isinstance(value, str) \
+                if f.metadata.get("path") and value not in (None, []) and not paths:
+                    data[section.name][f.name] = [PATH] * len(value) if isinstance(value, list) else PATH
+                elif f.metadata.get("path") and f.metadata.get("must_exist", True) and isinstance(value, str) \
                         and Path(value).is_relative_to(PROJECT):
                     data[section.name][f.name] = str(Path(value).relative_to(PROJECT))
+        if not paths:  # the two names that may be folders
+            if self.model.name != "default" and self.model.name not in TINY_MODELS:
+                data["model"]["name"] = PATH
+            if self.retrieval.embedder not in ("minilm", "lm"):
+                data["retrieval"]["embedder"] = PATH
         return data
 
 

@@ -11,12 +11,14 @@ driver backs `icu run`, `icu <stage>` and the Ray job entrypoints.
 from __future__ import annotations
 
 import importlib
+import io
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline import modeling
+from pipeline.atomic import open_private
 from pipeline.config import Config, load_config
 from pipeline.store import STAGES, RunStore
 
@@ -98,6 +100,14 @@ def _short(summary: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)))
 
 
+class PrivateFileHandler(logging.FileHandler):
+    """A log file appended through `open_private`: a symbolic link planted at its name is refused."""
+
+    def _open(self):
+        return io.TextIOWrapper(open_private(self.baseFilename, append=True), encoding=self.encoding or "utf-8",
+                                errors=self.errors, line_buffering=True)
+
+
 def _log_to_run(store: RunStore) -> None:
     """Append this process's log to the run's logs/ folder (ids and counts only, never text)."""
     logs = store.artefact("logs")
@@ -107,6 +117,6 @@ def _log_to_run(store: RunStore) -> None:
         root.setLevel(logging.INFO)
     target = str(logs / "driver.log")
     if not any(getattr(h, "baseFilename", None) == target for h in root.handlers):
-        handler = logging.FileHandler(target, encoding="utf-8")
+        handler = PrivateFileHandler(target, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)

@@ -50,10 +50,11 @@ def make_units(tasks: list[Task], unit_size: int = UNIT_SIZE) -> list[dict[str, 
 
 
 class Scorer:
-    """A model replica that scores units; the BERTScore encoder is loaded on first need (or given)."""
+    """A model replica that scores units; the BERTScore encoder is loaded on first need (or given).
+    `requests`: the accepted requests' token rows, which the forget units name by row."""
 
-    def __init__(self, model, tokenizer, options: Options, bert=None):
-        self.model, self.tok, self.opt = model, tokenizer, options
+    def __init__(self, model, tokenizer, options: Options, bert=None, requests: list[list[int]] | None = None):
+        self.model, self.tok, self.opt, self.requests = model, tokenizer, options, requests
         self._bert = bert
 
     @property
@@ -74,7 +75,8 @@ class Scorer:
     def _requests(self, examples: list[dict]) -> list[dict[str, float]]:
         """Erasure requests: IUR's scores (generation similarity, MA, EL) and membership scores."""
         o = self.opt
-        return score_requests(self.model, self.tok, [ex["ids"] for ex in examples], prefix=o.prefix, suffix=o.suffix,
+        return score_requests(self.model, self.tok, [self.requests[ex["row"]] for ex in examples], prefix=o.prefix,
+                              suffix=o.suffix,
                               num_beams=o.num_beams, el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size,
                               scorer=self.bert, mia=True)
 
@@ -132,7 +134,14 @@ def _replica(spec: dict[str, Any]) -> Scorer:
     model_dir = Path(spec["model_dir"])
     tok = modeling.load_tokenizer(model_dir, spec["trust_remote_code"])
     model = modeling.load_model(model_dir, spec["dtype"], spec["trust_remote_code"]).to(spec["device"])
-    return Scorer(model, tok, Options(**spec["options"]))
+    return Scorer(model, tok, Options(**spec["options"]), requests=request_rows(spec))
+
+
+def request_rows(spec: dict[str, Any]) -> list[list[int]] | None:
+    """The token rows of the requests file a spec names (`model_spec(requests=...)`), in its order."""
+    if not spec.get("requests"):
+        return None
+    return [list(map(int, r)) for r in pd.read_parquet(spec["requests"], columns=["input_ids"])["input_ids"]]
 
 
 def score_model(spec: dict[str, Any], units: list[dict[str, Any]], actors: int, use_ray: bool = True,
@@ -170,9 +179,12 @@ def sharded(cfg, model_dir: Path) -> bool:
 
 
 def model_spec(model_dir: str | Path, options: Options, *, dtype: str = "auto", trust_remote_code: bool = False,
-               cpus: float = 1.0, use_gpu: bool = False) -> dict[str, Any]:
+               cpus: float = 1.0, use_gpu: bool = False, requests: str | Path | None = None) -> dict[str, Any]:
+    """What a replica needs; `requests`: a parquet file of the requests' `input_ids` (the run's accepted
+    requests), which the forget units name by row."""
     return {"model_dir": str(model_dir), "dtype": dtype, "trust_remote_code": trust_remote_code, "cpus": cpus,
-            "device": "cuda" if use_gpu else "cpu", "options": options.__dict__}
+            "device": "cuda" if use_gpu else "cpu", "options": options.__dict__,
+            "requests": None if requests is None else str(requests)}
 
 
 # --- aggregation -----------------------------------------------------------------------------
@@ -291,7 +303,8 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
     frames = {}
     for label, model_dir in models.items():
         spec = model_spec(model_dir, options(cfg), dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                          cpus=cfg.resources.cpus_per_worker, use_gpu=cfg.resources.use_gpu)
+                          cpus=cfg.resources.cpus_per_worker, use_gpu=cfg.resources.use_gpu,
+                          requests=store.artefact("accepted"))
         frames[label] = frame_once(store.artefact("eval_partial"), keys[label], label, lambda: (
             sharded_eval.score(cfg, store, spec, units, label) if sharded(cfg, Path(model_dir)) else
             score_model(spec, units, cfg.resources.eval_actors, cluster.use_ray(cfg), desc=f"evaluate: the {label} model")))

@@ -3,7 +3,10 @@
 `handoff` (runs/<name>/model/) is the unlearned folder after its logits were checked
 against the final training engine's, written in `export.dtype` a shard at a time (every
 tensor checked to be the trained one rounded to that dtype), with a model card, sha256
-checksums and the erasure receipt (one row per input request).
+checksums and the erasure receipt (one row per input request; content hashes keyed with the
+operator's receipt key, `pipeline.keys`). It fails closed: no hand-off while an accepted
+request lacks an audit verdict under a configured probe or leaks under a required one, and a
+symbolic link in the folder it copies is refused rather than followed.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import torch
 import yaml
 
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text, sha256_file
-from pipeline import audit, modeling, shards
+from pipeline import audit, keys, modeling, shards
 from pipeline.errors import UserError
 from pipeline.report import paper_table
 from pipeline.store import RunStore, fingerprint
@@ -116,16 +120,33 @@ def spreadsheet_safe(value):
     return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
-def write_receipt(rows: list[dict], folder: Path) -> dict[str, int]:
+def write_receipt(rows: list[dict], folder: Path, key_id: str) -> dict[str, int]:
     """receipt.json (values as they are) and receipt.csv (spreadsheet-safe); returns the counts."""
     counts = {s: sum(r["status"] == s for r in rows) for s in ("forgotten", "not_forgotten", "rejected")}
-    atomic_write_json(folder / "receipt.json", {"counts": counts, "requests": rows})
+    atomic_write_json(folder / "receipt.json", {"counts": counts, "content_hash": hash_note(key_id), "requests": rows})
     columns = RECEIPT_COLUMNS + [c for c in (rows[0] if rows else {}) if c.startswith("audit_") and c not in RECEIPT_COLUMNS]
     table = pd.DataFrame(rows, columns=columns).astype({"epoch_forgotten": "Int64"})  # 6, not 6.0
     table = table.astype({c: "Int64" for c in columns if c.startswith("audit_") and c != "audit_leaks"})
     with atomic_path(folder / "receipt.csv") as tmp:
         table.map(spreadsheet_safe).to_csv(tmp, index=False)
     return counts
+
+
+def hash_note(key_id: str) -> str:
+    return (f"HMAC-SHA256 of the NFKC-normalised, whitespace-collapsed text under the operator's receipt key "
+            f"(key id {key_id}); `icu hash` computes it for a text")
+
+
+def no_links(folder: Path) -> None:
+    """A symbolic link in a folder to be handed off would ship its target (anything this user can
+    read), checksummed as if trained: refused, never followed."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(root, name)):
+                link = Path(root, name)
+                raise UserError(f"export refused: {link} is a symbolic link; a model folder holds none (it would ship "
+                                "what it points to); fix: remove it, check who else can write to the run directory, "
+                                "and rerun with --restart-from unlearn")
 
 
 def key(cfg, store: RunStore) -> str:
@@ -173,19 +194,18 @@ def run(cfg, store: RunStore) -> dict:
         raise UserError(f"{probe}: missing (the run's unlearn stage predates export verification); fix: "
                         "rerun with --restart-from unlearn")
     probe = torch.load(probe, weights_only=True)
+    key_id = keys.key_id(keys.receipt_key(store.root))
+    no_links(source)
     dtype, trained = served_dtype(cfg), modeling.torch_dtype(cfg.model.dtype)
     diff = verify(source, probe, trained)
+    accepted = pd.read_parquet(store.artefact("accepted"), columns=["id"])["id"].tolist()
+    refusal = audit.refused(store, cfg.audit.require, cfg.audit.probes, accepted)
+    if refusal:
+        raise UserError(refusal)
     rows = receipt_rows(store)
     ingest = store.stage("ingest").get("summary", {})
     if "rows" in ingest and len(rows) != ingest["rows"]:
         raise RuntimeError(f"receipt has {len(rows)} rows but ingest read {ingest['rows']}")
-    refusal = audit.refused(store, cfg.audit.require)
-    if refusal:
-        stale = store.artefact("handoff")
-        if stale.exists():  # an earlier hand-off of this run must not stay behind to be served
-            shutil.rmtree(stale)
-            refusal += f" (the earlier hand-off {stale} was removed)"
-        raise UserError(refusal)
     metrics_path, audit_path = store.artefact("metrics"), store.artefact("audit")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
     audited = json.loads(audit_path.read_text()) if audit_path.exists() else None
@@ -197,7 +217,7 @@ def run(cfg, store: RunStore) -> dict:
             tmp.mkdir()
             reencode(source, tmp, dtype, shards.parse_size(cfg.export.max_shard_size))
             served = verify(tmp, probe, dtype, tolerance=math.inf)
-        counts = write_receipt(rows, tmp)
+        counts = write_receipt(rows, tmp, key_id)
         atomic_write_text(tmp / "README.md", _model_card(cfg, counts, metrics, audited, diff, dtype, served))
         sums = [f"{sha256_file(p)}  {p.relative_to(tmp)}" for p in sorted(tmp.rglob("*")) if p.is_file()]  # sha256sum -c
         atomic_write_text(tmp / "checksums.sha256", "\n".join(sums) + "\n")
@@ -210,11 +230,12 @@ def run(cfg, store: RunStore) -> dict:
 def _model_card(cfg, counts: dict, metrics: dict | None, audited: dict | None, diff: float, dtype: torch.dtype,
                 served: float) -> str:
     lines = ["# Unlearned model", "",
-             f"Produced by `icu` (Iterative Contrastive Unlearning, arXiv:2407.20271) from `{cfg.model.name}` "
+             f"Produced by `icu` (Iterative Contrastive Unlearning, arXiv:2407.20271) from "
+             f"{cfg.to_dict(paths=False)['model']['name'].replace('<path>', 'a local model folder')} "
              f"with method `{cfg.unlearning.method}`.", "",
              f"Erasure requests: {counts['forgotten']} forgotten, {counts['not_forgotten']} not forgotten, "
              f"{counts['rejected']} rejected at ingest (per-request detail in receipt.json / receipt.csv, "
-             "ids and content hashes only).", "",
+             "ids and content hashes only, the hashes keyed with the operator's receipt key).", "",
              f"Verified: the consolidated weights, loaded with `from_pretrained`, reproduce the final training "
              f"engine's logits on fixed prompts to {diff:.2g}. This folder holds them in "
              f"{str(dtype).removeprefix('torch.')}" + ("." if served == diff else
@@ -229,5 +250,6 @@ def _model_card(cfg, counts: dict, metrics: dict | None, audited: dict | None, d
     if audited and audited["probes"]:
         lines += ["## Extraction audit", "", f"Criterion: {audited['criterion']}. Rows that leak / rows:", "",
                   audit.markdown(audited), ""]
-    lines += ["## Run config", "", "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```", ""]
+    lines += ["## Run config", "", "Paths are left out (`<path>`): they name the operator's files and machines.", "",
+              "```yaml", yaml.safe_dump(cfg.to_dict(paths=False), sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

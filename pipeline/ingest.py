@@ -8,15 +8,16 @@ cache outside the run directory. A leading BOM is skipped; a CSV quote that is n
 closed is refused (it would merge records). Request text is never logged or put in an
 error message: logs carry counts, ids and content hashes; a missing column is reported
 by the header's size, never its values (a file without a header row would show a request).
+A content hash is keyed with the operator's receipt key (`pipeline.keys`), and so is an id
+derived from it: the receipt that ships with the hand-off confirms nobody's request to anyone
+without the key.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
-import re
 import sys
 import unicodedata
 from collections import Counter
@@ -27,7 +28,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import modeling
+from pipeline import keys, modeling
 from pipeline.atomic import atomic_path, file_digest
 from pipeline.config import Config, RequestsConfig
 from pipeline.errors import UserError
@@ -256,20 +257,11 @@ def _column_index(columns: list[str], name: str, key: str, path: Path) -> int:
     return list(columns).index(name)
 
 
-def normalise(text: str) -> str:
-    """The form duplicates are judged on: NFKC, whitespace runs collapsed, trimmed."""
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip()
-
-
-def content_hash(text: str) -> str:
-    return hashlib.sha256(normalise(text).encode("utf-8")).hexdigest()
-
-
 class Ingestor:
     """Validates rows in order and routes each to accepted or rejected (see REASONS)."""
 
-    def __init__(self, cfg: RequestsConfig, tokenizer, max_len: int):
-        self.cfg, self.tok, self.max_len = cfg, tokenizer, max_len
+    def __init__(self, cfg: RequestsConfig, tokenizer, max_len: int, key: bytes):
+        self.cfg, self.tok, self.max_len, self.key = cfg, tokenizer, max_len, key
         self.min_len = cfg.prefix_tokens + cfg.suffix_tokens
         self.seen_hashes: dict[str, str] = {}
         self.seen_ids: set[str] = set()
@@ -279,7 +271,7 @@ class Ingestor:
         user's id as given and the content hash whenever the text decoded."""
         given, id_problem = user_id(row.id)
         text = row.text
-        digest = content_hash(text) if isinstance(text, str) else None
+        digest = keys.keyed_hash(self.key, text) if isinstance(text, str) else None
         if row.problem:
             return None, self._reject(row, given, row.problem, row.detail, digest)
         if text is None or text == "":
@@ -299,7 +291,7 @@ class Ingestor:
                 return None, self._reject(row, given, "too_long", f"{len(ids)} > {self.max_len} tokens", digest)
             ids, truncated = ids[: self.max_len], True
             text = self.tok.decode(ids)
-            digest = content_hash(text)
+            digest = keys.keyed_hash(self.key, text)
         if len(ids) < self.min_len:
             return None, self._reject(row, given, "too_short", f"{len(ids)} < {self.min_len} tokens", digest)
         if digest in self.seen_hashes:
@@ -335,22 +327,24 @@ def user_id(value: object) -> tuple[str | None, str | None]:
 
 
 def key(cfg: Config, store: RunStore) -> str:
-    """The request file's content, how it is read and cut, and the tokenizer's model (its
-    weights' signature: every later key includes this one, so all of them follow the model)."""
+    """The request file's content, how it is read and cut, the tokenizer's model (its weights'
+    signature: every later key includes this one, so all of them follow the model) and which
+    receipt key hashes the requests."""
     return fingerprint("ingest", cfg.part("requests", "model"), cfg.max_tokens, modeling.weights_signature(cfg.model_dir),
-                       file_digest(cfg.requests.path))
+                       file_digest(cfg.requests.path), keys.key_id(keys.receipt_key(store.root)))
 
 
 def run(cfg: Config, store: RunStore) -> dict:
     tokenizer = modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code)
-    counts = ingest(cfg.requests, tokenizer, cfg.max_tokens, store.artefact("accepted"), store.artefact("rejected"))
+    counts = ingest(cfg.requests, tokenizer, cfg.max_tokens, store.artefact("accepted"), store.artefact("rejected"),
+                    keys.receipt_key(store.root))
     reasons = ", ".join(f"{k}={v}" for k, v in counts["reasons"].items()) or "none"
     log.info("ingest: %d rows read, %d accepted, %d rejected (%s)", counts["rows"], counts["accepted"],
              counts["rejected"], reasons)
     return counts
 
 
-def ingest(cfg: RequestsConfig, tokenizer, max_len: int, accepted_path: Path, rejected_path: Path,
+def ingest(cfg: RequestsConfig, tokenizer, max_len: int, accepted_path: Path, rejected_path: Path, key: bytes,
            chunk: int = 1000) -> dict:
     """Validate every row of the request file; write accepted/rejected parquet atomically.
 
@@ -358,7 +352,7 @@ def ingest(cfg: RequestsConfig, tokenizer, max_len: int, accepted_path: Path, re
     """
     from tqdm import tqdm
 
-    ingestor = Ingestor(cfg, tokenizer, max_len)
+    ingestor = Ingestor(cfg, tokenizer, max_len, key)
     reasons: Counter = Counter()
     counts = Counter()
     with atomic_path(accepted_path) as acc_path, \

@@ -1,7 +1,9 @@
 """Is the audit's verdict the served model's? `make serve-check RUN=runs/demo` (pipeline/method.md, "Audit").
 
 Starts vLLM's OpenAI-compatible server (its CPU build, in its own venv: `make serve-venv`) on a
-run's hand-off folder in fp32 on 127.0.0.1, sends every erased and kept prefix through
+run's hand-off folder in fp32, listening on a Unix socket in a fresh 0700 folder (no other user
+can reach it, and nothing is sent before the socket is known to be the child's), sends every
+erased and kept prefix through
 `/v1/completions` at temperature 0 with logprobs, and checks each completion against the
 greedy continuation the audit scores (the same weights run by transformers): token for
 token, each chosen token's logprob within `TOLERANCE`, and the leak span the audit recorded.
@@ -14,16 +16,18 @@ difference; the completion length is fixed (`ignore_eos`), as the audit's is.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,7 @@ import pandas as pd
 import torch
 
 from pipeline import audit, metrics, modeling, probes
+from pipeline.atomic import open_private
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.store import RunStore
@@ -71,14 +76,11 @@ def expected(model, rows: list[tuple[str, str, list[int]]], prefix: int, batch_s
     return out
 
 
-def served(url: str, prompt: list[int], length: int) -> tuple[list[int], list[float]]:
+def served(server: Path, prompt: list[int], length: int) -> tuple[list[int], list[float]]:
     """One greedy completion from the server: (token ids, each one's logprob)."""
     body = dict(model=SERVED_NAME, prompt=prompt, max_tokens=length, min_tokens=length, temperature=0.0,
                 logprobs=1, ignore_eos=True, return_tokens_as_token_ids=True)
-    request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        choice = json.load(response)["choices"][0]["logprobs"]
+    choice = request(server, "/v1/completions", body)["choices"][0]["logprobs"]
     return [int(t.removeprefix("token_id:")) for t in choice["tokens"]], [float(x) for x in choice["token_logprobs"]]
 
 
@@ -91,44 +93,108 @@ def compare(want: Expected, got: tuple[list[int], list[float]]) -> dict:
                 if tokens == want.tokens else same, max_logprob_gap=gap, audit_span=want.span)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket: the server listens where only this user can connect."""
+
+    def __init__(self, path: Path, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
 
 
-def start(python: str, folder: Path, max_len: int, logfile: Path) -> tuple[subprocess.Popen, str]:
-    """vLLM's API server on the folder, fp32, eager (no graph capture on CPU); waits for /health."""
-    port = _free_port()
+def request(server: Path, path: str, body: dict | None = None, timeout: float = 300) -> dict:
+    """One call to the server's HTTP API over its socket; the JSON reply (an HTTP error raises)."""
+    conn = UnixHTTPConnection(server, timeout)
+    try:
+        conn.request("POST" if body is not None else "GET", path, body=None if body is None else json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise ConnectionError(f"HTTP {response.status} from {path}")
+        return json.loads(data) if data else {}
+    finally:
+        conn.close()
+
+
+def socket_dir() -> Path:
+    """A fresh 0700 folder for the server's socket: nobody else can create or reach it."""
+    return Path(tempfile.mkdtemp(prefix="icu-serve-"))
+
+
+def holds(proc: subprocess.Popen, server: Path) -> bool:
+    """Whether the process (or one of its children) is the one listening on the socket."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for member in family:
+        try:
+            if any(c.laddr == str(server) for c in member.net_connections(kind="unix")):
+                return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return False
+
+
+def start(python: str, folder: Path, max_len: int, logfile: Path, server: Path) -> subprocess.Popen:
+    """vLLM's API server on the folder, fp32, eager (no graph capture on CPU), listening on the Unix
+    socket `server`; waits for /health. Nothing is sent until the socket is known to be the child's;
+    on any failure (an interrupt included) the child's whole process group is stopped."""
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name",
-           SERVED_NAME, "--dtype", "float32", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+           SERVED_NAME, "--dtype", "float32", "--enforce-eager", "--uds", str(server),
            "--max-model-len", str(max_len), "--max-logprobs", "1", "--seed", "0"]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
-    with open(logfile, "wb") as out:
+    with open_private(logfile) as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 900
+    try:
+        wait_ready(proc, server, logfile)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen, server: Path, logfile: Path, minutes: float = 15) -> None:
+    deadline = time.time() + 60 * minutes
     while True:
         if proc.poll() is not None:
             raise UserError(f"serve-check: vLLM exited with code {proc.returncode} before serving: {root_error(logfile)}; "
                             f"its log: {logfile}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5):
-                return proc, url
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            if time.time() > deadline:
-                stop(proc)
-                raise UserError(f"serve-check: vLLM did not come up in 15 minutes; its log: {logfile}")
-            time.sleep(3)
+        if server.exists():
+            if not holds(proc, server):
+                raise UserError(f"serve-check: {server} is held by a process that is not the vLLM server this check "
+                                "started; refusing to send it any prompt; fix: find who else runs as this user")
+            try:
+                request(server, "/health", timeout=5)
+                return
+            except (OSError, ConnectionError, http.client.HTTPException):
+                pass
+        if time.time() > deadline:
+            raise UserError(f"serve-check: vLLM did not come up in {minutes:g} minutes; its log: {logfile}")
+        time.sleep(3)
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """The server's whole process group: vLLM starts engine processes of its own, which may
+    outlive their leader."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    proc.wait()
 
 
 def root_error(logfile: Path) -> str:
@@ -168,15 +234,20 @@ def check(run_dir: Path, python: str) -> pd.DataFrame:
     logs = store.artefact("logs")
     logs.mkdir(parents=True, exist_ok=True)
     logfile = logs / "vllm.log"
-    proc, url = start(python, folder, cfg.requests.prefix_tokens + cfg.requests.suffix_tokens + 8, logfile)
+    sockets = socket_dir()
+    server = sockets / "vllm.sock"
     try:
-        log.info("serve-check: vLLM up in %.0f s", time.time() - started)
-        frame = pd.DataFrame([compare(w, served(url, w.prompt, len(w.tokens))) for w in want])
-    except (urllib.error.URLError, ConnectionError) as exc:
-        raise UserError(f"serve-check: vLLM could not serve {folder} ({exc}): {root_error(logfile)}; "
-                        f"its log: {logfile}") from None
+        proc = start(python, folder, cfg.requests.prefix_tokens + cfg.requests.suffix_tokens + 8, logfile, server)
+        try:
+            log.info("serve-check: vLLM up in %.0f s", time.time() - started)
+            frame = pd.DataFrame([compare(w, served(server, w.prompt, len(w.tokens))) for w in want])
+        except (OSError, ConnectionError, http.client.HTTPException) as exc:
+            raise UserError(f"serve-check: vLLM could not serve {folder} ({type(exc).__name__}: {exc}): "
+                            f"{root_error(logfile)}; its log: {logfile}") from None
+        finally:
+            stop(proc)
     finally:
-        stop(proc)
+        shutil.rmtree(sockets, ignore_errors=True)
     recorded = audit.verdicts(store)  # the erased requests' spans per probe, as the receipt has them
     same_weights = _dtype(folder) == _dtype(store.artefact("unlearned_model"))  # else the audit's are not fp32's
     if recorded is not None and "greedy" in recorded and same_weights:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from pipeline import cluster, modeling, unlearn
 from pipeline.atomic import atomic_write_json, write_parquet
-from pipeline.evaluate import Options, Scorer, rows_frame
+from pipeline.evaluate import Options, Scorer, request_rows, rows_frame
 from pipeline.store import RunStore
 
 
@@ -33,7 +33,7 @@ def score(cfg, store: RunStore, spec: dict, units: list[dict], label: str) -> pd
         unlearn.launch(cfg, store, "pipeline.sharded_eval", [str(store.root), str(job), str(out)],
                        f"evaluation ({label})")
         return pd.read_parquet(out)
-    finally:  # the units hold request token ids: nothing of them is left behind
+    finally:  # nothing of the job is left behind
         job.unlink(missing_ok=True)
         out.unlink(missing_ok=True)
 
@@ -58,7 +58,7 @@ def train_worker(config: dict) -> None:
     model = modeling.load_model(model_dir, spec["dtype"], spec["trust_remote_code"])
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     scorer = Scorer(engine.module.eval(), modeling.load_tokenizer(model_dir, spec["trust_remote_code"]),
-                    Options(**spec["options"]), bert)
+                    Options(**spec["options"]), bert, requests=request_rows(spec))
     first = dist.get_rank() == 0
     bar = cluster.Progress(f"evaluate: the {work['label']} model (sharded)", len(work["units"]), "units") \
         if first else None

@@ -11,6 +11,11 @@ reason is logged in one line. One process at a time writes a run: `lock()` holds
 file lock (released when the process dies) and names its holder to anyone refused.
 Manifest updates are read-modify-write under a second lock, because the workers of the
 holding process (Ray actors, torchrun ranks) report progress into it too.
+
+A run directory holds request text and often lives on shared storage, so it is its owner's:
+created 0700, refused when another user owns it or others may write to it, and no artefact
+is reached through a symbolic link. A served hand-off (`model/`) never outlives the inputs it
+was made from: any stage that starts, and any reset, retires it first.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -28,7 +34,7 @@ from typing import Any, Callable, Iterator
 import yaml
 from filelock import FileLock, Timeout
 
-from pipeline.atomic import atomic_write_json, atomic_write_text, check_records, file_records
+from pipeline.atomic import atomic_write_json, atomic_write_text, check_records, file_records, sha256_file
 from pipeline.config import Config, build_config, config_diff
 from pipeline.errors import UserError
 
@@ -78,19 +84,27 @@ def fingerprint(*parts: Any) -> str:
 
 def frame_once(folder: Path, key: str, label: str, compute: Callable[[], Any]) -> Any:
     """One model's part of a stage (a DataFrame): read back when an earlier attempt with the same
-    inputs (`key`) finished it, so a stopped or restarted stage redoes only what changed."""
+    inputs (`key`) finished it, so a stopped or restarted stage redoes only what changed. The
+    stamp records the file's sha256 too: an edited file is computed again, never trusted."""
     import pandas as pd
 
     from pipeline.atomic import write_parquet
 
     path, stamp = folder / f"{label}.parquet", folder / f"{label}.key"
-    if path.exists() and stamp.exists() and stamp.read_text() == key:
-        return pd.read_parquet(path)
+    if path.is_file() and stamp.is_file():
+        try:
+            recorded = json.loads(stamp.read_text())
+        except ValueError:
+            recorded = {}
+        if recorded == {"key": key, "sha256": sha256_file(path)}:
+            return pd.read_parquet(path)
+        if recorded.get("key") == key:
+            log.warning("%s: %s differs from the sha256 recorded when it was written; computing it again", label, path)
     folder.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)  # a stamp names the parquet written after it, never an older one
     frame = compute()
     write_parquet(frame, path)
-    stamp.write_text(key)
+    atomic_write_json(stamp, {"key": key, "sha256": sha256_file(path)})
     return frame
 
 
@@ -99,17 +113,37 @@ class RunStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        claim(self.root)
         self._lock = FileLock(str(self.root / ".manifest.lock"), timeout=120)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
     def artefact(self, name: str) -> Path:
-        """The path of a named artefact (its parent folder exists)."""
+        """The path of a named artefact (its parent folder exists); refused when a symbolic link
+        stands anywhere on the way to it inside the run."""
         path = self.root / ARTEFACTS[name]
+        node = self.root
+        for part in Path(ARTEFACTS[name]).parts:
+            node = node / part
+            if node.is_symlink():
+                raise UserError(f"{node} is a symbolic link, and a run directory holds none (it would be read or "
+                                "written through); fix: remove it, and check who else can write to the run directory")
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    def retire_handoff(self) -> None:
+        """Take the served hand-off away before anything it was made from changes: moved aside in
+        one rename (no half folder is ever left to serve), then deleted; export writes it anew."""
+        handoff = self.root / ARTEFACTS["handoff"]
+        if os.path.lexists(handoff):
+            aside = self.root / f".{handoff.name}.retired-{os.getpid()}"
+            os.replace(handoff, aside)
+            shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
+            log.warning("run: the earlier hand-off %s was removed (its inputs are being redone); the export stage "
+                        "writes it again", handoff)
+        if "export" in self.manifest()["stages"]:
+            self.update(lambda m: m["stages"].pop("export", None))
 
     # -- the run lock ---------------------------------------------------------------
     def lock(self) -> None:
@@ -221,6 +255,8 @@ class RunStore:
         return self.why_not_done(name, key) is None
 
     def reset(self, stages: tuple[str, ...] | list[str]) -> None:
+        self.retire_handoff()
+
         def clear(manifest: dict[str, Any]) -> None:
             for name in stages:
                 manifest["stages"].pop(name, None)
@@ -243,6 +279,7 @@ class RunStore:
         """
         started = time.time()
         result: dict[str, Any] = {"summary": {}}
+        self.retire_handoff()
 
         def begin(manifest: dict[str, Any]) -> None:
             entry = manifest["stages"].get(name, {})
@@ -267,6 +304,27 @@ class RunStore:
             entry.pop("progress", None)
 
         self.update(finish)
+
+
+def claim(root: Path) -> None:
+    """A new run directory is created 0700; an existing one must be this user's and closed to
+    others' writes (a planted link or a swapped artefact could otherwise ship in a hand-off)."""
+    if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(mode=0o700)
+        except FileExistsError:  # another process made it first: checked below like any existing one
+            pass
+        else:
+            root.chmod(0o700)
+            return
+    st = root.stat()
+    if st.st_uid != os.getuid():
+        raise UserError(f"run directory {root} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); fix: choose "
+                        "another storage.name or storage.runs_dir (a run is written by the user who owns it)")
+    if st.st_mode & 0o022:
+        raise UserError(f"run directory {root} can be written by others (mode {st.st_mode & 0o777:o}); fix: chmod 700 "
+                        f"{root} after checking nothing in it was changed, or start a new run")
 
 
 def _reason(exc: BaseException) -> str:

@@ -44,8 +44,9 @@ def read_texts(path: str | Path, column: str = "text", limit: int | None = None)
     if not path.is_file():
         raise UserError(f"{path}: not found; fix: set evaluation.data_dir to the shared data folder")
     frame = readers[path.suffix](path)
-    if column not in frame.columns:
-        raise UserError(f"{path}: no column {column!r} (columns: {', '.join(map(str, frame.columns))})")
+    if column not in frame.columns:  # the names are not shown: a file without a header row would show its first row
+        raise UserError(f"{path}: no column {column!r} among its {len(frame.columns)} columns; fix: name the text "
+                        "column 'text' (with a header row)")
     texts = [t for t in frame[column].tolist() if isinstance(t, str) and t.strip()]
     return texts[:limit] if limit else texts
 
@@ -113,9 +114,10 @@ def build_tasks(suites: list[str], data_dir: str | Path, tokenizer, *, forget_ro
         if not forget_rows:
             raise UserError("evaluation.suites: 'forget' and 'mia' need erasure requests; fix: run them in a "
                             "pipeline run, or leave them out when evaluating a model on its own")
+        # a request's tokens never travel with the units (Ray's object store spills to disk): its
+        # row in the accepted requests does, and each scorer reads the rows from the run directory
         rows = forget_rows[:caps.get("forget")]
-        tasks.append(Task("forget", "forget", "requests",
-                          [{"id": rid, "ids": r} for rid, r in zip(forget_ids, rows)]))
+        tasks.append(Task("forget", "forget", "requests", [{"id": rid, "row": i} for i, rid in enumerate(forget_ids[:len(rows)])]))
     if "unseen" in wanted:
         rows = unseen_rows(unseen_path, tokenizer, max_tokens, min_tokens, caps.get("unseen", UNSEEN_CAP))
         tasks.append(Task("unseen", "pile_unseen", "memorization",

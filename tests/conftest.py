@@ -1,6 +1,10 @@
 """Shared test setup: offline hub, CPU DeepSpeed, and the location of the shared data."""
 
+import atexit
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +13,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+# The operator's receipt key (pipeline/keys.py) of every run the tests make, Ray jobs included:
+# never the machine's own ~/.config/icu/receipt.key.
+_KEY_DIR = tempfile.mkdtemp(prefix="icu-test-key-")
+atexit.register(shutil.rmtree, _KEY_DIR, ignore_errors=True)
+_key_file = Path(_KEY_DIR) / "receipt.key"
+_key_file.write_text(secrets.token_hex(32))
+_key_file.chmod(0o600)
+os.environ["ICU_RECEIPT_KEY_FILE"] = str(_key_file)
+os.environ.pop("ICU_RECEIPT_KEY", None)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ICU_DATA", REPO.parent / "shared" / "data"))

@@ -83,9 +83,11 @@ def test_a_4bit_leak_blocks_the_export_until_hardening_clears_it(implanted, shal
     print(f"\nhardened for int4 in {store.stage('unlearn')['summary']['epochs']} epochs; what it cost: "
           + ", ".join(f"{k} PPL {models['original']['ppl'][k]:.2f} -> {models['unlearned']['ppl'][k]:.2f}"
                       for k in models["original"]["ppl"]))
-    # Back to no hardening: the refusal also takes away the hand-off the hardened run wrote.
+    # Back to no hardening: the restart takes away the hand-off the hardened run wrote (and says so),
+    # and the refusal writes none.
     assert main(["run", str(config), "--restart-from", "unlearn", "--set", "unlearning.harden=[]"]) != 0
-    assert "was removed" in capsys.readouterr().err and not store.artefact("handoff").exists()
+    assert "export refused" in capsys.readouterr().err and not store.artefact("handoff").exists()
+    assert "earlier hand-off" in (store.artefact("logs") / "driver.log").read_text()
     # No probes: the audit writes empty outputs, loads no model, and the export has no verdicts.
     assert main(["run", str(config), "--restart-from", "audit", "--set", "audit.probes=[]",
                  "--set", "audit.require=[]"]) == 0
@@ -111,6 +113,20 @@ def test_refusal_names_the_leaking_requests_and_probes_only(tmp_path):
     assert " c (" not in line and "\n" not in line
     wide = audit.verdicts(store)
     assert wide.loc["a", "leaks"] == "int4" and wide.loc["c", "leaks"] == "" and wide.loc["b", "int4"] == 3
+
+
+def test_a_request_without_a_verdict_blocks_the_export(tmp_path):
+    """Nothing fails open: an accepted request missing under a configured probe is refused, never
+    passed as clean, and so is a run whose audit rows are gone."""
+    store = RunStore(tmp_path / "run")
+    _rows({("a", "greedy"): 2, ("c", "greedy"): 0, ("c", "int4"): 0}).to_parquet(store.artefact("audit_rows"))
+    line = audit.refused(store, [], ["greedy", "int4"], ["a", "b", "c"])
+    assert line.startswith("export refused: the audit has no verdict for 2 accepted requests")
+    assert "a (int4)" in line and "b (greedy, int4)" in line and " c (" not in line and "--restart-from audit" in line
+    assert audit.refused(store, [], ["greedy", "int4"], ["c"]) is None
+    assert audit.refused(store, [], [], ["a", "b"]) is None  # no probes configured: no verdicts expected
+    store.artefact("audit_rows").unlink()
+    assert "no verdict for 1" in audit.refused(store, [], ["greedy"], ["c"])
 
 
 def test_counts_and_table_agree_with_the_rows():

@@ -20,10 +20,21 @@ from conftest import write_config
 CAPS = {"forget": 6, "unseen": 6, "ppl": 3, "classification": 4, "dialogue": 3}
 
 
+def _forget_rows(tok, shared_data, caps=CAPS, max_tokens=64) -> list[list[int]]:
+    texts = read_texts(shared_data / "icu_benchmark" / "forget_sets" / "exp0" / "lm_extraction_128_0.csv")
+    return [tok(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts[:caps["forget"]]]
+
+
+def _requests(model_dir, shared_data, folder) -> str:
+    """The parquet file of the forget rows' input_ids that a spec names (as a run's accepted requests)."""
+    path = folder / "accepted.parquet"
+    pd.DataFrame({"input_ids": _forget_rows(modeling.load_tokenizer(model_dir), shared_data)}).to_parquet(path)
+    return str(path)
+
+
 def _tasks(model_dir, shared_data, names, caps=CAPS, max_tokens=64):
     tok = modeling.load_tokenizer(model_dir)
-    texts = read_texts(shared_data / "icu_benchmark" / "forget_sets" / "exp0" / "lm_extraction_128_0.csv")
-    rows = [tok(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts[:caps["forget"]]]
+    rows = _forget_rows(tok, shared_data, caps, max_tokens)
     return suites.build_tasks(names, shared_data, tok, forget_rows=rows, forget_ids=[f"r{i}" for i in range(len(rows))],
                               max_tokens=max_tokens, min_tokens=32, ppl_chunk=128, caps=caps,
                               unseen_path=shared_data / "icu_benchmark" / "pile.csv"), tok
@@ -38,6 +49,8 @@ def test_suites_cover_every_task_with_capped_examples(tiny_llama_dir, shared_dat
         assert 0 < len(task.examples) <= CAPS[task.suite], task.name
         assert len({ex["id"] for ex in task.examples}) == len(task.examples), task.name
     assert all(len(ex["ids"]) == 128 for ex in names["pile"].examples)
+    # a request travels to the scorers as its row in the accepted requests, never as its tokens
+    assert [ex for ex in names["forget"].examples] == [{"id": f"r{i}", "row": i} for i in range(CAPS["forget"])]
     for name in ("pubmed_qa", *suites.BIGBENCH_TASKS):
         for ex in names[name].examples:
             assert 0 <= ex["label"] < len(ex["choices"]) >= 2
@@ -102,12 +115,13 @@ def test_summary_counts_and_auc_from_per_sample_rows():
 
 
 @pytest.mark.slow
-def test_one_and_two_ray_actors_give_identical_per_sample_results(tiny_llama_dir, shared_data):
+def test_one_and_two_ray_actors_give_identical_per_sample_results(tiny_llama_dir, shared_data, tmp_path):
     import ray
 
     tasks, _ = _tasks(tiny_llama_dir, shared_data, ["forget", "unseen", "ppl", "classification", "dialogue"])
     units = evaluate.make_units(tasks, unit_size=4)
-    spec = evaluate.model_spec(tiny_llama_dir, evaluate.Options(prefix=16, suffix=16))
+    requests = _requests(tiny_llama_dir, shared_data, tmp_path)
+    spec = evaluate.model_spec(tiny_llama_dir, evaluate.Options(prefix=16, suffix=16), requests=requests)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         one = evaluate.score_model(spec, units, actors=1)
@@ -226,7 +240,7 @@ def test_sharded_evaluation_gives_the_replica_values(implanted, tmp_path):
     accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids"])
     units = evaluate.make_units(evaluate._tasks(cfg, modeling.load_tokenizer(cfg.model_dir), accepted))
     assert {"forget", "unseen", "ppl", "classification", "dialogue"} <= {u["suite"] for u in units}
-    spec = evaluate.model_spec(cfg.model_dir, evaluate.options(cfg))
+    spec = evaluate.model_spec(cfg.model_dir, evaluate.options(cfg), requests=store.artefact("accepted"))
     replica = evaluate.score_model(spec, units, 1, use_ray=False)
     shards = sharded_eval.score(cfg, store, spec, units, "original")
     assert len(shards) == len(replica) > 100

@@ -1,6 +1,7 @@
 """Ingest: every row is accepted or rejected with a reason; nothing is lost."""
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from pipeline.cli import main
 from pipeline.config import RequestsConfig
 from pipeline.modeling import byte_tokenizer
 from pipeline.ingest import ingest
+from pipeline.keys import keyed_hash
 
 from conftest import write_config
 
@@ -25,10 +27,13 @@ def cfg_for(path, **kw) -> RequestsConfig:
     return RequestsConfig(path=str(path), **{"prefix_tokens": 20, "suffix_tokens": 20, **kw})
 
 
+KEY = b"k" * 32
+
+
 def run_ingest(cfg, tmp_path, max_len=400):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    counts = ingest(cfg, byte_tokenizer(), max_len, out / "accepted.parquet", out / "rejected.parquet")
+    counts = ingest(cfg, byte_tokenizer(), max_len, out / "accepted.parquet", out / "rejected.parquet", KEY)
     return counts, pd.read_parquet(out / "accepted.parquet"), pd.read_parquet(out / "rejected.parquet")
 
 
@@ -89,6 +94,10 @@ def test_content_hash_ids_and_normalised_duplicates(tmp_path):
     counts, accepted, rejected = run_ingest(cfg_for(path), tmp_path)
     assert counts == {"rows": 3, "accepted": 2, "rejected": 1, "reasons": {"duplicate": 1}}
     assert all(len(i) == 16 and i == h[:16] for i, h in zip(accepted["id"], accepted["content_hash"]))
+    # keyed: the plain sha256 of the record (what anyone holding it could compute) appears nowhere
+    plain = hashlib.sha256(LONG.strip().encode()).hexdigest()
+    assert accepted["content_hash"][0] == keyed_hash(KEY, LONG) != plain
+    assert accepted["content_hash"][0] != keyed_hash(b"other" * 8, LONG)
 
 
 def test_saved_dataset_folder(tmp_path):
@@ -218,7 +227,7 @@ def test_every_input_row_keeps_its_id_and_a_receipt_row(tmp_path):
     path.write_bytes("\n".join(lines).encode() + b"\n" + b'{"id": "u", "text": "\xff\xfe"}\n')
     store = RunStore(tmp_path / "run")
     counts = ingest(cfg_for(path, id_column="id"), byte_tokenizer(), 400, store.artefact("accepted"),
-                    store.artefact("rejected"))
+                    store.artefact("rejected"), KEY)
     accepted, rejected = pd.read_parquet(store.artefact("accepted")), pd.read_parquet(store.artefact("rejected"))
     assert counts["rows"] == len(lines) + 1 == len(accepted) + len(rejected)
     assert set(rejected["reason"]) == {"empty", "whitespace", "not_text", "missing_text", "missing_id", "bad_id",
@@ -236,7 +245,7 @@ def test_every_input_row_keeps_its_id_and_a_receipt_row(tmp_path):
         {"thresholds": {"ma": 0.5, "el": 0.1}, "stop_reason": "all_forgotten", "epochs": 0}))
     rows = export.receipt_rows(store)
     assert [r["source_row"] for r in rows] == list(range(counts["rows"]))
-    export.write_receipt(rows, tmp_path / "out")
+    export.write_receipt(rows, tmp_path / "out", "key-id")
     receipt = pd.read_csv(tmp_path / "out" / "receipt.csv", keep_default_na=False)
     assert len(receipt) == counts["rows"]
     assert receipt.loc[1, "request_id"] == "'=HYPERLINK(\"http://x\")" and receipt.loc[1, "status"] == "forgotten"

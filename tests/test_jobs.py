@@ -179,6 +179,18 @@ def test_request_text_stays_inside_the_run_directory(head, reference, implanted)
     inside = {str(p.relative_to(reference["root"])) for p in reference["root"].rglob("*")
               if p.is_file() and any(t in p.read_bytes() for t in texts)}
     assert inside <= {"requests/accepted.parquet", "retrieval/neighbours.parquet"}, inside
+    # Nor its tokens: evaluation units name a request by its row, so Ray's object store (which spills
+    # to the session folder) never holds its token ids, as JSON or as raw int64s.
+    tok = modeling.load_tokenizer(implanted["root"] / "model")
+    token_rows = [tok(t, add_special_tokens=False)["input_ids"][:16] for t in implanted["memorize"][:8]]
+    patterns = [", ".join(map(str, r)).encode() for r in token_rows] + \
+        [b"".join(int(i).to_bytes(8, "little") for i in r) for r in token_rows]
+    spilled = [p for p in head.temp.rglob("*") if p.is_file() and not p.is_symlink()
+               and any(t in p.read_bytes() for t in patterns)]
+    assert not spilled, f"request tokens in the Ray session: {spilled[:5]}"
+    # The model card shows the run config without the operator's paths.
+    card = (reference["root"] / "model" / "README.md").read_text()
+    assert "<path>" in card and str(reference["root"].parent) not in card and str(implanted["root"]) not in card
 
 
 def test_evaluate_reports_before_and_after(reference):
@@ -239,6 +251,15 @@ def test_export_hands_off_a_verified_folder_and_a_receipt(reference, implanted, 
     root = reference["root"]
     model_dir = root / "model"
     receipt = json.loads((model_dir / "receipt.json").read_text())
+    # Content hashes are keyed: no one holding a request's text can confirm it without the operator's key.
+    from pipeline import keys
+
+    key = keys.receipt_key()
+    texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in implanted["requests"].read_text().splitlines()}
+    for row in (r for r in receipt["requests"] if r["status"] != "rejected"):
+        plain = hashlib.sha256(keys.normalise(texts[row["request_id"]]).encode()).hexdigest()
+        assert row["content_hash"] == keys.keyed_hash(key, texts[row["request_id"]]) != plain
+    assert keys.key_id(key) in receipt["content_hash"]
     ingest = _manifest(root)["stages"]["ingest"]["summary"]
     assert len(receipt["requests"]) == ingest["rows"] == ingest["accepted"] + ingest["rejected"]
     assert receipt["counts"]["forgotten"] == 8
@@ -264,6 +285,64 @@ def test_export_hands_off_a_verified_folder_and_a_receipt(reference, implanted, 
     model.save_pretrained(bad)
     with pytest.raises(RuntimeError, match="verification failed"):
         export.verify(bad, torch.load(root / "unlearn" / "probe.pt", weights_only=True))
+
+
+def _copy_of(reference, tmp_path):
+    import shutil
+
+    from pipeline.store import RunStore
+
+    run = tmp_path / "run"
+    shutil.copytree(reference["root"], run, symlinks=True)
+    store = RunStore(run)
+    return store, store.load_config()
+
+
+def test_export_fails_closed_and_leaves_nothing_to_serve(reference, tmp_path):
+    """A missing audit verdict or a link planted in the unlearned folder refuses the export, and
+    the earlier hand-off is gone, not left to be served."""
+    from pipeline import driver
+    from pipeline.errors import UserError
+
+    store, cfg = _copy_of(reference, tmp_path)
+    rows = pd.read_parquet(store.artefact("audit_rows"))
+    victim = rows[rows["group"] == "erased"]["row_id"].iloc[0]
+    drop = (rows["model"] == "unlearned") & (rows["row_id"] == victim) & (rows["probe"] == "int4")
+    rows[~drop].to_parquet(store.artefact("audit_rows"))
+    assert store.artefact("handoff").is_dir()
+    store.update(lambda m: m["stages"]["export"].update(fingerprint="other inputs"))  # so the export reruns
+    with pytest.raises(UserError, match=rf"no verdict for 1 accepted requests: {victim} \(int4\)"):
+        driver.run_stage(cfg, store, "export")
+    assert not store.artefact("handoff").exists() and store.stage("export")["status"] == "failed"
+
+    rows.to_parquet(store.artefact("audit_rows"))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the hand-off")
+    (store.artefact("unlearned_model") / "notes.txt").symlink_to(secret)
+    with pytest.raises(UserError, match="notes.txt is a symbolic link"):
+        driver.run_stage(cfg, store, "export")
+    assert not store.artefact("handoff").exists() and secret.read_text() == "not for the hand-off"
+    (store.artefact("unlearned_model") / "notes.txt").unlink()
+    driver.run_stage(cfg, store, "export")
+    assert (store.artefact("handoff") / "receipt.json").is_file()
+
+
+def test_an_edited_audit_partial_is_probed_again(reference, tmp_path):
+    """Whoever can write to audit/partial/ cannot change a verdict: the edited file no longer matches
+    the sha256 recorded with it, so the unlearned model is probed again and the receipt tells the truth."""
+    from pipeline import driver
+
+    store, cfg = _copy_of(reference, tmp_path)
+    part = store.artefact("audit_partial") / "unlearned.parquet"
+    truth = pd.read_parquet(part)
+    forged = truth.copy()
+    forged.loc[forged["group"] == "kept", "leak"] = ~forged.loc[forged["group"] == "kept", "leak"]
+    forged.to_parquet(part)
+    store.reset(["audit", "export"])
+    driver.run_stage(cfg, store, "audit")
+    result = json.loads(store.artefact("audit").read_text())
+    assert result["reused"] == ["original"]
+    pd.testing.assert_frame_equal(pd.read_parquet(part), truth)
 
 
 def test_consolidation_and_export_write_one_shard_at_a_time(reference, implanted, tmp_path):
