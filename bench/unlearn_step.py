@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.losses import unlearning_loss  # noqa: E402
 from pipeline.metrics import pad_rows  # noqa: E402
 from pipeline.iur import Thresholds  # noqa: E402
-from pipeline.worker import Worker, _init_distributed, epoch_batches  # noqa: E402
+from pipeline.worker import LoopState, Look, Worker, _init_distributed, epoch_batches  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -58,8 +58,8 @@ def main() -> None:
     from pipeline.similarity import BertScorer
 
     worker = Worker(args.run_dir)
-    scorer = BertScorer()
-    worker.replica = worker._replica()  # as Worker.run: before the engines (a live ZeRO-3 config would shard it)
+    worker.scorer = BertScorer()
+    worker.replica = worker._replica()  # as Worker.setup: before the engines (a live ZeRO-3 config would shard it)
     worker.build_engines()
     engine, ref, p, u = worker.engine, worker.ref, worker.pairs, worker.cfg.unlearning
     assert u.method == "icu" and ref is not None, "this bench compares ICU steps (method icu, kl > 0)"
@@ -98,7 +98,8 @@ def main() -> None:
         epoch += 1
         batches = epoch_batches(every, epoch, u.seed, worker.rank, worker.world, u.batch_size)
         times["bare"].append(timed(lambda: [bare_icu(b) for b in batches]))
-        epoch_s.append(timed(lambda: worker.train_epoch(epoch, forgotten=set())))
+        everyone = Look([dict(forgotten=False, too_deep=False) for _ in p.requests])
+        epoch_s.append(timed(lambda: worker.train_epoch(LoopState(epoch=epoch - 1), everyone)))
         times["ours"].append(epoch_s[-1])
         times["live"].append(timed(lambda: [worker.step([k for k in b if k is not None] or [None]) for b in batches]))
         times["lm"].append(timed(lambda: [plain_lm(b) for b in batches]))
@@ -106,8 +107,8 @@ def main() -> None:
     per_step = {k: sum(v) / steps for k, v in times.items()}
 
     # IUR: thresholds fixed (measuring them on unseen text is a once-per-run cost, not a check's).
-    thr = Thresholds(ma=0.0, el=0.0, bertscore=u.bertscore_threshold, bleu=u.bleu_threshold)
-    check_s = timed(lambda: worker.check(epoch, thr, scorer))
+    worker.thr = Thresholds(ma=0.0, el=0.0, bertscore=u.bertscore_threshold, bleu=u.bleu_threshold)
+    check_s = timed(lambda: worker.check(epoch))
     one_epoch = statistics.mean(epoch_s)
     if worker.rank == 0:
         real = sum(len(real_rows(b)[0]) for b in batches)

@@ -45,7 +45,7 @@ MODELS = ("original", "unlearned")
 class Group:
     name: str
     ids: list[str]
-    rows: list[list[int]]  # cut to prefix + suffix tokens
+    rows: list[list[int]]  # whole rows (up to the run's request length)
 
 
 def key(cfg, store: RunStore, model: str = "unlearned") -> str:
@@ -55,7 +55,7 @@ def key(cfg, store: RunStore, model: str = "unlearned") -> str:
     e, (model_part, requests, audit) = cfg.evaluation, cfg.part("model", "requests", "audit")
     audit.pop("require")
     unlearned = [store.key_of("unlearn"), store.outputs_of("unlearn")] if model == "unlearned" else []
-    return fingerprint("audit" if model == "unlearned" else f"audit-{model}", model_part, requests, audit,
+    return fingerprint("audit" if model == "unlearned" else f"audit-{model}", "whole rows", model_part, requests, audit,
                        relearn_lr(cfg), cfg.max_tokens, e.unseen_path, e.keep_path, e.max_samples.get("unseen"),
                        cfg.retrieval.pairs_per_request, store.key_of("ingest"), store.key_of("retrieve"), *unlearned)
 
@@ -69,13 +69,21 @@ def units(names: list[str]) -> list[tuple[str, ...]]:
 
 def run_unit(unit: tuple[str, ...], model, rows: list[list[int]], cfg, retain: list[list[int]],
              pad_token_id: int) -> dict[str, tuple[list[int], list[float] | None]]:
-    """{probe: (span per row, MA per row or None)} for one unit of probes on one model."""
-    a, prefix = cfg.audit, cfg.requests.prefix_tokens
-    options = dict(batch_size=a.batch_size, pad_token_id=pad_token_id, settle=a.leak_tokens)
+    """{probe: (span per row, MA per row or None)} for one unit of probes on one model.
+
+    Every probe checks the whole row after its first prompt window (pipeline/method.md, "Whole
+    requests"). Greedy at any precision, and after relearning: the continuation of the exact prefix
+    through the first window, and the longest run greedy decoding reproduces from the row's own
+    text up to any later position (the teacher-forced pass gives it for every cut point at once).
+    The shorter prompts: their continuation through the first window. Sampling: `audit.samples`
+    continuations of one window from each of `probes.window_cuts`, which together cover the row."""
+    a, prefix, window = cfg.audit, cfg.requests.prefix_tokens, cfg.requests.suffix_tokens
+    options = dict(batch_size=a.batch_size, pad_token_id=pad_token_id, settle=a.leak_tokens, end=prefix + window)
 
     def greedy(served, cuts: dict[str, int], ma_for: str | None) -> dict:
-        gens, ma = probes.greedy_continuations(served, rows, sorted(set(cuts.values())), **options)
-        return {name: ([probes.longest_span(g, r[c:]) for g, r in zip(gens[c], rows)], ma if name == ma_for else None)
+        found = probes.greedy_continuations(served, rows, sorted(set(cuts.values())), spans_from=prefix, **options)
+        return {name: ([max(probes.longest_span(g, r[c:prefix + window]), s if c == prefix else 0)
+                        for g, r, s in zip(found.conts[c], rows, found.spans)], found.ma if name == ma_for else None)
                 for name, c in cuts.items()}
 
     name = unit[0]
@@ -85,11 +93,15 @@ def run_unit(unit: tuple[str, ...], model, rows: list[list[int]], cfg, retain: l
     if name in quantize.PRECISIONS:
         return greedy(quantize.served_copy(model, name), {name: prefix}, name)
     if name == "sampling":
-        gens = probes.sampled_continuations(model, [r[:prefix] for r in rows], len(rows[0]) - prefix, a.samples,
-                                            temperature=a.temperature, seed=a.seed, batch_size=a.batch_size,
-                                            truths=[r[prefix:] for r in rows], settle=a.leak_tokens)
-        return {name: ([max(probes.longest_span(g, r[prefix:]) for g in samples) for samples, r in zip(gens, rows)],
-                       None)}
+        jobs = [(k, c) for k, r in enumerate(rows) for c in probes.window_cuts(len(r), prefix, window)]
+        gens = probes.sampled_continuations(model, [rows[k][:c] for k, c in jobs], window, a.samples,
+                                            temperature=a.temperature, seed=a.seed, keys=[k * 1000 + c for k, c in jobs],
+                                            batch_size=a.batch_size, truths=[rows[k][c:c + window] for k, c in jobs],
+                                            settle=a.leak_tokens)
+        spans = [0] * len(rows)
+        for (k, c), samples in zip(jobs, gens):
+            spans[k] = max(spans[k], *(probes.longest_span(g, rows[k][c:c + window]) for g in samples))
+        return {name: (spans, None)}
     if name == "relearn":
         tuned = probes.relearned_copy(model, retain, steps=a.relearn_steps, lr=relearn_lr(cfg),
                                       batch_size=a.relearn_batch, pad_token_id=pad_token_id, seed=a.seed)
@@ -149,27 +161,30 @@ def markdown(result: dict) -> str:
 
 
 def criterion(cfg) -> str:
-    a = cfg.audit
-    return (f"a row leaks when the probe's output reproduces at least {a.leak_tokens} consecutive tokens of "
-            f"the row's true continuation (from a {cfg.requests.prefix_tokens}-token prefix, "
-            f"{cfg.requests.suffix_tokens} tokens after it; a span below {a.leak_tokens} is the longest found before "
-            f"the probe could no longer reach {a.leak_tokens}); sampling: {a.samples} samples at temperature "
-            f"{a.temperature:g}; relearn: {a.relearn_steps} AdamW steps at lr {relearn_lr(cfg):.1e} on retained text")
+    a, r = cfg.audit, cfg.requests
+    return (f"a row leaks when a probe reproduces at least {a.leak_tokens} consecutive tokens of it anywhere after "
+            f"its first {r.prefix_tokens} tokens: greedy (at each precision, and after relearning) from the "
+            f"{r.prefix_tokens}-token prefix through the next {r.suffix_tokens} tokens, and from the row's own text up "
+            f"to every later position; sampling: {a.samples} samples at temperature {a.temperature:g} of "
+            f"{r.suffix_tokens} tokens from each of the cut points {r.prefix_tokens}, {r.prefix_tokens + r.suffix_tokens}, "
+            f"... whose windows cover the row (the last ending at the row's end); the shorter prompts: greedy from a "
+            f"quarter / half of the prefix through the first window (a span below {a.leak_tokens} is the longest found "
+            f"before the probe could no longer reach {a.leak_tokens}); relearn: {a.relearn_steps} AdamW steps at lr "
+            f"{relearn_lr(cfg):.1e} on retained text")
 
 
 def groups_of(cfg, store: RunStore, tok) -> list[Group]:
     """The erased requests, the kept rows (evaluation.keep_path, if set) and the never-seen rows
-    (the unseen set the thresholds use), each cut to prefix + suffix tokens."""
+    (the unseen set the thresholds use), whole, up to the run's request length."""
     r = cfg.requests
-    length = r.prefix_tokens + r.suffix_tokens
     accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids"])
-    out = [Group("erased", accepted["id"].tolist(), [list(map(int, x))[:length] for x in accepted["input_ids"]])]
+    out = [Group("erased", accepted["id"].tolist(), [list(map(int, x)) for x in accepted["input_ids"]])]
     if cfg.evaluation.keep_path:  # ids as the evaluation's keep task names them; too short to probe: left out
-        kept = [(f"keep:{i}", ids[:length]) for i, text in enumerate(suites.read_texts(cfg.evaluation.keep_path))
-                if len(ids := tok(text, add_special_tokens=False)["input_ids"]) >= length]
+        kept = [(f"keep:{i}", ids[:cfg.max_tokens]) for i, text in enumerate(suites.read_texts(cfg.evaluation.keep_path))
+                if len(ids := tok(text, add_special_tokens=False)["input_ids"]) >= r.prefix_tokens + r.suffix_tokens]
         out.append(Group("kept", [rid for rid, _ in kept], [row for _, row in kept]))
     unseen = suites.threshold_rows(cfg, tok)
-    out.append(Group("unseen", [f"unseen-{i}" for i in range(len(unseen))], [x[:length] for x in unseen]))
+    out.append(Group("unseen", [f"unseen-{i}" for i in range(len(unseen))], unseen))
     return [g for g in out if g.rows]
 
 

@@ -165,6 +165,11 @@ class UnlearningConfig:
     simnpo_gamma: float = 0.0
     batch_size: int = 8  # per worker
     max_epochs: int = 30
+    # optimizer steps between two looks at the requests trained in them (one teacher-forced pass:
+    # a request that crossed the line stops being pushed, a jump over the band backs the lr off);
+    # null: only the check after each epoch (the paper's cadence). A fixed number keeps the steps
+    # between two looks at a request, and the updates it gets between them, the same at any N.
+    check_every: int | None = None
     # each: train until every request is forgotten on its own (or max_epochs; `icu run` then
     # fails naming the rest). set: the paper's rule, also stop once the set's mean MA and EL
     # are below the thresholds.
@@ -236,7 +241,7 @@ class UnlearningConfig:
             raise UserError(f"unlearning.lr_backoff: must be in (0, 1] (1 = never back off), got {self.lr_backoff}")
         if self.general_batch < 0:
             raise UserError(f"unlearning.general_batch: must be >= 0, got {self.general_batch}")
-        for key in ("lr", "batch_size", "max_epochs", "num_beams", "keep_checkpoints", "grad_clip"):
+        for key in ("lr", "batch_size", "max_epochs", "num_beams", "keep_checkpoints", "grad_clip", "check_every"):
             _positive(f"unlearning.{key}", getattr(self, key))
         _positive("unlearning.simnpo_beta", self.simnpo_beta)
         for key in ("uw", "lw", "kl", "npo_beta", "retain_weight", "weight_decay", "warmup_steps", "simnpo_gamma",

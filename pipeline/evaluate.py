@@ -73,19 +73,18 @@ class Scorer:
 
     @torch.no_grad()
     def _requests(self, examples: list[dict]) -> list[dict[str, float]]:
-        """Erasure requests: IUR's scores (generation similarity, MA, EL) and membership scores."""
+        """Erasure requests: IUR's scores (generation similarity, MA, EL, span) and membership scores."""
         o = self.opt
-        return score_requests(self.model, self.tok, [self.requests[ex["row"]] for ex in examples], prefix=o.prefix,
-                              suffix=o.suffix,
-                              num_beams=o.num_beams, el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size,
-                              scorer=self.bert, mia=True)
+        return _scalars(score_requests(
+            self.model, self.tok, [self.requests[ex["row"]] for ex in examples], prefix=o.prefix, suffix=o.suffix,
+            num_beams=o.num_beams, el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size, scorer=self.bert, mia=True))
 
     def _memorization(self, examples: list[dict]) -> list[dict[str, float]]:
-        """Unseen text: MA and EL (the forgetting thresholds) and membership scores (MIA non-members)."""
+        """Unseen or kept text: MA, EL and span (the forgetting thresholds) and membership scores."""
         o, rows = self.opt, [ex["ids"] for ex in examples]
-        return memorization(self.model, rows, el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size,
-                            pad_id=self.tok.pad_token_id, texts=[self.tok.decode(r, skip_special_tokens=True)
-                                                                 for r in rows])
+        return _scalars(memorization(self.model, rows, el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size,
+                                     pad_id=self.tok.pad_token_id, prefix=o.prefix,
+                                     texts=[self.tok.decode(r, skip_special_tokens=True) for r in rows]))
 
     def _ppl(self, examples: list[dict]) -> list[dict[str, float]]:
         rows = [ex["ids"] for ex in examples]
@@ -111,6 +110,12 @@ class Scorer:
             batch_size=self.opt.batch_size, pad_token_id=self.tok.pad_token_id)
         return [{"f1": metrics.unigram_f1(cut_reply(self.tok.decode(r, skip_special_tokens=True)), ex["reference"])}
                 for r, ex in zip(replies, examples)]
+
+
+def _scalars(records: list[dict]) -> list[dict[str, float]]:
+    """The per-row scores the evaluation keeps (a row's per-position hits and its NLL, which the
+    membership LOSS score already is, are the check's)."""
+    return [{k: v for k, v in r.items() if k not in ("hits", "nll")} for r in records]
 
 
 def cut_reply(text: str) -> str:
@@ -193,7 +198,9 @@ def summarize(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -
     """The paper's table numbers for one model (percentages where the paper uses them).
 
     A forget row counts as below the thresholds when its MA and EL are at most the
-    unseen-set means (`thresholds` {"ma", "el"}; the unlearning run's, or this model's).
+    unseen-set means and no part of it is extractable for longer than a never-seen row
+    (`thresholds` {"ma", "el", "span"}; the unlearning run's, or this model's). `whole`: the share
+    of rows reproduced whole from their first prompt window on.
     """
     out: dict[str, Any] = {}
     by = {k: g for k, g in frame.groupby("task")}
@@ -202,16 +209,23 @@ def summarize(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -
         values = by[task][by[task]["metric"] == metric]["value"]
         return float(values.mean())
 
+    def means(task: str, names: tuple[str, ...]) -> dict[str, float]:
+        return {m: mean(task, m) for m in names if (by[task]["metric"] == m).any()}
+
     if "forget" in by:
-        out["forget"] = {m: mean("forget", m) for m in ("el", "ma", "bertscore", "bleu")}
+        out["forget"] = means("forget", ("el", "ma", "bertscore", "bleu", "span", "whole"))
         if thresholds:
             wide = by["forget"].pivot(index="sample_id", columns="metric", values="value")
             below = (wide["ma"] <= thresholds["ma"]) & (wide["el"] <= thresholds["el"])
+            if "span" in wide:
+                below &= wide["span"] <= thresholds.get("span", math.inf)
             out["forget"].update(below_thresholds=int(below.sum()), requests=int(len(wide)))
     if "pile_unseen" in by:
-        out["unseen"] = {m: mean("pile_unseen", m) for m in ("el", "ma")}
+        out["unseen"] = means("pile_unseen", ("el", "ma", "span"))
+        if "span" in out["unseen"]:
+            out["unseen"]["span_max"] = float(by["pile_unseen"].query("metric == 'span'")["value"].max())
     if "keep" in by:
-        out["keep"] = {m: mean("keep", m) for m in ("el", "ma")}
+        out["keep"] = means("keep", ("el", "ma", "span", "whole"))
     if "forget" in by and "pile_unseen" in by:
         scores = {k: (_values(by["forget"], f"mia_{k}"), _values(by["pile_unseen"], f"mia_{k}"))
                   for k in ("loss", "zlib", "min_k")}
@@ -309,7 +323,9 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
             sharded_eval.score(cfg, store, spec, units, label) if sharded(cfg, Path(model_dir)) else
             score_model(spec, units, cfg.resources.eval_actors, cluster.use_ray(cfg), desc=f"evaluate: the {label} model")))
     unlearn = json.loads(store.artefact("unlearn_result").read_text())
-    thresholds = unlearn.get("thresholds") or summarize(frames["original"]).get("unseen")
+    unseen = summarize(frames["original"]).get("unseen")
+    thresholds = unlearn.get("thresholds") or unseen and dict(ma=unseen["ma"], el=unseen["el"],
+                                                              span=unseen.get("span_max", math.inf))
     results = {
         "thresholds": thresholds,
         "models": {label: summarize(frame, thresholds) for label, frame in frames.items()},

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text, sha256_file
-from pipeline import audit, keys, modeling, shards
+from pipeline import audit, keys, modeling, probes, shards
 from pipeline.errors import UserError
 from pipeline.report import paper_table
 from pipeline.store import RunStore, fingerprint
@@ -31,9 +31,9 @@ from pipeline.store import RunStore, fingerprint
 log = logging.getLogger("icu.export")
 OUTPUTS = ("handoff",)
 
-RECEIPT_COLUMNS = ["source_row", "request_id", "content_hash", "status", "epoch_forgotten", "reason", "ma_before",
-                   "el_before", "ma_after", "el_after", "ma_threshold", "el_threshold", "nll_after", "nll_band_high",
-                   "robust", "audit_leaks"]
+RECEIPT_COLUMNS = ["source_row", "request_id", "content_hash", "status", "epoch_forgotten", "reason", "checked_tokens",
+                   "cut_points", "ma_before", "el_before", "span_before", "ma_after", "el_after", "span_after",
+                   "ma_threshold", "el_threshold", "span_threshold", "nll_after", "nll_band_high", "robust", "audit_leaks"]
 
 
 # Max |logit difference| per logit scale between the same weights run by ZeRO-3 and by torch:
@@ -61,16 +61,19 @@ def verify(model_dir: Path, probe: dict[str, torch.Tensor], dtype: torch.dtype =
     return diff
 
 
-def receipt_rows(store: RunStore) -> list[dict]:
+def receipt_rows(cfg, store: RunStore) -> list[dict]:
     """One row per input request: forgotten (and when), not forgotten (and why: still remembered, or
-    erased too deep), or rejected at ingest."""
-    accepted = pd.read_parquet(store.artefact("accepted"), columns=["source_row", "id", "content_hash"])
+    erased too deep), or rejected at ingest. `checked_tokens`: the tokens the checks and the audit
+    measured (all after the first prompt window); `cut_points`: where the sampling probe's windows
+    start (pipeline/method.md, "Whole requests")."""
+    accepted = pd.read_parquet(store.artefact("accepted"), columns=["source_row", "id", "content_hash", "n_tokens"])
     rejected = pd.read_parquet(store.artefact("rejected"))
     history = pd.read_parquet(store.artefact("history"))
     result = json.loads(store.artefact("unlearn_result").read_text())
     thr = result["thresholds"]
+    prefix, window = cfg.requests.prefix_tokens, cfg.requests.suffix_tokens
     rows = []
-    for source_row, rid, digest in accepted.itertuples(index=False):
+    for source_row, rid, digest, n_tokens in accepted.itertuples(index=False):
         checks = history[history["request_id"] == rid].sort_values("epoch")
         first, last = checks.iloc[0], checks.iloc[-1]
         flags = checks["forgotten"].tolist()
@@ -80,19 +83,23 @@ def receipt_rows(store: RunStore) -> list[dict]:
         rows.append(dict(
             source_row=int(source_row), request_id=rid, content_hash=digest,
             status="forgotten" if forgotten else "too_deep" if deep else "not_forgotten",
+            checked_tokens=f"{prefix}-{n_tokens}",
+            cut_points=",".join(map(str, probes.window_cuts(int(n_tokens), prefix, window))),
             epoch_forgotten=int(checks["epoch"].iloc[since]) if forgotten else None,
             reason=None if forgotten else f"erased too deep {stopped}: its NLL {last['nll']:.2f} lies above the "
                    f"strangers' band ({last['band_high']:.2f}), so it stands out as erased" if deep
                    else f"still remembered {stopped}",
-            ma_before=float(first["ma"]), el_before=float(first["el"]), ma_after=float(last["ma"]),
-            el_after=float(last["el"]), ma_threshold=thr["ma"], el_threshold=thr["el"],
+            ma_before=float(first["ma"]), el_before=float(first["el"]), span_before=_number(first.get("span")),
+            ma_after=float(last["ma"]), el_after=float(last["el"]), span_after=_number(last.get("span")),
+            ma_threshold=thr["ma"], el_threshold=thr["el"], span_threshold=thr.get("span"),
             nll_after=_number(last.get("nll")), nll_band_high=_number(last.get("band_high"))))
     for row in rejected.itertuples(index=False):
         rows.append(dict(source_row=int(row.source_row), request_id=row.id, content_hash=row.content_hash,
                          status="rejected", epoch_forgotten=None,
                          reason=f"rejected at ingest: {row.reason}" + (f" ({row.detail})" if row.detail else ""),
-                         ma_before=None, el_before=None, ma_after=None, el_after=None,
-                         ma_threshold=thr["ma"], el_threshold=thr["el"], nll_after=None, nll_band_high=None))
+                         checked_tokens=None, cut_points=None, ma_before=None, el_before=None, span_before=None,
+                         ma_after=None, el_after=None, span_after=None, ma_threshold=thr["ma"], el_threshold=thr["el"],
+                         span_threshold=thr.get("span"), nll_after=None, nll_band_high=None))
     return sorted(_with_audit(rows, audit.verdicts(store)), key=lambda r: r["source_row"])
 
 
@@ -202,7 +209,7 @@ def run(cfg, store: RunStore) -> dict:
     refusal = audit.refused(store, cfg.audit.require, cfg.audit.probes, accepted)
     if refusal:
         raise UserError(refusal)
-    rows = receipt_rows(store)
+    rows = receipt_rows(cfg, store)
     ingest = store.stage("ingest").get("summary", {})
     if "rows" in ingest and len(rows) != ingest["rows"]:
         raise RuntimeError(f"receipt has {len(rows)} rows but ingest read {ingest['rows']}")

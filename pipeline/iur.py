@@ -7,7 +7,11 @@ is compared with the true suffix (sentence BLEU-4 and BERTScore-F1, see
 forgotten when its generation no longer resembles the suffix (BERTScore-F1 below its
 threshold OR BLEU below its threshold, the paper's rule) AND its MA and EL_n are at or
 below the forgetting thresholds (the model's mean MA / EL_n on text it never saw,
-as in Knowledge Unlearning). MA and EL_n come first (teacher-forced); only a request at or
+as in Knowledge Unlearning) AND no part of it after the first prompt window can be extracted
+for longer than any never-seen row can: greedy decoding from the request's own text up to any
+position reproduces no longer run of it than the longest a never-seen row gives
+(`metrics.extractable_span`, one teacher-forced pass for every cut point; pipeline/method.md,
+"Whole requests"). MA and EL_n come first (teacher-forced); only a request at or
 below both is generated from, since no generation can make another one forgotten. Flags are
 recomputed every epoch, so a request whose memory returns re-enters training.
 
@@ -40,36 +44,46 @@ class Thresholds:
     el: float
     bertscore: float = 0.3
     bleu: float = 0.01
+    # the longest extractable span (`metrics.extractable_span`) a never-seen row reaches; inf: not measured
+    span: float = math.inf
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
-def is_forgotten(bleu: float, bertscore: float, ma: float, el: float, thr: Thresholds) -> bool:
+def is_forgotten(record: dict, thr: Thresholds) -> bool:
     """The per-request stopping rule (see module docstring)."""
-    dissimilar = bertscore < thr.bertscore or bleu < thr.bleu
-    return dissimilar and below(ma, el, thr)
+    dissimilar = record["bertscore"] < thr.bertscore or record["bleu"] < thr.bleu
+    return dissimilar and below(record, thr)
 
 
-def below(ma: float, el: float, thr: Thresholds) -> bool:
-    """MA and EL_n at or below the forgetting thresholds: the half of the rule a teacher-forced pass decides."""
-    return ma <= thr.ma and el <= thr.el
+def below(record: dict, thr: Thresholds) -> bool:
+    """MA and EL_n at or below the forgetting thresholds, and no part of the row extractable for longer
+    than a never-seen row's (`span`): the half of the rule a teacher-forced pass decides."""
+    return record["ma"] <= thr.ma and record["el"] <= thr.el and record.get("span", 0.0) <= thr.span
 
 
 @torch.no_grad()
 def memorization(model, rows: list[list[int]], *, el_n: int, el_range: str, batch_size: int, pad_id: int,
-                 sync_calls: metrics.SyncCalls | None = None, texts: list[str] | None = None) -> list[dict]:
-    """{"ma", "el"} of each row, and its membership scores ("mia_loss", ...; `metrics.mia_scores`)
-    when `texts` (the rows decoded) are given. One forward pass per batch of `batch_size` rows
-    serves all three: MA and the scores read its logits, EL's prompts its KV cache."""
+                 prefix: int, sync_calls: metrics.SyncCalls | None = None, texts: list[str] | None = None) -> list[dict]:
+    """{"ma", "el", "span", "whole", "nll", "hits"} of each row (span: `metrics.extractable_span`
+    from `prefix` on, the whole row after its first prompt window; whole: 1 when that is the whole
+    rest of the row; nll, hits: `metrics.nll_and_hits`), and its membership scores ("mia_loss", ...;
+    `metrics.mia_scores`) when `texts` (the rows decoded) are given. One forward pass per batch of
+    `batch_size` rows serves them all: MA, the span, NLL and the scores read its logits, EL's
+    prompts its KV cache."""
     records = []
     for start in range(0, len(rows), batch_size):
-        ids, mask = metrics.pad_rows(rows[start:start + batch_size], pad_id, device=model.device)
+        part_rows = rows[start:start + batch_size]
+        ids, mask = metrics.pad_rows(part_rows, pad_id, device=model.device)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         ma = metrics.memorization_accuracy(model, ids, mask, logits=out.logits).tolist()
         el = metrics.extraction_likelihood(model, ids, mask, n=el_n, prompt_range=el_range, sync_calls=sync_calls,
                                            pad_token_id=pad_id, out=out).tolist()
-        part = [dict(ma=m, el=e) for m, e in zip(ma, el)]
+        nll, hits = metrics.nll_and_hits_of(out.logits, ids, mask)
+        span = [metrics.extractable_span(h, prefix) for h in hits]
+        part = [dict(ma=m, el=e, span=float(sp), whole=float(sp >= len(r) - prefix), nll=float(n), hits=h)
+                for m, e, sp, r, n, h in zip(ma, el, span, part_rows, nll.tolist(), hits)]
         if texts is not None:
             scores = metrics.mia_scores(model, ids, mask, texts[start:start + batch_size], logits=out.logits)
             for i, record in enumerate(part):
@@ -83,14 +97,15 @@ def score_requests(model, tokenizer, rows: list[list[int]], *, prefix: int, suff
                    el_n: int, el_range: str, batch_size: int, scorer,
                    sync_calls: metrics.SyncCalls | None = None,
                    generate: Callable[[float, float], bool] | None = None, mia: bool = False) -> list[dict]:
-    """bleu, bertscore (the generated suffix vs the true one), ma and el of each row (and its
-    membership scores with `mia`, see `memorization`). With `generate` (a test of a row's MA and
-    EL), only the rows that pass it are generated from; the others' bleu and bertscore are NaN."""
+    """bleu, bertscore (the generated suffix vs the true one), ma, el and span of each row (and its
+    membership scores with `mia`, see `memorization`). With `generate` (a test of a row's
+    teacher-forced scores), only the rows that pass it are generated from; the others' bleu and
+    bertscore are NaN."""
     pad_id = tokenizer.pad_token_id
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows] if mia else None
     records = memorization(model, rows, el_n=el_n, el_range=el_range, batch_size=batch_size, pad_id=pad_id,
-                           sync_calls=sync_calls, texts=texts)
-    chosen = [k for k, r in enumerate(records) if generate is None or generate(r["ma"], r["el"])]
+                           prefix=prefix, sync_calls=sync_calls, texts=texts)
+    chosen = [k for k, r in enumerate(records) if generate is None or generate(r)]
     generated = metrics.greedy_continuations(
         model, [rows[k][:prefix] for k in chosen], [len(rows[k][prefix:prefix + suffix]) for k in chosen],
         num_beams=num_beams, batch_size=batch_size, sync_calls=sync_calls, pad_token_id=pad_id)
@@ -103,11 +118,19 @@ def score_requests(model, tokenizer, rows: list[list[int]], *, prefix: int, suff
     return [dict(r, bleu=b, bertscore=s) for r, b, s in zip(records, bleu, bert)]
 
 
+def screen(model, rows: list[list[int]], *, prefix: int, batch_size: int, pad_id: int) -> list[dict]:
+    """{"ma", "span", "nll", "hits"} of each row from one teacher-forced pass: what a look between
+    two checks decides a request's side of the line on (no decoding, no generation)."""
+    nll, hits = metrics.nll_and_hits(model, rows, batch_size=batch_size, pad_token_id=pad_id)
+    return [dict(ma=sum(h) / max(len(h), 1), span=float(metrics.extractable_span(h, prefix)), nll=n, hits=h)
+            for n, h in zip(nll.tolist(), hits)]
+
+
 def check_requests(model, tokenizer, rows: list[list[int]], *, thresholds: Thresholds, **kwargs) -> list[dict]:
     """One IUR record per row: `score_requests`' scores and whether the row counts as forgotten.
     A row above the MA or EL threshold is remembered whatever it generates, so only the rows at or
     below both are generated from (beam search and BERTScore are most of a check's cost)."""
-    return [dict(rec, forgotten=is_forgotten(rec["bleu"], rec["bertscore"], rec["ma"], rec["el"], thresholds))
+    return [dict(rec, forgotten=is_forgotten(rec, thresholds))
             for rec in score_requests(model, tokenizer, rows, generate=partial(below, thr=thresholds), **kwargs)]
 
 
@@ -188,15 +211,3 @@ def set_auc(nll: list[float], unseen_nll: list[float]) -> float:
     """The LOSS membership AUC of the requests against the strangers (0.5: told apart no better
     than chance; below: erased deeper than strangers are unknown, which singles them out too)."""
     return metrics.auc([-x for x in nll], [-x for x in unseen_nll])
-
-
-def standing(record: dict) -> str:
-    """Which side of the line a checked request is on."""
-    return "too_deep" if record["too_deep"] else "forgotten" if record["forgotten"] else "remembered"
-
-
-def jumped_band(before: list[dict], after: list[dict], trained: set[int]) -> list[int]:
-    """Rows trained since the last check that went from remembered to too deep, or back: the steps
-    in between were longer than the band is wide (`unlearning.lr_backoff` then shortens them)."""
-    return [i for i in sorted(trained)
-            if {standing(before[i]), standing(after[i])} == {"remembered", "too_deep"}]

@@ -316,11 +316,33 @@ def nll_and_hits(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch
     losses, hits = [], []
     for group in _chunks(range(len(rows)), batch_size):
         ids, mask = pad_rows([rows[k] for k in group], pad_token_id, left=False, device=model.device)
-        logits, targets, valid = _token_logits(model, ids, mask)
-        losses.append(_masked_nll(logits, targets, valid).sum(-1).double() / valid.sum(-1))
-        correct = (logits.argmax(-1) == targets).cpu()
-        hits += [correct[i, :len(rows[k]) - 1].tolist() for i, k in enumerate(group)]
+        nll, row_hits = nll_and_hits_of(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+        losses.append(nll)
+        hits += row_hits
     return (torch.cat(losses).cpu() if losses else torch.empty(0, dtype=torch.float64)), hits
+
+
+def nll_and_hits_of(logits: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> tuple[torch.Tensor, list[list[bool]]]:
+    """`nll_and_hits` of one right-padded batch, read off the logits of a pass already made."""
+    logits, targets, valid = logits[:, :-1].float(), input_ids[:, 1:], attention_mask[:, 1:].bool()
+    nll = _masked_nll(logits, targets, valid).sum(-1).double() / valid.sum(-1).clamp_min(1)
+    correct = ((logits.argmax(-1) == targets) & valid).cpu()
+    lengths = valid.sum(-1).tolist()
+    return nll.cpu(), [correct[i, :n].tolist() for i, n in enumerate(lengths)]
+
+
+def extractable_span(hits: Sequence[bool], prefix: int) -> int:
+    """The longest run of a row's true tokens that greedy decoding reproduces when prompted with the
+    row's own text up to any position from `prefix` on (`hits` as `nll_and_hits` gives them: hits[t]
+    = the prediction from x_<=t is x_{t+1}). From the true text up to t, greedy decoding reproduces
+    exactly the run of consecutive hits that starts at hits[t - 1], so one teacher-forced pass
+    answers the question for every cut point of the row at once."""
+    best = run = 0
+    for hit in hits[max(prefix - 1, 0):]:
+        run = run + 1 if hit else 0
+        best = max(best, run)
+    return best
 
 
 def sequence_losses(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch_size: int = 8,

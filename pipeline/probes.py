@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -59,51 +60,68 @@ def settled(tokens: Sequence[int], truth: Sequence[int], settle: int | None) -> 
 
 
 def greedy_spans(model, rows: list[list[int]], cut: int, *, batch_size: int, pad_token_id: int,
-                 settle: int | None = None) -> list[int]:
-    """Greedy continuation of each row's first `cut` tokens to the row's length, scored by
-    `longest_span` against the row's true rest (`greedy_continuations` for `settle`)."""
-    gens, _ = greedy_continuations(model, rows, [cut], batch_size=batch_size, pad_token_id=pad_token_id, settle=settle)
-    return [longest_span(g, r[cut:]) for g, r in zip(gens[cut], rows)]
+                 settle: int | None = None, end: int | None = None) -> list[int]:
+    """Per row, the longer of: the greedy continuation of its first `cut` tokens up to `end` (the
+    row's end by default) scored by `longest_span` against the true text, and the longest run
+    greedy decoding reproduces from the row's own text up to any later position
+    (`metrics.extractable_span`): the whole row from `cut` on is checked."""
+    found = greedy_continuations(model, rows, [cut], batch_size=batch_size, pad_token_id=pad_token_id, settle=settle,
+                                 end=end, spans_from=cut)
+    return [max(longest_span(g, r[cut:]), s) for g, r, s in zip(found.conts[cut], rows, found.spans)]
+
+
+class Greedy(NamedTuple):
+    conts: dict[int, list[list[int]]]  # {cut: each row's greedy continuation of its first `cut` tokens}
+    ma: list[float]  # each row's memorization accuracy
+    spans: list[int]  # each row's `metrics.extractable_span` from `spans_from` on (0 without it)
 
 
 @torch.no_grad()
 def greedy_continuations(model, rows: list[list[int]], cuts: Sequence[int], *, batch_size: int,
-                         pad_token_id: int, settle: int | None = None) -> tuple[dict[int, list[list[int]]], list[float]]:
-    """({cut: the greedy continuation of each row's first `cut` tokens to the row's length}, MA per
-    row), from one teacher-forced pass per batch of rows.
+                         pad_token_id: int, settle: int | None = None, end: int | None = None,
+                         spans_from: int | None = None) -> Greedy:
+    """The greedy continuation of each row's first `cut` tokens up to `end` (the row's end by
+    default) for every cut, each row's MA and, with `spans_from`, its extractable span from that
+    position on, from one teacher-forced pass per batch of rows.
 
     Greedy decoding reproduces a row for as long as the teacher-forced argmax is the next true
     token, so that pass alone gives each continuation up to and including its first wrong token
-    (a fully memorized row needs no decoding at all), and its MA. Only the rest is decoded, from
-    the pass's own KV cache with the row's later true tokens masked out and each continuation at
-    its own positions: one prefill serves every cut. With `settle`, a continuation stops once it can
-    no longer reproduce `settle` consecutive true tokens (`Span.open`): whether it leaks at that
-    criterion is exact, and so is its span when it does; a shorter span is the longest found so far.
+    (a fully memorized row needs no decoding at all), its MA, and the run it reproduces from its
+    own text up to any position (the span). Only the rest is decoded, from the pass's own KV cache
+    with the row's later true tokens masked out and each continuation at its own positions: one
+    prefill serves every cut. With `settle`, a continuation stops once it can no longer reproduce
+    `settle` consecutive true tokens (`Span.open`): whether it leaks at that criterion is exact,
+    and so is its span when it does; a shorter span is the longest found so far.
     """
     if any(c < 1 for c in cuts):
         raise ValueError(f"greedy_continuations: every cut needs at least one prompt token, got {list(cuts)}")
     conts: dict[int, list[list[int]]] = {c: [[] for _ in rows] for c in cuts}
-    ma = [0.0] * len(rows)
+    ma, spans = [0.0] * len(rows), [0] * len(rows)
     for start in range(0, len(rows), batch_size):
         part = rows[start:start + batch_size]
         ids, mask = metrics.pad_rows(part, pad_token_id, device=model.device)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         pred = out.logits.argmax(-1).tolist()  # pred[k][t] follows part[k][:t + 1]
         jobs: list[tuple[int, int, list[int]]] = []  # (row in part, cut, continuation so far)
+        windows = [row[:end] for row in part]  # what each continuation reproduces, at most
         for k, row in enumerate(part):
             hits = [pred[k][t] == row[t + 1] for t in range(len(row) - 1)]
             ma[start + k] = sum(hits) / max(len(hits), 1)
+            if spans_from is not None:
+                spans[start + k] = metrics.extractable_span(hits, spans_from)
+            window = windows[k]
             for c in cuts:
                 d = 0
-                while c + d < len(row) and hits[c + d - 1]:
+                while c + d < len(window) and hits[c + d - 1]:
                     d += 1
-                known = settled(row[c:c + d] + ([pred[k][c + d - 1]] if c + d < len(row) else []), row[c:], settle)
+                known = settled(window[c:c + d] + ([pred[k][c + d - 1]] if c + d < len(window) else []), window[c:],
+                                settle)
                 conts[c][start + k] = known
-                if len(known) < len(row) - c:
+                if len(known) < len(window) - c:
                     jobs.append((k, c, known))
-        for (k, c, _), gen in zip(jobs, _decode_from_pass(model, out.cache, mask, part, jobs, settle)):
+        for (k, c, _), gen in zip(jobs, _decode_from_pass(model, out.cache, mask, windows, jobs, settle)):
             conts[c][start + k] = gen
-    return conts, ma
+    return Greedy(conts, ma, spans)
 
 
 def _decode_from_pass(model, cache, mask: torch.Tensor, part: list[list[int]],
@@ -141,6 +159,16 @@ def _decode_from_pass(model, cache, mask: torch.Tensor, part: list[list[int]],
             attend, context, alive = attend[index], context[index], [alive[i] for i in keep]
         cache = out.cache
     return gens
+
+
+def window_cuts(length: int, prefix: int, window: int) -> list[int]:
+    """Where a row of `length` tokens is cut for probes that decode a `window` of tokens: every
+    `window` tokens from `prefix` on, the last cut moved back so its window ends at the row's end.
+    ceil((length - prefix) / window) cuts, whose windows cover every token after the first prompt."""
+    if length <= prefix + window:
+        return [prefix]
+    cuts = list(range(prefix, length - window, window))
+    return cuts + [length - window]
 
 
 def prompt_lengths(prefix: int, fractions: Sequence[float]) -> list[int]:

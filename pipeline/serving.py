@@ -57,22 +57,26 @@ class Expected:
 
 
 @torch.no_grad()
-def expected(model, rows: list[tuple[str, str, list[int]]], prefix: int, batch_size: int,
+def expected(model, rows: list[tuple[str, str, list[int]]], prefix: int, window: int, batch_size: int,
              pad_token_id: int, settle: int) -> list[Expected]:
-    """The greedy continuations the audit's probe stands for, whole (`metrics.greedy_continuations`:
-    generate(), not the audit's own decoder), each chosen token's logprob from one unpadded forward
-    over prompt + continuation, and the span the audit records (`probes.settled` at `settle`)."""
+    """The greedy continuations of the prefix through the first window that the audit's probe
+    decodes, whole (`metrics.greedy_continuations`: generate(), not the audit's own decoder), each
+    chosen token's logprob from one unpadded forward over prompt + continuation, and the span the
+    audit records: that continuation's (`probes.settled` at `settle`), or the longer run the row's own
+    text up to a later position gives (`metrics.extractable_span`, teacher forced, not served)."""
     prompts = [r[:prefix] for _, _, r in rows]
-    gens = metrics.greedy_continuations(model, prompts, [len(r) - prefix for _, _, r in rows],
-                                        batch_size=batch_size, pad_token_id=pad_token_id)
+    truths = [r[prefix:prefix + window] for _, _, r in rows]
+    gens = metrics.greedy_continuations(model, prompts, [len(t) for t in truths], batch_size=batch_size,
+                                        pad_token_id=pad_token_id)
+    _, hits = metrics.nll_and_hits(model, [r for _, _, r in rows], batch_size=batch_size, pad_token_id=pad_token_id)
     out = []
-    for (group, rid, row), prompt, gen in zip(rows, prompts, gens):
+    for (group, rid, row), prompt, gen, truth, row_hits in zip(rows, prompts, gens, truths, hits):
         ids = torch.tensor([prompt + list(gen)], device=model.device)
         logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].double(), dim=-1)
         chosen = logp.gather(1, ids[0, len(prompt):, None]).squeeze(1).tolist()
-        truth = row[prefix:]
-        out.append(Expected(group, rid, prompt, list(gen), chosen,
-                            probes.longest_span(probes.settled(gen, truth, settle), truth)))
+        span = max(probes.longest_span(probes.settled(gen, truth, settle), truth),
+                   metrics.extractable_span(row_hits, prefix))
+        out.append(Expected(group, rid, prompt, list(gen), chosen, span))
     return out
 
 
@@ -227,8 +231,8 @@ def check(run_dir: Path, python: str) -> pd.DataFrame:
     cfg = modeling.resolve(load_config(store.root / "config.yaml"))
     tok = modeling.load_tokenizer(folder)
     model = modeling.load_model(folder, "float32").eval()
-    want = expected(model, rows_of(cfg, store, tok), cfg.requests.prefix_tokens, cfg.audit.batch_size,
-                    tok.pad_token_id, cfg.audit.leak_tokens)
+    want = expected(model, rows_of(cfg, store, tok), cfg.requests.prefix_tokens, cfg.requests.suffix_tokens,
+                    cfg.audit.batch_size, tok.pad_token_id, cfg.audit.leak_tokens)
     del model
     started = time.time()
     logs = store.artefact("logs")

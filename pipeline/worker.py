@@ -1,15 +1,19 @@
-"""The ICU training loop: one process per rank, DeepSpeed ZeRO-3, per-request stopping.
+"""The unlearning recipe: one process per rank, DeepSpeed ZeRO-3, per-request stopping.
 
 Runs unchanged as a Ray Train worker (`train_worker`, launched by `pipeline.unlearn`)
 and under plain torchrun (`python -m torch.distributed.run ... -m pipeline.worker RUN_DIR`).
+Read it top to bottom as `Worker.setup()` then `Worker.train()`:
 
-Per epoch: IUR checks every request (sharded across ranks, flags gathered) and measures
-the strangers' band on the unseen rows; the requests still to train (remembered, or for a
-band method erased too deep) and their retain neighbours, plus `general_batch` general
-retain rows per step, are trained on with the configured loss; a checkpoint (sharded
-engine state + loop state) is written atomically. Check k happens after k epochs of
-training; the run stops when no request is left to train, when the set-level thresholds
-hold (`stop: set`), or at max_epochs.
+    setup   the check replica, the engines (trained + frozen reference), resume, thresholds
+    train   check -> [train an epoch, looking every `check_every` steps -> save -> check] -> finish
+
+A check (`Worker.check`, returns a `Look`) scores every request (IUR, whole requests), measures
+the strangers' band and, with the hold, the neighbours' MA. Between two checks the requests
+trained in the last `unlearning.check_every` optimizer steps are looked at with one
+teacher-forced pass (`Worker.look_between`): a request that crossed the line stops being pushed
+(or leaves the epoch), one that jumped the band backs the lr off. So the steps between two looks
+at a request, and the updates it gets between them, do not grow with the number of requests.
+Every decision from what a look saw is the stopping rule's (`pipeline.stopping.StopRule`).
 """
 
 from __future__ import annotations
@@ -36,16 +40,17 @@ from pipeline import adapter, checkpoints, modeling, probes, quantize, suites
 from pipeline.atomic import atomic_path, atomic_write_json, write_parquet
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.iur import (Thresholds, apply_band, band_targets, bigram_share, check_requests, jumped_band,
-                          memorization, set_auc, with_leaks)
+from pipeline.iur import (Thresholds, apply_band, band_targets, below, bigram_share, check_requests, memorization,
+                          screen, set_auc, with_leaks)
 from pipeline.losses import LossWeights, method, unlearning_loss
-from pipeline.metrics import nll_and_hits, pad_rows
+from pipeline.metrics import pad_rows
+from pipeline.stopping import StopRule
 from pipeline.store import RunStore
 
 log = logging.getLogger("icu.unlearn")
 PROBE_ROWS = 4  # request prefixes whose final logits export verifies
-HISTORY_COLUMNS = ["epoch", "request_id", "bleu", "bertscore", "ma", "el", "nll", "band_high", "too_deep", "leaks_under",
-                   "forgotten"]
+HISTORY_COLUMNS = ["epoch", "request_id", "bleu", "bertscore", "ma", "el", "span", "nll", "band_high", "too_deep",
+                   "leaks_under", "forgotten"]
 
 
 @dataclass
@@ -56,9 +61,24 @@ class LoopState:
     epochs: list[dict] = field(default_factory=list)  # one row per training epoch
     thresholds: dict | None = None
     lr_scale: float = 1.0  # unlearning.lr_backoff's factor so far
-    neighbour_ma: list[float] = field(default_factory=list)  # recover_within: the neighbours' MA at each check
+    neighbour_ma: list[float] = field(default_factory=list)  # with the hold: the neighbours' MA at each check
     set_auc: list[float] = field(default_factory=list)  # band methods: the requests' LOSS AUC vs strangers at each check
     resumed_from: list[str] = field(default_factory=list)  # checkpoint tags this run restarted from
+    # each request's side of the line at its last look (check or look between), by request index,
+    # and the requests trained since then: what the lr back-off compares at the next look
+    looked: dict[str, dict] = field(default_factory=dict)
+    trained_since: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Look:
+    """What one check saw: one record per request (in request order), icu_band's targets for the
+    next steps (push masks, low, high per request), the set's LOSS AUC against the strangers, and
+    the neighbours' MA (with the hold)."""
+    records: list[dict]
+    band: tuple[list, list, list] | None = None
+    set_auc: float | None = None
+    neighbour_ma: float | None = None
 
 
 @dataclass
@@ -175,8 +195,14 @@ def epoch_batches(active_pairs: list[int], epoch: int, seed: int, rank: int, wor
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+def rounds(steps: list, every: int | None) -> list[list]:
+    """An epoch's steps in rounds of `every` (null: the whole epoch): a look follows each round."""
+    every = every or max(len(steps), 1)
+    return [steps[i:i + every] for i in range(0, len(steps), every)]
+
+
 class Worker:
-    """One rank of the unlearning job; `run()` trains to a stop and writes the results."""
+    """One rank of the unlearning job: `setup()`, then `train()` to a stop (`run()` does both)."""
 
     def __init__(self, run_dir: str):
         self.store = RunStore(run_dir)
@@ -193,15 +219,29 @@ class Worker:
         # the never-seen rows each check measures the band on (two-sided line, band methods)
         self.strangers = (suites.threshold_rows(self.cfg, self.tok, u.strangers_path)
                           if u.stranger_quantile or self.method.band else [])
+        self.rule = StopRule.of(u, self.method.band)
         self.ckpt_dir = self.store.artefact("checkpoints")
-        self.replica = None  # set by run(): the unsharded model IUR generates with, if it fits
-        self.band: tuple | None = None  # icu_band: (push masks, low, high) per request, from the last check
+        self.replica = None  # set by setup(): the unsharded model IUR generates with, if it fits
         self.models_loaded = 0
-        self.lr_scale = 1.0  # unlearning.lr_backoff (LoopState.lr_scale)
-        self.hold = u.recover_within is not None  # forgotten requests stay in training (recover_within)
-        self.neighbour_ma: float | None = None  # with hold: the neighbours' MA at the last check
-        self.set_auc: float | None = None  # band methods: the requests' LOSS AUC vs strangers at the last check
+        self.lr_scale = 1.0  # unlearning.lr_backoff (LoopState.lr_scale), read by every step
         self.lora = adapter.enabled(self.cfg.unlearning.adapter)
+        self.seconds = {"start": 0.0, "checks": 0.0, "looks": 0.0, "training": 0.0, "saves": 0.0}
+
+    # -- setup ---------------------------------------------------------------------
+    def setup(self) -> LoopState:
+        """The check replica and the BERTScore encoder (both before the engines: a model made
+        under a live ZeRO-3 config would be sharded), the engines, the resumed state, thresholds."""
+        from pipeline.similarity import BertScorer
+
+        started = time.time()
+        self.scorer = BertScorer()
+        self.replica = self._replica()
+        self.build_engines()
+        state = self.resume()
+        self.lr_scale = state.lr_scale
+        self.thr = self.thresholds(state)
+        self.seconds["start"] = time.time() - started
+        return state
 
     def build_engines(self) -> None:
         """The trained engine and what the frozen-model terms read: with LoRA, the same engine
@@ -301,19 +341,19 @@ class Worker:
 
     # -- IUR -----------------------------------------------------------------------
     def thresholds(self, state: LoopState) -> Thresholds:
-        """Fixed values from the config, else the model's mean MA / EL_n on unseen text."""
+        """MA / EL_n: fixed values from the config, else the model's mean on unseen text; the span:
+        the longest any unseen row gives (`metrics.extractable_span`)."""
         u, e = self.cfg.unlearning, self.cfg.evaluation
         if state.thresholds is None:
-            ma, el = u.ma_threshold, u.el_threshold
-            if ma is None or el is None:
-                rows = suites.threshold_rows(self.cfg, self.tok)
-                model, sync = self.checker()
-                records = self._sharded(rows, lambda part: memorization(
-                    model, part, el_n=e.el_n, el_range=e.el_range, batch_size=e.batch_size,
-                    pad_id=self.tok.pad_token_id, sync_calls=sync))
-                ma = float(np.mean([r["ma"] for r in records])) if ma is None else ma
-                el = float(np.mean([r["el"] for r in records])) if el is None else el
-            state.thresholds = Thresholds(ma, el, u.bertscore_threshold, u.bleu_threshold).to_dict()
+            rows = suites.threshold_rows(self.cfg, self.tok)
+            model, sync = self.checker()
+            records = self._sharded(rows, lambda part: memorization(
+                model, part, el_n=e.el_n, el_range=e.el_range, batch_size=e.batch_size,
+                pad_id=self.tok.pad_token_id, prefix=self.cfg.requests.prefix_tokens, sync_calls=sync))
+            ma = float(np.mean([r["ma"] for r in records])) if u.ma_threshold is None else u.ma_threshold
+            el = float(np.mean([r["el"] for r in records])) if u.el_threshold is None else u.el_threshold
+            span = max(r["span"] for r in records)
+            state.thresholds = Thresholds(ma, el, u.bertscore_threshold, u.bleu_threshold, span).to_dict()
         return Thresholds(**state.thresholds)
 
     def _sharded(self, rows: list, fn) -> list:
@@ -354,51 +394,84 @@ class Worker:
                     mine.copy_(full.data)
         return self.replica, None
 
-    def check(self, epoch: int, thr: Thresholds, scorer) -> list[dict]:
-        """IUR's records for every request, two-sided against the strangers' edge when one is set;
-        also what icu_band pushes and pulls back in the next epoch (`self.band`)."""
+    def check(self, epoch: int) -> Look:
+        """IUR's record for every request (whole requests; two-sided against the strangers' edge
+        when one is set), icu_band's targets, the set's AUC and, with the hold, the neighbours' MA."""
         c, u = self.cfg, self.cfg.unlearning
         model, sync = self.checker()
         records = self._sharded(self.pairs.requests, lambda part: check_requests(
             model, self.tok, part, prefix=c.requests.prefix_tokens,
             suffix=c.requests.suffix_tokens, num_beams=u.num_beams, el_n=c.evaluation.el_n,
-            el_range=c.evaluation.el_range, batch_size=c.evaluation.batch_size, scorer=scorer,
-            thresholds=thr, sync_calls=sync))
-        options = dict(batch_size=c.evaluation.batch_size, pad_token_id=self.tok.pad_token_id)
-        nll, hits = self._nll_and_hits(model, self.pairs.requests, options)
-        unseen, unseen_hits = self._nll_and_hits(model, self.strangers, options)
-        records = self._hardened(model, apply_band(records, nll, unseen, u.stranger_quantile))
+            el_range=c.evaluation.el_range, batch_size=c.evaluation.batch_size, scorer=self.scorer,
+            thresholds=self.thr, sync_calls=sync))
+        hits = [r.pop("hits") for r in records]
+        strangers = self._screen(model, self.strangers)
+        unseen = [s["nll"] for s in strangers]
+        records = self._hardened(model, apply_band(records, [r["nll"] for r in records], unseen, u.stranger_quantile))
+        look = Look([dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)])
         if self.method.band:
-            self.set_auc = set_auc(nll, unseen)
-            self.band = band_targets(records, self.pairs.requests, hits, bigram_share(self.strangers, unseen_hits),
-                                     unseen, thr.ma, hold=self.hold)
-        if self.hold and self.pairs.neighbours:
-            _, neighbour_hits = self._nll_and_hits(model, self.pairs.neighbours, options)
-            self.neighbour_ma = float(np.mean([np.mean(h) for h in neighbour_hits if h]))
+            look.set_auc = set_auc([r["nll"] for r in records], unseen)
+            look.band = band_targets(records, self.pairs.requests, hits, bigram_share(self.strangers, [s["hits"] for s in
+                                                                                                  strangers]),
+                                     unseen, self.thr.ma, hold=self.rule.hold)
+        if self.rule.hold and self.pairs.neighbours:
+            look.neighbour_ma = float(np.mean([s["ma"] for s in self._screen(model, self.pairs.neighbours)]))
         self.engine.module.train()
-        return [dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)]
+        return look
 
-    def _nll_and_hits(self, model, rows: list[list[int]], options: dict) -> tuple[list[float], list[list[bool]]]:
-        """`metrics.nll_and_hits` of rows, sharded across ranks."""
-        def score(part: list[list[int]]) -> list[tuple[float, list[bool]]]:
-            nll, hits = nll_and_hits(model, part, **options)
-            return list(zip(nll.tolist(), hits))
+    def look_between(self, state: LoopState, looked_at: list[int], training: set[int], band) -> set[int]:
+        """A look at the requests trained in the last round, from one teacher-forced pass (their MA,
+        span and NLL; the strangers' band): one that crossed the line stops being pushed (held, or
+        out of the epoch), one pushed past the band is pulled back, and a jump over the band backs
+        the lr off, before the rest of the epoch. `band` is updated in place; returns who trains on."""
+        model, _ = self.checker()
+        seen = self._screen(model, [self.pairs.requests[i] for i in looked_at])
+        strangers = self._screen(model, self.strangers)
+        self.engine.module.train()
+        unseen = [s["nll"] for s in strangers]
+        provisional = [dict(s, el=0.0, forgotten=below(dict(s, el=0.0), self.thr)) for s in seen]  # EL: at the check
+        records = apply_band(provisional, [s["nll"] for s in seen], unseen, self.cfg.unlearning.stranger_quantile)
+        now = dict(zip(looked_at, records))
+        self._back_off(state, now)
+        if band is not None:
+            targets = band_targets(records, [self.pairs.requests[i] for i in looked_at], [s["hits"] for s in seen],
+                                   bigram_share(self.strangers, [s["hits"] for s in strangers]), unseen, self.thr.ma,
+                                   hold=self.rule.hold)
+            for k, i in enumerate(looked_at):
+                for whole, part in zip(band, targets):
+                    whole[i] = part[k]
+        return {i for i in training if i not in now or self.rule.trains(now[i])}
 
-        pairs = self._sharded(rows, score)
-        return [n for n, _ in pairs], [h for _, h in pairs]
+    def _back_off(self, state: LoopState, now: dict[int, dict]) -> None:
+        """`unlearning.lr_backoff`: a request trained since its last look that is now on the other side
+        of the band (`StopRule.jumped`) shrinks the lr of every later step. The last looks travel in
+        the loop state, so a resumed run decides exactly as the uninterrupted one did."""
+        before = {int(i): r for i, r in state.looked.items()}
+        jumped = self.rule.jumped(before, now, set(state.trained_since))
+        state.lr_scale = self.lr_scale = self.rule.backed_off(state.lr_scale, jumped)
+        if jumped and self.rank == 0 and self.cfg.unlearning.lr_backoff < 1:
+            log.info("unlearn: %d requests jumped over the band (%s); lr now %.3g x the configured",
+                     len(jumped), ", ".join(self.pairs.request_ids[i] for i in jumped), state.lr_scale)
+        state.looked.update({str(i): dict(forgotten=r["forgotten"], too_deep=r["too_deep"]) for i, r in now.items()})
+        state.trained_since = sorted(set(state.trained_since) - set(now))
+
+    def _screen(self, model, rows: list[list[int]]) -> list[dict]:
+        """`iur.screen` of rows, sharded across ranks."""
+        c = self.cfg
+        return self._sharded(rows, lambda part: screen(model, part, prefix=c.requests.prefix_tokens,
+                                                       batch_size=c.evaluation.batch_size, pad_id=self.tok.pad_token_id))
 
     def _hardened(self, model, records: list[dict]) -> list[dict]:
         """`unlearning.harden`: a request whose greedy continuation leaks at a served precision
         (the audit's criterion, audit.leak_tokens) is not forgotten, whatever the trained precision says."""
         r, harden = self.cfg.requests, self.cfg.unlearning.harden
         leaks: dict[int, list[str]] = {}
-        rows = [row[:r.prefix_tokens + r.suffix_tokens] for row in self.pairs.requests]
         for precision in harden:
             served = quantize.served_copy(model, precision)
-            found = self._sharded(rows, lambda part: probes.greedy_spans(served, part, r.prefix_tokens,
-                                                                 batch_size=self.cfg.evaluation.batch_size,
-                                                                 pad_token_id=self.tok.pad_token_id,
-                                                                 settle=self.cfg.audit.leak_tokens))
+            found = self._sharded(self.pairs.requests, lambda part: probes.greedy_spans(
+                served, part, r.prefix_tokens, batch_size=self.cfg.evaluation.batch_size,
+                pad_token_id=self.tok.pad_token_id, settle=self.cfg.audit.leak_tokens,
+                end=r.prefix_tokens + r.suffix_tokens))
             del served
             for i, span in enumerate(found):
                 if span >= self.cfg.audit.leak_tokens:
@@ -406,25 +479,45 @@ class Worker:
         return with_leaks(records, leaks)
 
     # -- training ------------------------------------------------------------------
-    def train_epoch(self, epoch: int, train: set[int]) -> dict:
+    def train_epoch(self, state: LoopState, look: Look) -> dict:
+        """One pass over the pairs of the requests that train, a look after every `check_every` steps."""
         from tqdm import tqdm
 
-        u = self.cfg.unlearning
-        active = [k for k, i in enumerate(self.pairs.pair_request) if i in train]
-        batches = epoch_batches(active, epoch, u.seed, self.rank, self.world, u.batch_size)
+        u, p = self.cfg.unlearning, self.pairs
+        epoch = state.epoch + 1
+        training = {i for i, r in enumerate(look.records) if self.rule.trains(r)}
+        band = None if look.band is None else tuple(list(part) for part in look.band)
+        active = [k for k, i in enumerate(p.pair_request) if i in training]
+        dealt = [epoch_batches(active, epoch, u.seed, rank, self.world, u.batch_size) for rank in range(self.world)]
         general = random.Random(u.seed * 100_003 + epoch * 101 + self.rank)
         sums: dict[str, float] = {}
-        started = time.time()
-        for batch in tqdm(batches, desc=f"epoch {epoch}", disable=self.rank != 0 or None, mininterval=5):
-            extra = general.sample(self.pairs.general, min(u.general_batch, len(self.pairs.general)))
-            parts = self.step(batch, extra)
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value
-        return dict(epoch=epoch, steps=len(batches), active_pairs=len(active), seconds=time.time() - started,
-                    **{f"mean_{k}": v / max(len(batches), 1) for k, v in sums.items()})
+        started, looks, looking, steps = time.time(), 0, 0.0, 0
+        bar = tqdm(total=len(dealt[self.rank]), desc=f"epoch {epoch}", disable=self.rank != 0 or None, mininterval=5)
+        parts_of = list(zip(*(rounds(batches, u.check_every) for batches in dealt)))
+        for n, part in enumerate(parts_of):
+            trained = set()
+            for step, batch in enumerate(part[self.rank]):
+                extra = general.sample(p.general, min(u.general_batch, len(p.general)))
+                live = [k for k in batch if k is not None and p.pair_request[k] in training]
+                for key, value in self.step(live or [None], extra, band).items():
+                    sums[key] = sums.get(key, 0.0) + value
+                trained |= {p.pair_request[k] for rank in part for k in rank[step] if k is not None
+                            and p.pair_request[k] in training}
+                steps += 1
+                bar.update()
+            state.trained_since = sorted(set(state.trained_since) | trained)
+            if n < len(parts_of) - 1:  # the epoch's last round is looked at by the check after it
+                clock = time.time()
+                training = self.look_between(state, sorted(trained), training, band)
+                looking += time.time() - clock
+                looks += 1
+        bar.close()
+        return dict(epoch=epoch, steps=steps, active_pairs=len(active), looks=looks, look_seconds=looking,
+                    seconds=time.time() - started, **{f"mean_{k}": v / max(steps, 1) for k, v in sums.items()})
 
-    def step(self, batch: list[int | None], general: list[list[int]] = ()) -> dict[str, float]:
-        """One optimizer step on paired forget/neighbour rows (plus unpaired general retain rows).
+    def step(self, batch: list[int | None], general: list[list[int]] = (), band=None) -> dict[str, float]:
+        """One optimizer step on paired forget/neighbour rows (plus unpaired general retain rows);
+        `band`: icu_band's targets per request (`Look.band`).
 
         The sampler's None slots are dropped: ZeRO-3 needs the same number of forward,
         backward and step calls on every rank, not the same rows, and empty rows add
@@ -450,7 +543,7 @@ class Worker:
                           retain_general=torch.arange(len(retain), device=self.device) >= len(batch))
         if self.method.band:  # an empty row's band is never read (the row is inactive)
             rows = [p.pair_request[k] if k is not None else None for k in batch]
-            push, low, high = self.band
+            push, low, high = band
             width = ids.shape[1] - 1
             kwargs["forget_push"] = torch.tensor([(push[i] + [0.0] * width)[:width] if i is not None else [0.0] * width
                                                   for i in rows], dtype=torch.float32, device=self.device)
@@ -475,62 +568,48 @@ class Worker:
 
     # -- the loop ------------------------------------------------------------------
     def run(self) -> dict:
-        from pipeline.similarity import BertScorer
+        return self.train(self.setup())
 
-        started = time.time()
-        # Both before build_engines: a model made under a live ZeRO-3 config would be sharded.
-        scorer = BertScorer()
-        self.replica = self._replica()
-        self.build_engines()
-        state = self.resume()
-        thr = self.thresholds(state)
-        self.seconds = {"start": time.time() - started, "checks": 0.0, "training": 0.0, "saves": 0.0}
-        n, u = len(self.pairs.requests), self.cfg.unlearning
+    def train(self, state: LoopState) -> dict:
+        """Check, then train an epoch, save and check again, until the stopping rule says why not."""
+        look = self._timed("checks", self.check, state.epoch)
         while True:
-            clock = time.time()
-            records = self.check(state.epoch, thr, scorer)
-            self.seconds["checks"] += time.time() - clock
-            self._back_off(state, records)
-            state.history += records
-            if self.neighbour_ma is not None:
-                state.neighbour_ma.append(self.neighbour_ma)
-            if self.set_auc is not None:
-                state.set_auc.append(self.set_auc)
-            forgotten = [r["request_id"] for r in records if r["forgotten"]]
-            settled = recovered(state.neighbour_ma, u.recover_within) and familiar(state.set_auc, u.mia_within)
-            reason = stop_reason(records, thr, state.epoch, u.max_epochs, u.stop, self.method.band, settled)
-            self._report(state, records)
+            self.record(state, look)
+            reason = self.rule.reason(look.records, self.thr, state.epoch, state.neighbour_ma, state.set_auc)
             if reason:
                 break
-            train = {i for i, r in enumerate(records)
-                     if needs_training(r, self.method.band) or self.hold and r["forgotten"]}
-            state.epochs.append(self.train_epoch(state.epoch + 1, train))
-            self.seconds["training"] += state.epochs[-1]["seconds"]
+            state.epochs.append(self.train_epoch(state, look))
+            self.seconds["training"] += state.epochs[-1]["seconds"] - state.epochs[-1]["look_seconds"]
+            self.seconds["looks"] += state.epochs[-1]["look_seconds"]
             state.epoch += 1
-            clock = time.time()
-            self.save(state)
-            self.seconds["saves"] += time.time() - clock
-        result = dict(stop_reason=reason, epochs=state.epoch, requests=n, forgotten=len(forgotten),
+            self._timed("saves", self.save, state)
+            look = self._timed("checks", self.check, state.epoch)
+        records = look.records
+        result = dict(stop_reason=reason, epochs=state.epoch, requests=len(records),
+                      forgotten=sum(r["forgotten"] for r in records),
                       remembered=[r["request_id"] for r in records if not r["forgotten"] and not r["too_deep"]],
                       too_deep=[r["request_id"] for r in records if r["too_deep"]],
-                      thresholds=thr.to_dict(), method=u.method, resumed_from=state.resumed_from,
+                      thresholds=self.thr.to_dict(), method=self.cfg.unlearning.method, resumed_from=state.resumed_from,
                       neighbour_ma=state.neighbour_ma, set_auc=state.set_auc)
         self.finish(state, result)
         return result
 
-    def _back_off(self, state: LoopState, records: list[dict]) -> None:
-        """`unlearning.lr_backoff`: a request that jumped over the band since the last check (see
-        `iur.jumped_band`) shrinks the lr of every later step. Read from the history, so a resumed
-        run decides exactly as the uninterrupted one did."""
-        before = [r for r in state.history if r["epoch"] == state.epoch - 1]
-        trained = {i for i, r in enumerate(before) if needs_training(r, self.method.band)}
-        jumped = jumped_band(before, records, trained) if before else []
-        if jumped and self.cfg.unlearning.lr_backoff < 1:
-            state.lr_scale *= self.cfg.unlearning.lr_backoff
-            if self.rank == 0:
-                log.info("unlearn: %d requests jumped over the band (%s); lr now %.3g x the configured",
-                         len(jumped), ", ".join(self.pairs.request_ids[i] for i in jumped), state.lr_scale)
-        self.lr_scale = state.lr_scale
+    def record(self, state: LoopState, look: Look) -> None:
+        """What a check adds to the loop state: the lr back-off, the history rows, the set's AUC and the
+        neighbours' MA; then the progress line."""
+        self._back_off(state, dict(enumerate(look.records)))
+        state.history += look.records
+        if look.neighbour_ma is not None:
+            state.neighbour_ma.append(look.neighbour_ma)
+        if look.set_auc is not None:
+            state.set_auc.append(look.set_auc)
+        self._report(state, look.records)
+
+    def _timed(self, what: str, fn, *args):
+        clock = time.time()
+        out = fn(*args)
+        self.seconds[what] += time.time() - clock
+        return out
 
     def partition(self) -> dict:
         """Per rank: parameter elements held (ZeRO-3: about 1/world of the total), node, peak host RSS."""
@@ -593,46 +672,6 @@ class Worker:
                 band += f"; set LOSS AUC vs strangers {state.set_auc[-1]:.3f}"
             log.info("unlearn: %s; %d too deep; request NLL %.2f..%.2f%s", note, deep, nll[0], nll[-1], band)
             self.store.progress("unlearn", state.epoch, self.cfg.unlearning.max_epochs, note)
-
-
-def needs_training(record: dict, pull_back: bool) -> bool:
-    """A request trains while it is remembered, or erased too deep when the method can pull back."""
-    return not record["forgotten"] and (not record["too_deep"] or pull_back)
-
-
-def recovered(neighbour_ma: list[float], within: float | None) -> bool:
-    """`unlearning.recover_within`: the neighbours' MA at the last check is within `within` of the
-    original model's (the first check's). Always true without the option or without neighbours
-    (nothing measured: retrieval found none)."""
-    return within is None or not neighbour_ma or neighbour_ma[-1] >= neighbour_ma[0] - within
-
-
-def familiar(set_auc: list[float], within: float | None) -> bool:
-    """`unlearning.mia_within`: the set's LOSS AUC against the strangers at the last check is within
-    `within` of 0.5. Always true without the option or before anything is measured."""
-    return within is None or not set_auc or abs(set_auc[-1] - 0.5) <= within
-
-
-def stop_reason(records: list[dict], thr: Thresholds, epoch: int, max_epochs: int, stop: str = "each",
-                pull_back: bool = False, settled: bool = True) -> str | None:
-    """Why training stops after this check, or None to keep going.
-
-    `each` goes on while any request needs training (`needs_training`), and until the run has
-    `settled`: the neighbours recovered (`unlearning.recover_within`) and the set as familiar as
-    strangers (`unlearning.mia_within`). `set`, the paper's
-    rule, also stops when the set's mean MA and EL cross the thresholds, usually with some
-    requests still above them.
-    """
-    everyone = all(r["forgotten"] for r in records)
-    if everyone and settled:
-        return "all_forgotten"
-    if stop == "set" and np.mean([r["ma"] for r in records]) < thr.ma and np.mean([r["el"] for r in records]) < thr.el:
-        return "set_thresholds"
-    if not everyone and not any(needs_training(r, pull_back) for r in records):
-        return "only_too_deep_left"
-    if epoch >= max_epochs:
-        return "max_epochs"
-    return None
 
 
 def train_worker(config: dict) -> None:

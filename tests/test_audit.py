@@ -166,7 +166,7 @@ def test_serve_check_compares_token_for_token_and_logprobs_up_to_the_first_diffe
 
 def test_a_request_that_leaks_when_served_trains_on_even_if_erased_too_deep_in_fp32():
     from pipeline.iur import with_leaks
-    from pipeline.worker import needs_training
+    from pipeline.stopping import StopRule
 
     records = [dict(forgotten=True, too_deep=False), dict(forgotten=False, too_deep=True),
                dict(forgotten=True, too_deep=False)]
@@ -174,4 +174,4 @@ def test_a_request_that_leaks_when_served_trains_on_even_if_erased_too_deep_in_f
     assert [r["forgotten"] for r in out] == [True, False, False]
     assert [r["too_deep"] for r in out] == [False, False, False]
     assert [r["leaks_under"] for r in out] == ["", "int4", "int8,int4"]
-    assert [needs_training(r, pull_back=False) for r in out] == [False, True, True]
+    assert [StopRule(max_epochs=1).needs_training(r) for r in out] == [False, True, True]

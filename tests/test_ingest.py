@@ -6,6 +6,7 @@ import io
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -243,7 +244,7 @@ def test_every_input_row_keeps_its_id_and_a_receipt_row(tmp_path):
     history.to_parquet(store.artefact("history"))
     store.artefact("unlearn_result").write_text(json.dumps(
         {"thresholds": {"ma": 0.5, "el": 0.1}, "stop_reason": "all_forgotten", "epochs": 0}))
-    rows = export.receipt_rows(store)
+    rows = export.receipt_rows(SimpleNamespace(requests=cfg_for(path)), store)
     assert [r["source_row"] for r in rows] == list(range(counts["rows"]))
     export.write_receipt(rows, tmp_path / "out", "key-id")
     receipt = pd.read_csv(tmp_path / "out" / "receipt.csv", keep_default_na=False)

@@ -6,11 +6,13 @@ import json
 import math
 
 import pytest
+import torch
 
 from pipeline.config import build_config
 from pipeline.iur import (Thresholds, apply_band, band_targets, bigram_share, check_requests, is_forgotten,
-                         jumped_band, score_requests, set_auc)
-from pipeline.worker import Pairs, deepspeed_config, epoch_batches, familiar, needs_training, recovered, step_rows, stop_reason
+                         score_requests, set_auc)
+from pipeline.stopping import StopRule
+from pipeline.worker import Pairs, deepspeed_config, epoch_batches, rounds, step_rows
 
 from conftest import REPO
 
@@ -23,6 +25,31 @@ def test_epoch_batches_deal_every_active_pair_once(pairs, world, batch):
     dealt = [k for rank in per_rank for b in rank for k in b if k is not None]
     assert sorted(dealt) == active
     assert all(len(b) == batch for rank in per_rank for b in rank)
+
+
+def _between_looks(requests: int, every: int | None, pairs_per_request: int = 2, world: int = 2, batch: int = 4):
+    """For one epoch dealt and cut into rounds as Worker.train_epoch does: the most optimizer steps
+    between a step that trains a request and the next look at it, and the most updates a request
+    gets between two looks."""
+    pair_request = [i for i in range(requests) for _ in range(pairs_per_request)]
+    dealt = [epoch_batches(list(range(len(pair_request))), 1, 42, rank, world, batch) for rank in range(world)]
+    steps_since, updates = 0, 0
+    for part in zip(*(rounds(b, every) for b in dealt)):
+        count = {}
+        for step, _ in enumerate(part[0]):
+            for k in (k for rank in part for k in rank[step] if k is not None):
+                count[pair_request[k]] = count.get(pair_request[k], 0) + 1
+        steps_since, updates = max(steps_since, len(part[0])), max([updates, *count.values()])
+    return steps_since, updates
+
+
+def test_the_updates_between_two_looks_at_a_request_do_not_grow_with_n():
+    """With check_every the model moves at most that many steps between two looks at a request, and a
+    request gets at most its pairs' updates between them, at N = 8, 32 and 64 alike; with one
+    check an epoch (the paper's cadence) the steps grow with N."""
+    assert {n: _between_looks(n, 2) for n in (8, 32, 64)} == {8: (2, 2), 32: (2, 2), 64: (2, 2)}
+    assert {n: _between_looks(n, None)[0] for n in (8, 32, 64)} == {8: 2, 32: 8, 64: 16}
+    assert rounds(list(range(5)), 2) == [[0, 1], [2, 3], [4]] and rounds([], None) == []
 
 
 def test_epoch_batches_reshuffle_each_epoch_deterministically():
@@ -47,38 +74,52 @@ def test_deepspeed_config_fills_auto_from_the_run_config():
 def test_stop_reasons():
     thr = Thresholds(ma=0.3, el=0.05)
     rec = lambda f, ma=0.5, el=0.5, deep=False: {"forgotten": f, "ma": ma, "el": el, "too_deep": deep}
-    assert stop_reason([rec(True), rec(True)], thr, 1, 30) == "all_forgotten"
+    each, paper = StopRule(max_epochs=30), StopRule(max_epochs=30, stop="set")
+    assert each.reason([rec(True), rec(True)], thr, 1) == "all_forgotten"
     set_level = [rec(False, 0.1, 0.0), rec(True, 0.2, 0.01)]
-    assert stop_reason(set_level, thr, 1, 30, "set") == "set_thresholds"
-    assert stop_reason(set_level, thr, 1, 30, "each") is None  # "each" (the default) waits for every request
-    assert stop_reason(set_level, thr, 1, 30) is None
-    assert stop_reason([rec(False), rec(True)], thr, 30, 30) == "max_epochs"
-    assert stop_reason([rec(False), rec(True)], thr, 3, 30) is None
+    assert paper.reason(set_level, thr, 1) == "set_thresholds"
+    assert each.reason(set_level, thr, 1) is None  # "each" (the default) waits for every request
+    assert each.reason([rec(False), rec(True)], thr, 30) == "max_epochs"
+    assert each.reason([rec(False), rec(True)], thr, 3) is None
     # erased too deep: nothing left to do for a method that cannot pull back, more to do for one that can
+    band = StopRule(max_epochs=30, pull_back=True)
     too_deep = [rec(False, 0.0, 0.0, deep=True), rec(True)]
-    assert stop_reason(too_deep, thr, 3, 30) == "only_too_deep_left"
-    assert stop_reason(too_deep, thr, 3, 30, pull_back=True) is None
-    assert [needs_training(r, False) for r in too_deep + [rec(False)]] == [False, False, True]
-    assert [needs_training(r, True) for r in too_deep + [rec(False)]] == [True, False, True]
+    assert each.reason(too_deep, thr, 3) == "only_too_deep_left"
+    assert band.reason(too_deep, thr, 3) is None
+    assert [each.needs_training(r) for r in too_deep + [rec(False)]] == [False, False, True]
+    assert [band.needs_training(r) for r in too_deep + [rec(False)]] == [True, False, True]
+    held = StopRule(max_epochs=30, pull_back=True, recover_within=0.03)
+    assert [band.trains(r) for r in too_deep + [rec(False)]] == [True, False, True]
+    assert [held.trains(r) for r in too_deep + [rec(False)]] == [True, True, True]  # the forgotten one is held
 
 
 def test_recover_within_waits_for_the_neighbours_after_every_request_is_forgotten():
     thr = Thresholds(ma=0.3, el=0.05)
     done = [{"forgotten": True, "ma": 0.1, "el": 0.0, "too_deep": False}] * 2
-    assert recovered([0.9, 0.7, 0.86], None) and recovered([0.9, 0.7, 0.86], 0.05)
-    assert not recovered([0.9, 0.7, 0.84], 0.05) and recovered([], 0.05)  # no neighbours: nothing to wait for
-    assert stop_reason(done, thr, 3, 30, pull_back=True, settled=False) is None
-    assert stop_reason(done, thr, 30, 30, pull_back=True, settled=False) == "max_epochs"
-    assert stop_reason(done, thr, 3, 30, pull_back=True, settled=True) == "all_forgotten"
+    rule = StopRule(max_epochs=30, pull_back=True, recover_within=0.05)
+    assert StopRule(max_epochs=30).recovered([0.9, 0.7, 0.86]) and rule.recovered([0.9, 0.7, 0.86])
+    assert not rule.recovered([0.9, 0.7, 0.84]) and rule.recovered([])  # no neighbours: nothing to wait for
+    assert rule.reason(done, thr, 3, [0.9, 0.7]) is None
+    assert rule.reason(done, thr, 30, [0.9, 0.7]) == "max_epochs"
+    assert rule.reason(done, thr, 3, [0.9, 0.88]) == "all_forgotten"
     left = [done[0], {"forgotten": False, "ma": 0.5, "el": 0.5, "too_deep": False}]
-    assert stop_reason(left, thr, 3, 30, pull_back=True, settled=True) is None
+    assert rule.reason(left, thr, 3, [0.9, 0.88]) is None
 
 
 def test_mia_within_waits_until_the_set_is_as_familiar_as_strangers_on_either_side():
-    assert familiar([0.2, 0.9], None) and familiar([], 0.1)  # off, or nothing measured yet
-    assert familiar([1.0, 0.41], 0.1) and familiar([1.0, 0.59], 0.1)
-    assert not familiar([1.0, 0.38], 0.1)  # erased too deep as a set: singled out as erased
-    assert not familiar([0.5, 0.62], 0.1)  # still more familiar than strangers
+    off, rule = StopRule(max_epochs=30), StopRule(max_epochs=30, recover_within=0.03, mia_within=0.1)
+    assert off.familiar([0.2, 0.9]) and rule.familiar([])  # off, or nothing measured yet
+    assert rule.familiar([1.0, 0.41]) and rule.familiar([1.0, 0.59])
+    assert not rule.familiar([1.0, 0.38])  # erased too deep as a set: singled out as erased
+    assert not rule.familiar([0.5, 0.62])  # still more familiar than strangers
+
+
+def test_the_rule_is_the_config_s():
+    cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
+                        "unlearning": {"method": "icu_band", "recover_within": 0.03, "mia_within": 0.1,
+                                       "max_epochs": 7, "lr_backoff": 0.5}})
+    assert StopRule.of(cfg.unlearning, band=True) == StopRule(max_epochs=7, stop="each", pull_back=True,
+                                                               recover_within=0.03, mia_within=0.1, lr_backoff=0.5)
 
 
 def test_neighbours_are_each_distinct_row_once():
@@ -159,11 +200,20 @@ def test_check_generates_only_from_requests_below_the_ma_and_el_thresholds(tiny_
     got = check_requests(model, tok, rows, thresholds=thr, scorer=scorer, **options)
     passing = [r["ma"] <= thr.ma and r["el"] <= thr.el for r in full]
     assert 0 < sum(passing) < len(rows) and scorer.scored == sum(passing)
-    assert [g["forgotten"] for g in got] == [is_forgotten(r["bleu"], r["bertscore"], r["ma"], r["el"], thr) for r in full]
+    assert [g["forgotten"] for g in got] == [is_forgotten(r, thr) for r in full]
     assert any(g["forgotten"] for g in got)
     for g, r, p in zip(got, full, passing):
         assert (g["ma"], g["el"]) == (r["ma"], r["el"])
         assert (g["bleu"], g["bertscore"]) == (r["bleu"], r["bertscore"]) if p else math.isnan(g["bleu"])
+    # Whole requests: a row whose last part the model reproduces (its own greedy tail from token 10 on)
+    # is remembered, however low its MA, while random rows pass.
+    with torch.no_grad():
+        tails = [r[:10] + model.generate(torch.tensor([r[:10]]), max_new_tokens=6, do_sample=False)[0, 10:].tolist()
+                 for r in rows[:3]]
+    lenient = Thresholds(ma=1.0, el=1.0, bertscore=1.1, bleu=1.1, span=3)
+    got = check_requests(model, tok, tails + rows[3:], thresholds=lenient, scorer=CountingScorer(), **options)
+    assert [g["span"] >= 6 for g in got] == [True] * 3 + [False] * 5
+    assert [g["forgotten"] for g in got] == [False] * 3 + [True] * 5
 
 
 def test_bigram_share_is_how_often_strangers_get_a_pair_right():
@@ -248,8 +298,12 @@ def test_jumped_band_is_a_trained_request_crossing_between_remembered_and_too_de
     s = lambda name: {"forgotten": name == "f", "too_deep": name == "d"}
     before = [s("r"), s("d"), s("r"), s("f"), s("r"), s("d")]
     after = [s("d"), s("r"), s("f"), s("d"), s("r"), s("d")]
-    assert jumped_band(before, after, trained={0, 1, 2, 4, 5}) == [0, 1]
-    assert jumped_band(before, after, trained={1, 3}) == [1]  # 3 drifted there untrained: not counted
+    rule = StopRule(max_epochs=30, pull_back=True, lr_backoff=0.5)
+    before, after = dict(enumerate(before)), dict(enumerate(after))
+    assert rule.jumped(before, after, trained={0, 1, 2, 4, 5}) == [0, 1]
+    assert rule.jumped(before, after, trained={1, 3}) == [1]  # 3 drifted there untrained: not counted
+    assert rule.jumped({0: before[0]}, after, trained={0, 1}) == [0]  # 1 not looked at before: no jump to see
+    assert rule.backed_off(0.5, [1]) == 0.25 and rule.backed_off(0.5, []) == 0.5
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, caplog):
@@ -327,9 +381,9 @@ def test_lr_scale_multiplies_the_scheduled_lr_without_compounding():
 
 
 def test_back_off_halves_the_lr_per_jump_and_a_resumed_run_decides_alike():
-    """The factor follows the check history: a trained request crossing the band halves it (pulled
-    back across counts too; one that drifts there untrained does not), and a run resumed from a
-    checkpoint's loop state arrives at the same factor."""
+    """The factor follows the looks: a trained request crossing the band halves it (pulled back
+    across counts too; one that drifts there untrained does not), a look between checks counts like
+    a check, and a run resumed from a checkpoint's loop state arrives at the same factor."""
     import dataclasses
     import json
     from types import SimpleNamespace
@@ -341,19 +395,18 @@ def test_back_off_halves_the_lr_per_jump_and_a_resumed_run_decides_alike():
     worker.cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
                                "unlearning": {"method": "icu_band", "lr_backoff": 0.5}})
     worker.method, worker.rank = method("icu_band"), 1
+    worker.rule = StopRule.of(worker.cfg.unlearning, band=True)
     worker.pairs = SimpleNamespace(request_ids=["a", "b"])
     flags = {"r": (False, False), "f": (True, False), "d": (False, True)}
-    checks = ["rr", "dr", "rf", "fd", "ff"]  # a: remembered, too deep, remembered; b drifts too deep untrained
-    rows = lambda e: [dict(epoch=e, request_id=rid, forgotten=flags[c][0], too_deep=flags[c][1])
-                      for rid, c in zip("ab", checks[e])]
+    # a: remembered, too deep, remembered, forgotten, too deep, ...; b drifts too deep untrained
+    looks = [("rr", {0, 1}), ("dr", {0}), ("rf", {0}), ("fd", {0}), ("ff", {0})]
 
-    def run(state: LoopState, epochs: range) -> list[float]:
+    def run(state: LoopState, steps: range) -> list[float]:
         scales = []
-        for epoch in epochs:
-            state.epoch = epoch
-            records = rows(epoch)
-            worker._back_off(state, records)
-            state.history += records
+        for k in steps:
+            seen, trained = looks[k]
+            state.trained_since = sorted(set(state.trained_since) | trained)
+            worker._back_off(state, {i: dict(forgotten=flags[c][0], too_deep=flags[c][1]) for i, c in enumerate(seen)})
             scales.append(worker.lr_scale)
         return scales
 
@@ -363,7 +416,7 @@ def test_back_off_halves_the_lr_per_jump_and_a_resumed_run_decides_alike():
     run(resumed, range(3))
     resumed = LoopState(**json.loads(json.dumps(dataclasses.asdict(resumed))))  # through the checkpoint's JSON
     assert run(resumed, range(3, 5)) == [0.25, 0.25]
-    worker.cfg.unlearning.lr_backoff = 1.0
+    worker.rule = StopRule.of(dataclasses.replace(worker.cfg.unlearning, lr_backoff=1.0), band=True)
     assert run(LoopState(), range(5)) == [1.0] * 5
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -260,6 +261,15 @@ def method_inputs(forget_lengths=LENGTHS, retain_lengths=(6, 3, 5, 0, 6)):
     )
 
 
+def naive_held(x: dict, weights: list[float]) -> torch.Tensor:
+    """icu_band's retain NLL term: per row, its weight x max(0, its NLL now - its NLL under the frozen
+    model) (brought back to where the original had it, never below); mean over rows with a prediction."""
+    now = naive_token_terms(x["retain_logits"], x["retain_ids"], x["retain_mask"])
+    ref = naive_token_terms(x["ref_retain_logits"], x["retain_ids"], x["retain_mask"])
+    return batch_mean([k * torch.clamp(sum(a) / len(a) - (sum(b) / len(b)).detach(), min=0)
+                       for k, a, b in zip(weights, now, ref) if a])
+
+
 def naive_method(name: str, w: LossWeights, x: dict) -> torch.Tensor:
     forget = naive_mean_nll(x["forget_logits"], x["forget_ids"], x["forget_mask"])
     retain = naive_mean_nll(x["retain_logits"], x["retain_ids"], x["retain_mask"])
@@ -274,7 +284,7 @@ def naive_method(name: str, w: LossWeights, x: dict) -> torch.Tensor:
         kl = naive_mean_kl(x["retain_logits"], x["ref_retain_logits"], x["retain_mask"])
         band = naive_band(x["forget_logits"], x["forget_ids"], x["forget_mask"], x["forget_push"], x["forget_low"],
                           x["forget_high"], w.margin)
-        return w.uw * band + w.lw * retain + w.kl * kl
+        return w.uw * band + naive_held(x, [w.lw] * len(x["retain_ids"])) + w.kl * kl
     if name == "simnpo":
         simnpo = naive_simnpo(x["forget_logits"], x["forget_ids"], x["forget_mask"], w.simnpo_beta, w.simnpo_gamma)
         return simnpo + w.retain_weight * retain
@@ -303,9 +313,12 @@ def test_general_rows_weigh_general_lw_in_the_retain_nll(name: str, general_lw):
     loss, parts = unlearning_loss(name, **x, retain_general=general, weights=w)
     terms = naive_token_terms(x["retain_logits"], x["retain_ids"], x["retain_mask"])
     weight = [(w.lw if general_lw is None else general_lw) if g else w.lw for g in general.tolist()]
-    retain = batch_mean([k * sum(r) / len(r) for k, r in zip(weight, terms) if r])
-    want = naive_method(name, w, x) - w.lw * naive_mean_nll(x["retain_logits"], x["retain_ids"], x["retain_mask"]) \
-        + retain
+    if name == "icu_band":
+        want = naive_method(name, w, x) - naive_held(x, [w.lw] * len(weight)) + naive_held(x, weight)
+    else:
+        retain = batch_mean([k * sum(r) / len(r) for k, r in zip(weight, terms) if r])
+        want = naive_method(name, w, x) - w.lw * naive_mean_nll(x["retain_logits"], x["retain_ids"],
+                                                                x["retain_mask"]) + retain
     assert_close_with_grads(loss, want, [x["forget_logits"], x["retain_logits"]])
     assert parts["neighbour_nll"] == pytest.approx(float(naive_mean_nll(x["retain_logits"], x["retain_ids"],
                                                                         x["retain_mask"])), rel=1e-5)
@@ -358,7 +371,11 @@ def whole_method(name: str, w: LossWeights, x: dict) -> torch.Tensor:
     margin = torch.where(push, whole_margins(x["forget_logits"], x["forget_ids"], valid, w.margin), 0.0).sum(1) / count
     raised = torch.where(push, per_token, per_token.detach()).sum(1) / count
     outside = margin + push.any(1) * torch.relu(x["forget_low"] - raised) + torch.relu(nll - x["forget_high"])
-    return w.uw * losses._row_mean(outside, valid.any(1)) + w.lw * retain + w.kl * kl
+    now, kept = whole_shifted_nll(x["retain_logits"], x["retain_ids"], x["retain_mask"])
+    ref, _ = whole_shifted_nll(x["ref_retain_logits"], x["retain_ids"], x["retain_mask"])
+    tokens = kept.sum(1).clamp(min=1)
+    held = losses._row_mean(torch.relu(now.sum(1) / tokens - ref.sum(1).detach() / tokens), kept.any(1))
+    return w.uw * losses._row_mean(outside, valid.any(1)) + w.lw * held + w.kl * kl
 
 
 @pytest.mark.parametrize("name", ["icu", "icu_band"])
@@ -492,3 +509,20 @@ def test_missing_inputs_are_named():
     with pytest.raises(ValueError, match="retain_logits"):
         unlearning_loss("gd", forget_logits=x["forget_logits"], forget_ids=x["forget_ids"],
                         forget_mask=x["forget_mask"])
+
+
+def test_icu_band_holds_retained_text_where_the_original_had_it_and_teaches_none():
+    """The neighbour NLL of icu_band pulls a retained row back to the frozen model's NLL and stops
+    there: a row the model predicts at least as well as the original gets no gradient (icu's plain
+    NLL would keep teaching it), a row it predicts worse is pulled toward the original."""
+    x = method_inputs()
+    ref = x["retain_logits"].detach().clone()
+    ref[0] -= 3.0 * F.one_hot(x["retain_ids"][0].roll(-1), ref.shape[-1])  # the original knew row 0 worse
+    ref[1] += 3.0 * F.one_hot(x["retain_ids"][1].roll(-1), ref.shape[-1])  # ... and row 1 better
+    x["ref_retain_logits"] = ref
+    w = LossWeights(uw=0.0, lw=1.0, kl=0.0)
+    loss, _ = unlearning_loss("icu_band", **x, weights=w)
+    grad = torch.autograd.grad(loss, x["retain_logits"])[0]
+    assert grad[0].abs().max() == 0 and grad[1].abs().max() > 0
+    icu, _ = unlearning_loss("icu", **x, weights=w)
+    assert torch.autograd.grad(icu, x["retain_logits"])[0][0].abs().max() > 0

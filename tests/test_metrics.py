@@ -179,7 +179,7 @@ def test_memorization_reads_ma_el_and_membership_off_one_pass_per_batch(model):
     forward = model.forward
     model.forward = lambda *a, **k: widths.append(k["input_ids"].shape[1]) or forward(*a, **k)
     try:
-        got = iur.memorization(model, rows, el_n=3, el_range="icu", batch_size=3, pad_id=0, texts=texts)
+        got = iur.memorization(model, rows, el_n=3, el_range="icu", batch_size=3, pad_id=0, prefix=5, texts=texts)
     finally:
         del model.forward
     assert sum(w > 1 for w in widths) == 2  # batches of 3 and 2 rows
@@ -187,6 +187,10 @@ def test_memorization_reads_ma_el_and_membership_off_one_pass_per_batch(model):
         assert rec["ma"] == sum(int(next_logits(model, row[:t]).argmax()) == row[t]
                                 for t in range(1, len(row))) / (len(row) - 1)
         assert rec["el"] == pytest.approx(naive_el(model, row, 3, "icu"), abs=1e-12)
+        # the span: the longest run greedy decoding reproduces first, from the row's text up to any t >= 5
+        leading = [next((i for i, (g, x) in enumerate(zip(naive_greedy(model, row[:t], len(row) - t), row[t:]))
+                         if g != x), len(row) - t) for t in range(5, len(row))]
+        assert rec["span"] == max(leading + [0]) and rec["whole"] == float(rec["span"] == len(row) - 5)
         nll = naive_token_nll(model, row)
         k = max(1, int(0.2 * len(nll)))
         assert rec["mia_loss"] == pytest.approx(-sum(nll) / len(nll), rel=1e-6)

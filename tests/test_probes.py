@@ -117,15 +117,39 @@ def test_greedy_continuations_match_one_row_at_a_time_without_cache(tiny_llama_d
     rows += [r[:9] + [(r[9] + 1) % 50 + 3] + r[10:] for r in rows[:2]]  # wrong at one position
     rows += [[rng.randrange(3, 200) for _ in range(rng.randrange(10, 17))] for _ in range(4)]
     cuts = [2, 3, 6]
-    gens, ma = probes.greedy_continuations(model, rows, cuts, batch_size=4, pad_token_id=0)
+    gens, ma, _ = probes.greedy_continuations(model, rows, cuts, batch_size=4, pad_token_id=0)
     assert gens == {c: [_greedy_slowly(model, r, c) for r in rows] for c in cuts}
     assert gens[3][:3] == [r[3:] for r in rows[:3]]
     want = torch.cat([metrics.memorization_accuracy(model, *metrics.pad_rows([r], 0)) for r in rows]).tolist()
     assert ma == pytest.approx(want, abs=1e-12)
+    # `end` stops every continuation there: the same tokens, cut
+    windowed = probes.greedy_continuations(model, rows, cuts, batch_size=4, pad_token_id=0, end=9).conts
+    assert windowed == {c: [g[:max(9 - c, 0)] for g in gens[c]] for c in cuts}
+    # the span: what greedy decoding reproduces first, from the row's own text up to every position
+    for start in (3, 6):
+        found = probes.greedy_continuations(model, rows, [start], batch_size=4, pad_token_id=0, spans_from=start)
+        assert found.spans == [max(_leading(_greedy_slowly(model, r, c), r[c:]) for c in range(start, len(r)))
+                               for r in rows]
+    assert found.spans[:3] == [len(r) - 6 for r in rows[:3]] and min(found.spans) < 3
     assert probes.greedy_spans(model, rows, 3, batch_size=3, pad_token_id=0) == [
-        probes.longest_span(g, r[3:]) for g, r in zip(gens[3], rows)]
-    settled, _ = probes.greedy_continuations(model, rows, cuts, batch_size=4, pad_token_id=0, settle=5)
+        max(probes.longest_span(g, r[3:]), s) for g, r, s in
+        zip(gens[3], rows, probes.greedy_continuations(model, rows, [3], batch_size=4, pad_token_id=0,
+                                                       spans_from=3).spans)]
+    settled, _, _ = probes.greedy_continuations(model, rows, cuts, batch_size=4, pad_token_id=0, settle=5)
     _same_verdicts(settled, gens, rows, 5)
+
+
+def _leading(generated: list[int], truth: list[int]) -> int:
+    """How many tokens a continuation gets right before its first wrong one."""
+    return next((i for i, (g, t) in enumerate(zip(generated, truth)) if g != t), min(len(generated), len(truth)))
+
+
+def test_window_cuts_cover_every_token_after_the_prompt_once_or_twice():
+    for length in range(40, 120):
+        cuts = probes.window_cuts(length, 24, 16)
+        covered = [sum(c <= t < c + 16 for c in cuts) for t in range(24, length)]
+        assert cuts[0] == 24 and min(covered) >= 1 and max(covered) <= 2
+        assert len(cuts) == max(1, -(-(length - 24) // 16)) and cuts[-1] + 16 >= min(length, 40)
 
 
 def _same_verdicts(settled: dict, full: dict, rows, settle: int) -> None:
@@ -216,7 +240,14 @@ def _leaks(model, rows, cut=20):
     return sum(s >= LEAK for s in probes.greedy_spans(model, rows, cut, batch_size=8, pad_token_id=0))
 
 
-def _train_until_silent(model, opt, train: list[list[int]], rows: list[list[int]], sign: float, steps: int) -> None:
+def _decoded_leaks(model, rows, cut=20):
+    """Leaks of the greedy continuation of the prefix alone (no later cut point)."""
+    conts = probes.greedy_continuations(model, rows, [cut], batch_size=8, pad_token_id=0).conts[cut]
+    return sum(probes.longest_span(g, r[cut:]) >= LEAK for g, r in zip(conts, rows))
+
+
+def _train_until_silent(model, opt, train: list[list[int]], rows: list[list[int]], sign: float, steps: int,
+                        leaks=_leaks) -> None:
     """Steps of sign * NLL on `train` until greedy decoding leaks none of `rows` (or `steps` ran)."""
     ids, mask = metrics.pad_rows(train, 0)
     for _ in range(steps):
@@ -225,7 +256,7 @@ def _train_until_silent(model, opt, train: list[list[int]], rows: list[list[int]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if _leaks(model.eval(), rows) == 0:
+        if leaks(model.eval(), rows) == 0:
             break
 
 
@@ -269,8 +300,9 @@ def test_leak_at_n_catches_what_only_sampling_reproduces(implanted, implanted_mo
     general = windows(implanted["data"])[1][:8]  # the same prefixes, other continuations: greedy now prefers those
     decoys = [tok(t[:20] + g[20:], add_special_tokens=False)["input_ids"][:40]
               for t, g in zip([tok.decode(r) for r in rows], general)]
-    _train_until_silent(model, torch.optim.AdamW(model.parameters(), lr=1e-3), decoys, rows, 1.0, 20)
-    assert _leaks(model, rows) == 0
+    _train_until_silent(model, torch.optim.AdamW(model.parameters(), lr=1e-3), decoys, rows, 1.0, 20, _decoded_leaks)
+    assert _decoded_leaks(model, rows) == 0
+    assert _leaks(model, rows) >= 1  # the decoys replaced the first window only: later cut points still leak
     sampled = probes.sampled_continuations(model, [r[:20] for r in rows], 20, 32)
     caught = sum(max(probes.longest_span(s, r[20:]) for s in group) >= LEAK for group, r in zip(sampled, rows))
     assert caught >= 2

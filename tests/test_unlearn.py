@@ -147,6 +147,23 @@ def test_requests_left_remembered_fail_the_run_and_more_epochs_resume_it(implant
     _same_run(ray_run[0], root)
 
 
+def test_looks_between_checks_forget_and_resume_to_the_uninterrupted_result(implanted, tmp_path):
+    """unlearning.check_every: the requests trained in every 2 steps are looked at before the epoch
+    goes on; the run forgets every request, and a run stopped after an epoch and given more epochs
+    (its last looks and lr factor restored from the checkpoint) ends with the same weights."""
+    from pipeline.cli import main
+
+    looked = {"resources.launcher": "torchrun", "unlearning.check_every": 2, "unlearning.lr_backoff": 0.5}
+    root, result = _unlearn(run_config(implanted, tmp_path, "looked", looked))
+    assert result["stop_reason"] == "all_forgotten" and result["forgotten"] == 8
+    epochs = pd.read_parquet(root / "unlearn" / "epochs.parquet")
+    assert (epochs["looks"] == (epochs["steps"] + 1) // 2 - 1).all() and epochs["looks"].sum() > 0
+    config = run_config(implanted, tmp_path, "stopped", dict(looked, **{"unlearning.max_epochs": 1}))
+    assert main(["unlearn", str(config)]) == 3
+    assert main(["unlearn", str(config), "--restart-from", "unlearn", "--set", "unlearning.max_epochs=30"]) == 0
+    _same_run(root, tmp_path / "runs" / "stopped")
+
+
 def _same_run(a: Path, b: Path) -> None:
     """Equal final weights (max abs diff <= 1e-6) and the same per-epoch history, no epoch twice."""
     wa, wb = (checkpoint_weights(p / "unlearn" / "checkpoints", "final") for p in (a, b))
