@@ -291,6 +291,9 @@ class EvaluationConfig:
     unseen_path: str | None = path_field(None, hint="a jsonl/csv/parquet file with a text column")
     # text the model must keep remembering (e.g. the customers not erased): MA / EL before and after
     keep_path: str | None = path_field(None, hint="a jsonl/csv/parquet file with a text column")
+    # the gold standard: the same base trained without the requests ("retrained"); scored on the
+    # requests, the unseen and the kept rows, it gives MUSE's PrivLeak and the kept rows' ceiling
+    reference_model: str | None = path_field(None, hint="a model folder trained without the requests")
     el_n: int = 10
     el_range: str = "icu"  # "icu": prompts t = 0.75T..T-1; "ku": t = 1..T-1
     ppl_chunk: int = 512

@@ -242,6 +242,13 @@ def summarize(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -
     return out
 
 
+def privleak(unlearned: dict[str, Any], retrained: dict[str, Any]) -> dict[str, float]:
+    """MUSE's PrivLeak per membership score: (AUC_unlearned - AUC_retrained) / AUC_retrained, the AUCs
+    of the requests against the same never-seen rows. 0: the requests look to the unlearned model as
+    they do to one that never saw them; negative: erased deeper than that (itself detectable)."""
+    return {k: (unlearned["mia_auc"][k] - auc) / auc for k, auc in retrained["mia_auc"].items() if auc > 0}
+
+
 def paired_change(before: pd.DataFrame, after: pd.DataFrame, suite: str, metric: str) -> dict[str, float] | None:
     """The change of a suite's task-averaged score (x100) from `before` to `after` on the same examples,
     with its standard error: per task, the mean and variance of the per-example differences; tasks
@@ -280,7 +287,8 @@ def options(cfg) -> Options:
 def key(cfg, store: RunStore) -> str:
     """The evaluation settings and the unlearned model itself (the unlearn stage's recorded outputs,
     so scores kept from an earlier attempt are never reused for a retrained model)."""
-    return fingerprint("evaluate", cfg.part("model", "requests", "evaluation"), cfg.max_tokens, cfg.unlearning.num_beams,
+    return fingerprint("evaluate", "whole rows", cfg.part("model", "requests", "evaluation"), cfg.max_tokens,
+                       cfg.unlearning.num_beams,
                        store.key_of("ingest"), store.key_of("unlearn"), store.outputs_of("unlearn"))
 
 
@@ -310,25 +318,33 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
     units = make_units(_tasks(cfg, tok, accepted))
     models = {"original": cfg.model_dir, "unlearned": store.artefact("unlearned_model")}
     # The original's scores do not depend on how it was unlearned: runs that differ only in
-    # `unlearning` (e.g. bench/compare_methods.py) can share them.
-    keys = {"original": fingerprint("evaluate-original", cfg.part("model", "requests", "evaluation"), cfg.max_tokens,
-                                    cfg.unlearning.num_beams, store.key_of("ingest")),
-            "unlearned": key(cfg, store)}
+    # `unlearning` (e.g. bench/compare_methods.py) can share them; nor do the reference's.
+    alone = fingerprint("evaluate-original", "whole rows", cfg.part("model", "requests", "evaluation"), cfg.max_tokens,
+                        cfg.unlearning.num_beams, store.key_of("ingest"))
+    keys = {"original": alone, "unlearned": key(cfg, store)}
+    work = {"original": units, "unlearned": units}
+    if cfg.evaluation.reference_model:  # only what PrivLeak and the kept rows' ceiling read
+        models["retrained"], keys["retrained"] = Path(cfg.evaluation.reference_model), fingerprint("reference", alone)
+        work["retrained"] = [u for u in units if u["suite"] in ("forget", "unseen", "keep")]
     frames = {}
     for label, model_dir in models.items():
         spec = model_spec(model_dir, options(cfg), dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                           cpus=cfg.resources.cpus_per_worker, use_gpu=cfg.resources.use_gpu,
                           requests=store.artefact("accepted"))
         frames[label] = frame_once(store.artefact("eval_partial"), keys[label], label, lambda: (
-            sharded_eval.score(cfg, store, spec, units, label) if sharded(cfg, Path(model_dir)) else
-            score_model(spec, units, cfg.resources.eval_actors, cluster.use_ray(cfg), desc=f"evaluate: the {label} model")))
+            sharded_eval.score(cfg, store, spec, work[label], label) if sharded(cfg, Path(model_dir)) else
+            score_model(spec, work[label], cfg.resources.eval_actors, cluster.use_ray(cfg),
+                        desc=f"evaluate: the {label} model")))
     unlearn = json.loads(store.artefact("unlearn_result").read_text())
     unseen = summarize(frames["original"]).get("unseen")
     thresholds = unlearn.get("thresholds") or unseen and dict(ma=unseen["ma"], el=unseen["el"],
                                                               span=unseen.get("span_max", math.inf))
+    summaries = {label: summarize(frame, thresholds) for label, frame in frames.items()}
+    if "retrained" in summaries:
+        summaries["unlearned"]["privleak"] = privleak(summaries["unlearned"], summaries["retrained"])
     results = {
         "thresholds": thresholds,
-        "models": {label: summarize(frame, thresholds) for label, frame in frames.items()},
+        "models": summaries,
         "paired_change": {suite: change for suite, metric in (("classification", "correct"), ("dialogue", "f1"))
                           if (change := paired_change(frames["original"], frames["unlearned"], suite, metric))},
         "unlearn": {k: unlearn[k] for k in ("method", "epochs", "stop_reason", "forgotten", "requests",

@@ -15,14 +15,17 @@ TABLE = [  # (column, how to read it from one model's summary, format)
     ("MA %", lambda m: 100 * m["forget"]["ma"], "{:.1f}"),
     ("BERTScore-F1", lambda m: m["forget"]["bertscore"], "{:.3f}"),
     ("BLEU-4", lambda m: m["forget"]["bleu"], "{:.3f}"),
+    ("Span", lambda m: m["forget"]["span"], "{:.1f}"),
     ("Below thr.", lambda m: f"{m['forget']['below_thresholds']}/{m['forget']['requests']}", "{}"),
     ("Kept MA %", lambda m: 100 * m["keep"]["ma"], "{:.1f}"),
+    ("Kept whole %", lambda m: 100 * m["keep"]["whole"], "{:.1f}"),
     ("Classification avg", lambda m: m["classification"]["average"], "{:.1f}"),
     ("Dialogue avg F1", lambda m: m["dialogue"]["average"], "{:.1f}"),
     ("Pile PPL", lambda m: m["ppl"]["pile"], "{:.2f}"),
     ("WikiText PPL", lambda m: m["ppl"]["wikitext"], "{:.2f}"),
     ("MIA AUC (LOSS)", lambda m: _with_se(m, "loss"), "{}"),
     ("MIA AUC (Min-K%)", lambda m: _with_se(m, "min_k"), "{}"),
+    ("PrivLeak (Min-K%)", lambda m: 100 * m["privleak"]["min_k"], "{:+.1f} %"),
 ]
 
 
@@ -55,7 +58,7 @@ def paper_table(results: dict[str, Any]) -> str:
     for label, m in results["models"].items():
         cells = [label] + [cell(get, m, fmt) for _, get, fmt in columns]
         if epochs is not None:
-            cells.append(str(epochs) if label == "unlearned" else "0")
+            cells.append(str(epochs) if label == "unlearned" else "0" if label == "original" else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -66,9 +69,18 @@ def write_report(out: Path, results: dict[str, Any], samples: pd.DataFrame,
     parts = ["# Evaluation report", "", paper_table(results), ""]
     thr = results.get("thresholds")
     if thr:
-        parts += [f"Forgetting thresholds (the original model's mean on unseen text, `evaluation.unseen_path`): MA {thr['ma']:.3f}, "
-                  f"EL10 {thr['el']:.4f}. EL10 uses the ICU prompt range (t = 0.75T..T-1). BERTScore-F1 runs on "
+        parts += [f"Forgetting thresholds (the original model's on unseen text, `evaluation.unseen_path`): mean MA "
+                  f"{thr['ma']:.3f}, mean EL10 {thr['el']:.4f}, longest extractable span {thr.get('span', math.inf):g} "
+                  "tokens. EL10 uses the ICU prompt range (t = 0.75T..T-1). Span: the longest run of a row's tokens "
+                  "greedy decoding reproduces from the row's own text up to any position after its first prompt window "
+                  "(the whole request is checked); Below thr. counts requests at or below all three. Kept whole: the "
+                  "kept rows the model reproduces whole from their first prompt window. BERTScore-F1 runs on "
                   "all-MiniLM-L6-v2 token embeddings (bert-base-uncased is not available offline).", ""]
+    if "retrained" in results["models"]:
+        parts += ["The retrained model (`evaluation.reference_model`: the same base trained without the requests) is "
+                  "what a perfect unlearner would give: PrivLeak is MUSE's (AUC unlearned - AUC retrained) / AUC "
+                  "retrained, requests against the never-seen rows (MUSE passes within ±5 %), and its kept rows are the "
+                  "ceiling of what unlearning can keep.", ""]
     u = results.get("unlearn") or {}
     if u:
         parts += [f"Unlearning: method {u.get('method')}, {u.get('forgotten')}/{u.get('requests')} requests flagged "

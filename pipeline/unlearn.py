@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline import adapter, checkpoints, cluster, modeling, shards
-from pipeline.atomic import atomic_path, atomic_write_text, file_digest
+from pipeline.atomic import atomic_path, atomic_write_text, file_digest, open_private
 from pipeline.config import AdapterConfig, Config, ResourcesConfig
 from pipeline.errors import UserError
 from pipeline.store import RunStore, fingerprint
@@ -133,8 +135,36 @@ def worker_env(r: ResourcesConfig) -> dict[str, str]:
 
 def launch(cfg: Config, store: RunStore, module: str, args: list[str], name: str) -> None:
     """Run `module`'s workers (`train_worker(config)` under Ray Train, or `python -m module *args`
-    under torchrun, config["args"] = args either way) on `resources.num_workers` ranks; wait."""
-    (ray_train if cluster.use_ray(cfg) else torchrun)(cfg, store, module, args, name)
+    under torchrun, config["args"] = args either way) on `resources.num_workers` ranks; wait.
+    A failure the launcher does not retry ends in one line (`failure_line`); its traceback goes to
+    the run's log."""
+    try:
+        (ray_train if cluster.use_ray(cfg) else torchrun)(cfg, store, module, args, name)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        logfile = store.artefact("logs") / "workers-failure.log"
+        with open_private(logfile, append=True) as fh:
+            fh.write(f"--- {name} ---\n{''.join(traceback.format_exception(exc))}\n".encode())
+        raise UserError(failure_line(exc, name, store, logfile)) from None
+
+
+def failure_line(exc: BaseException, name: str, store: RunStore, logfile: Path) -> str:
+    """What a person needs when the workers fail: the cause (with the node's memory when Ray killed a
+    worker for it), where a rerun of the same command resumes, and the fix."""
+    text = "".join(traceback.format_exception(exc))
+    memory = re.search(r"was ([\d.]+)GB used / ([\d.]+)GB limit", text)
+    tags = checkpoints.complete_tags(store.artefact("checkpoints")) if name == "unlearning" else []
+    resume = (f"rerunning the same command resumes from checkpoint {tags[0]}" if tags else
+              "rerunning the same command starts them again" + (" (no checkpoint was complete yet)"
+                                                                 if name == "unlearning" else ""))
+    if memory or "OutOfMemoryError" in text or "SIGKILL" in text or "exit code -9" in text:
+        used = f" ({memory[1]} GB used of a {memory[2]} GB limit)" if memory else ""
+        return (f"{name} workers failed: a worker was killed for memory: the node ran out of it{used}; {resume}; fix: "
+                f"free memory on the node, or lower resources.num_workers or unlearning.batch_size (the traceback: "
+                f"{logfile})")
+    return (f"{name} workers failed ({type(exc).__name__}); {resume}; fix: see the error above it in the log and the "
+            f"traceback in {logfile}")
 
 
 def ray_train(cfg: Config, store: RunStore, module: str, args: list[str], name: str) -> None:

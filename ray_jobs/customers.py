@@ -12,8 +12,9 @@ recipe, so it is built once.
 writes OUT_DIR/erase.jsonl (the erasure requests), OUT_DIR/keep.jsonl (the other
 customers: retain pool and collateral-damage check), OUT_DIR/unseen.jsonl (as many
 further people, never trained on: the evaluation's), OUT_DIR/strangers.jsonl (as many again,
-the ones the unlearning checks compare the requests with) and OUT_DIR/model (a link to the
-cached fine-tuned model).
+the ones the unlearning checks compare the requests with), OUT_DIR/model (a link to the
+cached fine-tuned model) and OUT_DIR/retrained (a link to the same base fine-tuned the same way on
+the kept customers alone: what a perfect unlearner would give, the evaluation's gold reference).
 
 The unseen records set the forgetting thresholds. Records share a template (", born",
 "E-mail", a mail address spelled from the name), so a model predicts much of a record it
@@ -127,13 +128,14 @@ def prepare(out: Path, data_dir: Path, customers: int, erase: int) -> dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     parts = {"erase": rows[:erase], "keep": rows[erase:customers], "unseen": rows[customers:2 * customers],
              "strangers": rows[2 * customers:]}
-    paths = {name: out / f"{name}.jsonl" for name in parts} | {"model": out / "model"}
+    paths = {name: out / f"{name}.jsonl" for name in parts} | {"model": out / "model", "retrained": out / "retrained"}
     for name, part in parts.items():
         atomic_write_text(paths[name], "".join(json.dumps(r) + "\n" for r in part))
-    model = original_model([r["text"] for r in rows[:customers]])
-    if paths["model"].is_symlink() or paths["model"].exists():
-        paths["model"].unlink()
-    os.symlink(model, paths["model"], target_is_directory=True)
+    for link, texts in (("model", rows[:customers]), ("retrained", parts["keep"])):
+        model = original_model([r["text"] for r in texts])
+        if paths[link].is_symlink() or paths[link].exists():
+            paths[link].unlink()
+        os.symlink(model, paths[link], target_is_directory=True)
     return paths
 
 
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         return exc.report()
     print(f"customer records: {args.erase} to erase in {paths['erase']}, {args.customers - args.erase} kept in "
-          f"{paths['keep']}; original model {paths['model'].resolve()}")
+          f"{paths['keep']}; original model {paths['model'].resolve()}; retrained on the kept alone "
+          f"{paths['retrained'].resolve()}")
     return 0
 
 

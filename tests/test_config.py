@@ -137,7 +137,7 @@ def test_example_configs_validate(monkeypatch, tmp_path):
     demo = (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(tmp_path))
     with pytest.raises(Exception, match="requests.path: path not found"):
         load_config(write_config(tmp_path, demo, "demo.yaml"))
-    for name in ("erase.jsonl", "keep.jsonl", "unseen.jsonl", "strangers.jsonl", "model"):
+    for name in ("erase.jsonl", "keep.jsonl", "unseen.jsonl", "strangers.jsonl", "model", "retrained"):
         (tmp_path / name).touch()
     demo_path = write_config(tmp_path, demo, "demo.yaml")
     assert load_config(demo_path).evaluation.keep_path == str(tmp_path / "keep.jsonl")

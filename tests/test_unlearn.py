@@ -98,18 +98,7 @@ def test_killed_worker_resumes_to_the_same_weights(implanted, ray_run, tmp_path)
     config = run_config(implanted, tmp_path, "killed")
     marker = tmp_path / "runs" / "killed" / "unlearn" / "checkpoints" / "epoch-2" / "files.json"  # sealed
     killed: list[int] = []
-
-    def kill_a_worker_after_epoch_2() -> None:
-        deadline = time.time() + 600
-        while time.time() < deadline and not marker.exists():
-            time.sleep(0.05)
-        for proc in psutil.process_iter(["cmdline"]):
-            if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-                os.kill(proc.pid, signal.SIGKILL)
-                killed.append(proc.pid)
-                return
-
-    killer = threading.Thread(target=kill_a_worker_after_epoch_2, daemon=True)
+    killer = threading.Thread(target=_kill_a_train_worker_after, args=(marker, killed), daemon=True)
     killer.start()
     ray.init(num_cpus=4, include_dashboard=False)
     try:
@@ -120,6 +109,61 @@ def test_killed_worker_resumes_to_the_same_weights(implanted, ray_run, tmp_path)
     assert killed, "no Ray Train worker was found to kill"
     assert result["resumed_from"][:1] == ["epoch-2"]  # Ray Train restarted the group from that checkpoint
     _same_run(ray_run[0], root)
+
+
+def test_a_lost_worker_group_ends_in_one_line_and_the_same_command_resumes(implanted, tmp_path, capfd):
+    """With no retries left, a Ray Train worker killed after epoch 1 fails the stage with one line
+    saying where a rerun resumes (the traceback goes to the run's log only); the rerun does."""
+    import ray
+
+    from pipeline.cli import main
+
+    config = run_config(implanted, tmp_path, "lost", {"resources.max_failures": 0})
+    marker = tmp_path / "runs" / "lost" / "unlearn" / "checkpoints" / "epoch-1" / "files.json"
+    killer = threading.Thread(target=_kill_a_train_worker_after, args=(marker, []), daemon=True)
+    killer.start()
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        capfd.readouterr()
+        assert main(["unlearn", str(config)]) == 2
+        err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("icu: error:")]
+        assert len(err) == 1 and "unlearning workers failed" in err[0], err
+        assert "rerunning the same command resumes from checkpoint epoch-" in err[0]
+        log = tmp_path / "runs" / "lost" / "logs" / "workers-failure.log"
+        assert str(log) in err[0] and "Traceback" in log.read_text()
+        assert main(["unlearn", str(config)]) == 0
+    finally:
+        ray.shutdown()
+    result = json.loads((tmp_path / "runs" / "lost" / "unlearn" / "result.json").read_text())
+    assert result["resumed_from"] and result["resumed_from"][0].startswith("epoch-") and result["forgotten"] == 8
+
+
+def test_an_out_of_memory_kill_is_named_with_the_node_s_memory(tmp_path):
+    from pipeline.store import RunStore
+    from pipeline.unlearn import failure_line
+
+    store = RunStore(tmp_path / "run")
+    (store.artefact("checkpoints") / "epoch-6").mkdir(parents=True)
+    (store.artefact("checkpoints") / "epoch-6" / "files.json").write_text("{}")
+    oom = RuntimeError("Training failed due to worker errors: ray.exceptions.OutOfMemoryError: Task was killed due to "
+                       "the node running low on memory. Memory on the node (IP: 10.0.0.1, ID: ab) was 22.81GB used / "
+                       "23.00GB limit (0.992)")
+    line = failure_line(oom, "unlearning", store, tmp_path / "log")
+    assert "killed for memory" in line and "22.81 GB used of a 23.00 GB limit" in line and "\n" not in line
+    assert "resumes from checkpoint epoch-6" in line and "resources.num_workers" in line
+    other = failure_line(ValueError("bad"), "evaluation (original)", store, tmp_path / "log")
+    assert other.startswith("evaluation (original) workers failed (ValueError)") and "checkpoint" not in other
+
+
+def _kill_a_train_worker_after(marker: Path, killed: list[int]) -> None:
+    deadline = time.time() + 600
+    while time.time() < deadline and not marker.exists():
+        time.sleep(0.05)
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+            os.kill(proc.pid, signal.SIGKILL)
+            killed.append(proc.pid)
+            return
 
 
 def test_requests_left_remembered_fail_the_run_and_more_epochs_resume_it(implanted, ray_run, tmp_path, capfd):
@@ -213,8 +257,8 @@ def test_a_crafted_checkpoint_is_refused_on_export_and_on_resume(implanted, ray_
     checkpoints.seal(folder, newest, checkpoints.hash_share(folder, newest, 0, 1))  # the attacker rewrites the hashes too
     config = run_config(implanted, tmp_path, "ray", {"resources.launcher": "torchrun", "resources.max_failures": 0})
     capfd.readouterr()
-    with pytest.raises(RuntimeError, match="torchrun unlearning workers exited with code"):
-        main(["run", str(config), "--restart-from", "unlearn"])
+    assert main(["run", str(config), "--restart-from", "unlearn"]) == 2
     err = capfd.readouterr().err
     assert f"icu: error: checkpoint {folder / newest}: refused to load" in err, err[-3000:]
+    assert "icu: error: unlearning workers failed (RuntimeError)" in err
     assert not marker.exists()
