@@ -9,7 +9,7 @@ One object holds every decision the loop takes from what a check saw (pipeline/m
 - the lr back-off: a request trained since its last look that jumped from one side of the band
   to the other multiplies the lr of every later step by `lr_backoff`;
 - why the run stops: every request forgotten and the run settled (the neighbours' MA back
-  within `recover_within` of the original's, the set's LOSS AUC against strangers within
+  within `recover_within` of the original's, from below or above, the set's LOSS AUC against strangers within
   `mia_within` of 0.5); the paper's set-level rule (`stop: set`); only too-deep requests left
   that the method cannot pull back; the epoch cap.
 Pure: no model, no I/O, no distributed calls.
@@ -67,9 +67,10 @@ class StopRule:
 
     def recovered(self, neighbour_ma: list[float]) -> bool:
         """The neighbours' MA at the last check is within `recover_within` of the original model's
-        (the first check's). True without the hold or without neighbours (nothing measured)."""
+        (the first check's), either way: below it the retained text was damaged, above it the model
+        was taught text it had not memorized. True without the hold or without neighbours."""
         return self.recover_within is None or not neighbour_ma or \
-            neighbour_ma[-1] >= neighbour_ma[0] - self.recover_within
+            abs(neighbour_ma[-1] - neighbour_ma[0]) <= self.recover_within
 
     def familiar(self, set_auc: list[float]) -> bool:
         """The set's LOSS AUC against the strangers at the last check is within `mia_within` of 0.5.

@@ -302,7 +302,20 @@ def test_leak_at_n_catches_what_only_sampling_reproduces(implanted, implanted_mo
               for t, g in zip([tok.decode(r) for r in rows], general)]
     _train_until_silent(model, torch.optim.AdamW(model.parameters(), lr=1e-3), decoys, rows, 1.0, 20, _decoded_leaks)
     assert _decoded_leaks(model, rows) == 0
-    assert _leaks(model, rows) >= 1  # the decoys replaced the first window only: later cut points still leak
+    # Memorized only after the first window: the audit's greedy probe (every cut point) and its
+    # sampling windows (from each window cut) still find it; the first window's decode alone does not.
+    from types import SimpleNamespace
+
+    from pipeline import audit
+
+    cfg = SimpleNamespace(requests=SimpleNamespace(prefix_tokens=20, suffix_tokens=10),
+                          audit=SimpleNamespace(batch_size=8, leak_tokens=LEAK, samples=8, temperature=1.0, seed=0),
+                          unlearning=SimpleNamespace(lr=1e-3))
+    greedy = audit.run_unit(("greedy",), model, rows, cfg, [], 0)["greedy"][0]
+    caught = [s >= LEAK for s in greedy]
+    assert any(caught) and caught == [s >= LEAK for s in probes.greedy_spans(model, rows, 20, batch_size=8,
+                                                                               pad_token_id=0, end=30)]
+    assert _leaks(model, rows) >= 1
     sampled = probes.sampled_continuations(model, [r[:20] for r in rows], 20, 32)
     caught = sum(max(probes.longest_span(s, r[20:]) for s in group) >= LEAK for group, r in zip(sampled, rows))
     assert caught >= 2
