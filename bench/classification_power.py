@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import cluster, evaluate, modeling, suites  # noqa: E402
+from pipeline import cluster, evaluate, modeling, scoring, suites  # noqa: E402
 from pipeline.store import RunStore  # noqa: E402
 
 
@@ -39,13 +39,13 @@ def main() -> None:
     tasks = suites.build_tasks(["classification"], cfg.evaluation.data_dir, tok, forget_rows=None, forget_ids=None,
                                unseen_path=None, max_tokens=cfg.max_tokens, min_tokens=0,
                                ppl_chunk=cfg.evaluation.ppl_chunk, caps={"classification": args.per_task})
-    units = evaluate.make_units(tasks)
+    units = scoring.make_units(tasks)
     frames, seconds = {}, {}
     for label, model_dir in (("original", cfg.model_dir), ("unlearned", store.artefact("unlearned_model"))):
-        spec = evaluate.model_spec(model_dir, evaluate.options(cfg), dtype=cfg.model.dtype,
+        spec = scoring.model_spec(model_dir, evaluate.options(cfg), dtype=cfg.model.dtype,
                                    trust_remote_code=cfg.model.trust_remote_code, cpus=cfg.resources.cpus_per_worker)
         start = time.time()
-        frames[label] = evaluate.score_model(spec, units, cfg.resources.eval_actors, cluster.use_ray(cfg),
+        frames[label] = scoring.score_model(spec, units, cfg.resources.eval_actors, cluster.use_ray(cfg),
                                              desc=f"classification: the {label} model")
         seconds[label] = time.time() - start
     before, after = (evaluate.summarize(frames[k])["classification"] for k in ("original", "unlearned"))

@@ -1,6 +1,6 @@
 """The improved recipe vs ICU as the paper runs it vs the baselines, side by side, in one run.
 
-    python bench/compare_methods.py [CONFIG] [--methods icu_band,icu-paper,ga,gd,npo,simnpo]
+    python bench/compare_methods.py [CONFIG] [--methods icu_band,icu-paper,ga,gd,npo,simnpo,rmu]
                                     [--out bench/results/compare_methods.md]
 
 CONFIG defaults to the demo (prepare its inputs first: `python -m ray_jobs.customers
@@ -35,22 +35,24 @@ from pipeline.store import RunStore  # noqa: E402
 SHARED = ("ingest", "retrieve")
 # The others run at 3x the recipe's lr (the demo's before the hold, 2026-12-05) and stop as soon
 # as every request is forgotten: holding forgotten requests needs a band method.
-OTHERS = {"unlearning.lr": 3e-4, "unlearning.recover_within": None, "unlearning.mia_within": None}
-ONE_SIDED = {**OTHERS, "unlearning.stop": "each", "unlearning.stranger_quantile": None}
+OTHERS = {"unlearning.optim.lr": 3e-4, "unlearning.stop.recover_within": None, "unlearning.stop.mia_within": None}
+ONE_SIDED = {**OTHERS, "unlearning.stop.rule": "each", "unlearning.stop.stranger_quantile": None}
+RETAIN = 1.5  # gd, npo and simnpo: the same retain NLL weight as the recipe's lw
 # NPO's and SimNPO's weight on a record decays as its likelihood falls: at their published betas
 # (0.1 on the summed log-ratio, 4.5 on the token-mean NLL) it is below 2 % of its start once a
 # record is 1 nat a token less likely than on the original, far short of a stranger's ~4.7 here:
 # they forgot 0/8 and 0/8 at lr 3e-4, 4/8 and 0/8 at 1e-3, in 12 epochs (pipeline/method.md,
 # "Baselines"). These betas keep the weight >= ~5 % up to a stranger's level.
-SATURATING = {**ONE_SIDED, "unlearning.npo_beta": 0.01, "unlearning.simnpo_beta": 0.5}
 VARIANTS = {
     "icu_band": {},  # the config's own recipe
-    # the paper's objective, weights (uw 1, lw 0.5, kl 1) and rules (set-level stop, one-sided
-    # thresholds, neighbours only); only the lr is the others'
-    "icu-paper": {**OTHERS, "unlearning.method": "icu", "unlearning.stop": "set", "unlearning.stranger_quantile": None,
-                  "unlearning.general_batch": 0, "unlearning.lw": 0.5, "unlearning.kl": 1.0},
-    **{m: {"unlearning.method": m, **ONE_SIDED} for m in ("ga", "gd")},
-    **{m: {"unlearning.method": m, **SATURATING} for m in ("npo", "simnpo")},
+    # the paper's recipe (objective, weights, set-level stop, one-sided thresholds, neighbours only); only
+    # the lr is the others'
+    "icu-paper": {"unlearning.recipe": "icu_paper", "unlearning.optim.lr": 3e-4},
+    "ga": {**ONE_SIDED, "unlearning.loss": {"name": "ga"}},
+    "gd": {**ONE_SIDED, "unlearning.loss": {"name": "gd", "retain_weight": RETAIN}},
+    "npo": {**ONE_SIDED, "unlearning.loss": {"name": "npo", "beta": 0.01, "retain_weight": RETAIN}},
+    "simnpo": {**ONE_SIDED, "unlearning.loss": {"name": "simnpo", "beta": 0.5, "retain_weight": RETAIN}},
+    "rmu": {**ONE_SIDED, "unlearning.loss": {"name": "rmu"}},  # the paper's layer / coefficient / alpha
 }
 
 
@@ -68,8 +70,10 @@ def share_upstream(src: RunStore, dst: RunStore) -> None:
         dst.update(lambda m, s=stage, e=entry: m["stages"].__setitem__(s, e))
     scores = dst.artefact("eval_partial")
     scores.mkdir(parents=True, exist_ok=True)
-    for name in ("original.parquet", "original.key"):  # the key last: it vouches for the parquet
-        shutil.copy2(src.artefact("eval_partial") / name, scores / name)
+    for label in ("original", "retrained"):  # the key last: it vouches for the parquet
+        for name in (f"{label}.parquet", f"{label}.key"):
+            if (src.artefact("eval_partial") / name).is_file():
+                shutil.copy2(src.artefact("eval_partial") / name, scores / name)
 
 
 def run_method(config: str, variant: str, base: RunStore | None) -> RunStore:

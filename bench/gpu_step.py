@@ -41,7 +41,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed")  # 1 per ZeRO-3 call
 sys.path.insert(0, str(ROOT))
-from pipeline.losses import LossWeights, unlearning_loss  # noqa: E402
+from pipeline.losses import unlearning_loss  # noqa: E402
 
 SHAPES = {  # Llama-style; "tinyllama" is TinyLlama-1.1B's shape (1.10B parameters)
     "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -80,13 +80,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def ds_config(a: argparse.Namespace, hidden: int, world: int, optimizer: bool) -> dict:
-    """ds_configs/zero3.json with its "auto" values filled as pipeline.worker.deepspeed_config does."""
+    """ds_configs/zero3.json with its "auto" values filled as pipeline.ranks.deepspeed_config does."""
     ds = json.loads(Path(a.ds_config).read_text())
     zero = ds.setdefault("zero_optimization", {})
     for key, size in (("reduce_bucket_size", hidden * hidden),
                       ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
                       ("stage3_param_persistence_threshold", 10 * hidden),
-                      ("stage3_max_live_parameters", 10 * hidden * hidden),  # as pipeline.worker.zero_sizes
+                      ("stage3_max_live_parameters", 10 * hidden * hidden),  # as pipeline.ranks.zero_sizes
                       ("stage3_max_reuse_distance", 10 * hidden * hidden)):
         if zero.get(key) == "auto":
             zero[key] = size
@@ -131,7 +131,7 @@ def icu_step(engine, ref, ids: torch.Tensor, mask: torch.Tensor, timer=None) -> 
     mark("forward")
     loss, parts = unlearning_loss("icu", forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n],
                                   retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:],
-                                  ref_retain_logits=ref_logits, weights=LossWeights())
+                                  ref_retain_logits=ref_logits)
     mark("loss")
     engine.backward(loss)
     mark("backward")

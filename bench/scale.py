@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,8 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pipeline.config import ResourcesConfig  # noqa: E402
-from pipeline.unlearn import worker_env  # noqa: E402
-from pipeline.worker import zero_sizes  # noqa: E402
+from pipeline.ranks import worker_env, zero_sizes  # noqa: E402
 SIZES = {  # Llama shapes: SmolLM2-135M, a ~500M, TinyLlama-1.1B
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
@@ -99,7 +97,7 @@ def step_worker(args) -> None:
 
     from pipeline import adapter
     from pipeline.config import AdapterConfig
-    from pipeline.losses import LossWeights, unlearning_loss
+    from pipeline.losses import ICUBand, unlearning_loss
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -128,7 +126,7 @@ def step_worker(args) -> None:
     after_build = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
     g = torch.Generator().manual_seed(rank)
     n, T, V = args.rows, args.tokens, config.vocab_size
-    weights = LossWeights(uw=1.0, lw=1.5, kl=3.0)
+    settings = ICUBand(uw=1.0, lw=1.5, kl=3.0)
     times = []
     with PeakRSS() as peak:
         for _ in range(args.steps):
@@ -138,10 +136,10 @@ def step_worker(args) -> None:
             ref_logits = reference(ids[n:], mask[n:])
             logits = engine(input_ids=ids, attention_mask=mask).logits
             loss, _ = unlearning_loss(
-                "icu_band", forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n],
+                "icu_band", settings, forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n],
                 retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:], ref_retain_logits=ref_logits,
                 forget_push=torch.ones(n, T - 1), forget_low=torch.full((n,), 12.0),
-                forget_high=torch.full((n,), 20.0), weights=weights)
+                forget_high=torch.full((n,), 20.0))
             engine.backward(loss)
             engine.step()
             del logits, ref_logits, loss

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.losses import unlearning_loss  # noqa: E402
 from pipeline.metrics import pad_rows  # noqa: E402
 from pipeline.iur import Thresholds  # noqa: E402
-from pipeline.worker import LoopState, Look, Worker, _init_distributed, epoch_batches  # noqa: E402
+from pipeline.ranks import _init_distributed  # noqa: E402
+from pipeline.worker import LoopState, Look, Worker, epoch_batches  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -61,8 +62,8 @@ def main() -> None:
     worker.scorer = BertScorer()
     worker.replica = worker._replica()  # as Worker.setup: before the engines (a live ZeRO-3 config would shard it)
     worker.build_engines()
-    engine, ref, p, u = worker.engine, worker.ref, worker.pairs, worker.cfg.unlearning
-    assert u.method == "icu" and ref is not None, "this bench compares ICU steps (method icu, kl > 0)"
+    engine, ref, p, u = worker.engine, worker.ref, worker.pairs, worker.cfg.unlearning.optim
+    assert worker.cfg.unlearning.loss.name == "icu" and ref is not None, "this bench compares ICU steps (icu, kl > 0)"
     pad, dev = worker.tok.pad_token_id, worker.device
 
     def real_rows(batch):
@@ -76,9 +77,9 @@ def main() -> None:
         n = len(forget)
         with torch.no_grad():
             ref_logits = ref(input_ids=ids[n:], attention_mask=mask[n:]).logits
-        loss, _ = unlearning_loss("icu", forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n],
-                                  retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:],
-                                  ref_retain_logits=ref_logits, weights=worker.weights)
+        loss, _ = unlearning_loss("icu", worker.settings, forget_logits=logits[:n], forget_ids=ids[:n],
+                                  forget_mask=mask[:n], retain_logits=logits[n:], retain_ids=ids[n:],
+                                  retain_mask=mask[n:], ref_retain_logits=ref_logits)
         engine.backward(loss)
         engine.step()
 
@@ -107,7 +108,8 @@ def main() -> None:
     per_step = {k: sum(v) / steps for k, v in times.items()}
 
     # IUR: thresholds fixed (measuring them on unseen text is a once-per-run cost, not a check's).
-    worker.thr = Thresholds(ma=0.0, el=0.0, bertscore=u.bertscore_threshold, bleu=u.bleu_threshold)
+    c = worker.cfg.unlearning.check
+    worker.thr = Thresholds(ma=0.0, el=0.0, bertscore=c.bertscore_threshold, bleu=c.bleu_threshold)
     check_s = timed(lambda: worker.check(epoch))
     one_epoch = statistics.mean(epoch_s)
     if worker.rank == 0:

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import pandas as pd
-import torch
 
-from pipeline import cluster, metrics, modeling, probes, quantize, suites
+from pipeline import cluster, modeling, probes, quantize, suites
 from pipeline.atomic import atomic_write_json, atomic_write_text, write_parquet
 from pipeline.config import PROBES
+from pipeline.pairs import load_pairs
 from pipeline.errors import UserError
 from pipeline.store import RunStore, fingerprint, frame_once
 
@@ -110,7 +110,7 @@ def run_unit(unit: tuple[str, ...], model, rows: list[list[int]], cfg, retain: l
 
 
 def relearn_lr(cfg) -> float:
-    return cfg.audit.relearn_lr or cfg.unlearning.lr / 10
+    return cfg.audit.relearn_lr or cfg.unlearning.optim.lr / 10
 
 
 def audit_model(label: str, model, groups: list[Group], cfg, retain: list[list[int]], pad_token_id: int,
@@ -191,8 +191,6 @@ def groups_of(cfg, store: RunStore, tok) -> list[Group]:
 def retained_rows(store: RunStore, pairs_per_request: int) -> list[list[int]]:
     """What relearning trains on: the requests' retain neighbours and the general retain rows,
     never the requests."""
-    from pipeline.worker import load_pairs
-
     pairs = load_pairs(store, pairs_per_request)
     rows = list({tuple(r): None for r in pairs.pair_neighbour + pairs.general if len(r) > 1})
     return [list(r) for r in rows]
@@ -334,5 +332,5 @@ def refused(store: RunStore, require: list[str], probes: list[str] = (), accepte
         return None
     named = "; ".join(f"{rid} ({', '.join(ps)})" for rid, ps in sorted(bad.items())[:20])
     return (f"export refused: {len(bad)} erased requests leak under required audit probes: {named}; fix: harden "
-            "the unlearning (e.g. unlearning.harden: [int4]) and rerun with --restart-from unlearn, or drop the "
+            "the unlearning (e.g. unlearning.check.harden: [int4]) and rerun with --restart-from unlearn, or drop the "
             "probe from audit.require and rerun with --restart-from export")

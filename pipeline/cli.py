@@ -30,7 +30,7 @@ SHOWN_IDS = 20  # request ids named on that line; the receipt lists all of them
 
 EPILOG = """examples:
   icu run ray_jobs/configs/demo.yaml           whole pipeline, skipping completed stages
-  icu run demo.yaml --set unlearning.lr=1e-5 --restart-from unlearn
+  icu run demo.yaml --set unlearning.optim.lr=1e-5 --restart-from unlearn
   icu ingest ray_jobs/configs/demo.yaml        validate erasure requests only
   icu retrieve ray_jobs/configs/demo.yaml      retain neighbours (runs after ingest)
   icu evaluate ray_jobs/configs/demo.yaml      before/after metrics and eval/report.md
@@ -83,7 +83,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?" if parser.prog.endswith("evaluate") else None,
                         help="run config YAML (see ray_jobs/configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. unlearning.lr=1e-5 (repeatable)")
+                        help="override a config key, e.g. unlearning.optim.lr=1e-5 (repeatable)")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. unlearning.lr=1e-5")
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. unlearning.optim.lr=1e-5")
         try:
             overrides[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
@@ -152,7 +152,7 @@ def remembered_exit(store) -> int:
                                                  else "")
     print(f"icu: {len(remembered)} accepted requests are still remembered after unlearning: {named}; "
           "the receipt lists them as not_forgotten; fix: rerun with --restart-from unlearn --set "
-          "unlearning.max_epochs=<more> (training continues from its last checkpoint)",
+          "unlearning.stop.max_epochs=<more> (training continues from its last checkpoint)",
           file=sys.stderr)
     return REMEMBERED_EXIT
 

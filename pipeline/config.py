@@ -10,6 +10,7 @@ resolves to the project's file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -36,7 +37,22 @@ SUITES = ("forget", "unseen", "ppl", "classification", "dialogue", "mia")
 # precision, sampling, shorter prompts, and greedy after relearning on retained text.
 PROBES = ("greedy", *PRECISIONS, "sampling", "prompt_quarter", "prompt_half", "relearn")
 PROJECT = Path(__file__).resolve().parents[1]
-RENAMED = {"unlearning.set_stop": "write unlearning.stop: set (was set_stop: true) or each (was false)"}
+RENAMED = {"unlearning.set_stop": "write unlearning.stop.rule: set (was set_stop: true) or each (was false)"}
+# Keys of the flat `unlearning:` section, and where each went when it was split by concern.
+MOVED = {
+    "method": "loss.name", "uw": "loss.uw", "lw": "loss.lw", "kl": "loss.kl", "margin": "loss.margin",
+    "general_lw": "loss.general_lw", "npo_beta": "loss.beta (with loss.name: npo)",
+    "simnpo_beta": "loss.beta (with loss.name: simnpo)", "simnpo_gamma": "loss.gamma",
+    "retain_weight": "loss.retain_weight", "lr": "optim.lr", "batch_size": "optim.batch_size",
+    "general_batch": "optim.general_batch", "grad_clip": "optim.grad_clip", "warmup_steps": "optim.warmup_steps",
+    "weight_decay": "optim.weight_decay", "lr_backoff": "optim.lr_backoff", "seed": "optim.seed",
+    "max_epochs": "stop.max_epochs", "stranger_quantile": "stop.stranger_quantile",
+    "recover_within": "stop.recover_within", "mia_within": "stop.mia_within", "check_every": "check.every",
+    "num_beams": "check.num_beams", "bertscore_threshold": "check.bertscore_threshold",
+    "bleu_threshold": "check.bleu_threshold", "ma_threshold": "check.ma_threshold", "el_threshold": "check.el_threshold",
+    "strangers_path": "check.strangers_path", "check_replica": "check.replica", "harden": "check.harden",
+}
+RECIPES = PROJECT / "ray_jobs" / "configs" / "recipes"
 
 
 def path_field(default: Any = REQUIRED, *, default_factory: Any = None, **meta: Any) -> Any:
@@ -153,106 +169,136 @@ class AdapterConfig:
 
 
 @dataclass
-class UnlearningConfig:
-    method: str = "icu"
-    lr: float = 5e-5
-    uw: float = 1.0
-    lw: float = 0.5
-    kl: float = 1.0
-    npo_beta: float = 0.1
-    retain_weight: float = 1.0  # gd, npo, simnpo: weight of the retain NLL (0 = plain NPO); icu uses lw
-    simnpo_beta: float = 4.5
-    simnpo_gamma: float = 0.0
-    batch_size: int = 8  # per worker
-    max_epochs: int = 30
-    # optimizer steps between two looks at the requests trained in them (one teacher-forced pass:
-    # a request that crossed the line stops being pushed, a jump over the band backs the lr off);
-    # null: only the check after each epoch (the paper's cadence). A fixed number keeps the steps
-    # between two looks at a request, and the updates it gets between them, the same at any N.
-    check_every: int | None = None
-    # each: train until every request is forgotten on its own (or max_epochs; `icu run` then
-    # fails naming the rest). set: the paper's rule, also stop once the set's mean MA and EL
-    # are below the thresholds.
-    stop: str = "each"
-    # A request whose token-mean NLL lies above this quantile of the unseen rows' (re-measured at
-    # every check) was erased too deep: it stands out as less familiar than nearly every stranger,
-    # and does not count as forgotten. null = one-sided (the paper's rule).
-    stranger_quantile: float | None = 0.9
-    # When a request trained since the last check went from remembered to erased too deep (or
-    # back), the steps are longer than the band is wide: every later step's lr is multiplied by
-    # this. 1 = never. Only a two-sided rule (stranger_quantile) has a band to jump.
-    lr_backoff: float = 0.5
-    # icu_band: once a request is forgotten it stays in training, held below the line (the margin
-    # on its personal tokens and every token it misses, its NLL within the strangers' middle
-    # half), and its neighbours keep being trained; the run stops only when every request is
-    # forgotten and the neighbours' MA is back within this of the original model's (0-1,
-    # absolute), or at max_epochs. null = stop as soon as every request is forgotten.
-    recover_within: float | None = None
-    # icu_band with recover_within: the run also holds until the erased set as a whole is as
-    # familiar as strangers, its LOSS membership AUC against them (`strangers_path`) within 0.5 +-
-    # this. Nothing is steered towards it: the hold keeps training, the rule only waits. null = off.
-    mia_within: float | None = None
-    # the never-seen records the checks compare the requests with (the band, the bigram template);
-    # null = evaluation.unseen_path. A file of its own keeps the evaluation's membership AUC on
-    # people the stopping rule never looked at.
-    strangers_path: str | None = path_field(None, hint="a jsonl/csv/parquet file with a text column")
-    margin: float = 1.0  # icu_band: the logit margin a request's tokens are pushed off the top by
-    general_batch: int = 0  # general retain rows (retrieval.general_per_source) added to each step
-    general_lw: float | None = None  # icu, icu_band: NLL weight of those rows (null = lw; the KL holds them too)
-    seed: int = 42
+class LossConfig:
+    """The method and its own settings: `{name: icu_band, margin: 1.0, ...}` in YAML. Each method's
+    settings are its record's in pipeline/losses.py (their defaults: the method's published ones)."""
+    name: str = "icu"  # icu (the paper's), icu_band (the recommended recipe's), ga, gd, npo, simnpo, rmu
+    settings: Any = field(default_factory=lambda: METHODS["icu"].settings())
+
+    def validate(self) -> None:
+        for problem in self.settings.problems():
+            raise UserError(f"unlearning.loss.{problem}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self.settings)}
+
+
+@dataclass
+class OptimConfig:
+    """The steps: AdamW, batches, how long each step is."""
+    lr: float = 5e-5  # the paper's
+    batch_size: int = 8  # request/neighbour pairs per worker and step
+    # general retain rows (retrieval.general_per_source) added to each step's retain side
+    general_batch: int = 0
     grad_clip: float = 1.0
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    # when a request trained since its last look went from remembered to erased too deep (or back),
+    # the steps are longer than the band is wide: every later step's lr is multiplied by this; 1 = never
+    lr_backoff: float = 1.0
+    seed: int = 42
+
+    def validate(self) -> None:
+        for key in ("lr", "batch_size", "grad_clip"):
+            _positive(f"unlearning.optim.{key}", getattr(self, key))
+        for key in ("general_batch", "warmup_steps", "weight_decay"):
+            if not 0 <= getattr(self, key) < math.inf:
+                raise UserError(f"unlearning.optim.{key}: must be a finite number >= 0, got {getattr(self, key)}")
+        if not 0 < self.lr_backoff <= 1:
+            raise UserError(f"unlearning.optim.lr_backoff: must be in (0, 1] (1 = never back off), got {self.lr_backoff}")
+
+
+@dataclass
+class StopConfig:
+    """When a request counts as forgotten, and when training ends (pipeline/stopping.py)."""
+    # set: the paper's rule, stop once the set's mean MA and EL are below the thresholds (usually with
+    # some requests above them); each: until every request is forgotten on its own (or max_epochs;
+    # `icu run` then exits 3 naming the rest)
+    rule: str = "set"
+    max_epochs: int = 30
+    # a request whose token-mean NLL lies above this quantile of the strangers' (re-measured at every
+    # check) was erased too deep: it stands out as less familiar than nearly every stranger and does
+    # not count as forgotten; null: one-sided (the paper's rule)
+    stranger_quantile: float | None = None
+    # band methods: a forgotten request stays in training, held in the band, until the neighbours' MA
+    # is back within this of the original model's (either way), or max_epochs; null: stop as soon as
+    # every request is forgotten
+    recover_within: float | None = None
+    # with recover_within: also wait until the erased set's LOSS membership AUC against the strangers
+    # is within 0.5 +- this (nothing is steered toward it; the hold trains on); null: off
+    mia_within: float | None = None
+
+    def validate(self) -> None:
+        _one_of("unlearning.stop.rule", self.rule, ("each", "set"))
+        _positive("unlearning.stop.max_epochs", self.max_epochs)
+        if self.stranger_quantile is not None:
+            _in_range("unlearning.stop.stranger_quantile", self.stranger_quantile, 0.0, 1.0)
+        if self.recover_within is not None:
+            _in_range("unlearning.stop.recover_within", self.recover_within, 0.0, 1.0)
+        if self.mia_within is not None:
+            _in_range("unlearning.stop.mia_within", self.mia_within, 0.0, 0.5)
+            if self.recover_within is None:
+                raise UserError("unlearning.stop.mia_within: only the hold (recover_within) keeps training a set that "
+                                "is forgotten but not yet as familiar as strangers; fix: set stop.recover_within (e.g. "
+                                "0.03) or mia_within: null")
+
+
+@dataclass
+class CheckConfig:
+    """How each request is looked at (IUR, whole requests; pipeline/iur.py)."""
+    # optimizer steps between two looks at the requests trained in them (one teacher-forced pass: a
+    # request that crossed the line stops being pushed, a jump over the band backs the lr off); null:
+    # only the check after each epoch (the paper's cadence)
+    every: int | None = None
+    num_beams: int = 2  # the generation from the prefix (the paper's beam search)
     bertscore_threshold: float = 0.3
     bleu_threshold: float = 0.01
-    ma_threshold: float | None = None  # null = measured on the unseen set for this model
-    el_threshold: float | None = None
-    num_beams: int = 2
-    check_replica: str = "auto"  # IUR generates from an unsharded copy: auto (if <= 16 GiB), always, never
-    keep_checkpoints: int = 2
-    ds_config: str = path_field("ds_configs/zero3_cpu.json", hint="a DeepSpeed JSON config")
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    ma_threshold: float | None = None  # null: the original model's mean MA on the unseen rows
+    el_threshold: float | None = None  # null: the original model's mean EL10 on the unseen rows
+    # the never-seen records the checks compare the requests with (the band, the template); null:
+    # evaluation.unseen_path. A file of its own keeps the evaluation's membership AUC on people the
+    # stopping rule never looked at
+    strangers_path: str | None = path_field(None, hint="a jsonl/csv/parquet file with a text column")
+    replica: str = "auto"  # IUR generates from an unsharded copy: auto (if <= 16 GiB), always, never
     # served precisions a request must be forgotten under too (its greedy continuation at that
     # precision must not leak, audit.leak_tokens) before it counts as forgotten: e.g. [int4]
     harden: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        _one_of("unlearning.method", self.method, tuple(METHODS))
+        _positive("unlearning.check.every", self.every)
+        _positive("unlearning.check.num_beams", self.num_beams)
+        _one_of("unlearning.check.replica", self.replica, ("auto", "always", "never"))
         for precision in self.harden:
-            _one_of("unlearning.harden", precision, PRECISIONS)
-        self.adapter.validate()
-        _one_of("unlearning.check_replica", self.check_replica, ("auto", "always", "never"))
-        _one_of("unlearning.stop", self.stop, ("each", "set"))
-        if self.stranger_quantile is not None:
-            _in_range("unlearning.stranger_quantile", self.stranger_quantile, 0.0, 1.0)
-        if self.recover_within is not None:
-            _in_range("unlearning.recover_within", self.recover_within, 0.0, 1.0)
-            if not METHODS[self.method].band:
-                raise UserError(f"unlearning.recover_within: only a band method holds a forgotten request below the "
-                                f"line while its neighbours recover, not {self.method}; fix: use method: icu_band "
-                                f"or set recover_within: null")
-        if self.mia_within is not None:
-            _in_range("unlearning.mia_within", self.mia_within, 0.0, 0.5)
-            if self.recover_within is None:
-                raise UserError("unlearning.mia_within: only the hold (recover_within) keeps training a set that is "
-                                "forgotten but not yet as familiar as strangers; fix: set recover_within (e.g. 0.03) "
-                                "or mia_within: null")
-        if not 0 < self.lr_backoff <= 1:
-            raise UserError(f"unlearning.lr_backoff: must be in (0, 1] (1 = never back off), got {self.lr_backoff}")
-        if self.general_batch < 0:
-            raise UserError(f"unlearning.general_batch: must be >= 0, got {self.general_batch}")
-        for key in ("lr", "batch_size", "max_epochs", "num_beams", "keep_checkpoints", "grad_clip", "check_every"):
-            _positive(f"unlearning.{key}", getattr(self, key))
-        _positive("unlearning.simnpo_beta", self.simnpo_beta)
-        for key in ("uw", "lw", "kl", "npo_beta", "retain_weight", "weight_decay", "warmup_steps", "simnpo_gamma",
-                    "margin"):
-            if not 0 <= getattr(self, key) < math.inf:
-                raise UserError(f"unlearning.{key}: must be a finite number >= 0, got {getattr(self, key)}")
-        if self.general_lw is not None and not 0 <= self.general_lw < math.inf:
-            raise UserError(f"unlearning.general_lw: must be a finite number >= 0 or null (= lw), got {self.general_lw}")
+            _one_of("unlearning.check.harden", precision, PRECISIONS)
         for key in ("bertscore_threshold", "bleu_threshold", "ma_threshold", "el_threshold"):
             if getattr(self, key) is not None:
-                _in_range(f"unlearning.{key}", getattr(self, key), 0.0, 1.0)
+                _in_range(f"unlearning.check.{key}", getattr(self, key), 0.0, 1.0)
+
+
+@dataclass
+class UnlearningConfig:
+    """The recipe: the method (loss), its steps (optim), when it stops (stop), how requests are looked
+    at (check); with no other key, the paper's ICU. `recipe: NAME` starts from
+    ray_jobs/configs/recipes/NAME.yaml (icu_paper, icu_band) and the keys given override it."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    keep_checkpoints: int = 2  # epoch checkpoints kept (the newest; resume takes the newest that verifies)
+    ds_config: str = path_field("ds_configs/zero3_cpu.json", hint="a DeepSpeed JSON config")
+
+    def validate(self) -> None:
+        for part in (self.loss, self.optim, self.stop, self.check, self.adapter):
+            part.validate()
+        _positive("unlearning.keep_checkpoints", self.keep_checkpoints)
+        if self.stop.recover_within is not None and not METHODS[self.loss.name].band:
+            raise UserError(f"unlearning.stop.recover_within: only a band method holds a forgotten request in the band "
+                            f"while its neighbours recover, not {self.loss.name}; fix: use loss.name: icu_band or set "
+                            "stop.recover_within: null")
+        if self.check.harden and self.stop.rule == "set":
+            raise UserError("unlearning.check.harden: stop.rule set ends training on the set's mean, before each request "
+                            "is forgotten at the served precision; fix: use stop.rule: each with harden")
         self._check_ds_config()
 
     def _check_ds_config(self) -> None:
@@ -271,12 +317,13 @@ class UnlearningConfig:
         zero = ds.get("zero_optimization", {})
         if not isinstance(zero, dict) or zero.get("stage") != 3:
             raise UserError(f"{key}: zero_optimization.stage must be 3 (the workers shard with ZeRO-3); fix: set it")
-        ours = {"train_micro_batch_size_per_gpu": ("unlearning.batch_size", self.batch_size),
-                "gradient_accumulation_steps": ("1", 1), "gradient_clipping": ("unlearning.grad_clip", self.grad_clip)}
+        o = self.optim
+        ours = {"train_micro_batch_size_per_gpu": ("unlearning.optim.batch_size", o.batch_size),
+                "gradient_accumulation_steps": ("1", 1), "gradient_clipping": ("unlearning.optim.grad_clip", o.grad_clip)}
         lr = ds.get("optimizer", {}).get("params", {}).get("lr", "auto") if isinstance(ds.get("optimizer"), dict) \
             else "auto"
         for name, value, (source, want) in [(k, ds.get(k, "auto"), v) for k, v in ours.items()] + \
-                [("optimizer.params.lr", lr, ("unlearning.lr", self.lr))]:
+                [("optimizer.params.lr", lr, ("unlearning.optim.lr", o.lr))]:
             if value != "auto" and value != want:
                 raise UserError(f"{key}: {name} is {value!r} but {source} is {want!r}; fix: set it to \"auto\" "
                                 f"(filled from the run config) or make the two agree")
@@ -450,21 +497,32 @@ class Config:
         (ds_configs/...) are written relative to it: a Ray job runs in a fresh copy of the
         project each time, and a resubmission must not differ by where that copy is.
         `paths=False` writes every path as "<path>" (what leaves the machine: the model card)."""
-        data = dataclasses.asdict(self)
-        for section in dataclasses.fields(self):
-            for f in dataclasses.fields(getattr(self, section.name)):
-                value = data[section.name][f.name]
-                if f.metadata.get("path") and value not in (None, []) and not paths:
-                    data[section.name][f.name] = [PATH] * len(value) if isinstance(value, list) else PATH
-                elif f.metadata.get("path") and f.metadata.get("must_exist", True) and isinstance(value, str) \
-                        and Path(value).is_relative_to(PROJECT):
-                    data[section.name][f.name] = str(Path(value).relative_to(PROJECT))
+        data = _plain(self, paths)
         if not paths:  # the two names that may be folders
             if self.model.name != "default" and self.model.name not in TINY_MODELS:
                 data["model"]["name"] = PATH
             if self.retrieval.embedder not in ("minilm", "lm"):
                 data["retrieval"]["embedder"] = PATH
         return data
+
+
+def _plain(obj: Any, paths: bool) -> dict[str, Any]:
+    """A config dataclass as plain data, nested sections included (see `Config.to_dict`)."""
+    if isinstance(obj, LossConfig):
+        return obj.to_dict()
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = _plain(value, paths)
+        elif f.metadata.get("path") and value not in (None, []) and not paths:
+            out[f.name] = [PATH] * len(value) if isinstance(value, list) else PATH
+        elif f.metadata.get("path") and f.metadata.get("must_exist", True) and isinstance(value, str) \
+                and Path(value).is_relative_to(PROJECT):
+            out[f.name] = str(Path(value).relative_to(PROJECT))
+        else:
+            out[f.name] = copy.deepcopy(value)
+    return out
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
@@ -493,22 +551,47 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
 
 def build_config(data: dict[str, Any]) -> Config:
     """Build a `Config` from plain data (already parsed YAML) and validate every section."""
-    config = _build(Config, data, "")
+    config = _build(Config, with_recipe(data), "")
     for section in dataclasses.fields(config):
         getattr(config, section.name).validate()
     _check_audit(config)
     return config
 
 
+def with_recipe(data: dict[str, Any]) -> dict[str, Any]:
+    """`unlearning.recipe: NAME` (ray_jobs/configs/recipes/NAME.yaml, or a YAML path): the recipe's
+    section with the run's own `unlearning` keys over it. A run that names another method than the
+    recipe's takes none of the recipe's loss settings."""
+    section = data.get("unlearning")
+    if not isinstance(section, dict) or "recipe" not in section:
+        return data
+    name = section["recipe"]
+    path = Path(str(name)) if str(name).endswith((".yaml", ".yml")) else RECIPES / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise UserError(f"unlearning.recipe: no recipe {name!r}; fix: choose one of {known} (ray_jobs/configs/recipes/) "
+                        "or give a YAML file's path")
+    base = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    own = {k: v for k, v in section.items() if k != "recipe"}
+    if isinstance(own.get("loss"), dict) and own["loss"].get("name", base.get("loss", {}).get("name")) != \
+            base.get("loss", {}).get("name"):
+        base = {k: v for k, v in base.items() if k != "loss"}
+    return dict(data, unlearning=_merged(base, own))
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _check_audit(config: Config) -> None:
     """The audit's settings that depend on other sections."""
-    a, u, r = config.audit, config.unlearning, config.requests
+    a, r = config.audit, config.requests
     if a.leak_tokens > r.suffix_tokens:
         raise UserError(f"audit.leak_tokens: {a.leak_tokens} is longer than requests.suffix_tokens "
                         f"({r.suffix_tokens}), so nothing could ever leak; fix: set it at most {r.suffix_tokens}")
-    if u.harden and u.stop == "set":
-        raise UserError("unlearning.harden: stop: set ends training on the set's mean, before each request is "
-                        "forgotten at the served precision; fix: use stop: each with harden")
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -526,6 +609,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key in data:
         if f"{prefix}{key}" in RENAMED:
             raise UserError(f"{prefix}{key}: renamed; fix: {RENAMED[f'{prefix}{key}']}")
+        if cls is UnlearningConfig and (key in MOVED or key == "stop" and not isinstance(data[key], dict)):
+            where = "stop.rule" if key == "stop" else MOVED[key]
+            raise UserError(f"{prefix}{key}: moved to {prefix}{where} (the section is split by concern: loss, optim, "
+                            "stop, check); fix: write it there")
         if key not in fields:
             near = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean '{prefix}{near[0]}'?" if near else f"valid keys: {', '.join(fields)}"
@@ -533,6 +620,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}{name}"
+        if hints[name] is LossConfig:
+            kwargs[name] = _build_loss(data.get(name, {}), f"{key}.")
+            continue
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], data.get(name, {}), f"{key}.")
             continue
@@ -550,6 +640,21 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if f.metadata.get("path") and name not in data:
             setattr(obj, name, _resolve_paths(f"{prefix}{name}", getattr(obj, name), f.metadata))
     return obj
+
+
+def _build_loss(data: Any, prefix: str) -> LossConfig:
+    """`unlearning.loss`: the method's name and its own settings (its record in pipeline/losses.py)."""
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix.rstrip('.')}: expected a mapping like {{name: icu_band, margin: 1.0}}, got "
+                        f"{_kind(data)}")
+    name = data.get("name", "icu")
+    _one_of(f"{prefix}name", name, tuple(METHODS))
+    settings = METHODS[name].settings
+    own = [f.name for f in dataclasses.fields(settings)]
+    for key in data:
+        if key != "name" and key not in own:
+            raise UserError(f"{prefix}{key}: not a setting of {name}; its settings: {', '.join(own) or 'none'}")
+    return LossConfig(name, _build(settings, {k: v for k, v in data.items() if k != "name"}, prefix))
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -625,8 +730,15 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _flatten(data: dict[str, Any]) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in data.items() for key, value in values.items()}
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of nested sections and their values."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value and not prefix.endswith("max_samples."):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:

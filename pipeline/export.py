@@ -239,7 +239,7 @@ def _model_card(cfg, counts: dict, metrics: dict | None, audited: dict | None, d
     lines = ["# Unlearned model", "",
              f"Produced by `icu` (Iterative Contrastive Unlearning, arXiv:2407.20271) from "
              f"{cfg.to_dict(paths=False)['model']['name'].replace('<path>', 'a local model folder')} "
-             f"with method `{cfg.unlearning.method}`.", "",
+             f"with method `{cfg.unlearning.loss.name}`.", "",
              f"Erasure requests: {counts['forgotten']} forgotten, {counts['not_forgotten']} not forgotten, "
              f"{counts['rejected']} rejected at ingest (per-request detail in receipt.json / receipt.csv, "
              "ids and content hashes only, the hashes keyed with the operator's receipt key).", "",

@@ -15,7 +15,7 @@ position reproduces no longer run of it than the longest a never-seen row gives
 below both is generated from, since no generation can make another one forgotten. Flags are
 recomputed every epoch, so a request whose memory returns re-enters training.
 
-With `unlearning.stranger_quantile` (a quantile of the unseen rows' token-mean NLL on the
+With `unlearning.stop.stranger_quantile` (a quantile of the unseen rows' token-mean NLL on the
 current model) the rule is two-sided: a request whose NLL lies above it was erased too deep
 (an attacker would single it out as less familiar than nearly every stranger) and is not
 forgotten either. `band_targets` tells icu_band which requests to push and which to pull back.
@@ -146,7 +146,7 @@ def apply_band(records: list[dict], nll: list[float], unseen_nll: list[float], h
 
 
 def with_leaks(records: list[dict], leaks: dict[int, list[str]]) -> list[dict]:
-    """`unlearning.harden`: a request that leaks at a served precision (`leaks`: row -> precisions)
+    """`unlearning.check.harden`: a request that leaks at a served precision (`leaks`: row -> precisions)
     is neither forgotten nor too deep, whatever the trained precision says, so it trains on."""
     return [dict(rec, leaks_under=",".join(leaks.get(i, [])),
                  forgotten=rec["forgotten"] and i not in leaks, too_deep=rec["too_deep"] and i not in leaks)

@@ -14,16 +14,15 @@ Conventions shared by every loss:
   the gradient, and an all-inactive batch gives a loss of 0 that still backpropagates,
   so every rank can run backward.
 
-Methods (one `Method` record each in `METHODS`, dispatched by `unlearning_loss`):
+A method is one record (`Method` in `METHODS`): its settings (a frozen dataclass, what YAML's
+`unlearning.loss: {name: ..., <its fields>}` builds), its loss function of (`LossInputs`, settings),
+and what the training step must feed it: a retain batch, the frozen model's logits (on which
+rows), the band targets, a layer's activations. A term whose weight is 0 is skipped, so those
+flags tell the step exactly which extra forward passes to run. Adding a method is its settings and
+loss here, one `METHODS` line and, for a named recipe, one YAML file.
+
 - icu: -uw * NLL(forget) + lw * NLL(neighbour) + kl * KL(p_ref || p_theta on neighbour).
   Forget row i and neighbour row i are a pair; the neighbour is passed as `retain_*`.
-- ga:  -NLL(forget)                                    (Knowledge Unlearning).
-- gd:  -NLL(forget) + retain_weight * NLL(retain)       (gradient difference).
-- npo: -(2 / beta) * logsigmoid(-beta * (logp_theta(x_f) - logp_ref(x_f)))
-       [+ retain_weight * NLL(retain), i.e. NPO+RT, when retain_weight > 0: the default,
-       as in open-unlearning; set retain_weight=0 for plain NPO].
-- simnpo: -(2 / b) * logsigmoid(b * NLL(forget) - gamma) [+ retain_weight * NLL(retain)], with
-       b = simnpo_beta and NLL the token mean (Fan et al. 2024: reference-free, length-normalised).
 - icu_band: icu with a bounded forget term per request, uw * (mean_t push_t * relu(z_true - z_best_other
        + margin) + relu(low - NLL(forget)) + relu(NLL(forget) - high)), the middle term's gradient
        through the pushed tokens only: the tokens specific to the person (`forget_push`) are
@@ -31,16 +30,24 @@ Methods (one `Method` record each in `METHODS`, dispatched by `unlearning_loss`)
        and no further; a request erased past the strangers' edge (`forget_high`) is pulled back
        (pipeline/method.md, "Stopping at a stranger's level"). All three come from the loop.
        Its neighbour NLL is held, not taught: lw * relu(NLL_theta(x_n) - NLL_ref(x_n)).
-A term whose weight is 0 is skipped, so a method's `retain` / `reference` tell the
-training step exactly which extra forward passes (retain batch, frozen model) to run.
-Adding a method is one loss function and one `METHODS` entry (plus its config weight).
+- ga:  -NLL(forget)                                    (Knowledge Unlearning).
+- gd:  -NLL(forget) + retain_weight * NLL(retain)       (gradient difference).
+- npo: -(2 / beta) * logsigmoid(-beta * (logp_theta(x_f) - logp_ref(x_f)))
+       [+ retain_weight * NLL(retain), i.e. NPO+RT, when retain_weight > 0: the default,
+       as in open-unlearning; set retain_weight=0 for plain NPO].
+- simnpo: -(2 / beta) * logsigmoid(beta * NLL(forget) - gamma) [+ retain_weight * NLL(retain)], NLL
+       the token mean (Fan et al. 2024: reference-free, length-normalised).
+- rmu: mean_t ||h(x_f) - c u||^2 + alpha * mean_t ||h(x_r) - h_ref(x_r)||^2 on the residual stream
+       h after `layer` blocks, u a fixed random unit vector (Li et al. 2024, WMDP).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,16 +56,73 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
-class LossWeights:
-    uw: float = 1.0  # icu: weight of the forget (gradient-ascent) term
-    lw: float = 0.5  # icu: weight of the neighbour NLL
-    kl: float = 1.0  # icu: weight of the neighbour KL to the frozen model
-    npo_beta: float = 0.1
-    retain_weight: float = 1.0  # gd, npo and simnpo: weight of the retain NLL
-    simnpo_beta: float = 4.5
-    simnpo_gamma: float = 0.0  # simnpo: the margin subtracted inside the sigmoid
-    margin: float = 1.0  # icu_band: logits by which a pushed token must trail the best other token
-    general_lw: float | None = None  # icu, icu_band: NLL weight of the general retain rows (None = lw)
+class Settings:
+    """What every method's settings share: finite, non-negative numbers (those in `POSITIVE` > 0)."""
+    POSITIVE: ClassVar[tuple[str, ...]] = ()
+
+    def problems(self) -> list[str]:
+        """'field: why' for each value out of range (the config names the key)."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            low_ok = value > 0 if f.name in self.POSITIVE else value >= 0
+            if not (low_ok and math.isfinite(value)):
+                out.append(f"{f.name}: must be a finite number {'>' if f.name in self.POSITIVE else '>='} 0, got {value}")
+        return out
+
+
+@dataclass(frozen=True)
+class ICU(Settings):
+    """The paper's objective, at the paper's weights."""
+    uw: float = 1.0  # weight of the forget term (gradient ascent on the request)
+    lw: float = 0.5  # weight of the neighbour NLL
+    kl: float = 1.0  # weight of the neighbour KL to the frozen model
+    general_lw: float | None = None  # NLL weight of the general retain rows (null: lw); the KL holds them too
+
+
+@dataclass(frozen=True)
+class ICUBand(ICU):
+    """icu with the bounded forget term that stops each request at a stranger's level."""
+    margin: float = 1.0  # logits by which a pushed token must trail the best other token
+
+
+@dataclass(frozen=True)
+class GA(Settings):
+    """Gradient ascent alone: no settings."""
+
+
+@dataclass(frozen=True)
+class GD(Settings):
+    retain_weight: float = 1.0  # weight of the retain NLL
+
+
+@dataclass(frozen=True)
+class NPO(Settings):
+    POSITIVE: ClassVar[tuple[str, ...]] = ("beta",)
+    beta: float = 0.1  # on the summed log-ratio to the frozen model
+    retain_weight: float = 1.0  # weight of the retain NLL (0: plain NPO)
+
+
+@dataclass(frozen=True)
+class SimNPO(Settings):
+    POSITIVE: ClassVar[tuple[str, ...]] = ("beta",)
+    beta: float = 4.5  # on the token-mean NLL
+    gamma: float = 0.0  # the margin subtracted inside the sigmoid
+    retain_weight: float = 1.0  # weight of the retain NLL
+
+
+@dataclass(frozen=True)
+class RMU(Settings):
+    """Representation misdirection (Li et al. 2024, WMDP): the forget rows' residual stream after
+    `layer` blocks steered to a fixed random direction, the retain rows' kept where the frozen model
+    has it."""
+    POSITIVE: ClassVar[tuple[str, ...]] = ("steering_coeff",)
+    layer: int = 7  # blocks before the activations steered (the paper's 7 of 32)
+    steering_coeff: float = 6.5  # the norm the forget activations are steered to
+    alpha: float = 1200.0  # weight of the retain activations' distance
+    seed: int = 0  # of the random direction (the same on every rank)
 
 
 @dataclass(frozen=True)
@@ -77,6 +141,9 @@ class LossInputs:
     forget_low: Tensor | None = None  # [B] icu_band: the token-mean NLL a pushed row is raised to
     forget_high: Tensor | None = None  # [B] icu_band: the token-mean NLL a row is pulled back to
     retain_general: Tensor | None = None  # [R] bool: general retain rows (not a request's neighbour)
+    forget_hidden: Tensor | None = None  # [B, T, D] rmu: the trained model's activations at its layer
+    retain_hidden: Tensor | None = None
+    ref_retain_hidden: Tensor | None = None  # [R, T, D] the frozen model's, on the retain rows
 
 
 def _upcast(logits: Tensor) -> Tensor:
@@ -229,14 +296,14 @@ def _retain_nll(x: LossInputs) -> Tensor:
     return _mean_nll(x.retain_logits, x.retain_ids, x.retain_mask)
 
 
-def _icu(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+def _icu(x: LossInputs, p: ICU) -> tuple[Tensor, Parts]:
     parts = {"forget_nll": _forget_nll(x)}
-    return _neighbour_terms(-w.uw * parts["forget_nll"], parts, x, w)
+    return _neighbour_terms(-p.uw * parts["forget_nll"], parts, x, p)
 
 
-def _icu_band(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+def _icu_band(x: LossInputs, p: ICUBand) -> tuple[Tensor, Parts]:
     targets, valid = _next_tokens(x.forget_ids, x.forget_mask)
-    terms = _by_positions(partial(_band_terms, margin=w.margin), x.forget_logits, targets, valid)
+    terms = _by_positions(partial(_band_terms, margin=p.margin), x.forget_logits, targets, valid)
     (per_token, margins), valid = (t[:, :-1] for t in terms), valid[:, :-1]
     count = valid.sum(1).clamp(min=1)
     push = x.forget_push.bool() & valid
@@ -246,21 +313,20 @@ def _icu_band(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
     outside = margin + push.any(1) * F.relu(x.forget_low - raised) + F.relu(nll - x.forget_high)
     active = valid.any(1)
     parts = {"forget_nll": _row_mean(nll.detach(), active), "band_gap": _row_mean(outside, active)}
-    return _neighbour_terms(w.uw * parts["band_gap"], parts, x, w, hold=True)
+    return _neighbour_terms(p.uw * parts["band_gap"], parts, x, p, hold=True)
 
 
-def _neighbour_terms(loss: Tensor, parts: Parts, x: LossInputs, w: LossWeights,
-                     hold: bool = False) -> tuple[Tensor, Parts]:
+def _neighbour_terms(loss: Tensor, parts: Parts, x: LossInputs, p: ICU, hold: bool = False) -> tuple[Tensor, Parts]:
     """ICU's retain side: lw * NLL(neighbours) + kl * KL(p_ref || p_theta on neighbours); general
     rows (`retain_general`) weigh `general_lw` instead of lw in the NLL mean. With `hold` (icu_band)
     the NLL term is relu(NLL_theta - NLL_ref) per row: it brings a retained row back to the frozen
     model's NLL and no further, so it holds what the model knew and never teaches it text it had not
     memorized (with the plain NLL, general text paired as neighbours was learnt: its MA 0.41 -> 0.57)."""
-    general = w.lw if w.general_lw is None else w.general_lw
-    if w.lw > 0 or general > 0:
+    general = p.lw if p.general_lw is None else p.general_lw
+    if p.lw > 0 or general > 0:
         per_row = token_nll(x.retain_logits, x.retain_ids, x.retain_mask)
         active = _predicted(x.retain_mask).any(1)
-        weight = torch.full_like(per_row, w.lw)
+        weight = torch.full_like(per_row, p.lw)
         if x.retain_general is not None:
             weight = torch.where(x.retain_general, general, weight)
         parts["neighbour_nll"] = _row_mean(per_row.detach(), active)
@@ -270,76 +336,100 @@ def _neighbour_terms(loss: Tensor, parts: Parts, x: LossInputs, w: LossWeights,
                 ref_row = token_nll(x.ref_retain_logits, x.retain_ids, x.retain_mask)
             term = F.relu(per_row - ref_row)
         loss = loss + _row_mean(weight * term, active)
-    if w.kl > 0:
+    if p.kl > 0:
         parts["kl"] = _mean_kl(x.retain_logits, x.ref_retain_logits, x.retain_mask)
-        loss = loss + w.kl * parts["kl"]
+        loss = loss + p.kl * parts["kl"]
     return loss, parts
 
 
-def _ga(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+def _ga(x: LossInputs, p: Settings) -> tuple[Tensor, Parts]:
     parts = {"forget_nll": _forget_nll(x)}
     return -parts["forget_nll"], parts
 
 
-def _with_retain(loss: Tensor, parts: Parts, x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+def _with_retain(loss: Tensor, parts: Parts, x: LossInputs, p: GD | NPO | SimNPO) -> tuple[Tensor, Parts]:
     """Adds retain_weight * NLL(retain) when the weight is positive (gd, NPO+RT)."""
-    if w.retain_weight > 0:
+    if p.retain_weight > 0:
         parts["retain_nll"] = _retain_nll(x)
-        loss = loss + w.retain_weight * parts["retain_nll"]
+        loss = loss + p.retain_weight * parts["retain_nll"]
     return loss, parts
 
 
-def _gd(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
-    return _with_retain(*_ga(x, w), x, w)
+def _gd(x: LossInputs, p: GD) -> tuple[Tensor, Parts]:
+    return _with_retain(*_ga(x, p), x, p)
 
 
-def _npo(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+def _npo(x: LossInputs, p: NPO) -> tuple[Tensor, Parts]:
     logp = sequence_logprob(x.forget_logits, x.forget_ids, x.forget_mask)
     with torch.no_grad():
         ref_logp = sequence_logprob(x.ref_forget_logits, x.forget_ids, x.forget_mask)
-    per_row = -(2.0 / w.npo_beta) * F.logsigmoid(-w.npo_beta * (logp - ref_logp))
+    per_row = -(2.0 / p.beta) * F.logsigmoid(-p.beta * (logp - ref_logp))
     active = _predicted(x.forget_mask).any(1)
     parts = {"npo": _row_mean(per_row, active)}
-    return _with_retain(parts["npo"], parts, x, w)
+    return _with_retain(parts["npo"], parts, x, p)
 
 
-def _simnpo(x: LossInputs, w: LossWeights) -> tuple[Tensor, Parts]:
+def _simnpo(x: LossInputs, p: SimNPO) -> tuple[Tensor, Parts]:
     """SimNPO: NPO without the reference model, on the length-normalised log-likelihood,
     -(2 / beta) * logsigmoid(-(beta / |y|) * log p_theta(y) - gamma) per request."""
-    per_row = -(2.0 / w.simnpo_beta) * F.logsigmoid(
-        w.simnpo_beta * token_nll(x.forget_logits, x.forget_ids, x.forget_mask) - w.simnpo_gamma)
+    per_row = -(2.0 / p.beta) * F.logsigmoid(p.beta * token_nll(x.forget_logits, x.forget_ids, x.forget_mask) - p.gamma)
     parts = {"simnpo": _row_mean(per_row, _predicted(x.forget_mask).any(1))}
-    return _with_retain(parts["simnpo"], parts, x, w)
+    return _with_retain(parts["simnpo"], parts, x, p)
+
+
+def steering_direction(size: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """RMU's fixed random direction: uniform in [0, 1)^size from `seed`, unit length."""
+    u = torch.rand(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (u / u.norm()).to(dtype)
+
+
+def _mean_sq_distance(h: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean over active rows of the token-mean squared distance ||h_t - target_t||^2 (real tokens)."""
+    valid = mask.bool()
+    per_token = ((_upcast(h) - _upcast(target)) ** 2).sum(-1)
+    per_row = torch.where(valid, per_token, 0.0).sum(1) / valid.sum(1).clamp(min=1)
+    return _row_mean(per_row, valid.any(1))
+
+
+def _rmu(x: LossInputs, p: RMU) -> tuple[Tensor, Parts]:
+    u = steering_direction(x.forget_hidden.shape[-1], p.seed).to(x.forget_hidden.device)
+    parts = {"forget_distance": _mean_sq_distance(x.forget_hidden, p.steering_coeff * u, x.forget_mask),
+             "retain_distance": _mean_sq_distance(x.retain_hidden, x.ref_retain_hidden.detach(), x.retain_mask)}
+    return parts["forget_distance"] + p.alpha * parts["retain_distance"], parts
 
 
 @dataclass(frozen=True)
 class Method:
-    """One unlearning method: its loss and what the training step must feed it.
+    """One unlearning method: its settings, its loss and what the training step must feed it.
 
-    `retain(w)`: whether the loss reads a retain/neighbour batch (`retain_*`).
-    `reference(w)`: which rows the frozen original model must see ("retain", "forget")
+    `retain(p)`: whether the loss reads a retain/neighbour batch (`retain_*`).
+    `reference(p)`: which rows the frozen original model must see ("retain", "forget")
     or None; the step runs that extra forward pass only then.
     `band`: the loss reads each forget row's `forget_push` / `forget_low` / `forget_high`, so it
     can also pull back a request erased past the strangers' level.
+    `layer(p)`: the residual stream after how many blocks the loss reads (`*_hidden`), or None.
     """
-    loss: Callable[[LossInputs, LossWeights], tuple[Tensor, Parts]]
-    retain: Callable[[LossWeights], bool]
-    reference: Callable[[LossWeights], str | None]
+    settings: type[Settings]
+    loss: Callable[[LossInputs, Any], tuple[Tensor, Parts]]
+    retain: Callable[[Any], bool]
+    reference: Callable[[Any], str | None]
     band: bool = False
+    layer: Callable[[Any], int | None] = lambda p: None
 
 
-def _holds_neighbours(w: LossWeights) -> bool:
-    return w.lw > 0 or w.kl > 0 or bool(w.general_lw)
+def _holds_neighbours(p: ICU) -> bool:
+    return p.lw > 0 or p.kl > 0 or bool(p.general_lw)
 
 
 METHODS: dict[str, Method] = {
-    "icu": Method(_icu, retain=_holds_neighbours, reference=lambda w: "retain" if w.kl > 0 else None),
-    "icu_band": Method(_icu_band, retain=_holds_neighbours,
-                       reference=lambda w: "retain" if _holds_neighbours(w) else None, band=True),
-    "ga": Method(_ga, retain=lambda w: False, reference=lambda w: None),
-    "gd": Method(_gd, retain=lambda w: w.retain_weight > 0, reference=lambda w: None),
-    "npo": Method(_npo, retain=lambda w: w.retain_weight > 0, reference=lambda w: "forget"),
-    "simnpo": Method(_simnpo, retain=lambda w: w.retain_weight > 0, reference=lambda w: None),
+    "icu": Method(ICU, _icu, retain=_holds_neighbours, reference=lambda p: "retain" if p.kl > 0 else None),
+    "icu_band": Method(ICUBand, _icu_band, retain=_holds_neighbours,
+                       reference=lambda p: "retain" if _holds_neighbours(p) else None, band=True),
+    "ga": Method(GA, _ga, retain=lambda p: False, reference=lambda p: None),
+    "gd": Method(GD, _gd, retain=lambda p: p.retain_weight > 0, reference=lambda p: None),
+    "npo": Method(NPO, _npo, retain=lambda p: p.retain_weight > 0, reference=lambda p: "forget"),
+    "simnpo": Method(SimNPO, _simnpo, retain=lambda p: p.retain_weight > 0, reference=lambda p: None),
+    "rmu": Method(RMU, _rmu, retain=lambda p: True, reference=lambda p: "retain", layer=lambda p: p.layer),
 }
 
 
@@ -349,39 +439,26 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-def _check_inputs(m: Method, x: LossInputs, weights: LossWeights) -> None:
-    required = ["retain_logits", "retain_ids", "retain_mask"] if m.retain(weights) else []
-    if m.reference(weights):
-        required.append(f"ref_{m.reference(weights)}_logits")
+def _check_inputs(m: Method, x: LossInputs, settings: Settings) -> None:
+    required = ["retain_logits", "retain_ids", "retain_mask"] if m.retain(settings) else []
+    if m.reference(settings):
+        required.append(f"ref_{m.reference(settings)}_logits")
     if m.band:
         required += ["forget_push", "forget_low", "forget_high"]
+    if m.layer(settings) is not None:
+        required = [k for k in required if k != "ref_retain_logits"] + ["forget_hidden", "retain_hidden",
+                                                                       "ref_retain_hidden"]
     missing = [key for key in required if getattr(x, key) is None]
     if missing:
-        raise ValueError(f"this method with {weights} needs {', '.join(missing)}")
+        raise ValueError(f"this method with {settings} needs {', '.join(missing)}")
 
 
-def unlearning_loss(
-    name: str,
-    *,
-    forget_logits: Tensor,
-    forget_ids: Tensor,
-    forget_mask: Tensor,
-    retain_logits: Tensor | None = None,
-    retain_ids: Tensor | None = None,
-    retain_mask: Tensor | None = None,
-    ref_retain_logits: Tensor | None = None,
-    ref_forget_logits: Tensor | None = None,
-    forget_push: Tensor | None = None,
-    forget_low: Tensor | None = None,
-    forget_high: Tensor | None = None,
-    retain_general: Tensor | None = None,
-    weights: LossWeights = LossWeights(),
-) -> tuple[Tensor, dict[str, float]]:
-    """The scalar training loss of method `name` and its detached parts (plus "loss") for logging."""
+def unlearning_loss(name: str, settings: Settings | None = None, **inputs: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+    """The scalar training loss of method `name` with its `settings` (its defaults when None) on the
+    `LossInputs` fields given, and its detached parts (plus "loss") for logging."""
     m = method(name)
-    x = LossInputs(forget_logits, forget_ids, forget_mask, retain_logits, retain_ids, retain_mask,
-                   ref_retain_logits, ref_forget_logits, forget_push, forget_low,
-                   forget_high, retain_general)
-    _check_inputs(m, x, weights)
-    loss, parts = m.loss(x, weights)
+    settings = m.settings() if settings is None else settings
+    x = LossInputs(**inputs)
+    _check_inputs(m, x, settings)
+    loss, parts = m.loss(x, settings)
     return loss, {"loss": loss.item(), **{key: value.item() for key, value in parts.items()}}

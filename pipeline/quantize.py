@@ -112,7 +112,7 @@ def served_copy(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     if not names:
         raise UserError(f"{precision}: this model has no nn.Linear layers to round (GPT-2-style Conv1D?), so its "
                         f"{precision} copy would be the fp32 model; fix: drop {precision} from audit.probes and "
-                        "unlearning.harden for this model")
+                        "unlearning.check.harden for this model")
     for name in names:
         params[name].copy_(ROUND_TRIPS[precision](params[name]))
     return served

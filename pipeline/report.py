@@ -87,12 +87,12 @@ def write_report(out: Path, results: dict[str, Any], samples: pd.DataFrame,
                   f"forgotten by IUR after {u.get('epochs')} epochs (stopped: {u.get('stop_reason')}).", ""]
         if u.get("neighbour_ma"):
             curve = ", ".join(f"{m:.3f}" for m in u["neighbour_ma"])
-            parts += [f"Neighbours' MA at each check (`unlearning.recover_within`; the first is the original's): "
+            parts += [f"Neighbours' MA at each check (`unlearning.stop.recover_within`; the first is the original's): "
                       f"{curve}.", ""]
         if u.get("set_auc"):
             curve = ", ".join(f"{a:.3f}" for a in u["set_auc"])
             parts += [f"The requests' LOSS membership AUC against the strangers the checks measure (`unlearning."
-                      f"strangers_path`; 0.5 = told apart no better than chance) at each check: {curve}.", ""]
+                      f"check.strangers_path`; 0.5 = told apart no better than chance) at each check: {curve}.", ""]
     for suite, c in (results.get("paired_change") or {}).items():
         parts += [f"{suite.capitalize()}: unlearned minus original {c['change']:+.1f} points (standard error "
                   f"{c['se']:.1f}; paired, the same {c['examples']} examples over {c['tasks']} tasks). "

@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import torch.distributed as dist
 
-from pipeline import cluster, modeling, unlearn
+from pipeline import cluster, modeling, ranks
 from pipeline.atomic import atomic_write_json, write_parquet
-from pipeline.evaluate import Options, Scorer, request_rows, rows_frame
+from pipeline.scoring import Options, Scorer, request_rows, rows_frame
 from pipeline.store import RunStore
 
 
@@ -30,7 +30,7 @@ def score(cfg, store: RunStore, spec: dict, units: list[dict], label: str) -> pd
     job, out = folder / f"{label}-sharded.json", folder / f"{label}-sharded.parquet"
     atomic_write_json(job, {"spec": spec, "units": units, "label": label})
     try:
-        unlearn.launch(cfg, store, "pipeline.sharded_eval", [str(store.root), str(job), str(out)],
+        ranks.launch(cfg, store, "pipeline.sharded_eval", [str(store.root), str(job), str(out)],
                        f"evaluation ({label})")
         return pd.read_parquet(out)
     finally:  # nothing of the job is left behind
@@ -43,17 +43,16 @@ def train_worker(config: dict) -> None:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from pipeline.similarity import BertScorer
-    from pipeline.worker import deepspeed_config, start_rank
+    from pipeline.similarity import BertScorer  # sentence-transformers: loaded where it is used
 
     run_dir, job, out = config["args"]
-    start_rank()
+    ranks.start_rank()
     cfg = RunStore(run_dir).load_config()
     work = json.loads(Path(job).read_text())
     spec = work["spec"]
     model_dir = Path(spec["model_dir"])
     bert = BertScorer()  # before the ZeRO-3 config goes live: a model made under it would be sharded
-    ds = deepspeed_config(cfg, dist.get_world_size(), modeling.hidden_size(model_dir), with_optimizer=False)
+    ds = ranks.deepspeed_config(cfg, dist.get_world_size(), modeling.hidden_size(model_dir), with_optimizer=False)
     live = HfDeepSpeedConfig(ds)  # noqa: F841 (from_pretrained shards under it while it lives)
     model = modeling.load_model(model_dir, spec["dtype"], spec["trust_remote_code"])
     engine, *_ = deepspeed.initialize(model=model, config=ds)
@@ -74,9 +73,7 @@ def train_worker(config: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.worker import main as worker_main
-
-    return worker_main(argv, entry=train_worker, usage="pipeline.sharded_eval RUN_DIR JOB OUT", nargs=3)
+    return ranks.main(train_worker, "pipeline.sharded_eval RUN_DIR JOB OUT", 3, argv)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ class StopRule:
     @classmethod
     def of(cls, unlearning, band: bool) -> StopRule:
         """The rule an `UnlearningConfig` describes, for a method with (`band`) or without a band."""
-        u = unlearning
-        return cls(max_epochs=u.max_epochs, stop=u.stop, pull_back=band, recover_within=u.recover_within,
-                   mia_within=u.mia_within, lr_backoff=u.lr_backoff)
+        s = unlearning.stop
+        return cls(max_epochs=s.max_epochs, stop=s.rule, pull_back=band, recover_within=s.recover_within,
+                   mia_within=s.mia_within, lr_backoff=unlearning.optim.lr_backoff)
 
     @property
     def hold(self) -> bool:

@@ -72,7 +72,7 @@ def unseen_rows(path: str | Path, tokenizer, max_tokens: int, min_tokens: int,
 def threshold_rows(cfg, tokenizer, path: str | None = None) -> list[list[int]]:
     """The unseen rows the forgetting thresholds are measured on (by the unlearning workers)
     and the evaluation's unseen task shows: one definition, cut to the run's request length.
-    `path`: other never-seen text cut the same way (`unlearning.strangers_path`)."""
+    `path`: other never-seen text cut the same way (`unlearning.check.strangers_path`)."""
     e, r = cfg.evaluation, cfg.requests
     return unseen_rows(path or e.unseen_path, tokenizer, cfg.max_tokens, r.prefix_tokens + r.suffix_tokens,
                        e.max_samples.get("unseen", UNSEEN_CAP))

@@ -11,58 +11,47 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import shutil
-import subprocess
-import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline import adapter, checkpoints, cluster, modeling, shards
-from pipeline.atomic import atomic_path, atomic_write_text, file_digest, open_private
-from pipeline.config import AdapterConfig, Config, ResourcesConfig
+from pipeline import adapter, checkpoints, modeling, shards
+from pipeline.ranks import launch
+from pipeline.atomic import atomic_path, atomic_write_text, file_digest
+from pipeline.config import AdapterConfig, Config
 from pipeline.errors import UserError
 from pipeline.store import RunStore, fingerprint
 
 log = logging.getLogger("icu.unlearn")
 
 OUTPUTS = ("unlearn_result", "history", "epochs", "final_checkpoint", "unlearned_model", "probe")
-# PYTHONWARNINGS: DeepSpeed calls torch's all_gather_into_tensor / reduce_scatter_tensor, which
-# warn (FutureWarning, deprecated) on every call: hundreds of lines in a short run's log.
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-              "PYTHONWARNINGS": "ignore::FutureWarning:torch.distributed.c10d_logger"}
+# What only says when to stop, or what to keep: epoch k's weights do not depend on it.
+STOP_ONLY = (("stop", "rule"), ("stop", "max_epochs"), ("stop", "mia_within"), ("keep_checkpoints",))
 
 
 def key(cfg: Config, store: RunStore, resumable: bool = False) -> str:
     """What training and its stopping rule read: the model, the request rows and their
-    neighbours (upstream keys), the unlearning settings, and only the evaluation fields the
-    unseen-set thresholds are measured with (a report setting never retrains).
+    neighbours (upstream keys), the whole `unlearning` section (the chosen method's settings and the
+    loop's; the files it names by their content), and only the evaluation fields the unseen-set
+    thresholds are measured with (a report setting never retrains).
 
-    `resumable`: the key the checkpoints are stamped with, without the settings that only say
-    when to stop or what to keep (`max_epochs`, `keep_checkpoints`): epoch k's weights do not
-    depend on them, so a run given more epochs continues from its last checkpoint.
+    `resumable`: the key the checkpoints are stamped with, without `STOP_ONLY`: a run given more
+    epochs (or another stopping rule) continues from its last checkpoint.
     """
     e, r = cfg.evaluation, cfg.requests
     thresholds = dict(unseen=cfg.part("evaluation")[0]["unseen_path"], unseen_digest=file_digest(e.unseen_path), el_n=e.el_n,
                       el_range=e.el_range, cap=e.max_samples.get("unseen"), batch_size=e.batch_size,
                       max_tokens=cfg.max_tokens, prefix=r.prefix_tokens, suffix=r.suffix_tokens)
     model, unlearning = cfg.part("model", "unlearning")
-    if resumable:
-        unlearning = {k: v for k, v in unlearning.items() if k not in ("max_epochs", "keep_checkpoints", "mia_within")}
-    # options added later leave the keys of runs that do not use them as they were
-    harden = unlearning.pop("harden")
-    later = [harden, cfg.audit.leak_tokens] if harden else []
-    if unlearning.pop("strangers_path"):
-        later.append(file_digest(cfg.unlearning.strangers_path))
-    if unlearning.pop("mia_within", None) is not None:
-        later.append(("mia_within", cfg.unlearning.mia_within))
-    return fingerprint("unlearn", model, unlearning, *later, thresholds, cfg.retrieval.pairs_per_request,
-                       file_digest(cfg.unlearning.ds_config), cfg.resources.num_workers,
-                       store.key_of("ingest"), store.key_of("retrieve"))
+    for path in STOP_ONLY if resumable else ():
+        (unlearning[path[0]] if len(path) == 2 else unlearning).pop(path[-1])
+    strangers = cfg.unlearning.check.strangers_path
+    files = [file_digest(cfg.unlearning.ds_config), file_digest(strangers) if strangers else None]
+    leak = cfg.audit.leak_tokens if cfg.unlearning.check.harden else None  # hardening checks the audit's criterion
+    return fingerprint("unlearn", model, unlearning, files, leak, thresholds, cfg.retrieval.pairs_per_request,
+                       cfg.resources.num_workers, store.key_of("ingest"), store.key_of("retrieve"))
 
 
 def run(cfg: Config, store: RunStore) -> dict[str, Any]:
@@ -91,17 +80,17 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
 
 
 def check_hardening(cfg: Config) -> None:
-    """`unlearning.harden` quantizes a whole copy of the model at every check: it needs IUR's replica."""
-    u = cfg.unlearning
+    """`unlearning.check.harden` quantizes a whole copy of the model at every check: it needs IUR's replica."""
+    u = cfg.unlearning.check
     if not u.harden:
         return
     too_big = modeling.replica_bytes(cfg.model_dir, cfg.model.dtype, cfg.model.trust_remote_code) > \
         modeling.REPLICA_MAX_BYTES
-    if u.check_replica == "never" or u.check_replica == "auto" and too_big:
-        raise UserError("unlearning.harden: needs an unsharded check replica (it checks a quantized copy of it), but "
-                        f"unlearning.check_replica is {u.check_replica!r}" + (" and the model is larger than 16 GiB"
+    if u.replica == "never" or u.replica == "auto" and too_big:
+        raise UserError("unlearning.check.harden: needs an unsharded check replica (it checks a quantized copy of it), "
+                        f"but unlearning.check.replica is {u.replica!r}" + (" and the model is larger than 16 GiB"
                                                                             if too_big else "")
-                        + "; fix: set check_replica: always, or leave harden empty")
+                        + "; fix: set check.replica: always, or leave harden empty")
 
 
 def check_adapter(cfg: Config) -> None:
@@ -119,90 +108,6 @@ def check_adapter(cfg: Config) -> None:
     except FileNotFoundError:
         raise UserError(f"unlearning.adapter: {cfg.model_dir} holds no model.safetensors (LoRA export reads the "
                         "frozen weights back from it); fix: save the model with safe_serialization=True") from None
-
-
-def worker_env(r: ResourcesConfig) -> dict[str, str]:
-    """The workers' environment. MALLOC_MMAP_THRESHOLD_ (`resources.malloc_mmap_threshold`):
-    glibc otherwise raises its threshold after each large free, and the gathered ZeRO-3
-    parameters and logits freed every step then stay in the process's heap."""
-    env = dict(WORKER_ENV, OMP_NUM_THREADS=str(max(1, int(r.cpus_per_worker))))
-    if r.malloc_mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(r.malloc_mmap_threshold)
-    if not r.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
-
-
-def launch(cfg: Config, store: RunStore, module: str, args: list[str], name: str) -> None:
-    """Run `module`'s workers (`train_worker(config)` under Ray Train, or `python -m module *args`
-    under torchrun, config["args"] = args either way) on `resources.num_workers` ranks; wait.
-    A failure the launcher does not retry ends in one line (`failure_line`); its traceback goes to
-    the run's log."""
-    try:
-        (ray_train if cluster.use_ray(cfg) else torchrun)(cfg, store, module, args, name)
-    except (UserError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        logfile = store.artefact("logs") / "workers-failure.log"
-        with open_private(logfile, append=True) as fh:
-            fh.write(f"--- {name} ---\n{''.join(traceback.format_exception(exc))}\n".encode())
-        raise UserError(failure_line(exc, name, store, logfile)) from None
-
-
-def failure_line(exc: BaseException, name: str, store: RunStore, logfile: Path) -> str:
-    """What a person needs when the workers fail: the cause (with the node's memory when Ray killed a
-    worker for it), where a rerun of the same command resumes, and the fix."""
-    text = "".join(traceback.format_exception(exc))
-    memory = re.search(r"was ([\d.]+)GB used / ([\d.]+)GB limit", text)
-    tags = checkpoints.complete_tags(store.artefact("checkpoints")) if name == "unlearning" else []
-    resume = (f"rerunning the same command resumes from checkpoint {tags[0]}" if tags else
-              "rerunning the same command starts them again" + (" (no checkpoint was complete yet)"
-                                                                 if name == "unlearning" else ""))
-    if memory or "OutOfMemoryError" in text or "SIGKILL" in text or "exit code -9" in text:
-        used = f" ({memory[1]} GB used of a {memory[2]} GB limit)" if memory else ""
-        return (f"{name} workers failed: a worker was killed for memory: the node ran out of it{used}; {resume}; fix: "
-                f"free memory on the node, or lower resources.num_workers or unlearning.batch_size (the traceback: "
-                f"{logfile})")
-    return (f"{name} workers failed ({type(exc).__name__}); {resume}; fix: see the error above it in the log and the "
-            f"traceback in {logfile}")
-
-
-def ray_train(cfg: Config, store: RunStore, module: str, args: list[str], name: str) -> None:
-    """Run the workers under Ray Train and wait for them; raise if the run failed."""
-    import importlib
-
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    cluster.ensure_ray()
-    r = cfg.resources
-    trainer = TorchTrainer(
-        importlib.import_module(module).train_worker,
-        train_loop_config={"args": args},
-        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo", timeout_s=600),
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker},
-                                     placement_strategy=r.placement),
-        run_config=RunConfig(name=name, storage_path=str(store.artefact("ray_train")),
-                             failure_config=FailureConfig(max_failures=r.max_failures),
-                             worker_runtime_env={"env_vars": worker_env(cfg.resources)}),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"{name} workers failed: {result.error}")
-
-
-def torchrun(cfg: Config, store: RunStore, module: str, args: list[str], name: str) -> None:
-    """Run the workers as local torchrun processes and wait for them."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={cfg.resources.num_workers}", f"--max-restarts={cfg.resources.max_failures}",
-           "-m", module, *args]
-    env = dict(os.environ, **worker_env(cfg.resources))
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun {name} workers exited with code {proc.returncode}")
 
 
 def consolidate(folder: Path, tag: str, base_dir: Path, out_dir: Path, *, dtype: str = "float32",

@@ -9,7 +9,7 @@ Read it top to bottom as `Worker.setup()` then `Worker.train()`:
 
 A check (`Worker.check`, returns a `Look`) scores every request (IUR, whole requests), measures
 the strangers' band and, with the hold, the neighbours' MA. Between two checks the requests
-trained in the last `unlearning.check_every` optimizer steps are looked at with one
+trained in the last `unlearning.check.every` optimizer steps are looked at with one
 teacher-forced pass (`Worker.look_between`): a request that crossed the line stops being pushed
 (or leaves the epoch), one that jumped the band backs the lr off. So the steps between two looks
 at a request, and the updates it gets between them, do not grow with the number of requests.
@@ -18,17 +18,12 @@ Every decision from what a look saw is the stopping rule's (`pipeline.stopping.S
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import logging
-import os
 import random
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -36,14 +31,14 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from pipeline import adapter, checkpoints, modeling, probes, quantize, suites
+from pipeline import adapter, checkpoints, modeling, probes, quantize, ranks, suites
 from pipeline.atomic import atomic_path, atomic_write_json, write_parquet
-from pipeline.config import Config
-from pipeline.errors import UserError
 from pipeline.iur import (Thresholds, apply_band, band_targets, below, bigram_share, check_requests, memorization,
                           screen, set_auc, with_leaks)
-from pipeline.losses import LossWeights, method, unlearning_loss
+from pipeline.losses import method, unlearning_loss
 from pipeline.metrics import pad_rows
+from pipeline.pairs import Pairs, load_pairs
+from pipeline.ranks import _device, _max_over_ranks, _node_id, deepspeed_config, start_rank
 from pipeline.stopping import StopRule
 from pipeline.store import RunStore
 
@@ -60,7 +55,7 @@ class LoopState:
     history: list[dict] = field(default_factory=list)  # one row per (check, request)
     epochs: list[dict] = field(default_factory=list)  # one row per training epoch
     thresholds: dict | None = None
-    lr_scale: float = 1.0  # unlearning.lr_backoff's factor so far
+    lr_scale: float = 1.0  # unlearning.optim.lr_backoff's factor so far
     neighbour_ma: list[float] = field(default_factory=list)  # with the hold: the neighbours' MA at each check
     set_auc: list[float] = field(default_factory=list)  # band methods: the requests' LOSS AUC vs strangers at each check
     resumed_from: list[str] = field(default_factory=list)  # checkpoint tags this run restarted from
@@ -81,47 +76,6 @@ class Look:
     neighbour_ma: float | None = None
 
 
-@dataclass
-class Pairs:
-    """Request rows and their retain neighbours, paired by index (neighbour [] = none found)."""
-    request_ids: list[str]
-    requests: list[list[int]]
-    pair_request: list[int]
-    pair_neighbour: list[list[int]]
-    general: list[list[int]] = field(default_factory=list)  # general retain rows (not paired)
-
-    @functools.cached_property
-    def neighbours(self) -> list[list[int]]:
-        """Each distinct neighbour row once, in pair order."""
-        return [list(row) for row in dict.fromkeys(tuple(row) for row in self.pair_neighbour if row)]
-
-
-def load_pairs(store: RunStore, pairs_per_request: int) -> Pairs:
-    """Requests from ingest; neighbours (top `pairs_per_request`) and general retain rows from
-    retrieval, if it ran."""
-    accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids"])
-    ids = accepted["id"].tolist()
-    rows = [list(map(int, r)) for r in accepted["input_ids"]]
-    table = store.artefact("neighbours")
-    neighbours: dict[str, list[list[int]]] = {}
-    if table.exists():
-        pairs = pd.read_parquet(table)
-        items = pd.read_parquet(store.artefact("retain_items"), columns=["id", "input_ids"])
-        by_id = dict(zip(items["id"], items["input_ids"]))
-        for rid, nid in pairs[pairs["rank"] < pairs_per_request].sort_values(["request_id", "rank"])[
-                ["request_id", "neighbour_id"]].itertuples(index=False):
-            neighbours.setdefault(rid, []).append(list(map(int, by_id[nid])))
-    pair_request, pair_neighbour = [], []
-    for i, rid in enumerate(ids):
-        for row in neighbours.get(rid) or [[]]:
-            pair_request.append(i)
-            pair_neighbour.append(row)
-    general_table = store.artefact("general_items")
-    general = [list(map(int, r)) for r in pd.read_parquet(general_table, columns=["input_ids"])["input_ids"]] \
-        if general_table.exists() else []
-    return Pairs(ids, rows, pair_request, pair_neighbour, general)
-
-
 def step_rows(pairs: Pairs, batch: list[int | None], general: list[list[int]] | None) -> tuple[list, list]:
     """A step's forget rows and retain rows (none when `general` is None: the method reads no
     retain side). Pair k gives its request and its neighbour (None: an empty row of each); the
@@ -135,48 +89,6 @@ def step_rows(pairs: Pairs, batch: list[int | None], general: list[list[int]] | 
     width = max(map(len, pairs.requests))
     paired = [pairs.pair_neighbour[k] if k is not None else [] for k in batch]
     return forget, [row[:width] for row in paired + list(general)]
-
-
-def zero_sizes(hidden: int) -> dict[str, int]:
-    """What "auto" ZeRO-3 sizes become. The first three are those transformers' Trainer derives
-    from the hidden size; the last two bound the gathered parameters kept alive for reuse to
-    about one layer (DeepSpeed's default, 1e9 elements, keeps a whole model of up to a billion
-    parameters gathered on every rank)."""
-    return {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-            "stage3_param_persistence_threshold": 10 * hidden, "stage3_max_live_parameters": 10 * hidden * hidden,
-            "stage3_max_reuse_distance": 10 * hidden * hidden}
-
-
-def deepspeed_config(cfg: Config, world: int, hidden: int, with_optimizer: bool = True) -> dict:
-    """The JSON config from `unlearning.ds_config`, completed from the run config.
-
-    Batch size, clipping, optimizer (torch AdamW on CPU: nothing JIT-compiled) and the
-    warmup schedule come from the run config unless the JSON sets them itself.
-    """
-    u = cfg.unlearning
-    ds = json.loads(Path(u.ds_config).read_text())
-    zero = ds.setdefault("zero_optimization", {})
-    for key, size in zero_sizes(hidden).items():
-        if zero.get(key) == "auto":
-            zero[key] = size
-    ds.update(train_micro_batch_size_per_gpu=u.batch_size, gradient_accumulation_steps=1,
-              train_batch_size=u.batch_size * world)
-    if ds.get("gradient_clipping", "auto") == "auto":  # "auto" (the HF convention) = take the run config's
-        ds["gradient_clipping"] = u.grad_clip
-    if with_optimizer:
-        # on CPU torch's AdamW, fused: one pass over each partition (0.05 s a step for 67M parameters
-        # on one core, 0.48 s unfused)
-        cpu = not torch.cuda.is_available()
-        ds.setdefault("optimizer", {"type": "AdamW", "params": {
-            "lr": u.lr, "weight_decay": u.weight_decay, "torch_adam": cpu, **({"fused": True} if cpu else {})}})
-        if u.warmup_steps > 0:
-            ds.setdefault("scheduler", {"type": "WarmupLR", "params": {
-                "warmup_min_lr": 0.0, "warmup_max_lr": u.lr, "warmup_num_steps": u.warmup_steps,
-                "warmup_type": "linear"}})
-    else:
-        ds.pop("optimizer", None)
-        ds.pop("scheduler", None)
-    return ds
 
 
 def epoch_batches(active_pairs: list[int], epoch: int, seed: int, rank: int, world: int,
@@ -213,17 +125,16 @@ class Worker:
         self.tok = modeling.load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
         self.hidden = modeling.hidden_size(self.model_dir)
         u = self.cfg.unlearning
-        self.weights = LossWeights(**{f.name: getattr(u, f.name) for f in dataclasses.fields(LossWeights)})
-        self.method = method(u.method)
+        self.method, self.settings = method(u.loss.name), u.loss.settings
         self.pairs = load_pairs(self.store, self.cfg.retrieval.pairs_per_request)
         # the never-seen rows each check measures the band on (two-sided line, band methods)
-        self.strangers = (suites.threshold_rows(self.cfg, self.tok, u.strangers_path)
-                          if u.stranger_quantile or self.method.band else [])
+        self.strangers = (suites.threshold_rows(self.cfg, self.tok, u.check.strangers_path)
+                          if u.stop.stranger_quantile or self.method.band else [])
         self.rule = StopRule.of(u, self.method.band)
         self.ckpt_dir = self.store.artefact("checkpoints")
         self.replica = None  # set by setup(): the unsharded model IUR generates with, if it fits
         self.models_loaded = 0
-        self.lr_scale = 1.0  # unlearning.lr_backoff (LoopState.lr_scale), read by every step
+        self.lr_scale = 1.0  # unlearning.optim.lr_backoff (LoopState.lr_scale), read by every step
         self.lora = adapter.enabled(self.cfg.unlearning.adapter)
         self.seconds = {"start": 0.0, "checks": 0.0, "looks": 0.0, "training": 0.0, "saves": 0.0}
 
@@ -254,31 +165,36 @@ class Worker:
         model = self._load_model()
         u = self.cfg.unlearning
         if self.lora:
-            model = adapter.wrap(model, u.adapter, u.seed)
+            model = adapter.wrap(model, u.adapter, u.optim.seed)
         trained = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=ds)
         self.base_lr = [group["lr"] for group in self.engine.optimizer.param_groups]
         self.ref = None
-        if self.method.reference(self.weights) and not self.lora:
+        if self.method.reference(self.settings) and not self.lora:
             ref_ds = deepspeed_config(self.cfg, self.world, self.hidden, with_optimizer=False)
             ref = self._load_model()
             ref.requires_grad_(False)
             self.ref, *_ = deepspeed.initialize(model=ref, config=ref_ds)
             self.ref.eval()
 
-    def reference_logits(self, ids: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        """The frozen original model's logits (no gradient)."""
+    def reference_forward(self, ids: torch.Tensor, attend: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """The frozen original model's logits, or with `layer` its residual stream after that many
+        blocks (no gradient)."""
+        def forward(model):
+            out = model(input_ids=ids, attention_mask=attend, output_hidden_states=layer is not None)
+            return out.logits if layer is None else out.hidden_states[layer]
+
         with torch.no_grad():
             if self.ref is not None:
-                return self.ref(input_ids=ids, attention_mask=attend).logits
+                return forward(self.ref)
             with self.engine.module.disable_adapter():
-                return self.engine.module(input_ids=ids, attention_mask=attend).logits
+                return forward(self.engine.module)
 
     def _replica(self):
         """An unsharded model of the same architecture for IUR generation, or None (see `checker`)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        mode = self.cfg.unlearning.check_replica
+        mode = self.cfg.unlearning.check.replica
         config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True,
                                             trust_remote_code=self.cfg.model.trust_remote_code)
         dtype = modeling.torch_dtype(self.cfg.model.dtype)
@@ -343,7 +259,7 @@ class Worker:
     def thresholds(self, state: LoopState) -> Thresholds:
         """MA / EL_n: fixed values from the config, else the model's mean on unseen text; the span:
         the longest any unseen row gives (`metrics.extractable_span`)."""
-        u, e = self.cfg.unlearning, self.cfg.evaluation
+        u, e = self.cfg.unlearning.check, self.cfg.evaluation
         if state.thresholds is None:
             rows = suites.threshold_rows(self.cfg, self.tok)
             model, sync = self.checker()
@@ -375,7 +291,7 @@ class Worker:
 
         Generating from the ZeRO-3 engine gathers every layer's weights for every new
         token (minutes per check even for a 135M model on CPU). When a full copy fits
-        (`unlearning.check_replica`), the current weights are gathered once into a plain
+        (`unlearning.check.replica`), the current weights are gathered once into a plain
         replica on each rank, which then generates on its own with no collectives.
         """
         if self.replica is None:
@@ -397,7 +313,7 @@ class Worker:
     def check(self, epoch: int) -> Look:
         """IUR's record for every request (whole requests; two-sided against the strangers' edge
         when one is set), icu_band's targets, the set's AUC and, with the hold, the neighbours' MA."""
-        c, u = self.cfg, self.cfg.unlearning
+        c, u = self.cfg, self.cfg.unlearning.check
         model, sync = self.checker()
         records = self._sharded(self.pairs.requests, lambda part: check_requests(
             model, self.tok, part, prefix=c.requests.prefix_tokens,
@@ -407,7 +323,8 @@ class Worker:
         hits = [r.pop("hits") for r in records]
         strangers = self._screen(model, self.strangers)
         unseen = [s["nll"] for s in strangers]
-        records = self._hardened(model, apply_band(records, [r["nll"] for r in records], unseen, u.stranger_quantile))
+        records = self._hardened(model, apply_band(records, [r["nll"] for r in records], unseen,
+                                                   c.unlearning.stop.stranger_quantile))
         look = Look([dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)])
         if self.method.band:
             look.set_auc = set_auc([r["nll"] for r in records], unseen)
@@ -430,7 +347,7 @@ class Worker:
         self.engine.module.train()
         unseen = [s["nll"] for s in strangers]
         provisional = [dict(s, el=0.0, forgotten=below(dict(s, el=0.0), self.thr)) for s in seen]  # EL: at the check
-        records = apply_band(provisional, [s["nll"] for s in seen], unseen, self.cfg.unlearning.stranger_quantile)
+        records = apply_band(provisional, [s["nll"] for s in seen], unseen, self.cfg.unlearning.stop.stranger_quantile)
         now = dict(zip(looked_at, records))
         self._back_off(state, now)
         if band is not None:
@@ -443,13 +360,13 @@ class Worker:
         return {i for i in training if i not in now or self.rule.trains(now[i])}
 
     def _back_off(self, state: LoopState, now: dict[int, dict]) -> None:
-        """`unlearning.lr_backoff`: a request trained since its last look that is now on the other side
+        """`unlearning.optim.lr_backoff`: a request trained since its last look that is now on the other side
         of the band (`StopRule.jumped`) shrinks the lr of every later step. The last looks travel in
         the loop state, so a resumed run decides exactly as the uninterrupted one did."""
         before = {int(i): r for i, r in state.looked.items()}
         jumped = self.rule.jumped(before, now, set(state.trained_since))
         state.lr_scale = self.lr_scale = self.rule.backed_off(state.lr_scale, jumped)
-        if jumped and self.rank == 0 and self.cfg.unlearning.lr_backoff < 1:
+        if jumped and self.rank == 0 and self.cfg.unlearning.optim.lr_backoff < 1:
             log.info("unlearn: %d requests jumped over the band (%s); lr now %.3g x the configured",
                      len(jumped), ", ".join(self.pairs.request_ids[i] for i in jumped), state.lr_scale)
         state.looked.update({str(i): dict(forgotten=r["forgotten"], too_deep=r["too_deep"]) for i, r in now.items()})
@@ -462,9 +379,9 @@ class Worker:
                                                        batch_size=c.evaluation.batch_size, pad_id=self.tok.pad_token_id))
 
     def _hardened(self, model, records: list[dict]) -> list[dict]:
-        """`unlearning.harden`: a request whose greedy continuation leaks at a served precision
+        """`unlearning.check.harden`: a request whose greedy continuation leaks at a served precision
         (the audit's criterion, audit.leak_tokens) is not forgotten, whatever the trained precision says."""
-        r, harden = self.cfg.requests, self.cfg.unlearning.harden
+        r, harden = self.cfg.requests, self.cfg.unlearning.check.harden
         leaks: dict[int, list[str]] = {}
         for precision in harden:
             served = quantize.served_copy(model, precision)
@@ -472,7 +389,6 @@ class Worker:
                 served, part, r.prefix_tokens, batch_size=self.cfg.evaluation.batch_size,
                 pad_token_id=self.tok.pad_token_id, settle=self.cfg.audit.leak_tokens,
                 end=r.prefix_tokens + r.suffix_tokens))
-            del served
             for i, span in enumerate(found):
                 if span >= self.cfg.audit.leak_tokens:
                     leaks.setdefault(i, []).append(precision)
@@ -483,7 +399,7 @@ class Worker:
         """One pass over the pairs of the requests that train, a look after every `check_every` steps."""
         from tqdm import tqdm
 
-        u, p = self.cfg.unlearning, self.pairs
+        u, p = self.cfg.unlearning.optim, self.pairs
         epoch = state.epoch + 1
         training = {i for i, r in enumerate(look.records) if self.rule.trains(r)}
         band = None if look.band is None else tuple(list(part) for part in look.band)
@@ -493,7 +409,7 @@ class Worker:
         sums: dict[str, float] = {}
         started, looks, looking, steps = time.time(), 0, 0.0, 0
         bar = tqdm(total=len(dealt[self.rank]), desc=f"epoch {epoch}", disable=self.rank != 0 or None, mininterval=5)
-        parts_of = list(zip(*(rounds(batches, u.check_every) for batches in dealt)))
+        parts_of = list(zip(*(rounds(batches, self.cfg.unlearning.check.every) for batches in dealt)))
         for n, part in enumerate(parts_of):
             trained = set()
             for step, batch in enumerate(part[self.rank]):
@@ -524,24 +440,25 @@ class Worker:
         nothing to the loss. A rank left with no pair runs one empty row.
         """
         batch = [k for k in batch if k is not None] or [None]
-        p, pad = self.pairs, self.tok.pad_token_id
-        use_retain = self.method.retain(self.weights)
+        p, pad, m = self.pairs, self.tok.pad_token_id, self.method
+        use_retain = m.retain(self.settings)
         forget, retain = step_rows(p, batch, general if use_retain else None)
         ids, mask = pad_rows(forget + retain, pad)
         ids, mask = ids.to(self.device), mask.to(self.device)
         attend = mask.clone()
         attend[:, 0] = 1  # an empty row still attends to one token, so attention has no NaN
         n = len(forget)
-        seen = self.method.reference(self.weights)
+        seen, layer = m.reference(self.settings), m.layer(self.settings)
         if seen:  # the frozen model sees only the rows its term reads; first, so ZeRO-3 sees whole passes
             rows = slice(n, None) if seen == "retain" else slice(0, n)
-            ref_logits = self.reference_logits(ids[rows], attend[rows])
-        logits = self.engine(input_ids=ids, attention_mask=attend).logits
-        kwargs = dict(forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n], weights=self.weights)
+            ref = self.reference_forward(ids[rows], attend[rows], layer)
+        out = self.engine(input_ids=ids, attention_mask=attend, output_hidden_states=layer is not None)
+        logits = out.logits
+        kwargs = dict(forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n])
         if use_retain:
             kwargs.update(retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:],
                           retain_general=torch.arange(len(retain), device=self.device) >= len(batch))
-        if self.method.band:  # an empty row's band is never read (the row is inactive)
+        if m.band:  # an empty row's band is never read (the row is inactive)
             rows = [p.pair_request[k] if k is not None else None for k in batch]
             push, low, high = band
             width = ids.shape[1] - 1
@@ -550,9 +467,12 @@ class Worker:
             for name, edge in (("forget_low", low), ("forget_high", high)):
                 kwargs[name] = torch.tensor([edge[i] if i is not None else 0.0 for i in rows],
                                             dtype=torch.float32, device=self.device)
-        if seen:
-            kwargs[f"ref_{seen}_logits"] = ref_logits
-        loss, parts = unlearning_loss(self.cfg.unlearning.method, **kwargs)
+        if layer is not None:  # the loss reads the residual stream after `layer` blocks
+            hidden = out.hidden_states[layer]
+            kwargs.update(forget_hidden=hidden[:n], retain_hidden=hidden[n:], ref_retain_hidden=ref)
+        elif seen:
+            kwargs[f"ref_{seen}_logits"] = ref
+        loss, parts = unlearning_loss(self.cfg.unlearning.loss.name, self.settings, **kwargs)
         self.engine.backward(loss)
         lr = self._scale_lr()
         self.engine.step()
@@ -589,7 +509,7 @@ class Worker:
                       forgotten=sum(r["forgotten"] for r in records),
                       remembered=[r["request_id"] for r in records if not r["forgotten"] and not r["too_deep"]],
                       too_deep=[r["request_id"] for r in records if r["too_deep"]],
-                      thresholds=self.thr.to_dict(), method=self.cfg.unlearning.method, resumed_from=state.resumed_from,
+                      thresholds=self.thr.to_dict(), method=self.cfg.unlearning.loss.name, resumed_from=state.resumed_from,
                       neighbour_ma=state.neighbour_ma, set_auc=state.set_auc)
         self.finish(state, result)
         return result
@@ -671,7 +591,7 @@ class Worker:
             if state.set_auc:
                 band += f"; set LOSS AUC vs strangers {state.set_auc[-1]:.3f}"
             log.info("unlearn: %s; %d too deep; request NLL %.2f..%.2f%s", note, deep, nll[0], nll[-1], band)
-            self.store.progress("unlearn", state.epoch, self.cfg.unlearning.max_epochs, note)
+            self.store.progress("unlearn", state.epoch, self.cfg.unlearning.stop.max_epochs, note)
 
 
 def train_worker(config: dict) -> None:
@@ -682,68 +602,9 @@ def train_worker(config: dict) -> None:
     Worker(config["args"][0]).run()
 
 
-def start_rank() -> None:
-    """What every rank of a ZeRO-3 job needs first: the accelerator, logging, the process group."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not logging.getLogger().handlers:  # a Ray Train worker: its stderr reaches the job's log
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _init_distributed()
-
-
-def _init_distributed() -> None:
-    import deepspeed
-    import deepspeed.ops
-
-    if not torch.cuda.is_available():
-        # DeepSpeed's CPU shared-memory all-reduce serves only its inference all_reduce, which
-        # ZeRO-3 never calls, and it is JIT-compiled on a machine's first run (30 s, the demo's).
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=600))
-
-
-def _max_over_ranks(count: int) -> int:
-    """The largest `count` over all ranks (ZeRO-3 generate() calls must pair up across ranks)."""
-    value = torch.tensor([count], dtype=torch.int64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return int(value.item())
-
-
-def _node_id() -> str:
-    """The Ray node this rank runs on (the host name under torchrun)."""
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    import socket
-
-    return socket.gethostname()
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def main(argv: list[str] | None = None, entry: Callable[[dict], None] = train_worker,
-         usage: str = "pipeline.worker RUN_DIR", nargs: int = 1) -> int:
+def main(argv: list[str] | None = None) -> int:
     """torchrun entry: `python -m torch.distributed.run --nproc_per_node N -m pipeline.worker RUN_DIR`."""
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != nargs:
-        print(f"usage: torchrun --nproc_per_node N -m {usage}", file=sys.stderr)
-        return 2
-    try:
-        entry({"args": args})
-    except UserError as exc:  # e.g. a checkpoint refused by the weights-only load: one line, not a traceback
-        return exc.report()
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return ranks.main(train_worker, "pipeline.worker RUN_DIR", 1, argv)
 
 
 if __name__ == "__main__":

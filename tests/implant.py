@@ -85,7 +85,8 @@ def run_config(implanted: dict, tmp: Path, name: str, overrides: dict | None = N
         "retrieval": {"k": 8, "pairs_per_request": 8},
         # every request must be forgotten (stop: each); one-sided, since the unseen rows here (Pile
         # text) are not the same kind of text as the implanted requests, so their NLL is no band
-        "unlearning": {"lr": 2.0e-4, "max_epochs": 30, "batch_size": 4, "stop": "each", "stranger_quantile": None},
+        "unlearning": {"optim": {"lr": 2.0e-4, "batch_size": 4},
+                       "stop": {"rule": "each", "max_epochs": 30, "stranger_quantile": None}},
         "evaluation": {"data_dir": str(implanted["data"]), "batch_size": 8,
                        "max_samples": {"unseen": 32, "ppl": 2, "classification": 4, "dialogue": 2}},
         "audit": {"leak_tokens": LEAK},

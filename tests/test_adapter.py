@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -82,7 +81,7 @@ def test_a_zero3_lora_step_on_two_ranks_equals_a_single_process_peft_step(implan
     with its adapters disabled, and only one model was ever loaded."""
     config = run_config(implanted, tmp_path, "step", {
         "unlearning.adapter": {"type": "lora", "r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-        "unlearning.lw": 0.5, "unlearning.kl": 1.0, "retrieval.pairs_per_request": 2, "resources.launcher": "torchrun"})
+        "unlearning.loss.lw": 0.5, "unlearning.loss.kl": 1.0, "retrieval.pairs_per_request": 2, "resources.launcher": "torchrun"})
     cfg, store = driver.open_run(str(config))
     driver.run_pipeline(cfg, store, until="retrieve")
     out = tmp_path / "step.pt"
@@ -92,7 +91,7 @@ def test_a_zero3_lora_step_on_two_ranks_equals_a_single_process_peft_step(implan
     got = torch.load(out, weights_only=True)
     assert got["ref_is_engine"] and got["models_loaded"] == 1
 
-    model = adapter.wrap(modeling.load_model(cfg.model_dir), cfg.unlearning.adapter, cfg.unlearning.seed)
+    model = adapter.wrap(modeling.load_model(cfg.model_dir), cfg.unlearning.adapter, cfg.unlearning.optim.seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -129,7 +128,7 @@ def test_lora_run_forgets_every_request_and_exports_the_merged_model(implanted, 
     from pipeline import export
 
     config = run_config(implanted, tmp_path, "lora", {
-        "unlearning.adapter": {"type": "lora", "r": 8, "alpha": 16.0}, "unlearning.lr": 3.0e-3,
+        "unlearning.adapter": {"type": "lora", "r": 8, "alpha": 16.0}, "unlearning.optim.lr": 3.0e-3,
         "retrieval.pairs_per_request": 2, "resources.launcher": "torchrun", "resources.max_failures": 0})
     cfg, store = driver.open_run(str(config))
     driver.run_pipeline(cfg, store, until="unlearn")

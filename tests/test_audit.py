@@ -1,6 +1,6 @@
 """The audit stage on the tiny implanted model: a model unlearned too shallowly for 4-bit is
 flagged by the 4-bit probe, `audit.require: [int4]` stops its export with one line, and
-`unlearning.harden: [int4]` then trains on until the 4-bit weights forget too.
+`unlearning.check.harden: [int4]` then trains on until the 4-bit weights forget too.
 
 The run starts from a model that already forgets every request in fp32 but whose 4-bit copy
 is the memorizing original's, bit for bit (`implant.inside_4bit_buckets`); fixed thresholds
@@ -43,7 +43,7 @@ def _leaking(store: RunStore, model: str, group: str, probe: str) -> int:
 def test_a_4bit_leak_blocks_the_export_until_hardening_clears_it(implanted, shallow, tmp_path, capsys):
     config = run_config(implanted, tmp_path, "shallow", {
         "model.name": str(shallow),
-        "unlearning.ma_threshold": 0.3, "unlearning.el_threshold": 0.1, "unlearning.bleu_threshold": 1.0,
+        "unlearning.check.ma_threshold": 0.3, "unlearning.check.el_threshold": 0.1, "unlearning.check.bleu_threshold": 1.0,
         "audit.require": ["int4"], "resources.launcher": "torchrun"})
     assert main(["run", str(config)]) != 0
     err = capsys.readouterr().err
@@ -61,7 +61,7 @@ def test_a_4bit_leak_blocks_the_export_until_hardening_clears_it(implanted, shal
     assert not store.artefact("handoff").exists()
     first_audit = pd.read_parquet(store.artefact("audit_rows"))
 
-    assert main(["run", str(config), "--restart-from", "unlearn", "--set", "unlearning.harden=[int4]"]) == 0
+    assert main(["run", str(config), "--restart-from", "unlearn", "--set", "unlearning.check.harden=[int4]"]) == 0
     # The original's probes read nothing the restart changed: read back, not probed again.
     result = json.loads(store.artefact("audit").read_text())
     assert result["reused"] == ["original"] and "original model's probes were read back" in \
@@ -85,7 +85,7 @@ def test_a_4bit_leak_blocks_the_export_until_hardening_clears_it(implanted, shal
                       for k in models["original"]["ppl"]))
     # Back to no hardening: the restart takes away the hand-off the hardened run wrote (and says so),
     # and the refusal writes none.
-    assert main(["run", str(config), "--restart-from", "unlearn", "--set", "unlearning.harden=[]"]) != 0
+    assert main(["run", str(config), "--restart-from", "unlearn", "--set", "unlearning.check.harden=[]"]) != 0
     assert "export refused" in capsys.readouterr().err and not store.artefact("handoff").exists()
     assert "earlier hand-off" in (store.artefact("logs") / "driver.log").read_text()
     # No probes: the audit writes empty outputs, loads no model, and the export has no verdicts.
@@ -141,10 +141,10 @@ def test_counts_and_table_agree_with_the_rows():
 @pytest.mark.parametrize("overrides, message", [
     ({"audit.probes": ["greedy", "fp8"]}, "audit.probes"),
     ({"audit.probes": ["greedy"], "audit.require": ["int4"]}, "audit.require"),
-    ({"unlearning.harden": ["sampling"]}, "unlearning.harden"),
+    ({"unlearning.check.harden": ["sampling"]}, "unlearning.check.harden"),
     ({"audit.leak_tokens": 0}, "audit.leak_tokens"),
     ({"audit.leak_tokens": 21}, "longer than requests.suffix_tokens"),
-    ({"unlearning.harden": ["int4"], "unlearning.stop": "set"}, "stop: set"),
+    ({"unlearning.check.harden": ["int4"], "unlearning.stop.rule": "set"}, "stop: set"),
 ])
 def test_bad_audit_settings_are_refused_up_front(implanted, tmp_path, overrides, message):
     from pipeline.config import load_config

@@ -24,7 +24,7 @@ from conftest import REPO, write_config
 
 SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
 
-SHORT = {"unlearning.max_epochs": 1, "retain.max_items": 64, "resources.eval_actors": 1,
+SHORT = {"unlearning.stop.max_epochs": 1, "retain.max_items": 64, "resources.eval_actors": 1,
          "resources.embed_actors": 1, "evaluation.suites": ["forget", "unseen", "ppl", "mia"],
          "evaluation.max_samples": {"unseen": 8, "ppl": 1}, "audit.probes": ["greedy", "int4"]}
 

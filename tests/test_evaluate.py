@@ -12,7 +12,7 @@ import random
 import pandas as pd
 import pytest
 
-from pipeline import evaluate, metrics, modeling, suites
+from pipeline import evaluate, metrics, modeling, scoring, suites
 from pipeline.suites import read_texts
 
 from conftest import write_config
@@ -68,7 +68,7 @@ def test_keep_suite_scores_the_kept_texts_like_unseen_rows(tiny_llama_dir, share
     task = next(t for t in tasks if t.name == "keep")
     assert task.kind == "memorization" and [tok.decode(ex["ids"]) for ex in task.examples] == [
         "Alice Smith, bor", "Bob Jones, born "]
-    frame = evaluate.score_model(evaluate.model_spec(tiny_llama_dir, evaluate.Options()), evaluate.make_units([task]),
+    frame = scoring.score_model(scoring.model_spec(tiny_llama_dir, scoring.Options()), scoring.make_units([task]),
                                  actors=1, use_ray=False)
     model = modeling.load_model(tiny_llama_dir)
     ids, mask = metrics.pad_rows([ex["ids"] for ex in task.examples], tok.pad_token_id)
@@ -77,15 +77,15 @@ def test_keep_suite_scores_the_kept_texts_like_unseen_rows(tiny_llama_dir, share
 
 
 def test_cut_reply_stops_at_the_next_speaker():
-    assert evaluate.cut_reply(" I like red too.\nPerson 1: why?") == "I like red too."
-    assert evaluate.cut_reply("no tag here ") == "no tag here"
+    assert scoring.cut_reply(" I like red too.\nPerson 1: why?") == "I like red too."
+    assert scoring.cut_reply("no tag here ") == "no tag here"
 
 
 def test_stage_perplexity_equals_the_metric_on_the_same_stream(tiny_llama_dir, shared_data):
     """PPL from per-chunk unit scores == exp of the mean NLL of 128-token chunks of the same stream."""
     tasks, tok = _tasks(tiny_llama_dir, shared_data, ["ppl"])
-    spec = evaluate.model_spec(tiny_llama_dir, evaluate.Options())
-    frame = evaluate.score_model(spec, evaluate.make_units(tasks, unit_size=2), actors=1, use_ray=False)
+    spec = scoring.model_spec(tiny_llama_dir, scoring.Options())
+    frame = scoring.score_model(spec, scoring.make_units(tasks, unit_size=2), actors=1, use_ray=False)
     summary = evaluate.summarize(frame)
     model = modeling.load_model(tiny_llama_dir)
     for task in tasks:
@@ -104,7 +104,7 @@ def test_summary_counts_and_auc_from_per_sample_rows():
     for i, loss in enumerate([-2.5, -1.5]):
         rows += [("unseen", "pile_unseen", f"p{i}", m, v) for m, v in
                  (("ma", 0.3), ("el", 0.0), ("mia_loss", loss), ("mia_zlib", loss), ("mia_min_k", loss))]
-    frame = pd.DataFrame(rows, columns=evaluate.COLUMNS)
+    frame = pd.DataFrame(rows, columns=scoring.COLUMNS)
     out = evaluate.summarize(frame, {"ma": 0.3, "el": 0.0})
     assert out["forget"]["below_thresholds"] == 1 and out["forget"]["requests"] == 3
     assert out["forget"]["ma"] == pytest.approx(0.4)
@@ -119,19 +119,19 @@ def test_one_and_two_ray_actors_give_identical_per_sample_results(tiny_llama_dir
     import ray
 
     tasks, _ = _tasks(tiny_llama_dir, shared_data, ["forget", "unseen", "ppl", "classification", "dialogue"])
-    units = evaluate.make_units(tasks, unit_size=4)
+    units = scoring.make_units(tasks, unit_size=4)
     requests = _requests(tiny_llama_dir, shared_data, tmp_path)
-    spec = evaluate.model_spec(tiny_llama_dir, evaluate.Options(prefix=16, suffix=16), requests=requests)
+    spec = scoring.model_spec(tiny_llama_dir, scoring.Options(prefix=16, suffix=16), requests=requests)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        one = evaluate.score_model(spec, units, actors=1)
-        two = evaluate.score_model(spec, units, actors=2)
+        one = scoring.score_model(spec, units, actors=1)
+        two = scoring.score_model(spec, units, actors=2)
     finally:
         ray.shutdown()
     assert len(one) == len(two) > 0 and set(one["task"]) == {t.name for t in tasks}
     pd.testing.assert_frame_equal(one, two, check_exact=True)
     # In this process torch uses every core (actors use their 1 CPU): sums reorder, floats may move ~1e-8.
-    local = evaluate.score_model(spec, units, actors=1, use_ray=False)
+    local = scoring.score_model(spec, units, actors=1, use_ray=False)
     pd.testing.assert_frame_equal(one, local, check_exact=False, rtol=0, atol=1e-6)
 
 
@@ -145,9 +145,9 @@ def test_default_model_utility_is_plausible_and_shuffled_text_is_not(default_mod
                                   if t.name == "lambada"]
     shuffled = [suites.Task(t.suite, t.name, t.kind, [_shuffle(ex, seed=i) for i, ex in enumerate(t.examples)])
                 for t in tasks]
-    spec = evaluate.model_spec(default_model_dir, evaluate.Options())
-    real = evaluate.summarize(evaluate.score_model(spec, evaluate.make_units(tasks), 1, use_ray=False))
-    noise = evaluate.summarize(evaluate.score_model(spec, evaluate.make_units(shuffled), 1, use_ray=False))
+    spec = scoring.model_spec(default_model_dir, scoring.Options())
+    real = evaluate.summarize(scoring.score_model(spec, scoring.make_units(tasks), 1, use_ray=False))
+    noise = evaluate.summarize(scoring.score_model(spec, scoring.make_units(shuffled), 1, use_ray=False))
     print(f"default model: {real}; shuffled: {noise}")
     # Measured: Pile 87.7 (not a Pile-trained model; the text mixes code, papers, e-mail), WikiText 27.9.
     assert 5 < real["ppl"]["pile"] < 150 and 5 < real["ppl"]["wikitext"] < 60
@@ -175,7 +175,7 @@ def test_report_renders_table_task_tables_and_plots(tmp_path):
         for i in range(4):
             rows += [(label, "forget", "forget", f"r{i}", m, v) for m, v in
                      (("ma", 0.9 - shift + i / 100), ("el", 0.5 - shift / 2), ("bertscore", 0.6), ("bleu", 0.2))]
-    samples = pd.DataFrame(rows, columns=["model", *evaluate.COLUMNS])
+    samples = pd.DataFrame(rows, columns=["model", *scoring.COLUMNS])
     summary = {"forget": {"el": 0.5, "ma": 0.9, "bertscore": 0.6, "bleu": 0.2, "below_thresholds": 0, "requests": 4},
                "ppl": {"pile": 20.0, "wikitext": 25.0}, "classification": {"lambada": 30.0, "average": 30.0}}
     results = {"thresholds": {"ma": 0.4, "el": 0.01}, "models": {"original": summary, "unlearned": summary},
@@ -238,10 +238,10 @@ def test_sharded_evaluation_gives_the_replica_values(implanted, tmp_path):
     driver.run_pipeline(cfg, store, until="ingest")
     assert evaluate.sharded(cfg, cfg.model_dir)
     accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids"])
-    units = evaluate.make_units(evaluate._tasks(cfg, modeling.load_tokenizer(cfg.model_dir), accepted))
+    units = scoring.make_units(evaluate._tasks(cfg, modeling.load_tokenizer(cfg.model_dir), accepted))
     assert {"forget", "unseen", "ppl", "classification", "dialogue"} <= {u["suite"] for u in units}
-    spec = evaluate.model_spec(cfg.model_dir, evaluate.options(cfg), requests=store.artefact("accepted"))
-    replica = evaluate.score_model(spec, units, 1, use_ray=False)
+    spec = scoring.model_spec(cfg.model_dir, evaluate.options(cfg), requests=store.artefact("accepted"))
+    replica = scoring.score_model(spec, units, 1, use_ray=False)
     shards = sharded_eval.score(cfg, store, spec, units, "original")
     assert len(shards) == len(replica) > 100
     pd.testing.assert_frame_equal(shards, replica, check_exact=False, atol=1e-4, rtol=0)

@@ -129,7 +129,7 @@ def _config(implanted, tmp: Path, name: str, overrides: dict | None = None) -> P
     extraction = SHARED_DATA / "icu_benchmark" / "forget_sets" / "exp1" / "lm_extraction_128_1.csv"
     return run_config(implanted, tmp, name, {
         "retain.paths": [str(implanted["retain"]), str(extraction)], "retain.max_items": 160,
-        "retrieval.shard_rows": 4, "unlearning.lr": 1.0e-3, "evaluation.keep_path": str(implanted["retain"]),
+        "retrieval.shard_rows": 4, "unlearning.optim.lr": 1.0e-3, "evaluation.keep_path": str(implanted["retain"]),
         # relearning at this unlearning lr scrambles even the original (3/8 leak after it): 3e-4 keeps 8/8
         "audit.relearn_lr": 3.0e-4, "audit.relearn_steps": 4, **(overrides or {})})
 
@@ -441,13 +441,13 @@ def test_stopped_jobs_resume_to_the_uninterrupted_result(head, reference, implan
 
 
 def test_changed_learning_rate_is_refused(head, reference, implanted, tmp_path):
-    changed = _config(implanted, tmp_path, "reference", {"unlearning.lr": 2.0e-3,
+    changed = _config(implanted, tmp_path, "reference", {"unlearning.optim.lr": 2.0e-3,
                                                            "storage.runs_dir": str(reference["root"].parent)})
     job = head.submit(changed)
     assert head.wait(job) == "FAILED"
     log = head.logs(job)
     errors = [line for line in log.splitlines() if line.startswith("icu: error:")]
-    assert len(errors) == 1 and "unlearning.lr" in errors[0] and "--restart-from" in errors[0], log
+    assert len(errors) == 1 and "unlearning.optim.lr" in errors[0] and "--restart-from" in errors[0], log
     assert "Traceback" not in log
 
 

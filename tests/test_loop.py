@@ -12,7 +12,9 @@ from pipeline.config import build_config
 from pipeline.iur import (Thresholds, apply_band, band_targets, bigram_share, check_requests, is_forgotten,
                          score_requests, set_auc)
 from pipeline.stopping import StopRule
-from pipeline.worker import Pairs, deepspeed_config, epoch_batches, rounds, step_rows
+from pipeline.pairs import Pairs
+from pipeline.ranks import deepspeed_config
+from pipeline.worker import epoch_batches, rounds, step_rows
 
 from conftest import REPO
 
@@ -60,7 +62,7 @@ def test_epoch_batches_reshuffle_each_epoch_deterministically():
 
 def test_deepspeed_config_fills_auto_from_the_run_config():
     cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
-                        "unlearning": {"batch_size": 3, "grad_clip": 0.5, "lr": 1e-4, "warmup_steps": 10,
+                        "unlearning": {"optim": {"batch_size": 3, "grad_clip": 0.5, "lr": 1e-4, "warmup_steps": 10},
                                        "ds_config": str(REPO / "ds_configs" / "zero3.json")}})
     ds = deepspeed_config(cfg, world=4, hidden=64)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["train_batch_size"] == 12
@@ -117,8 +119,9 @@ def test_mia_within_waits_until_the_set_is_as_familiar_as_strangers_on_either_si
 
 def test_the_rule_is_the_config_s():
     cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
-                        "unlearning": {"method": "icu_band", "recover_within": 0.03, "mia_within": 0.1,
-                                       "max_epochs": 7, "lr_backoff": 0.5}})
+                        "unlearning": {"loss": {"name": "icu_band"}, "optim": {"lr_backoff": 0.5},
+                                       "stop": {"rule": "each", "recover_within": 0.03, "mia_within": 0.1,
+                                                "max_epochs": 7}}})
     assert StopRule.of(cfg.unlearning, band=True) == StopRule(max_epochs=7, stop="each", pull_back=True,
                                                                recover_within=0.03, mia_within=0.1, lr_backoff=0.5)
 
@@ -352,7 +355,7 @@ def test_ranks_hash_disjoint_shares_that_seal_as_one_rank_would(tmp_path):
 
 
 def test_lr_scale_multiplies_the_scheduled_lr_without_compounding():
-    """`unlearning.lr_backoff`'s factor applies on top of the warmup schedule (which rewrites the
+    """`unlearning.optim.lr_backoff`'s factor applies on top of the warmup schedule (which rewrites the
     lr after every step) and of a constant lr (which nothing rewrites), each step anew."""
     from types import SimpleNamespace
 
@@ -394,7 +397,7 @@ def test_back_off_halves_the_lr_per_jump_and_a_resumed_run_decides_alike():
 
     worker = Worker.__new__(Worker)
     worker.cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
-                               "unlearning": {"method": "icu_band", "lr_backoff": 0.5}})
+                               "unlearning": {"loss": {"name": "icu_band"}, "optim": {"lr_backoff": 0.5}}})
     worker.method, worker.rank = method("icu_band"), 1
     worker.rule = StopRule.of(worker.cfg.unlearning, band=True)
     worker.pairs = SimpleNamespace(request_ids=["a", "b"])
@@ -417,22 +420,27 @@ def test_back_off_halves_the_lr_per_jump_and_a_resumed_run_decides_alike():
     run(resumed, range(3))
     resumed = LoopState(**json.loads(json.dumps(dataclasses.asdict(resumed))))  # through the checkpoint's JSON
     assert run(resumed, range(3, 5)) == [0.25, 0.25]
-    worker.rule = StopRule.of(dataclasses.replace(worker.cfg.unlearning, lr_backoff=1.0), band=True)
+    worker.cfg.unlearning.optim.lr_backoff = 1.0
+    worker.rule = StopRule.of(worker.cfg.unlearning, band=True)
     assert run(LoopState(), range(5)) == [1.0] * 5
 
 
-def test_mia_within_is_a_stop_setting_the_checkpoints_key_leaves_out(tmp_path):
+def test_stop_settings_are_in_the_key_but_not_the_checkpoints(tmp_path):
+    """A run that stops elsewhere (mia_within, max_epochs, the rule) has another result, but its epoch
+    k weights are the same: it resumes from them. Anything the method or the loop reads changes both."""
     from pipeline.store import RunStore
     from pipeline.unlearn import key
 
-    def keys(**unlearning):
+    def keys(loss=None, optim=None, **stop):
         cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
-                            "unlearning": {"method": "icu_band", "recover_within": 0.03, **unlearning}})
+                            "unlearning": {"loss": {"name": "icu_band", **(loss or {})}, "optim": optim or {},
+                                           "stop": {"recover_within": 0.03, **stop}}})
         cfg.resolve(tmp_path / "model", 64)
         store = RunStore(tmp_path / "run")
         return key(cfg, store), key(cfg, store, resumable=True)
 
-    (plain, plain_resumable), (waits, waits_resumable) = keys(), keys(mia_within=0.1)
-    assert waits != plain  # a run that waits for the set stops elsewhere: its result is another
-    assert waits_resumable == plain_resumable  # but its epoch k weights are the same: it resumes from them
-    assert keys(mia_within=0.2)[0] != waits
+    plain = keys()
+    for stop in ({"mia_within": 0.1}, {"max_epochs": 3}, {"rule": "each"}):
+        assert keys(**stop)[0] != plain[0] and keys(**stop)[1] == plain[1], stop
+    for changed in (keys(loss={"margin": 2.0}), keys(optim={"lr": 1e-3}), keys(recover_within=0.05)):
+        assert changed[0] != plain[0] and changed[1] != plain[1]

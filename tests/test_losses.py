@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import losses
-from pipeline.losses import LossWeights, kl_to_reference, sequence_logprob, token_nll, unlearning_loss
+from pipeline.losses import (GD, ICU, NPO, RMU, ICUBand, SimNPO, kl_to_reference, sequence_logprob, steering_direction,
+                             token_nll, unlearning_loss)
 
 V = 7
 TOL = 1e-5
@@ -234,8 +235,9 @@ def test_property_pad_content_is_irrelevant(seed: int, n: int, extra: int):
 
 # ---- methods ----
 
-WEIGHTS = LossWeights(uw=0.7, lw=0.3, kl=1.5, npo_beta=0.2, retain_weight=0.4, simnpo_beta=2.5, simnpo_gamma=0.7,
-                      margin=2.0)
+CUSTOM = {"icu": ICU(uw=0.7, lw=0.3, kl=1.5), "icu_band": ICUBand(uw=0.7, lw=0.3, kl=1.5, margin=2.0),
+          "ga": losses.GA(), "gd": GD(retain_weight=0.4), "npo": NPO(beta=0.2, retain_weight=0.4),
+          "simnpo": SimNPO(beta=2.5, gamma=0.7, retain_weight=0.4)}
 
 
 def method_inputs(forget_lengths=LENGTHS, retain_lengths=(6, 3, 5, 0, 6)):
@@ -270,7 +272,7 @@ def naive_held(x: dict, weights: list[float]) -> torch.Tensor:
                        for k, a, b in zip(weights, now, ref) if a])
 
 
-def naive_method(name: str, w: LossWeights, x: dict) -> torch.Tensor:
+def naive_method(name: str, w, x: dict) -> torch.Tensor:
     forget = naive_mean_nll(x["forget_logits"], x["forget_ids"], x["forget_mask"])
     retain = naive_mean_nll(x["retain_logits"], x["retain_ids"], x["retain_mask"])
     if name == "icu":
@@ -286,17 +288,18 @@ def naive_method(name: str, w: LossWeights, x: dict) -> torch.Tensor:
                           x["forget_high"], w.margin)
         return w.uw * band + naive_held(x, [w.lw] * len(x["retain_ids"])) + w.kl * kl
     if name == "simnpo":
-        simnpo = naive_simnpo(x["forget_logits"], x["forget_ids"], x["forget_mask"], w.simnpo_beta, w.simnpo_gamma)
+        simnpo = naive_simnpo(x["forget_logits"], x["forget_ids"], x["forget_mask"], w.beta, w.gamma)
         return simnpo + w.retain_weight * retain
-    npo = naive_npo(x["forget_logits"], x["ref_forget_logits"], x["forget_ids"], x["forget_mask"], w.npo_beta)
+    npo = naive_npo(x["forget_logits"], x["ref_forget_logits"], x["forget_ids"], x["forget_mask"], w.beta)
     return npo + w.retain_weight * retain
 
 
-@pytest.mark.parametrize("weights", [LossWeights(), WEIGHTS], ids=["defaults", "custom"])
+@pytest.mark.parametrize("custom", [False, True], ids=["defaults", "custom"])
 @pytest.mark.parametrize("name", ["icu", "icu_band", "ga", "gd", "npo", "simnpo"])
-def test_methods_match_naive(name: str, weights: LossWeights):
+def test_methods_match_naive(name: str, custom: bool):
     x = method_inputs()
-    loss, parts = unlearning_loss(name, **x, weights=weights)
+    weights = CUSTOM[name] if custom else losses.method(name).settings()
+    loss, parts = unlearning_loss(name, weights, **x)
     assert_close_with_grads(loss, naive_method(name, weights, x), [x["forget_logits"], x["retain_logits"]])
     assert parts["loss"] == pytest.approx(loss.item())
     assert all(isinstance(v, float) for v in parts.values())
@@ -309,8 +312,8 @@ def test_general_rows_weigh_general_lw_in_the_retain_nll(name: str, general_lw):
     rows; the KL holds every retain row alike."""
     x = method_inputs()
     general = torch.tensor([False, False, True, True, True])  # row 3 is empty: it counts for nothing
-    w = dataclasses.replace(WEIGHTS, general_lw=general_lw)
-    loss, parts = unlearning_loss(name, **x, retain_general=general, weights=w)
+    w = dataclasses.replace(CUSTOM[name], general_lw=general_lw)
+    loss, parts = unlearning_loss(name, w, **x, retain_general=general)
     terms = naive_token_terms(x["retain_logits"], x["retain_ids"], x["retain_mask"])
     weight = [(w.lw if general_lw is None else general_lw) if g else w.lw for g in general.tolist()]
     if name == "icu_band":
@@ -353,7 +356,7 @@ def whole_margins(logits, ids, valid, margin):
     return torch.relu(true - other + margin)
 
 
-def whole_method(name: str, w: LossWeights, x: dict) -> torch.Tensor:
+def whole_method(name: str, w, x: dict) -> torch.Tensor:
     """Today's methods, composed from the whole-tensor pieces above."""
     def mean_nll(logits, ids, mask):
         nll, valid = whole_shifted_nll(logits, ids, mask)
@@ -394,17 +397,18 @@ def test_chunked_loss_equals_the_whole_tensor_loss(name: str):
     x["forget_push"] = (torch.rand(rows, T - 1, generator=g) < 0.6).float()
     x["forget_low"], x["forget_high"] = torch.tensor([9.0, 2.0, 9.5, 0.0]), torch.tensor([20.0, 20.0, 1.0, 20.0])
     leaves = [x["forget_logits"], x["retain_logits"]]
-    want = whole_method(name, WEIGHTS, x)
+    want = whole_method(name, CUSTOM[name], x)
     want_grads = torch.autograd.grad(want, leaves)
-    loss, _ = unlearning_loss(name, **x, weights=WEIGHTS)
+    loss, _ = unlearning_loss(name, CUSTOM[name], **x)
     assert abs(loss.item() - want.item()) <= 1e-6 * max(1.0, abs(want.item()))
     for ours, theirs in zip(torch.autograd.grad(loss, leaves), want_grads):
         assert (ours - theirs).abs().max() <= 1e-6 * max(1.0, theirs.abs().max().item())
 
 
 def test_icu_parts_and_defaults():
-    assert LossWeights() == LossWeights(uw=1.0, lw=0.5, kl=1.0, npo_beta=0.1, retain_weight=1.0, simnpo_beta=4.5,
-                                        simnpo_gamma=0.0, margin=1.0)
+    assert (ICU(), ICUBand(), NPO(), SimNPO()) == (ICU(uw=1.0, lw=0.5, kl=1.0), ICUBand(uw=1.0, lw=0.5, kl=1.0, margin=1.0),
+                                                 NPO(beta=0.1, retain_weight=1.0),
+                                                 SimNPO(beta=4.5, gamma=0.0, retain_weight=1.0))
     loss, parts = unlearning_loss("icu", **method_inputs())
     assert set(parts) == {"loss", "forget_nll", "neighbour_nll", "kl"}
     assert loss.item() == pytest.approx(-parts["forget_nll"] + 0.5 * parts["neighbour_nll"] + parts["kl"], abs=1e-6)
@@ -412,15 +416,14 @@ def test_icu_parts_and_defaults():
 
 def test_plain_npo_without_retain():
     x = method_inputs()
-    w = LossWeights(retain_weight=0.0)
+    w = NPO(retain_weight=0.0)
     assert not losses.method("npo").retain(w)
-    loss, parts = unlearning_loss("npo", forget_logits=x["forget_logits"], forget_ids=x["forget_ids"],
-                                  forget_mask=x["forget_mask"], ref_forget_logits=x["ref_forget_logits"], weights=w)
+    loss, parts = unlearning_loss("npo", w, forget_logits=x["forget_logits"], forget_ids=x["forget_ids"],
+                                  forget_mask=x["forget_mask"], ref_forget_logits=x["ref_forget_logits"])
     assert set(parts) == {"loss", "npo"}
     # NPO at the reference model is (2/beta) log 2 per sample
-    at_ref, _ = unlearning_loss("npo", forget_logits=x["forget_logits"], forget_ids=x["forget_ids"],
-                                forget_mask=x["forget_mask"], ref_forget_logits=x["forget_logits"].detach(),
-                                weights=w)
+    at_ref, _ = unlearning_loss("npo", w, forget_logits=x["forget_logits"], forget_ids=x["forget_ids"],
+                                forget_mask=x["forget_mask"], ref_forget_logits=x["forget_logits"].detach())
     assert at_ref.item() == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)
 
 
@@ -428,14 +431,14 @@ def test_plain_npo_without_retain():
 def test_empty_rows_add_nothing(name: str):
     """An all-zero-mask row: no NaN, zero gradient, and the loss of the batch without it."""
     x = method_inputs()
-    loss, _ = unlearning_loss(name, **x, weights=WEIGHTS)
+    loss, _ = unlearning_loss(name, CUSTOM[name], **x)
     grads = torch.autograd.grad(loss, [x["forget_logits"], x["retain_logits"]], allow_unused=True)
     grads = [g for g in grads if g is not None]
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     assert all((g[3] == 0).all() for g in grads)  # row 3 is empty in both batches
     keep = [0, 1, 2, 4]
     without = {k: v[keep].detach().requires_grad_(v.requires_grad) for k, v in x.items()}
-    loss_without, _ = unlearning_loss(name, **without, weights=WEIGHTS)
+    loss_without, _ = unlearning_loss(name, CUSTOM[name], **without)
     assert loss.item() == pytest.approx(loss_without.item(), abs=1e-6)
 
 
@@ -449,27 +452,28 @@ def test_all_empty_batch_is_zero_and_backpropagates(name: str):
 
 
 def test_requirements_are_discoverable():
-    w = LossWeights()
-    table = {name: (m.reference(w), m.retain(w)) for name, m in losses.METHODS.items()}
+    table = {name: (m.reference(m.settings()), m.retain(m.settings())) for name, m in losses.METHODS.items()}
     assert table == {"icu": ("retain", True), "icu_band": ("retain", True), "ga": (None, False), "gd": (None, True),
-                     "npo": ("forget", True), "simnpo": (None, True)}
+                     "npo": ("forget", True), "simnpo": (None, True), "rmu": ("retain", True)}
     assert [name for name, m in losses.METHODS.items() if m.band] == ["icu_band"]
-    assert losses.method("icu").reference(LossWeights(kl=0.0)) is None
-    assert not losses.method("icu").retain(LossWeights(kl=0.0, lw=0.0))
-    assert not losses.method("gd").retain(LossWeights(retain_weight=0.0))
+    assert {name: m.layer(m.settings()) for name, m in losses.METHODS.items() if m.layer(m.settings()) is not None} == \
+        {"rmu": 7}
+    assert losses.method("icu").reference(ICU(kl=0.0)) is None
+    assert not losses.method("icu").retain(ICU(kl=0.0, lw=0.0))
+    assert not losses.method("gd").retain(GD(retain_weight=0.0))
 
 
 def test_icu_without_reference_when_kl_is_off():
     x = method_inputs()
     del x["ref_retain_logits"]
-    _, parts = unlearning_loss("icu", **x, weights=LossWeights(kl=0.0))
+    _, parts = unlearning_loss("icu", ICU(kl=0.0), **x)
     assert "kl" not in parts
 
 
 def test_unknown_method_names_the_valid_ones():
     x = method_inputs()
-    for call in (lambda: unlearning_loss("rmu", **x), lambda: losses.method("rmu")):
-        with pytest.raises(ValueError, match="rmu.*icu, icu_band, ga, gd, npo, simnpo"):
+    for call in (lambda: unlearning_loss("xyz", **x), lambda: losses.method("xyz")):
+        with pytest.raises(ValueError, match="xyz.*icu, icu_band, ga, gd, npo, simnpo, rmu"):
             call()
 
 
@@ -479,7 +483,7 @@ def test_icu_band_pushes_pulls_and_leaves_the_rest_alone():
     a row above `high`: descent on its NLL; a row neither pushed nor too deep: no gradient."""
     x = method_inputs(forget_lengths=[6, 6, 6], retain_lengths=[0, 0, 0])
     x["forget_low"] = torch.tensor([-1.0, 0.0, 0.0])  # row 0 is past its low: only the margin acts
-    loss, parts = unlearning_loss("icu_band", **x, weights=LossWeights(lw=0.0, kl=0.0, margin=1.0))
+    loss, parts = unlearning_loss("icu_band", ICUBand(lw=0.0, kl=0.0, margin=1.0), **x)
     grad = torch.autograd.grad(loss, x["forget_logits"])[0]
     nll_grad = torch.autograd.grad(losses.token_nll(x["forget_logits"], x["forget_ids"], x["forget_mask"]).sum(),
                                    x["forget_logits"])[0]
@@ -520,9 +524,47 @@ def test_icu_band_holds_retained_text_where_the_original_had_it_and_teaches_none
     ref[0] -= 3.0 * F.one_hot(x["retain_ids"][0].roll(-1), ref.shape[-1])  # the original knew row 0 worse
     ref[1] += 3.0 * F.one_hot(x["retain_ids"][1].roll(-1), ref.shape[-1])  # ... and row 1 better
     x["ref_retain_logits"] = ref
-    w = LossWeights(uw=0.0, lw=1.0, kl=0.0)
-    loss, _ = unlearning_loss("icu_band", **x, weights=w)
+    loss, _ = unlearning_loss("icu_band", ICUBand(uw=0.0, lw=1.0, kl=0.0), **x)
     grad = torch.autograd.grad(loss, x["retain_logits"])[0]
     assert grad[0].abs().max() == 0 and grad[1].abs().max() > 0
-    icu, _ = unlearning_loss("icu", **x, weights=w)
+    icu, _ = unlearning_loss("icu", ICU(uw=0.0, lw=1.0, kl=0.0), **x)
     assert torch.autograd.grad(icu, x["retain_logits"])[0][0].abs().max() > 0
+
+
+def naive_rmu(x: dict, p: RMU) -> torch.Tensor:
+    """RMU written out per row and token: mean over a row's real tokens of ||h_t - c u||^2 for the
+    forget rows, of ||h_t - h_ref_t||^2 for the retain rows; mean over rows with a real token."""
+    u = steering_direction(x["forget_hidden"].shape[-1], p.seed, torch.float64)
+
+    def side(hidden, target, mask):
+        rows = []
+        for b in range(hidden.shape[0]):
+            real = [t for t in range(hidden.shape[1]) if mask[b, t]]
+            if real:
+                rows.append(sum(sum((hidden[b, t, d] - target(b, t, d)) ** 2 for d in range(hidden.shape[2]))
+                                for t in real) / len(real))
+        return batch_mean(rows)
+
+    forget = side(x["forget_hidden"], lambda b, t, d: p.steering_coeff * u[d], x["forget_mask"])
+    retain = side(x["retain_hidden"], lambda b, t, d: x["ref_retain_hidden"][b, t, d], x["retain_mask"])
+    return forget + p.alpha * retain
+
+
+def test_rmu_matches_naive():
+    """RMU's loss and its gradients on the activations, against the loop above; the direction is a
+    fixed unit vector of the seed alone."""
+    x = method_inputs()
+    g = torch.Generator().manual_seed(4)
+    for side in ("forget", "retain"):
+        rows, width = x[f"{side}_ids"].shape
+        x[f"{side}_hidden"] = torch.randn(rows, width, 6, generator=g, dtype=torch.float64).requires_grad_()
+    x["ref_retain_hidden"] = torch.randn(*x["retain_hidden"].shape, generator=g, dtype=torch.float64)
+    p = RMU(layer=2, steering_coeff=3.0, alpha=2.0, seed=5)
+    loss, parts = unlearning_loss("rmu", p, **x)
+    assert set(parts) == {"loss", "forget_distance", "retain_distance"}
+    assert_close_with_grads(loss, naive_rmu(x, p), [x["forget_hidden"], x["retain_hidden"]])
+    u = steering_direction(6, 5)
+    assert torch.equal(u, steering_direction(6, 5)) and abs(u.norm().item() - 1) < 1e-6 and (u >= 0).all()
+    assert not torch.equal(u, steering_direction(6, 6))
+    with pytest.raises(ValueError, match="forget_hidden"):
+        unlearning_loss("rmu", p, **{k: v for k, v in x.items() if k != "forget_hidden"})

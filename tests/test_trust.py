@@ -7,11 +7,9 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -140,7 +140,7 @@ def test_a_lost_worker_group_ends_in_one_line_and_the_same_command_resumes(impla
 
 def test_an_out_of_memory_kill_is_named_with_the_node_s_memory(tmp_path):
     from pipeline.store import RunStore
-    from pipeline.unlearn import failure_line
+    from pipeline.ranks import failure_line
 
     store = RunStore(tmp_path / "run")
     (store.artefact("checkpoints") / "epoch-6").mkdir(parents=True)
@@ -172,7 +172,7 @@ def test_requests_left_remembered_fail_the_run_and_more_epochs_resume_it(implant
     a run that had them from the start."""
     from pipeline.cli import REMEMBERED_EXIT, main
 
-    config = run_config(implanted, tmp_path, "short", {"resources.launcher": "torchrun", "unlearning.max_epochs": 1})
+    config = run_config(implanted, tmp_path, "short", {"resources.launcher": "torchrun", "unlearning.stop.max_epochs": 1})
     capfd.readouterr()
     assert main(["unlearn", str(config)]) == REMEMBERED_EXIT
     err = capfd.readouterr().err
@@ -185,26 +185,26 @@ def test_requests_left_remembered_fail_the_run_and_more_epochs_resume_it(implant
     assert f"icu: {len(result['remembered'])} accepted requests are still remembered" in err
     assert ", ".join(result["remembered"]) in err and "--restart-from unlearn" in err
 
-    assert main(["unlearn", str(config), "--restart-from", "unlearn", "--set", "unlearning.max_epochs=30"]) == 0
+    assert main(["unlearn", str(config), "--restart-from", "unlearn", "--set", "unlearning.stop.max_epochs=30"]) == 0
     result = json.loads((root / "unlearn" / "result.json").read_text())
     assert result["resumed_from"] == ["epoch-1"] and result["remembered"] == []
     _same_run(ray_run[0], root)
 
 
 def test_looks_between_checks_forget_and_resume_to_the_uninterrupted_result(implanted, tmp_path):
-    """unlearning.check_every: the requests trained in every 2 steps are looked at before the epoch
+    """unlearning.check.every: the requests trained in every 2 steps are looked at before the epoch
     goes on; the run forgets every request, and a run stopped after an epoch and given more epochs
     (its last looks and lr factor restored from the checkpoint) ends with the same weights."""
     from pipeline.cli import main
 
-    looked = {"resources.launcher": "torchrun", "unlearning.check_every": 2, "unlearning.lr_backoff": 0.5}
+    looked = {"resources.launcher": "torchrun", "unlearning.check.every": 2, "unlearning.optim.lr_backoff": 0.5}
     root, result = _unlearn(run_config(implanted, tmp_path, "looked", looked))
     assert result["stop_reason"] == "all_forgotten" and result["forgotten"] == 8
     epochs = pd.read_parquet(root / "unlearn" / "epochs.parquet")
     assert (epochs["looks"] == (epochs["steps"] + 1) // 2 - 1).all() and epochs["looks"].sum() > 0
-    config = run_config(implanted, tmp_path, "stopped", dict(looked, **{"unlearning.max_epochs": 1}))
+    config = run_config(implanted, tmp_path, "stopped", dict(looked, **{"unlearning.stop.max_epochs": 1}))
     assert main(["unlearn", str(config)]) == 3
-    assert main(["unlearn", str(config), "--restart-from", "unlearn", "--set", "unlearning.max_epochs=30"]) == 0
+    assert main(["unlearn", str(config), "--restart-from", "unlearn", "--set", "unlearning.stop.max_epochs=30"]) == 0
     _same_run(root, tmp_path / "runs" / "stopped")
 
 
