@@ -14,15 +14,20 @@ finishes with accepted requests still remembered exits 3, naming them.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from pipeline import driver, evaluate, keys, modeling
+from pipeline.config import SUITES, build_config, load_config, set_dotted
 from pipeline.errors import UserError
-from pipeline.config import SUITES
+from pipeline.report import paper_table
 from pipeline.store import STAGES
 
 REMEMBERED_EXIT = 3  # the run finished, but some accepted requests are still remembered
@@ -101,8 +106,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    from pipeline import driver
-
     if args.command == "status":
         if not os.path.isdir(args.run_dir):
             raise UserError(f"status: {args.run_dir} is not a run directory; fix: pass runs/<name>")
@@ -129,8 +132,6 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def print_hash(source: str) -> int:
     """`icu hash`: the keyed content hash of one request's text, as ingest computed it."""
-    from pipeline import keys
-
     try:
         text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()
     except (OSError, UnicodeDecodeError) as exc:
@@ -142,8 +143,6 @@ def print_hash(source: str) -> int:
 def remembered_exit(store) -> int:
     """REMEMBERED_EXIT, with one line naming them, when unlearning ended with requests still remembered
     (everything is written by then: the receipt lists them as not_forgotten); else 0."""
-    import json
-
     path = store.artefact("unlearn_result")
     remembered = json.loads(path.read_text()).get("remembered", []) if path.exists() else []
     if not remembered:
@@ -159,10 +158,6 @@ def remembered_exit(store) -> int:
 
 def print_results(store) -> None:
     """What a person wants at the end of a run: the before/after table and where everything is."""
-    import json
-
-    from pipeline.report import paper_table
-
     metrics = store.artefact("metrics")
     if metrics.exists():
         print("\n" + paper_table(json.loads(metrics.read_text())) + "\n")
@@ -175,10 +170,6 @@ def print_results(store) -> None:
 
 def evaluate_folder(args: argparse.Namespace) -> int:
     """`icu evaluate --model PATH`: score one model folder without a run."""
-    from pathlib import Path
-
-    from pipeline import evaluate, modeling
-    from pipeline.config import build_config, load_config, set_dotted
 
     overrides = parse_overrides(args.set)
     if args.suites:
@@ -198,8 +189,6 @@ def evaluate_folder(args: argparse.Namespace) -> int:
     cfg.evaluation.suites = [s for s in cfg.evaluation.suites if s not in ("forget", "mia")]
     out = Path(args.out or Path(cfg.storage.runs_dir) / f"eval-{model_dir.name}")
     results = evaluate.evaluate_folder(model_dir, cfg, out)
-    from pipeline.report import paper_table
-
     print(paper_table(results))
     print(f"report: {out / 'report.md'}")
     return 0
@@ -208,8 +197,6 @@ def evaluate_folder(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -64,9 +64,10 @@ def path_field(default: Any = REQUIRED, *, default_factory: Any = None, **meta: 
 
 @dataclass
 class ModelConfig:
+    """The model to unlearn from."""
     name: str = "default"  # "default" (SmolLM2-135M), "tiny-llama", "tiny-gptneo", or a local HF folder
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the folder's own modelling code: an explicit opt-in, never a default
 
     def validate(self) -> None:
         _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -77,14 +78,15 @@ class ModelConfig:
 
 @dataclass
 class RequestsConfig:
-    path: str = path_field(hint="the erasure request file (jsonl, csv, parquet) or a saved dataset folder")
-    format: str = "auto"
-    text_column: str = "text"
-    id_column: str | None = None
-    prefix_tokens: int = 50
-    suffix_tokens: int = 50
+    """The erasure requests, one per row (pipeline/ingest.py: every row accepted or rejected with a reason)."""
+    path: str = path_field(hint="the erasure request file (jsonl, csv, parquet) or a saved dataset folder")  # required
+    format: str = "auto"  # auto (from the suffix), jsonl, json, csv, parquet, dataset
+    text_column: str = "text"  # the column holding each request's text
+    id_column: str | None = None  # the column holding your ids (kept exactly); null: the keyed content hash's first 16 hex
+    prefix_tokens: int = 50  # the first prompt window: the checks prompt with it and measure every token after it
+    suffix_tokens: int = 50  # a window the probes decode (the generation similarity, the audit's sampling windows)
     max_tokens: int | None = 200  # the paper's sequence length; null = the model's context
-    too_long: str = "truncate"
+    too_long: str = "truncate"  # a request over max_tokens: truncate it, or reject it
     limit: int | None = None  # take only the first N rows (demos, smoke tests)
 
     def validate(self) -> None:
@@ -101,11 +103,13 @@ class RequestsConfig:
 
 @dataclass
 class RetainConfig:
+    """The retain pool: text the model must keep, where each request's neighbours are looked for."""
+    # retain text files (jsonl, csv, parquet, txt) or folders
     paths: list[str] = path_field(default_factory=list, hint="retain text files (jsonl, csv, parquet, "
                                   "txt) or folders")
-    text_column: str = "text"
-    chunk_tokens: int | None = None  # null = requests.max_tokens
-    max_items: int | None = None
+    text_column: str = "text"  # the text column of csv / jsonl / parquet files
+    chunk_tokens: int | None = None  # pool items are cut to this many tokens; null = requests.max_tokens
+    max_items: int | None = None  # at most this many pool items, taken from the files in turn
 
     def validate(self) -> None:
         _positive("retain.chunk_tokens", self.chunk_tokens)
@@ -114,14 +118,15 @@ class RetainConfig:
 
 @dataclass
 class RetrievalConfig:
+    """Each request's nearest retain neighbours (pipeline/retrieve.py, FAISS), and the leak guard."""
     embedder: str = "minilm"  # "minilm" (the paper's all-MiniLM-L6-v2), "lm" (target model), or a folder
-    k: int = 10
+    k: int = 10  # neighbours retrieved per request
     pairs_per_request: int = 1  # the paper trains on the top-1 neighbour
-    index: str = "auto"
-    exact_max: int = 200_000
+    index: str = "auto"  # auto (exact up to exact_max pool items), flat, ivf_flat, ivf_pq, hnsw
+    exact_max: int = 200_000  # the largest pool auto searches exactly
     leak_threshold: float = 0.9  # cosine at which a pool item counts as a near-copy of a request
     ngram_threshold: float = 0.3  # word 8-gram overlap at which it does
-    batch_size: int = 64
+    batch_size: int = 64  # texts per embedding batch
     shard_rows: int = 1024  # pool items per embedding shard (the unit of resume)
     index_shards: int = 1  # >1: one index per slice of the pool, searched in parallel
     # pool items per retain source, beyond the neighbours, kept as general retain text
@@ -152,9 +157,10 @@ class AdapterConfig:
     """What trains: every weight (none), or LoRA adapters on `target_modules` (peft) while the
     model stays frozen; the frozen model is then the same engine with its adapters disabled."""
     type: str = "none"  # none | lora
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA scale: the update is alpha / r * B @ A
+    dropout: float = 0.0  # LoRA dropout
+    # the linear layers adapted
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
@@ -173,7 +179,7 @@ class LossConfig:
     """The method and its own settings: `{name: icu_band, margin: 1.0, ...}` in YAML. Each method's
     settings are its record's in pipeline/losses.py (their defaults: the method's published ones)."""
     name: str = "icu"  # icu (the paper's), icu_band (the recommended recipe's), ga, gd, npo, simnpo, rmu
-    settings: Any = field(default_factory=lambda: METHODS["icu"].settings())
+    settings: Any = field(default_factory=lambda: METHODS["icu"].settings())  # the method's own settings
 
     def validate(self) -> None:
         for problem in self.settings.problems():
@@ -190,13 +196,13 @@ class OptimConfig:
     batch_size: int = 8  # request/neighbour pairs per worker and step
     # general retain rows (retrieval.general_per_source) added to each step's retain side
     general_batch: int = 0
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # the gradient's norm is clipped to this
+    warmup_steps: int = 0  # linear warmup of the lr over this many steps
+    weight_decay: float = 0.0  # AdamW's
     # when a request trained since its last look went from remembered to erased too deep (or back),
     # the steps are longer than the band is wide: every later step's lr is multiplied by this; 1 = never
     lr_backoff: float = 1.0
-    seed: int = 42
+    seed: int = 42  # the batches' order, the general rows drawn, LoRA's initial A
 
     def validate(self) -> None:
         for key in ("lr", "batch_size", "grad_clip"):
@@ -215,7 +221,7 @@ class StopConfig:
     # some requests above them); each: until every request is forgotten on its own (or max_epochs;
     # `icu run` then exits 3 naming the rest)
     rule: str = "set"
-    max_epochs: int = 30
+    max_epochs: int = 30  # a run must end: `icu run` exits 3 naming the requests still remembered
     # a request whose token-mean NLL lies above this quantile of the strangers' (re-measured at every
     # check) was erased too deep: it stands out as less familiar than nearly every stranger and does
     # not count as forgotten; null: one-sided (the paper's rule)
@@ -251,8 +257,8 @@ class CheckConfig:
     # only the check after each epoch (the paper's cadence)
     every: int | None = None
     num_beams: int = 2  # the generation from the prefix (the paper's beam search)
-    bertscore_threshold: float = 0.3
-    bleu_threshold: float = 0.01
+    bertscore_threshold: float = 0.3  # a generation below this BERTScore-F1 (or BLEU below its threshold) is dissimilar
+    bleu_threshold: float = 0.01  # ... below this sentence BLEU-4
     ma_threshold: float | None = None  # null: the original model's mean MA on the unseen rows
     el_threshold: float | None = None  # null: the original model's mean EL10 on the unseen rows
     # the never-seen records the checks compare the requests with (the band, the template); null:
@@ -286,6 +292,8 @@ class UnlearningConfig:
     check: CheckConfig = field(default_factory=CheckConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     keep_checkpoints: int = 2  # epoch checkpoints kept (the newest; resume takes the newest that verifies)
+    # the DeepSpeed JSON (ZeRO-3; its "auto" values filled from this config): zero3 (GPU, bf16),
+    # zero3_offload, zero3_cpu
     ds_config: str = path_field("ds_configs/zero3_cpu.json", hint="a DeepSpeed JSON config")
 
     def validate(self) -> None:
@@ -331,9 +339,11 @@ class UnlearningConfig:
 
 @dataclass
 class EvaluationConfig:
+    """What the evaluate stage scores, before and after (pipeline/evaluate.py)."""
+    # forget, unseen, ppl, classification, dialogue, mia (keep runs whenever keep_path is set)
     suites: list[str] = field(default_factory=lambda: list(SUITES))
     max_samples: dict[str, int] = field(default_factory=dict)  # per-suite caps
-    data_dir: str = path_field("../shared/data", hint="the shared benchmark data folder")
+    data_dir: str = path_field("../shared/data", hint="the shared benchmark data folder")  # the benchmark data
     # text the model never saw, like the requests (the forgetting thresholds); null = icu_benchmark/pile.csv
     unseen_path: str | None = path_field(None, hint="a jsonl/csv/parquet file with a text column")
     # text the model must keep remembering (e.g. the customers not erased): MA / EL before and after
@@ -341,10 +351,10 @@ class EvaluationConfig:
     # the gold standard: the same base trained without the requests ("retrained"); scored on the
     # requests, the unseen and the kept rows, it gives MUSE's PrivLeak and the kept rows' ceiling
     reference_model: str | None = path_field(None, hint="a model folder trained without the requests")
-    el_n: int = 10
+    el_n: int = 10  # the n of EL_n
     el_range: str = "icu"  # "icu": prompts t = 0.75T..T-1; "ku": t = 1..T-1
-    ppl_chunk: int = 512
-    batch_size: int = 8
+    ppl_chunk: int = 512  # tokens per perplexity chunk
+    batch_size: int = 8  # rows per forward pass (also the checks')
     # score on the ZeRO-3 workers (every rank the same units, the model sharded) instead of whole
     # replicas: auto = when one copy is larger than a worker holds (16 GiB), always, never
     sharded: str = "auto"
@@ -369,19 +379,20 @@ class EvaluationConfig:
 class AuditConfig:
     """The extraction audit between evaluate and export (pipeline/audit.py): every probe on the
     original and the unlearned model, for the erased, kept and never-seen rows."""
+    # greedy, bf16, int8, int4, sampling, prompt_quarter, prompt_half, relearn ([] skips the audit)
     probes: list[str] = field(default_factory=lambda: list(PROBES))
     leak_tokens: int = 8  # a row leaks when a probe reproduces this many consecutive true tokens
     samples: int = 8  # sampling: continuations per row (leak@N)
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling's temperature
     relearn_steps: int = 8  # relearn: AdamW steps on retained text (never the requests)
     # null = unlearning.lr / 10: at the unlearning lr itself, 8 AdamW steps scrambled even the
     # original's memory (demo: 0/8 requests, 3/24 kept rows left), a probe that proves nothing
     relearn_lr: float | None = None
-    relearn_batch: int = 4
+    relearn_batch: int = 4  # rows per relearning step
     # rows (sampling: row x sample jobs) per generation batch; decoding on CPU costs 1.97 ms a token
     # at 64 and 1.35 at 256 (SmolLM2-135M, 2 cores), so batches are large
     batch_size: int = 256
-    seed: int = 0
+    seed: int = 0  # sampling's and relearning's
     # probes under which no erased request may leak: the export refuses to write the hand-off otherwise
     require: list[str] = field(default_factory=list)
 
@@ -400,6 +411,7 @@ class AuditConfig:
 
 @dataclass
 class ExportConfig:
+    """The serving hand-off (pipeline/export.py)."""
     dtype: str = "auto"  # the hand-off's weights; auto = the dtype the model was trained in (model.dtype)
     max_shard_size: str = "2GB"  # per safetensors file, as Hugging Face writes it ("500MB", "2GB")
 
@@ -412,12 +424,13 @@ class ExportConfig:
 
 @dataclass
 class ResourcesConfig:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    embed_actors: int = 1
-    eval_actors: int = 1
-    max_failures: int = 2
+    """Where the work runs (pipeline/ranks.py, pipeline/cluster.py)."""
+    num_workers: int = 2  # unlearning ranks (ZeRO-3 data-parallel)
+    use_gpu: bool = False  # one GPU per rank (nccl); off: CPU ranks (gloo)
+    cpus_per_worker: float = 1.0  # Ray CPUs (and torch threads) per rank and per actor
+    embed_actors: int = 1  # retrieval's embedding replicas
+    eval_actors: int = 1  # the evaluation's model replicas
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the stage fails
     launcher: str = "ray"  # "ray" (Ray Train) or "torchrun" (GPU machines without Ray)
     placement: str = "PACK"  # Ray placement of the training workers: PACK or SPREAD
     # the unlearning workers' glibc mmap threshold in bytes: a buffer above it goes back to the
@@ -440,7 +453,8 @@ class ResourcesConfig:
 
 @dataclass
 class StorageConfig:
-    runs_dir: str = path_field("runs", must_exist=False, hint="where run directories are created")
+    """Where the run directory is (pipeline/store.py)."""
+    runs_dir: str = path_field("runs", must_exist=False, hint="where run directories are created")  # their parent
     name: str = ""  # default: the config file's stem
 
     def validate(self) -> None:
@@ -760,3 +774,83 @@ def _in_range(key: str, value: float, low: float, high: float) -> None:
 
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def reference() -> str:
+    """docs/config.md: every section and key with its default and the comment beside (or above) its
+    declaration here and, for `unlearning.loss`, in pipeline/losses.py. A test regenerates it."""
+    import inspect
+    import io
+    import tokenize
+
+    def notes(cls: type) -> dict[str, str]:
+        """Field name -> its comment, read off the source of the class and of the classes it extends."""
+        out = {}
+        for base in reversed(cls.__mro__[:-1]):
+            out.update(own_notes(base))
+        return out
+
+    def own_notes(cls: type) -> dict[str, str]:
+        out, pending = {}, []
+        lines = inspect.getsource(cls).splitlines()
+        for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines) + "\n").readline):
+            if tok.type == tokenize.COMMENT:
+                text = tok.string.lstrip("# ").rstrip()
+                line = lines[tok.start[0] - 1]
+                match = re.match(r"\s+(\w+)\s*:", line)
+                if match and line.index("#") > line.index(":"):  # a comment beside its field
+                    out[match.group(1)] = " ".join(pending + [text]).strip()
+                    pending = []
+                else:
+                    pending.append(text)
+            elif tok.type == tokenize.NAME and tok.start[1] == 4 and pending and tok.string not in ("def", "class"):
+                out.setdefault(tok.string, " ".join(pending))
+                pending = []
+            elif tok.type == tokenize.NAME and tok.string == "def":
+                pending = []
+        return out
+
+    def section(cls: type, prefix: str) -> list[str]:
+        rows = [f"## `{prefix}`", "", (inspect.getdoc(cls) or "").replace("\n", " "), "",
+                "| key | default | what it is |", "|---|---|---|"]
+        docs, nested = notes(cls), []
+        for f in dataclasses.fields(cls):
+            if f.name.startswith("_"):
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default) and not isinstance(default, LossConfig):
+                nested.append((type(default), f"{prefix}.{f.name}"))
+                rows.append(f"| `{f.name}` | (section) | see `{prefix}.{f.name}` below |")
+                continue
+            if isinstance(default, LossConfig):
+                rows.append(f"| `{f.name}` | `{{name: icu}}` | the method and its own settings: "
+                            "`unlearning.loss` below |")
+                continue
+            rows.append(f"| `{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+        rows.append("")
+        for cls_, name in nested:
+            rows += section(cls_, name)
+        return rows
+
+    lines = ["# Config reference", "", "Generated by `python -m pipeline.config` from the dataclasses in "
+             "`pipeline/config.py` (and the method settings in `pipeline/losses.py`); `tests/test_structure.py` "
+             "fails when this file and the code disagree. One YAML file per run; every key below is its default.",
+             ""]
+    for f in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[f.name]
+        lines += section(cls, f.name)
+    lines += ["## `unlearning.loss`: each method's settings", "",
+              "`unlearning.loss: {name: NAME, <its settings>}`; a setting of another method is refused.", ""]
+    for name, m in METHODS.items():
+        lines += [f"### `{name}`", "", (inspect.getdoc(m.settings) or "").replace("\n", " "), ""]
+        fields_ = [f for f in dataclasses.fields(m.settings)]
+        if fields_:
+            docs = notes(m.settings)
+            lines += ["| setting | default | what it is |", "|---|---|---|"]
+            lines += [f"| `{f.name}` | `{f.default!r}` | {docs.get(f.name, '')} |" for f in fields_]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

@@ -31,10 +31,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import pandas as pd
 import yaml
 from filelock import FileLock, Timeout
 
-from pipeline.atomic import atomic_write_json, atomic_write_text, check_records, file_records, sha256_file
+from pipeline.atomic import atomic_write_json, atomic_write_text, check_records, file_records, sha256_file, write_parquet
 from pipeline.config import Config, build_config, config_diff
 from pipeline.errors import UserError
 
@@ -86,10 +87,6 @@ def frame_once(folder: Path, key: str, label: str, compute: Callable[[], Any]) -
     """One model's part of a stage (a DataFrame): read back when an earlier attempt with the same
     inputs (`key`) finished it, so a stopped or restarted stage redoes only what changed. The
     stamp records the file's sha256 too: an edited file is computed again, never trusted."""
-    import pandas as pd
-
-    from pipeline.atomic import write_parquet
-
     path, stamp = folder / f"{label}.parquet", folder / f"{label}.key"
     if path.is_file() and stamp.is_file():
         try:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from pipeline import cli
+from pipeline.config import load_config
 from pipeline.errors import UserError
 
 RAY_PACKAGE_MARK = "_ray_pkg_"  # how Ray names an unpacked working_dir
@@ -59,7 +60,6 @@ def _refuse_run_dir_in_package(command: str, rest: list[str]) -> None:
     args = cli.build_parser().parse_args([command, *rest])
     if getattr(args, "config", None) is None:
         return
-    from pipeline.config import load_config
 
     try:
         cfg = load_config(args.config, cli.parse_overrides(args.set))
