@@ -14,7 +14,7 @@ SERVE_VENV := .venv-serve
 SERVE_STAMP := $(SERVE_VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: install test demo serve-venv serve-check clean
+.PHONY: install lint test demo serve-venv serve-check clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	$(PY) -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'"
 	touch $(STAMP)
+
+# ruff's lint and format check (line length 120, pyproject.toml): CI runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 test: $(STAMP)

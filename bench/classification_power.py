@@ -36,30 +36,52 @@ def main() -> None:
     store = RunStore(args.run_dir)
     cfg = store.load_config()
     tok = modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code)
-    tasks = suites.build_tasks(["classification"], cfg.evaluation.data_dir, tok, forget_rows=None, forget_ids=None,
-                               unseen_path=None, max_tokens=cfg.max_tokens, min_tokens=0,
-                               ppl_chunk=cfg.evaluation.ppl_chunk, caps={"classification": args.per_task})
+    tasks = suites.build_tasks(
+        ["classification"],
+        cfg.evaluation.data_dir,
+        tok,
+        forget_rows=None,
+        forget_ids=None,
+        unseen_path=None,
+        max_tokens=cfg.max_tokens,
+        min_tokens=0,
+        ppl_chunk=cfg.evaluation.ppl_chunk,
+        caps={"classification": args.per_task},
+    )
     units = scoring.make_units(tasks)
     frames, seconds = {}, {}
     for label, model_dir in (("original", cfg.model_dir), ("unlearned", store.artefact("unlearned_model"))):
-        spec = scoring.model_spec(model_dir, evaluate.options(cfg), dtype=cfg.model.dtype,
-                                   trust_remote_code=cfg.model.trust_remote_code, cpus=cfg.resources.cpus_per_worker)
+        spec = scoring.model_spec(
+            model_dir,
+            evaluate.options(cfg),
+            dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            cpus=cfg.resources.cpus_per_worker,
+        )
         start = time.time()
-        frames[label] = scoring.score_model(spec, units, cfg.resources.eval_actors, cluster.use_ray(cfg),
-                                             desc=f"classification: the {label} model")
+        frames[label] = scoring.score_model(
+            spec, units, cfg.resources.eval_actors, cluster.use_ray(cfg), desc=f"classification: the {label} model"
+        )
         seconds[label] = time.time() - start
     before, after = (evaluate.summarize(frames[k])["classification"] for k in ("original", "unlearned"))
     change = evaluate.paired_change(frames["original"], frames["unlearned"], "classification", "correct")
-    lines = [f"# Classification change of {args.run_dir}, {args.per_task} examples per task", "",
-             "| task | examples | original % | unlearned % |", "|---|---|---|---|"]
+    lines = [
+        f"# Classification change of {args.run_dir}, {args.per_task} examples per task",
+        "",
+        "| task | examples | original % | unlearned % |",
+        "|---|---|---|---|",
+    ]
     counts = frames["original"].groupby("task").size()
     lines += [f"| {t} | {counts[t]} | {before[t]:.1f} | {after[t]:.1f} |" for t in sorted(counts.index)]
-    lines += [f"| average | {int(counts.sum())} | {before['average']:.1f} | {after['average']:.1f} |", "",
-              f"Paired change {change['change']:+.1f} ± {change['se']:.1f} (standard error; {change['examples']} "
-              f"examples over {change['tasks']} tasks).",
-              f"Cost: {seconds['original']:.0f} s + {seconds['unlearned']:.0f} s wall on "
-              f"{cfg.resources.eval_actors} evaluation actors, "
-              f"{sum(seconds.values()) / change['examples']:.2f} s per example for both models."]
+    lines += [
+        f"| average | {int(counts.sum())} | {before['average']:.1f} | {after['average']:.1f} |",
+        "",
+        f"Paired change {change['change']:+.1f} ± {change['se']:.1f} (standard error; {change['examples']} "
+        f"examples over {change['tasks']} tasks).",
+        f"Cost: {seconds['original']:.0f} s + {seconds['unlearned']:.0f} s wall on "
+        f"{cfg.resources.eval_actors} evaluation actors, "
+        f"{sum(seconds.values()) / change['examples']:.2f} s per example for both models.",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

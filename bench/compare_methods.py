@@ -93,8 +93,12 @@ def run_method(config: str, variant: str, base: RunStore | None) -> RunStore:
 
 def measured(method: str, store: RunStore) -> tuple[str, dict, dict, float]:
     """(method, eval/metrics.json, unlearn/result.json, seconds of the unlearn stage) of a finished run."""
-    return (method, json.loads(store.artefact("metrics").read_text()),
-            json.loads(store.artefact("unlearn_result").read_text()), store.stage("unlearn")["seconds"])
+    return (
+        method,
+        json.loads(store.artefact("metrics").read_text()),
+        json.loads(store.artefact("unlearn_result").read_text()),
+        store.stage("unlearn")["seconds"],
+    )
 
 
 def table(rows: list[tuple[str, dict, dict, float]]) -> str:
@@ -103,24 +107,36 @@ def table(rows: list[tuple[str, dict, dict, float]]) -> str:
     head = ["Model"] + [c[0] for c in columns] + ["Classification change", "Too deep", "Epochs", "Unlearn s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     original = rows[0][1]["models"]["original"]
-    lines.append("| " + " | ".join(["original"] + [cell(g, original, f) for _, g, f in columns] + ["-", "-", "0", "-"])
-                 + " |")
+    lines.append(
+        "| " + " | ".join(["original"] + [cell(g, original, f) for _, g, f in columns] + ["-", "-", "0", "-"]) + " |"
+    )
     for method, metrics, unlearn, seconds in rows:
         m, change = metrics["models"]["unlearned"], metrics.get("paired_change", {}).get("classification")
-        cells = [method] + [cell(g, m, f) for _, g, f in columns] + [
-            f"{change['change']:+.1f} ± {change['se']:.1f}" if change else "-", str(len(unlearn.get("too_deep", []))),
-            str(unlearn["epochs"]), f"{seconds:.0f}"]
+        cells = (
+            [method]
+            + [cell(g, m, f) for _, g, f in columns]
+            + [
+                f"{change['change']:+.1f} ± {change['se']:.1f}" if change else "-",
+                str(len(unlearn.get("too_deep", []))),
+                str(unlearn["epochs"]),
+                f"{seconds:.0f}",
+            ]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_table(config: str, out: str, rows: list[tuple[str, dict, dict, float]]) -> None:
     thr = rows[0][1]["thresholds"]
-    text = (f"# Unlearning methods side by side\n\nConfig `{config}`, one machine, one run of this script. "
-            f"Forgetting thresholds (original model on `evaluation.unseen_path`): MA {thr['ma']:.3f}, EL10 {thr['el']:.4f}. "
-            "Unlearn s = wall time of the unlearn stage (IUR checks included). Classification change = unlearned minus "
-            "original on the same examples, ± its standard error. Too deep = requests past the strangers' edge.\n\n"
-            + table(rows) + "\n")
+    text = (
+        f"# Unlearning methods side by side\n\nConfig `{config}`, one machine, one run of this script. "
+        f"Forgetting thresholds (original model on `evaluation.unseen_path`): MA {thr['ma']:.3f}, "
+        f"EL10 {thr['el']:.4f}. "
+        "Unlearn s = wall time of the unlearn stage (IUR checks included). Classification change = unlearned minus "
+        "original on the same examples, ± its standard error. Too deep = requests past the strangers' edge.\n\n"
+        + table(rows)
+        + "\n"
+    )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text)
 

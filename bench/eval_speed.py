@@ -74,31 +74,36 @@ def load_requests(path: Path, tok, count: int, seq_len: int, full_only: bool) ->
 
 # --- ours ------------------------------------------------------------------------------------
 
-def ours(model, rows: list[list[int]], n: int, batch_size: int, gen_batch_size: int,
-         pad_id: int) -> tuple[list[float], list[float], Clock, Clock]:
+
+def ours(
+    model, rows: list[list[int]], n: int, batch_size: int, gen_batch_size: int, pad_id: int
+) -> tuple[list[float], list[float], Clock, Clock]:
     """(MA, EL) per row and the clocks of each, in row batches as pipeline.iur.memorization."""
     ma, el = [], []
     with Clock() as ma_clock:
         for start in range(0, len(rows), batch_size):
-            ids, mask = metrics.pad_rows(rows[start:start + batch_size], pad_id)
+            ids, mask = metrics.pad_rows(rows[start : start + batch_size], pad_id)
             ma += metrics.memorization_accuracy(model, ids, mask).tolist()
     with Clock() as el_clock:
         for start in range(0, len(rows), batch_size):
-            ids, mask = metrics.pad_rows(rows[start:start + batch_size], pad_id)
-            el += metrics.extraction_likelihood(model, ids, mask, n=n, prompt_range="icu",
-                                                batch_size=gen_batch_size, pad_token_id=pad_id).tolist()
+            ids, mask = metrics.pad_rows(rows[start : start + batch_size], pad_id)
+            el += metrics.extraction_likelihood(
+                model, ids, mask, n=n, prompt_range="icu", batch_size=gen_batch_size, pad_token_id=pad_id
+            ).tolist()
     return ma, el, ma_clock, el_clock
 
 
 # --- reference -------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def generate_one(model, prompt: list[int], length: int) -> list[int]:
     """`length` greedy tokens after one unpadded prompt, by generate()."""
     ids = torch.tensor([prompt], dtype=torch.long)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                         generation_config=_generation_config(length, 1))
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=_generation_config(length, 1)
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def icu_prompt_lengths(T: int, n: int) -> range:
@@ -127,6 +132,7 @@ def reference(model, rows: list[list[int]], n: int):
 
 # --- diagnostics when values differ ----------------------------------------------------------
 
+
 @torch.no_grad()
 def ma_position_diffs(model, rows: list[list[int]], ref_hits: list[list[bool]], pad_id: int) -> int:
     """Positions where the teacher-forced argmax hit differs from the generate() hit (one batch,
@@ -139,19 +145,27 @@ def ma_position_diffs(model, rows: list[list[int]], ref_hits: list[list[bool]], 
         for p in range(len(row) - 1):
             if bool(hit[i, p]) != ref_hits[i][p]:
                 top = logits[i, p].topk(2).values
-                print(f"  MA row {i} t={p + 1}: ours hit={bool(hit[i, p])} ref hit={ref_hits[i][p]} "
-                      f"top-2 logit gap {float(top[0] - top[1]):.3g}")
+                print(
+                    f"  MA row {i} t={p + 1}: ours hit={bool(hit[i, p])} ref hit={ref_hits[i][p]} "
+                    f"top-2 logit gap {float(top[0] - top[1]):.3g}"
+                )
                 count += 1
     return count
 
 
-def el_prompt_diffs(model, rows: list[list[int]], ref_gens: list[dict[int, list[int]]], n: int,
-                    gen_batch_size: int, pad_id: int) -> int:
+def el_prompt_diffs(
+    model, rows: list[list[int]], ref_gens: list[dict[int, list[int]]], n: int, gen_batch_size: int, pad_id: int
+) -> int:
     """Prompts whose batched continuation (jobs as extraction_likelihood builds them for one row
     batch) differs from the one-prompt generate() continuation."""
     jobs = [(i, t) for i, row in enumerate(rows) for t in metrics.el_prompt_lengths(len(row), n, "icu")]
-    got = metrics.greedy_continuations(model, [rows[i][:t] for i, t in jobs], [len(rows[i]) - t for i, t in jobs],
-                                       batch_size=gen_batch_size, pad_token_id=pad_id)
+    got = metrics.greedy_continuations(
+        model,
+        [rows[i][:t] for i, t in jobs],
+        [len(rows[i]) - t for i, t in jobs],
+        batch_size=gen_batch_size,
+        pad_token_id=pad_id,
+    )
     count = 0
     for (i, t), g in zip(jobs, got):
         want = ref_gens[i][t]
@@ -169,8 +183,12 @@ def max_diff(a: list[float], b: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=128, help="requests ours scores (timed)")
-    parser.add_argument("--ref-requests", type=int, default=1,
-                        help="first requests the reference also scores (~6 CPU-minutes each here)")
+    parser.add_argument(
+        "--ref-requests",
+        type=int,
+        default=1,
+        help="first requests the reference also scores (~6 CPU-minutes each here)",
+    )
     parser.add_argument("--seq-len", type=int, default=200)
     parser.add_argument("--n", type=int, default=10, help="EL n-gram size")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per MA/EL call (evaluation.batch_size)")
@@ -190,14 +208,20 @@ def main() -> None:
     k = min(args.ref_requests, len(rows))
     subset = rows[:k]
     lengths = [len(r) for r in rows]
-    print(f"model {model_dir.name} ({model.dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), "
-          f"{torch.get_num_threads()} threads, CPU")
-    print(f"requests: {len(rows)} from {args.data.name}; {short} of the rows read have < {args.seq_len} tokens "
-          f"({'skipped' if args.full_length_only else 'kept whole'}); lengths min {min(lengths)} "
-          f"mean {sum(lengths) / len(lengths):.1f} max {max(lengths)}; reference subset: first {k} "
-          f"(lengths {[len(r) for r in subset]})")
-    print(f"EL{args.n}, ICU prompt range (t = round(0.75T)..T-{args.n}); row batch {args.batch_size}, "
-          f"generate batch {args.gen_batch_size}")
+    print(
+        f"model {model_dir.name} ({model.dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), "
+        f"{torch.get_num_threads()} threads, CPU"
+    )
+    print(
+        f"requests: {len(rows)} from {args.data.name}; {short} of the rows read have < {args.seq_len} tokens "
+        f"({'skipped' if args.full_length_only else 'kept whole'}); lengths min {min(lengths)} "
+        f"mean {sum(lengths) / len(lengths):.1f} max {max(lengths)}; reference subset: first {k} "
+        f"(lengths {[len(r) for r in subset]})"
+    )
+    print(
+        f"EL{args.n}, ICU prompt range (t = round(0.75T)..T-{args.n}); row batch {args.batch_size}, "
+        f"generate batch {args.gen_batch_size}"
+    )
 
     with torch.no_grad():  # warm-up: first-call allocations and lazy inits out of every clock
         model(torch.tensor([rows[0][:16]]))
@@ -207,22 +231,33 @@ def main() -> None:
         return ours(model, part, args.n, args.batch_size, args.gen_batch_size, pad_id)
 
     sub_ma, sub_el, sub_ma_c, sub_el_c = run_ours(subset)
-    print(f"ours on the subset ({k}): MA {sub_ma_c.wall:.1f}s wall / {sub_ma_c.cpu:.1f}s CPU, "
-          f"EL {sub_el_c.wall:.1f}s wall / {sub_el_c.cpu:.1f}s CPU", flush=True)
+    print(
+        f"ours on the subset ({k}): MA {sub_ma_c.wall:.1f}s wall / {sub_ma_c.cpu:.1f}s CPU, "
+        f"EL {sub_el_c.wall:.1f}s wall / {sub_el_c.cpu:.1f}s CPU",
+        flush=True,
+    )
     ref_ma, ref_el, ref_hits, ref_gens, ref_ma_c, ref_el_c = reference(model, subset, args.n)
-    print(f"reference on the subset ({k}): MA {ref_ma_c.wall:.1f}s wall / {ref_ma_c.cpu:.1f}s CPU, "
-          f"EL {ref_el_c.wall:.1f}s wall / {ref_el_c.cpu:.1f}s CPU", flush=True)
+    print(
+        f"reference on the subset ({k}): MA {ref_ma_c.wall:.1f}s wall / {ref_ma_c.cpu:.1f}s CPU, "
+        f"EL {ref_el_c.wall:.1f}s wall / {ref_el_c.cpu:.1f}s CPU",
+        flush=True,
+    )
     all_ma, all_el, all_ma_c, all_el_c = run_ours(rows)
-    print(f"ours on all {len(rows)}: MA {all_ma_c.wall:.1f}s wall / {all_ma_c.cpu:.1f}s CPU, "
-          f"EL {all_el_c.wall:.1f}s wall / {all_el_c.cpu:.1f}s CPU", flush=True)
+    print(
+        f"ours on all {len(rows)}: MA {all_ma_c.wall:.1f}s wall / {all_ma_c.cpu:.1f}s CPU, "
+        f"EL {all_el_c.wall:.1f}s wall / {all_el_c.cpu:.1f}s CPU",
+        flush=True,
+    )
 
     # values
     d_ma_sub, d_el_sub = max_diff(sub_ma, ref_ma), max_diff(sub_el, ref_el)
     d_ma_all, d_el_all = max_diff(all_ma[:k], ref_ma), max_diff(all_el[:k], ref_el)
     print(f"subset values: ref MA {[round(v, 4) for v in ref_ma]} EL {[round(v, 4) for v in ref_el]}")
-    print(f"RESULT max |ours - reference| on {k} requests: MA {d_ma_sub:.3g}, EL{args.n} {d_el_sub:.3g} "
-          f"(ours run on the subset); MA {d_ma_all:.3g}, EL{args.n} {d_el_all:.3g} (ours run on all "
-          f"{len(rows)}, other batching)")
+    print(
+        f"RESULT max |ours - reference| on {k} requests: MA {d_ma_sub:.3g}, EL{args.n} {d_el_sub:.3g} "
+        f"(ours run on the subset); MA {d_ma_all:.3g}, EL{args.n} {d_el_all:.3g} (ours run on all "
+        f"{len(rows)}, other batching)"
+    )
     if d_ma_sub or d_el_sub:
         print("differences, ours on the subset vs reference:")
         if k <= args.batch_size:
@@ -240,24 +275,34 @@ def main() -> None:
     sub_s, sub_cpu = sub_ma_c.wall + sub_el_c.wall, sub_ma_c.cpu + sub_el_c.cpu
     all_s, all_cpu = all_ma_c.wall + all_el_c.wall, all_ma_c.cpu + all_el_c.cpu
     target = 128
-    print(f"RESULT reference: {ref_s / k:.1f}s wall ({ref_cpu / k:.1f}s CPU) per request "
-          f"(MA {ref_ma_c.wall / k:.1f}s, EL {ref_el_c.wall / k:.1f}s); time for {target} requests "
-          f"EXTRAPOLATED from {k} measured request(s): {ref_s / k * target:.0f}s wall "
-          f"({ref_cpu / k * target:.0f}s CPU)")
-    ours_note = ("measured" if len(rows) == target
-                 else f"EXTRAPOLATED from {len(rows)} measured requests")
-    print(f"RESULT ours: {all_s / len(rows):.2f}s wall ({all_cpu / len(rows):.2f}s CPU) per request over "
-          f"{len(rows)} requests (MA {all_ma_c.wall:.1f}s, EL {all_el_c.wall:.1f}s); time for {target} "
-          f"requests {ours_note}: {all_s / len(rows) * target:.0f}s wall ({all_cpu / len(rows) * target:.0f}s CPU)")
-    print(f"RESULT ratio, reference extrapolated to {target} / ours {ours_note.split(' from')[0].lower()} "
-          f"for {target}: {ref_s / k / (all_s / len(rows)):.1f}x wall, "
-          f"{ref_cpu / k / (all_cpu / len(rows)):.1f}x CPU")
-    print(f"RESULT ratio per request on the same {k} request(s) (apples to apples): "
-          f"{ref_s / sub_s:.1f}x wall, {ref_cpu / sub_cpu:.1f}x CPU; MA alone {ref_ma_c.wall / sub_ma_c.wall:.0f}x "
-          f"wall ({ref_ma_c.cpu / sub_ma_c.cpu:.0f}x CPU), EL{args.n} alone {ref_el_c.wall / sub_el_c.wall:.1f}x "
-          f"wall ({ref_el_c.cpu / sub_el_c.cpu:.1f}x CPU)")
-    print("RESULT target >= 20x: " + ("met" if min(ref_s / sub_s, ref_cpu / sub_cpu) >= 20 else "NOT met")
-          + " (apples-to-apples ratio)")
+    print(
+        f"RESULT reference: {ref_s / k:.1f}s wall ({ref_cpu / k:.1f}s CPU) per request "
+        f"(MA {ref_ma_c.wall / k:.1f}s, EL {ref_el_c.wall / k:.1f}s); time for {target} requests "
+        f"EXTRAPOLATED from {k} measured request(s): {ref_s / k * target:.0f}s wall "
+        f"({ref_cpu / k * target:.0f}s CPU)"
+    )
+    ours_note = "measured" if len(rows) == target else f"EXTRAPOLATED from {len(rows)} measured requests"
+    print(
+        f"RESULT ours: {all_s / len(rows):.2f}s wall ({all_cpu / len(rows):.2f}s CPU) per request over "
+        f"{len(rows)} requests (MA {all_ma_c.wall:.1f}s, EL {all_el_c.wall:.1f}s); time for {target} "
+        f"requests {ours_note}: {all_s / len(rows) * target:.0f}s wall ({all_cpu / len(rows) * target:.0f}s CPU)"
+    )
+    print(
+        f"RESULT ratio, reference extrapolated to {target} / ours {ours_note.split(' from')[0].lower()} "
+        f"for {target}: {ref_s / k / (all_s / len(rows)):.1f}x wall, "
+        f"{ref_cpu / k / (all_cpu / len(rows)):.1f}x CPU"
+    )
+    print(
+        f"RESULT ratio per request on the same {k} request(s) (apples to apples): "
+        f"{ref_s / sub_s:.1f}x wall, {ref_cpu / sub_cpu:.1f}x CPU; MA alone {ref_ma_c.wall / sub_ma_c.wall:.0f}x "
+        f"wall ({ref_ma_c.cpu / sub_ma_c.cpu:.0f}x CPU), EL{args.n} alone {ref_el_c.wall / sub_el_c.wall:.1f}x "
+        f"wall ({ref_el_c.cpu / sub_el_c.cpu:.1f}x CPU)"
+    )
+    print(
+        "RESULT target >= 20x: "
+        + ("met" if min(ref_s / sub_s, ref_cpu / sub_cpu) >= 20 else "NOT met")
+        + " (apples-to-apples ratio)"
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Tokens are seeded random ids, full rows (no padding), different per rank.
 Printed on rank 0, lines starting with RESULT: parameters, world size, step time,
 tokens/s (training tokens = all forget + neighbour rows' tokens of all ranks per step),
 peak GPU memory, and MFU = (6*N*train_tokens + 2*N*reference_tokens) / step_time /
-(world * peak) (4*N with --lora: only the adapters' weight gradients), N = all parameters (embeddings included, attention score FLOPs not
+(world * peak) (4*N with --lora: only the adapters' weight gradients), N = all parameters (embeddings included,
+attention score FLOPs not
 counted), peak = --peak-tflops (989 = H200 dense bf16), plus a per-phase time split.
 
 GPU (one node, all its GPUs):   bash bench/gpu_check.sh
@@ -44,10 +45,22 @@ sys.path.insert(0, str(ROOT))
 from pipeline.losses import unlearning_loss  # noqa: E402
 
 SHAPES = {  # Llama-style; "tinyllama" is TinyLlama-1.1B's shape (1.10B parameters)
-    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                      num_key_value_heads=4, vocab_size=32000),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
+    "tinyllama": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
 }
 #              pairs seq warmup steps breakdown   (per-rank pairs; a pair = forget row + neighbour row)
 DEFAULTS = {"tinyllama": (8, 200, 3, 10, 3), "tiny": (2, 32, 1, 2, 1)}
@@ -63,14 +76,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed steps")
     p.add_argument("--breakdown", type=int, help="extra steps timed phase by phase (synchronised; 0 = none)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s of ONE device")
-    p.add_argument("--adam", choices=["torch", "fused"], default="torch",
-                   help="torch AdamW (nothing compiled) or DeepSpeed FusedAdam (JIT-compiled with nvcc)")
+    p.add_argument(
+        "--adam",
+        choices=["torch", "fused"],
+        default="torch",
+        help="torch AdamW (nothing compiled) or DeepSpeed FusedAdam (JIT-compiled with nvcc)",
+    )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero3.json"))
     p.add_argument("--json", help="also write the results here (rank 0)")
-    p.add_argument("--lora", action="store_true", help="LoRA r 8 on every linear layer (pipeline.adapter, peft): "
-                   "only adapters train; the reference is the same engine with its adapters disabled")
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="LoRA r 8 on every linear layer (pipeline.adapter, peft): "
+        "only adapters train; the reference is the same engine with its adapters disabled",
+    )
     a = p.parse_args()
     a.shape = "tiny" if a.tiny else "tinyllama"
     for key, value in zip(("pairs", "seq", "warmup", "steps", "breakdown"), DEFAULTS[a.shape]):
@@ -83,11 +104,13 @@ def ds_config(a: argparse.Namespace, hidden: int, world: int, optimizer: bool) -
     """ds_configs/zero3.json with its "auto" values filled as pipeline.ranks.deepspeed_config does."""
     ds = json.loads(Path(a.ds_config).read_text())
     zero = ds.setdefault("zero_optimization", {})
-    for key, size in (("reduce_bucket_size", hidden * hidden),
-                      ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
-                      ("stage3_param_persistence_threshold", 10 * hidden),
-                      ("stage3_max_live_parameters", 10 * hidden * hidden),  # as pipeline.ranks.zero_sizes
-                      ("stage3_max_reuse_distance", 10 * hidden * hidden)):
+    for key, size in (
+        ("reduce_bucket_size", hidden * hidden),
+        ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+        ("stage3_param_persistence_threshold", 10 * hidden),
+        ("stage3_max_live_parameters", 10 * hidden * hidden),  # as pipeline.ranks.zero_sizes
+        ("stage3_max_reuse_distance", 10 * hidden * hidden),
+    ):
         if zero.get(key) == "auto":
             zero[key] = size
     ds.update(train_micro_batch_size_per_gpu=a.pairs, gradient_accumulation_steps=1, train_batch_size=a.pairs * world)
@@ -96,8 +119,10 @@ def ds_config(a: argparse.Namespace, hidden: int, world: int, optimizer: bool) -
     if a.cpu:
         ds["bf16"] = {"enabled": False}
     if optimizer:
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": a.lr, "weight_decay": 0.0,
-                                                       "torch_adam": a.cpu or a.adam == "torch"}}
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": a.lr, "weight_decay": 0.0, "torch_adam": a.cpu or a.adam == "torch"},
+        }
     return ds
 
 
@@ -106,8 +131,9 @@ def build_model(a: argparse.Namespace, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(a.seed)  # same seed for both models: the reference starts equal to the trained one
-    config = LlamaConfig(**SHAPES[a.shape], max_position_embeddings=max(2048, a.seq), tie_word_embeddings=False,
-                         use_cache=False)
+    config = LlamaConfig(
+        **SHAPES[a.shape], max_position_embeddings=max(2048, a.seq), tie_word_embeddings=False, use_cache=False
+    )
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
@@ -129,9 +155,16 @@ def icu_step(engine, ref, ids: torch.Tensor, mask: torch.Tensor, timer=None) -> 
     mark("reference_forward")
     logits = engine(input_ids=ids, attention_mask=mask).logits
     mark("forward")
-    loss, parts = unlearning_loss("icu", forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n],
-                                  retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:],
-                                  ref_retain_logits=ref_logits)
+    loss, parts = unlearning_loss(
+        "icu",
+        forget_logits=logits[:n],
+        forget_ids=ids[:n],
+        forget_mask=mask[:n],
+        retain_logits=logits[n:],
+        retain_ids=ids[n:],
+        retain_mask=mask[n:],
+        ref_retain_logits=ref_logits,
+    )
     mark("loss")
     engine.backward(loss)
     mark("backward")
@@ -145,8 +178,10 @@ def main() -> None:
     if a.cpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
     elif not torch.cuda.is_available():
-        sys.exit(f"gpu_step.py: CUDA is not available (torch {torch.__version__}, built for CUDA "
-                 f"{torch.version.cuda}); run on a GPU machine, or pass --cpu [--tiny] for a logic check")
+        sys.exit(
+            f"gpu_step.py: CUDA is not available (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda}); run on a GPU machine, or pass --cpu [--tiny] for a logic check"
+        )
     import deepspeed
 
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -190,12 +225,12 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
     first = icu_step(engine, ref, batches[0], mask)
-    for ids in batches[1:a.warmup]:
+    for ids in batches[1 : a.warmup]:
         icu_step(engine, ref, ids, mask)
     sync(device)
     dist.barrier()
     t0 = time.perf_counter()
-    for ids in batches[a.warmup:a.warmup + a.steps]:
+    for ids in batches[a.warmup : a.warmup + a.steps]:
         last = icu_step(engine, ref, ids, mask)
     sync(device)
     elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
@@ -203,7 +238,7 @@ def main() -> None:
     step_s = elapsed.item() / a.steps
 
     phases: dict[str, float] = {}
-    for ids in batches[a.warmup + a.steps:]:
+    for ids in batches[a.warmup + a.steps :]:
         sync(device)
         clock = [time.perf_counter()]
 
@@ -227,29 +262,65 @@ def main() -> None:
     flops = (4 if a.lora else 6) * n_params * train_tokens + 2 * n_params * ref_tokens
     mfu = flops / step_s / (world * a.peak_tflops * 1e12)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    res = dict(model=a.shape, params=n_params, lora=a.lora, world=world, device=name, dtype=str(dtype).removeprefix("torch."),
-               adam="torch" if a.cpu else a.adam, rows_per_rank=2 * a.pairs, seq=a.seq, warmup=a.warmup, steps=a.steps,
-               init_s=round(init_s, 1), step_s=round(step_s, 4), train_tokens_per_step=train_tokens,
-               ref_tokens_per_step=ref_tokens, tokens_per_s=round(train_tokens / step_s, 1),
-               peak_mem_gib=round(peak.item() / 2**30, 2), flops_per_step=flops,
-               achieved_tflops=round(flops / step_s / 1e12, 2), peak_tflops_per_device=a.peak_tflops,
-               mfu=round(mfu, 4), first_loss=first, last_loss=last,
-               phase_s={k: round(v, 4) for k, v in phases.items()})
+    res = dict(
+        model=a.shape,
+        params=n_params,
+        lora=a.lora,
+        world=world,
+        device=name,
+        dtype=str(dtype).removeprefix("torch."),
+        adam="torch" if a.cpu else a.adam,
+        rows_per_rank=2 * a.pairs,
+        seq=a.seq,
+        warmup=a.warmup,
+        steps=a.steps,
+        init_s=round(init_s, 1),
+        step_s=round(step_s, 4),
+        train_tokens_per_step=train_tokens,
+        ref_tokens_per_step=ref_tokens,
+        tokens_per_s=round(train_tokens / step_s, 1),
+        peak_mem_gib=round(peak.item() / 2**30, 2),
+        flops_per_step=flops,
+        achieved_tflops=round(flops / step_s / 1e12, 2),
+        peak_tflops_per_device=a.peak_tflops,
+        mfu=round(mfu, 4),
+        first_loss=first,
+        last_loss=last,
+        phase_s={k: round(v, 4) for k, v in phases.items()},
+    )
     if rank == 0:
-        print(f"RESULT model={a.shape}{' LoRA' if a.lora else ''} params={n_params} ({n_params / 1e9:.3f}B) world={world} device={res['device']} "
-              f"dtype={res['dtype']} adam={res['adam']} rows/rank={2 * a.pairs}x{a.seq} tokens init={init_s:.1f}s")
-        print(f"RESULT step_s={step_s:.4f} (mean of {a.steps} after {a.warmup} warm-up) "
-              f"tokens_per_s={train_tokens / step_s:,.0f} (train tokens/step={train_tokens}, "
-              f"reference tokens/step={ref_tokens})")
-        print(f"RESULT peak_mem_gib={res['peak_mem_gib']} ({'max_memory_allocated' if device.type == 'cuda' else 'max RSS'}"
-              f", max over ranks)")
-        print(f"RESULT mfu={mfu:.2%} achieved={flops / step_s / 1e12:.2f} TFLOP/s over peak {world}x{a.peak_tflops} "
-              f"TFLOP/s; FLOPs/step = {4 if a.lora else 6}*N*train_tokens + 2*N*ref_tokens = {flops:.4g} (N=all params, attention "
-              f"scores not counted)")
-        print("RESULT phases_s " + " ".join(f"{k}={v:.4f}" for k, v in phases.items())
-              + f" (mean of {a.breakdown} synchronised steps)")
-        print("RESULT loss first_step " + " ".join(f"{k}={v:.4g}" for k, v in first.items())
-              + " | last_timed " + " ".join(f"{k}={v:.4g}" for k, v in last.items()))
+        print(
+            f"RESULT model={a.shape}{' LoRA' if a.lora else ''} params={n_params} ({n_params / 1e9:.3f}B) "
+            f"world={world} device={res['device']} "
+            f"dtype={res['dtype']} adam={res['adam']} rows/rank={2 * a.pairs}x{a.seq} tokens init={init_s:.1f}s"
+        )
+        print(
+            f"RESULT step_s={step_s:.4f} (mean of {a.steps} after {a.warmup} warm-up) "
+            f"tokens_per_s={train_tokens / step_s:,.0f} (train tokens/step={train_tokens}, "
+            f"reference tokens/step={ref_tokens})"
+        )
+        print(
+            f"RESULT peak_mem_gib={res['peak_mem_gib']} "
+            f"({'max_memory_allocated' if device.type == 'cuda' else 'max RSS'}"
+            f", max over ranks)"
+        )
+        print(
+            f"RESULT mfu={mfu:.2%} achieved={flops / step_s / 1e12:.2f} TFLOP/s over peak {world}x{a.peak_tflops} "
+            f"TFLOP/s; FLOPs/step = {4 if a.lora else 6}*N*train_tokens + 2*N*ref_tokens = {flops:.4g} "
+            f"(N=all params, attention "
+            f"scores not counted)"
+        )
+        print(
+            "RESULT phases_s "
+            + " ".join(f"{k}={v:.4f}" for k, v in phases.items())
+            + f" (mean of {a.breakdown} synchronised steps)"
+        )
+        print(
+            "RESULT loss first_step "
+            + " ".join(f"{k}={v:.4g}" for k, v in first.items())
+            + " | last_timed "
+            + " ".join(f"{k}={v:.4g}" for k, v in last.items())
+        )
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=1))
     dist.barrier()

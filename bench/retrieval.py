@@ -99,9 +99,11 @@ def embedding_overhead(n_items: int, shard_rows: int = 256) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pool = Path(tmp)
         for s, a in enumerate(range(0, len(texts), shard_rows)):
-            part = texts[a:a + shard_rows]
-            pq.write_table(pa.table({"text": part, "shard": [s] * len(part), "pos": list(range(len(part)))}),
-                           retrieve.items_path(pool, s))
+            part = texts[a : a + shard_rows]
+            pq.write_table(
+                pa.table({"text": part, "shard": [s] * len(part), "pos": list(range(len(part)))}),
+                retrieve.items_path(pool, s),
+            )
         shards = list(range(-(-len(texts) // shard_rows)))
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
         spec = {"kind": "minilm", "batch_size": 64, "device": "cpu", "cpus": torch.get_num_threads()}
@@ -109,9 +111,11 @@ def embedding_overhead(n_items: int, shard_rows: int = 256) -> None:
         ray_vectors = np.concatenate([np.load(retrieve.emb_path(pool, s)) for s in shards])
         ray.shutdown()
     bare_s = load_s + forward_s
-    print(f"embedding {len(texts):,} pile texts with MiniLM: bare model {len(texts) / bare_s:,.1f} texts/s "
-          f"(load {load_s:.1f}s + forward {forward_s:.1f}s), Ray Data 1 actor {len(texts) / ray_s:,.1f} texts/s "
-          f"({ray_s:.1f}s); max |difference| {np.abs(ray_vectors - vectors).max():.1e}")
+    print(
+        f"embedding {len(texts):,} pile texts with MiniLM: bare model {len(texts) / bare_s:,.1f} texts/s "
+        f"(load {load_s:.1f}s + forward {forward_s:.1f}s), Ray Data 1 actor {len(texts) / ray_s:,.1f} texts/s "
+        f"({ray_s:.1f}s); max |difference| {np.abs(ray_vectors - vectors).max():.1e}"
+    )
     print(f"RESULT Ray Data embedding overhead = {ray_s / bare_s:.2f}x the bare model (target <= 1.2)")
 
 
@@ -122,27 +126,33 @@ def search_speed(args: argparse.Namespace) -> None:
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     pool, gen_s = timed(mixture, args.n, centres, args.noise, 1)
     queries = mixture(args.queries, centres, args.noise, 2)
-    print(f"pool: {args.n:,} x {args.dim} synthetic clustered vectors ({args.clusters} gaussian clusters, "
-          f"noise {args.noise}, L2-normalised), {args.queries:,} queries from the same mixture; "
-          f"generated in {gen_s:.1f}s")
+    print(
+        f"pool: {args.n:,} x {args.dim} synthetic clustered vectors ({args.clusters} gaussian clusters, "
+        f"noise {args.noise}, L2-normalised), {args.queries:,} queries from the same mixture; "
+        f"generated in {gen_s:.1f}s"
+    )
     print(f"threads: faiss {faiss.omp_get_max_threads()}, cpus {os.cpu_count()}, load {os.getloadavg()[0]:.2f}")
 
     index, build_s = timed(build_index, pool, IndexSpec(kind=args.kind, target_recall=args.target_recall))
     params = ", ".join(f"{k}={v}" for k, v in index_params(index).items() if k not in ("kind", "size", "metric"))
     print(f"{args.kind} build: {build_s:.1f}s ({params}, calibrated for recall@10 >= {args.target_recall})")
 
-    exact_q = queries[:args.exact_queries]
+    exact_q = queries[: args.exact_queries]
     (_, truth), exact_s = timed(faiss.knn, exact_q, pool, args.k)
     exact_qps = len(exact_q) / exact_s
     (_, found), approx_s = timed(search, index, queries, args.k, pool if args.kind == "ivf_pq" else None)
     approx_qps = len(queries) / approx_s
-    recall = recall_at_k(found[:len(exact_q)], truth)
-    print(f"exact flat search: {exact_qps:,.0f} queries/s (measured on {len(exact_q):,} queries in {exact_s:.1f}s; "
-          f"10k queries would take ~{args.queries / exact_qps:.0f}s)")
+    recall = recall_at_k(found[: len(exact_q)], truth)
+    print(
+        f"exact flat search: {exact_qps:,.0f} queries/s (measured on {len(exact_q):,} queries in {exact_s:.1f}s; "
+        f"10k queries would take ~{args.queries / exact_qps:.0f}s)"
+    )
     rerank = " (PQ shortlist of 4k re-scored exactly)" if args.kind == "ivf_pq" else ""
     print(f"{args.kind} search{rerank}: {approx_qps:,.0f} queries/s ({len(queries):,} queries in {approx_s:.2f}s)")
-    print(f"RESULT recall@{args.k} = {recall:.4f}, throughput = {approx_qps / exact_qps:.1f}x exact "
-          f"(target: recall >= 0.95 at >= 20x)")
+    print(
+        f"RESULT recall@{args.k} = {recall:.4f}, throughput = {approx_qps / exact_qps:.1f}x exact "
+        f"(target: recall >= 0.95 at >= 20x)"
+    )
 
 
 if __name__ == "__main__":

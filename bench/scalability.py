@@ -42,8 +42,10 @@ from ray_jobs import customers  # noqa: E402
 RUNS = ROOT / "runs" / "scalability"
 CUSTOMERS, NEVER_SEEN = 128, 32
 VARIANTS = {"n8": 8, "n32": 32, "n64": 64, "code": 8}
-FIELDS = re.compile(r"^(?P<name>.+?), born (?P<birthday>[^,]+), (?P<address>.+), (?P<city>[^,]+)\. "
-                    r"E-mail (?P<email>\S+), phone (?P<phone>\+.+)\.$")
+FIELDS = re.compile(
+    r"^(?P<name>.+?), born (?P<birthday>[^,]+), (?P<address>.+), (?P<city>[^,]+)\. "
+    r"E-mail (?P<email>\S+), phone (?P<phone>\+.+)\.$"
+)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -63,10 +65,14 @@ def prepare(variant: str, data: Path) -> Path:
     n = VARIANTS[variant]
     if variant == "code":
         rows = code_documents(data, 32 + 2 * NEVER_SEEN)
-        trained, unseen, strangers = rows[:32], rows[32:32 + NEVER_SEEN], rows[32 + NEVER_SEEN:]
+        trained, unseen, strangers = rows[:32], rows[32 : 32 + NEVER_SEEN], rows[32 + NEVER_SEEN :]
     else:
         rows = customers.records(data, CUSTOMERS + 2 * NEVER_SEEN)
-        trained, unseen, strangers = rows[:CUSTOMERS], rows[CUSTOMERS:CUSTOMERS + NEVER_SEEN], rows[CUSTOMERS + NEVER_SEEN:]
+        trained, unseen, strangers = (
+            rows[:CUSTOMERS],
+            rows[CUSTOMERS : CUSTOMERS + NEVER_SEEN],
+            rows[CUSTOMERS + NEVER_SEEN :],
+        )
     parts = {"erase": trained[:n], "keep": trained[n:], "unseen": unseen, "strangers": strangers}
     for name, part in parts.items():
         write_jsonl(folder / f"{name}.jsonl", part)
@@ -79,8 +85,10 @@ def code_documents(data: Path, n: int) -> list[dict]:
     """The first n documents of the paper's first forget set, each cut to 128 SmolLM2 tokens."""
     frame = pd.read_csv(data / "icu_benchmark" / "forget_sets" / "exp0" / "lm_extraction_128_0.csv")
     tok = modeling.load_tokenizer(modeling.default_model_dir())
-    return [{"id": f"doc-{row.doc_id}", "text": tok.decode(tok(row.text, add_special_tokens=False)["input_ids"][:128])}
-            for row in frame.head(n).itertuples()]
+    return [
+        {"id": f"doc-{row.doc_id}", "text": tok.decode(tok(row.text, add_special_tokens=False)["input_ids"][:128])}
+        for row in frame.head(n).itertuples()
+    ]
 
 
 def run(variant: str, folder: Path) -> RunStore:
@@ -88,8 +96,20 @@ def run(variant: str, folder: Path) -> RunStore:
     config = (ROOT / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(folder))
     path = RUNS / f"{variant}.yaml"
     atomic_write_text(path, config)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path), "--set", f"storage.runs_dir={RUNS}",
-                           "--set", f"storage.name={variant}"], cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            str(path),
+            "--set",
+            f"storage.runs_dir={RUNS}",
+            "--set",
+            f"storage.name={variant}",
+        ],
+        cwd=ROOT,
+    )
     if proc.returncode not in (0, 3):  # 3: finished with requests remembered (the table says so)
         raise SystemExit(f"{variant}: icu run exited with {proc.returncode}")
     return RunStore(RUNS / variant)
@@ -101,8 +121,9 @@ def fields_reproduced(model_dir: Path, texts: list[str]) -> dict[str, int]:
     the record up to the field (teacher forced: every hit from the field's first token to its last)."""
     tok, model = modeling.load_tokenizer(model_dir), modeling.load_model(model_dir).eval()
     encoded = [tok(t, add_special_tokens=False, return_offsets_mapping=True) for t in texts]
-    _, hits = metrics.nll_and_hits(model, [e["input_ids"] for e in encoded], batch_size=16,
-                                   pad_token_id=tok.pad_token_id)
+    _, hits = metrics.nll_and_hits(
+        model, [e["input_ids"] for e in encoded], batch_size=16, pad_token_id=tok.pad_token_id
+    )
     counts = {name: 0 for name in FIELDS.groupindex}
     for text, enc, row_hits in zip(texts, encoded, hits):
         match = FIELDS.match(text)
@@ -122,32 +143,43 @@ def measure(variant: str, folder: Path, store: RunStore) -> dict:
     erased = rows[(rows["model"] == "unlearned") & (rows["group"] == "erased")]
     n = VARIANTS[variant]
     row = {
-        "variant": variant, "N": n,
+        "variant": variant,
+        "N": n,
         "forgotten whole": f"{unl['forget']['below_thresholds']}/{n}",
-        "flagged forgotten": f"{result['forgotten']}/{n}", "too deep": len(result["too_deep"]),
+        "flagged forgotten": f"{result['forgotten']}/{n}",
+        "too deep": len(result["too_deep"]),
         "erased leaking (any probe)": int(erased[erased["leak"]]["row_id"].nunique()),
         "LOSS / Min-K% AUC": f"{unl['mia_auc']['loss']:.3f} / {unl['mia_auc']['min_k']:.3f}",
         "PrivLeak (Min-K%)": f"{100 * unl['privleak']['min_k']:+.1f} %" if "privleak" in unl else "-",
         "Pile / WikiText PPL": f"{_change(orig['ppl']['pile'], unl['ppl']['pile'])} / "
-                               f"{_change(orig['ppl']['wikitext'], unl['ppl']['wikitext'])}",
+        f"{_change(orig['ppl']['wikitext'], unl['ppl']['wikitext'])}",
         "kept MA %": f"{100 * orig['keep']['ma']:.1f} -> {100 * unl['keep']['ma']:.1f}"
-                     + (f" (retrained {100 * ret['keep']['ma']:.1f})" if ret else ""),
+        + (f" (retrained {100 * ret['keep']['ma']:.1f})" if ret else ""),
         "kept whole": f"{_share(orig['keep']['whole'])} -> {_share(unl['keep']['whole'])}"
-                      + (f" (retrained {_share(ret['keep']['whole'])})" if ret else ""),
-        "neighbours' MA": " -> ".join(f"{x:.3f}" for x in result["neighbour_ma"][::max(1, len(result["neighbour_ma"]) - 1)]),
+        + (f" (retrained {_share(ret['keep']['whole'])})" if ret else ""),
+        "neighbours' MA": " -> ".join(
+            f"{x:.3f}" for x in result["neighbour_ma"][:: max(1, len(result["neighbour_ma"]) - 1)]
+        ),
         "epochs": result["epochs"],
         "unlearn s / request": round(store.stage("unlearn")["seconds"] / n, 1),
         "peak RSS / rank MB": max(result["partition"]["peak_rss_mb"]),
     }
     if variant != "code":
         kept = [json.loads(line)["text"] for line in (folder / "keep.jsonl").read_text().splitlines()]
-        found = {label: fields_reproduced(path, kept) for label, path in
-                 (("original", folder / "model"), ("unlearned", store.artefact("unlearned_model")),
-                  ("retrained", folder / "retrained"))}
+        found = {
+            label: fields_reproduced(path, kept)
+            for label, path in (
+                ("original", folder / "model"),
+                ("unlearned", store.artefact("unlearned_model")),
+                ("retrained", folder / "retrained"),
+            )
+        }
         row["kept fields: unlearned / retrained"] = ", ".join(
-            f"{f} {found['unlearned'][f]}/{found['retrained'][f]}" for f in FIELDS.groupindex)
-        row["fields ratio (worst)"] = round(min(found["unlearned"][f] / max(found["retrained"][f], 1)
-                                                for f in FIELDS.groupindex), 2)
+            f"{f} {found['unlearned'][f]}/{found['retrained'][f]}" for f in FIELDS.groupindex
+        )
+        row["fields ratio (worst)"] = round(
+            min(found["unlearned"][f] / max(found["retrained"][f], 1) for f in FIELDS.groupindex), 2
+        )
     return row
 
 
@@ -182,16 +214,26 @@ def main() -> int:
     rss = {r["variant"]: r["peak RSS / rank MB"] for r in rows}
     notes = []
     if "n8" in per and "n64" in per:
-        notes.append(f"Unlearning seconds per request at N = 64 / at N = 8: {per['n64'] / per['n8']:.2f} (target <= 0.7); "
-                     f"peak RSS per rank: {rss['n64'] / rss['n8']:.2f} (target <= 1.2).")
-    text = "\n\n".join(["# Scalability: the default recipe at N = 8, 32, 64 and on code (`bench/scalability.py`)",
-                        "Written by the bench from the runs in runs/scalability/ (one run each, this machine). "
-                        "Forgotten whole: at or below the MA, EL10 and span thresholds over the whole request "
-                        "(the evaluation's); erased leaking: rows of the unlearned model that any audit probe "
-                        "finds at or past audit.leak_tokens from any cut point; PrivLeak against the retrained "
-                        "reference (MUSE: within +-5 % passes); kept fields: kept customers whose field the model "
-                        "completes exactly when given the record up to it, unlearned / retrained.",
-                        table(rows), *notes]) + "\n"
+        notes.append(
+            f"Unlearning seconds per request at N = 64 / at N = 8: {per['n64'] / per['n8']:.2f} (target <= 0.7); "
+            f"peak RSS per rank: {rss['n64'] / rss['n8']:.2f} (target <= 1.2)."
+        )
+    text = (
+        "\n\n".join(
+            [
+                "# Scalability: the default recipe at N = 8, 32, 64 and on code (`bench/scalability.py`)",
+                "Written by the bench from the runs in runs/scalability/ (one run each, this machine). "
+                "Forgotten whole: at or below the MA, EL10 and span thresholds over the whole request "
+                "(the evaluation's); erased leaking: rows of the unlearned model that any audit probe "
+                "finds at or past audit.leak_tokens from any cut point; PrivLeak against the retrained "
+                "reference (MUSE: within +-5 % passes); kept fields: kept customers whose field the model "
+                "completes exactly when given the record up to it, unlearned / retrained.",
+                table(rows),
+                *notes,
+            ]
+        )
+        + "\n"
+    )
     atomic_write_text(Path(args.out), text)
     print(f"table: {args.out}")
     return 0

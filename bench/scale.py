@@ -39,13 +39,35 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pipeline.config import ResourcesConfig  # noqa: E402
 from pipeline.ranks import worker_env, zero_sizes  # noqa: E402
+
 SIZES = {  # Llama shapes: SmolLM2-135M, a ~500M, TinyLlama-1.1B
-    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "500m": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                 num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=True),
-    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+    "135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "500m": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -104,7 +126,7 @@ def step_worker(args) -> None:
     config = _llama(args.size)
     torch.manual_seed(0)
     engines = []
-    for optimizer in (True, False)[:1 if args.lora or not args.steps else 2]:
+    for optimizer in (True, False)[: 1 if args.lora or not args.steps else 2]:
         ds = _ds_config(args.rows, world, config.hidden_size, optimizer)
         live = HfDeepSpeedConfig(ds)  # noqa: F841 (from_config builds under zero.Init while it lives)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -136,19 +158,33 @@ def step_worker(args) -> None:
             ref_logits = reference(ids[n:], mask[n:])
             logits = engine(input_ids=ids, attention_mask=mask).logits
             loss, _ = unlearning_loss(
-                "icu_band", settings, forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n],
-                retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:], ref_retain_logits=ref_logits,
-                forget_push=torch.ones(n, T - 1), forget_low=torch.full((n,), 12.0),
-                forget_high=torch.full((n,), 20.0))
+                "icu_band",
+                settings,
+                forget_logits=logits[:n],
+                forget_ids=ids[:n],
+                forget_mask=mask[:n],
+                retain_logits=logits[n:],
+                retain_ids=ids[n:],
+                retain_mask=mask[n:],
+                ref_retain_logits=ref_logits,
+                forget_push=torch.ones(n, T - 1),
+                forget_low=torch.full((n,), 12.0),
+                forget_high=torch.full((n,), 20.0),
+            )
             engine.backward(loss)
             engine.step()
             del logits, ref_logits, loss
             times.append(time.perf_counter() - start)
     params = list(engine.module.parameters())
-    row = dict(rank=rank, peak_step_mb=round(peak.rss), after_build_mb=round(after_build),
-               held=sum(p.ds_tensor.numel() for p in params), total=sum(p.ds_numel for p in params),
-               trained=sum(p.ds_numel for p in params if p.requires_grad),
-               step_s=round(min(times[1:] or times), 2) if times else None)
+    row = dict(
+        rank=rank,
+        peak_step_mb=round(peak.rss),
+        after_build_mb=round(after_build),
+        held=sum(p.ds_tensor.numel() for p in params),
+        total=sum(p.ds_numel for p in params),
+        trained=sum(p.ds_numel for p in params if p.requires_grad),
+        step_s=round(min(times[1:] or times), 2) if times else None,
+    )
     if args.save:
         engine.save_checkpoint(args.save, tag="final", save_latest=False)
         if rank == 0:
@@ -187,9 +223,19 @@ def export_worker(args) -> None:
             model.save_pretrained(out, max_shard_size=args.shard)
         seconds = time.perf_counter() - start
     largest = max(p.stat().st_size for p in out.glob("*.safetensors"))
-    print("SCALE-EXPORT " + json.dumps(dict(mode=args.mode, peak_mb=round(peak.rss), anon_mb=round(peak.anon),
-                                             fixed_mb=round(fixed), largest_shard_mb=round(largest / 2**20),
-                                             seconds=round(seconds, 1))))
+    print(
+        "SCALE-EXPORT "
+        + json.dumps(
+            dict(
+                mode=args.mode,
+                peak_mb=round(peak.rss),
+                anon_mb=round(peak.anon),
+                fixed_mb=round(fixed),
+                largest_shard_mb=round(largest / 2**20),
+                seconds=round(seconds, 1),
+            )
+        )
+    )
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -216,15 +262,31 @@ def _config_of(base: Path):
 def _run(cmd: list[str], tag: str) -> list | dict:
     env = dict(os.environ, **worker_env(ResourcesConfig()), PYTHONPATH=str(REPO))  # 1 CPU a rank, no GPU
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith(tag)), None)
+    line = next((out for out in proc.stdout.splitlines() if out.startswith(tag)), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(line[len(tag) + 1:])
+    return json.loads(line[len(tag) + 1 :])
 
 
 def _step(size: str, args, *extra: str) -> list:
-    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-                 "--step", size, "--rows", str(args.rows), "--tokens", str(args.tokens), *extra], "SCALE-STEP")
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            __file__,
+            "--step",
+            size,
+            "--rows",
+            str(args.rows),
+            "--tokens",
+            str(args.tokens),
+            *extra,
+        ],
+        "SCALE-STEP",
+    )
 
 
 def _mb(rows: list, key: str) -> str:
@@ -234,8 +296,12 @@ def _mb(rows: list, key: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="135m,500m,1.1b")
-    parser.add_argument("--full-up-to", default="500m", help="largest size whose full (not LoRA) step is run: "
-                        "full 1.1B needs ~13 GB per rank (fp32 weights, master copy, gradients, Adam, reference)")
+    parser.add_argument(
+        "--full-up-to",
+        default="500m",
+        help="largest size whose full (not LoRA) step is run: "
+        "full 1.1B needs ~13 GB per rank (fp32 weights, master copy, gradients, Adam, reference)",
+    )
     parser.add_argument("--rows", type=int, default=4, help="requests per step (and as many neighbours, general rows)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
@@ -252,11 +318,17 @@ def main() -> None:
     if args.export:
         return export_worker(args)
     sizes = args.sizes.split(",")
-    full_sizes = sizes[:sizes.index(args.full_up_to) + 1] if args.full_up_to in sizes else sizes
-    lines = ["| size | params (trained) | what trains | held / rank | RSS after build / rank | peak RSS in step / rank "
-             "| s / step |", "|---" * 7 + "|"]
-    exports = ["| size | streamed: peak RSS (anonymous) | fixed (imports) | largest shard | full state (before): "
-               "peak RSS (anonymous) | seconds streamed / full | same weights |", "|---" * 7 + "|"]
+    full_sizes = sizes[: sizes.index(args.full_up_to) + 1] if args.full_up_to in sizes else sizes
+    lines = [
+        "| size | params (trained) | what trains | held / rank | RSS after build / rank | peak RSS in step / rank "
+        "| s / step |",
+        "|---" * 7 + "|",
+    ]
+    exports = [
+        "| size | streamed: peak RSS (anonymous) | fixed (imports) | largest shard | full state (before): "
+        "peak RSS (anonymous) | seconds streamed / full | same weights |",
+        "|---" * 7 + "|",
+    ]
     steps = ["--steps", str(args.steps)]
     for size in sizes:
         with tempfile.TemporaryDirectory(dir=REPO / "runs" if (REPO / "runs").is_dir() else None) as tmp:
@@ -266,24 +338,35 @@ def main() -> None:
                     continue
                 ranks = _step(size, args, *steps, *(["--lora"] if lora else []))
                 r0 = ranks[0]
-                lines.append(f"| {size} | {r0['total'] / 1e6:.0f}M ({r0['trained'] / 1e6:.1f}M) | "
-                             f"{'LoRA r 8' if lora else 'full'} | {r0['held'] / 1e6:.0f}M | {_mb(ranks, 'after_build_mb')} | "
-                             f"{_mb(ranks, 'peak_step_mb')} | {r0['step_s']} |")
+                lines.append(
+                    f"| {size} | {r0['total'] / 1e6:.0f}M ({r0['trained'] / 1e6:.1f}M) | "
+                    f"{'LoRA r 8' if lora else 'full'} | {r0['held'] / 1e6:.0f}M | {_mb(ranks, 'after_build_mb')} | "
+                    f"{_mb(ranks, 'peak_step_mb')} | {r0['step_s']} |"
+                )
                 print(lines[-1], flush=True)
             _step(size, args, "--steps", "0", "--save", tmp)  # a full checkpoint (built, not stepped) to export
-            streamed, before = (_run([sys.executable, __file__, "--export", tmp, "--mode", mode, "--shard",
-                                      str(args.shard)], "SCALE-EXPORT") for mode in ("streamed", "full"))
+            streamed, before = (
+                _run(
+                    [sys.executable, __file__, "--export", tmp, "--mode", mode, "--shard", str(args.shard)],
+                    "SCALE-EXPORT",
+                )
+                for mode in ("streamed", "full")
+            )
             same = same_weights(Path(tmp) / "out-streamed", Path(tmp) / "out-full")
-        exports.append(f"| {size} | {streamed['peak_mb']} ({streamed['anon_mb']}) MB | {streamed['fixed_mb']} MB | "
-                       f"{streamed['largest_shard_mb']} MB | {before['peak_mb']} ({before['anon_mb']}) MB | "
-                       f"{streamed['seconds']} / {before['seconds']} | {'yes' if same else 'NO'} |")
+        exports.append(
+            f"| {size} | {streamed['peak_mb']} ({streamed['anon_mb']}) MB | {streamed['fixed_mb']} MB | "
+            f"{streamed['largest_shard_mb']} MB | {before['peak_mb']} ({before['anon_mb']}) MB | "
+            f"{streamed['seconds']} / {before['seconds']} | {'yes' if same else 'NO'} |"
+        )
         print(exports[-1], flush=True)
     out = REPO / "bench" / "results" / ("scale-export.md" if args.export_only else "scale.md")
-    setting = (f"2 ZeRO-3 ranks on CPU, {args.rows} + {args.rows} + {args.rows} rows of {args.tokens} tokens per step, "
-               if not args.export_only else "export only (a built, unstepped 2-rank ZeRO-3 checkpoint), ")
+    setting = (
+        f"2 ZeRO-3 ranks on CPU, {args.rows} + {args.rows} + {args.rows} rows of {args.tokens} tokens per step, "
+        if not args.export_only
+        else "export only (a built, unstepped 2-rank ZeRO-3 checkpoint), "
+    )
     steps_table = [] if args.export_only else [*lines, ""]
-    out.write_text("\n".join([f"{setting}export shards of {args.shard / 1e6:.0f} MB", "", *steps_table,
-                              *exports, ""]))
+    out.write_text("\n".join([f"{setting}export shards of {args.shard / 1e6:.0f} MB", "", *steps_table, *exports, ""]))
     print(f"wrote {out}")
 
 

@@ -77,9 +77,17 @@ def main() -> None:
         n = len(forget)
         with torch.no_grad():
             ref_logits = ref(input_ids=ids[n:], attention_mask=mask[n:]).logits
-        loss, _ = unlearning_loss("icu", worker.settings, forget_logits=logits[:n], forget_ids=ids[:n],
-                                  forget_mask=mask[:n], retain_logits=logits[n:], retain_ids=ids[n:],
-                                  retain_mask=mask[n:], ref_retain_logits=ref_logits)
+        loss, _ = unlearning_loss(
+            "icu",
+            worker.settings,
+            forget_logits=logits[:n],
+            forget_ids=ids[:n],
+            forget_mask=mask[:n],
+            retain_logits=logits[n:],
+            retain_ids=ids[n:],
+            retain_mask=mask[n:],
+            ref_retain_logits=ref_logits,
+        )
         engine.backward(loss)
         engine.step()
 
@@ -115,14 +123,20 @@ def main() -> None:
     if worker.rank == 0:
         real = sum(len(real_rows(b)[0]) for b in batches)
         slots = sum(len(b) for b in batches)
-        print(f"model {worker.model_dir.name}, {worker.world} ranks, batch {u.batch_size} pairs/rank, "
-              f"{len(p.pair_request)} pairs, {len(batches)} steps/epoch, {real}/{slots} pair slots real on rank 0 "
-              f"(the rest are the sampler's empty padding rows); {steps} steps timed per variant")
-        print(f"per step: bare ICU {per_step['bare']:.3f}s, ours (train_epoch) {per_step['ours']:.3f}s, "
-              f"Worker.step on live rows only {per_step['live']:.3f}s, plain LM {per_step['lm']:.3f}s")
+        print(
+            f"model {worker.model_dir.name}, {worker.world} ranks, batch {u.batch_size} pairs/rank, "
+            f"{len(p.pair_request)} pairs, {len(batches)} steps/epoch, {real}/{slots} pair slots real on rank 0 "
+            f"(the rest are the sampler's empty padding rows); {steps} steps timed per variant"
+        )
+        print(
+            f"per step: bare ICU {per_step['bare']:.3f}s, ours (train_epoch) {per_step['ours']:.3f}s, "
+            f"Worker.step on live rows only {per_step['live']:.3f}s, plain LM {per_step['lm']:.3f}s"
+        )
         print(f"RESULT ours / bare ICU step = {per_step['ours'] / per_step['bare']:.2f}x (target <= 1.10)")
-        print(f"RESULT one IUR check ({len(p.requests)} requests) = {check_s:.1f}s = "
-              f"{check_s / one_epoch:.2f}x one training epoch ({one_epoch:.1f}s)")
+        print(
+            f"RESULT one IUR check ({len(p.requests)} requests) = {check_s:.1f}s = "
+            f"{check_s / one_epoch:.2f}x one training epoch ({one_epoch:.1f}s)"
+        )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -30,8 +30,14 @@ def enabled(adapter: AdapterConfig) -> bool:
 def lora_config(adapter: AdapterConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                      target_modules=list(adapter.target_modules), bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=list(adapter.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def wrap(model: torch.nn.Module, adapter: AdapterConfig, seed: int):
@@ -87,8 +93,11 @@ def save(folder: Path, lora: dict[str, torch.Tensor], adapter: AdapterConfig, ba
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k.replace(f".{NAME}.", "."): v.contiguous() for k, v in lora.items()},
-              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k.replace(f".{NAME}.", "."): v.contiguous() for k, v in lora.items()},
+        str(folder / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     config = lora_config(adapter).to_dict()
     config.update(base_model_name_or_path=base_model, target_modules=sorted(adapter.target_modules))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str, sort_keys=True) + "\n")

@@ -92,8 +92,9 @@ def file_records(path: Path) -> dict[str, list]:
     return {str(f.relative_to(path)) if path.is_dir() else ".": [f.stat().st_size, sha256_file(f)] for f in files}
 
 
-def check_records(path: Path, records: dict[str, list], hash_files: bool = True,
-                  ignore: set[str] = frozenset()) -> str | None:
+def check_records(
+    path: Path, records: dict[str, list], hash_files: bool = True, ignore: set[str] = frozenset()
+) -> str | None:
     """What differs between `path` and its recorded files (None = all match).
 
     `hash_files=False` checks names and sizes only (checkpoints of hundreds of GB are
@@ -121,8 +122,10 @@ def open_private(path: str | os.PathLike, append: bool = False) -> BinaryIO:
     `append` the old file is replaced (unlinked, then created exclusively)."""
     path = Path(path)
     if path.is_symlink():
-        raise UserError(f"{path} is a symbolic link, and a run directory holds none (it would be written through); "
-                        "fix: remove it, and check who else can write to the run directory")
+        raise UserError(
+            f"{path} is a symbolic link, and a run directory holds none (it would be written through); "
+            "fix: remove it, and check who else can write to the run directory"
+        )
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     if append:
         flags |= os.O_APPEND
@@ -133,8 +136,10 @@ def open_private(path: str | os.PathLike, append: bool = False) -> BinaryIO:
         return os.fdopen(os.open(path, flags, 0o600), "ab" if append else "wb")
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EEXIST):
-            raise UserError(f"{path} was replaced while it was opened (a symbolic link or another file appeared); "
-                            "fix: check who else can write to the run directory") from None
+            raise UserError(
+                f"{path} was replaced while it was opened (a symbolic link or another file appeared); "
+                "fix: check who else can write to the run directory"
+            ) from None
         raise
 
 

@@ -55,9 +55,22 @@ def key(cfg, store: RunStore, model: str = "unlearned") -> str:
     e, (model_part, requests, audit) = cfg.evaluation, cfg.part("model", "requests", "audit")
     audit.pop("require")
     unlearned = [store.key_of("unlearn"), store.outputs_of("unlearn")] if model == "unlearned" else []
-    return fingerprint("audit" if model == "unlearned" else f"audit-{model}", "whole rows", model_part, requests, audit,
-                       relearn_lr(cfg), cfg.max_tokens, e.unseen_path, e.keep_path, e.max_samples.get("unseen"),
-                       cfg.retrieval.pairs_per_request, store.key_of("ingest"), store.key_of("retrieve"), *unlearned)
+    return fingerprint(
+        "audit" if model == "unlearned" else f"audit-{model}",
+        "whole rows",
+        model_part,
+        requests,
+        audit,
+        relearn_lr(cfg),
+        cfg.max_tokens,
+        e.unseen_path,
+        e.keep_path,
+        e.max_samples.get("unseen"),
+        cfg.retrieval.pairs_per_request,
+        store.key_of("ingest"),
+        store.key_of("retrieve"),
+        *unlearned,
+    )
 
 
 def units(names: list[str]) -> list[tuple[str, ...]]:
@@ -67,8 +80,9 @@ def units(names: list[str]) -> list[tuple[str, ...]]:
     return ([shared] if shared else []) + [(n,) for n in names if n not in shared]
 
 
-def run_unit(unit: tuple[str, ...], model, rows: list[list[int]], cfg, retain: list[list[int]],
-             pad_token_id: int) -> dict[str, tuple[list[int], list[float] | None]]:
+def run_unit(
+    unit: tuple[str, ...], model, rows: list[list[int]], cfg, retain: list[list[int]], pad_token_id: int
+) -> dict[str, tuple[list[int], list[float] | None]]:
     """{probe: (span per row, MA per row or None)} for one unit of probes on one model.
 
     Every probe checks the whole row after its first prompt window (pipeline/method.md, "Whole
@@ -82,9 +96,16 @@ def run_unit(unit: tuple[str, ...], model, rows: list[list[int]], cfg, retain: l
 
     def greedy(served, cuts: dict[str, int], ma_for: str | None) -> dict:
         found = probes.greedy_continuations(served, rows, sorted(set(cuts.values())), spans_from=prefix, **options)
-        return {name: ([max(probes.longest_span(g, r[c:prefix + window]), s if c == prefix else 0)
-                        for g, r, s in zip(found.conts[c], rows, found.spans)], found.ma if name == ma_for else None)
-                for name, c in cuts.items()}
+        return {
+            name: (
+                [
+                    max(probes.longest_span(g, r[c : prefix + window]), s if c == prefix else 0)
+                    for g, r, s in zip(found.conts[c], rows, found.spans)
+                ],
+                found.ma if name == ma_for else None,
+            )
+            for name, c in cuts.items()
+        }
 
     name = unit[0]
     if name == "greedy" or name in PROMPT_FRACTIONS:
@@ -94,17 +115,32 @@ def run_unit(unit: tuple[str, ...], model, rows: list[list[int]], cfg, retain: l
         return greedy(quantize.served_copy(model, name), {name: prefix}, name)
     if name == "sampling":
         jobs = [(k, c) for k, r in enumerate(rows) for c in probes.window_cuts(len(r), prefix, window)]
-        gens = probes.sampled_continuations(model, [rows[k][:c] for k, c in jobs], window, a.samples,
-                                            temperature=a.temperature, seed=a.seed, keys=[k * 1000 + c for k, c in jobs],
-                                            batch_size=a.batch_size, truths=[rows[k][c:c + window] for k, c in jobs],
-                                            settle=a.leak_tokens)
+        gens = probes.sampled_continuations(
+            model,
+            [rows[k][:c] for k, c in jobs],
+            window,
+            a.samples,
+            temperature=a.temperature,
+            seed=a.seed,
+            keys=[k * 1000 + c for k, c in jobs],
+            batch_size=a.batch_size,
+            truths=[rows[k][c : c + window] for k, c in jobs],
+            settle=a.leak_tokens,
+        )
         spans = [0] * len(rows)
         for (k, c), samples in zip(jobs, gens):
-            spans[k] = max(spans[k], *(probes.longest_span(g, rows[k][c:c + window]) for g in samples))
+            spans[k] = max(spans[k], *(probes.longest_span(g, rows[k][c : c + window]) for g in samples))
         return {name: (spans, None)}
     if name == "relearn":
-        tuned = probes.relearned_copy(model, retain, steps=a.relearn_steps, lr=relearn_lr(cfg),
-                                      batch_size=a.relearn_batch, pad_token_id=pad_token_id, seed=a.seed)
+        tuned = probes.relearned_copy(
+            model,
+            retain,
+            steps=a.relearn_steps,
+            lr=relearn_lr(cfg),
+            batch_size=a.relearn_batch,
+            pad_token_id=pad_token_id,
+            seed=a.seed,
+        )
         return greedy(tuned, {name: prefix}, None)
     raise ValueError(f"unknown probe {name!r}; one of {PROBES}")
 
@@ -113,8 +149,16 @@ def relearn_lr(cfg) -> float:
     return cfg.audit.relearn_lr or cfg.unlearning.optim.lr / 10
 
 
-def audit_model(label: str, model, groups: list[Group], cfg, retain: list[list[int]], pad_token_id: int,
-                bar: cluster.Progress, seconds: dict[str, float]) -> list[dict]:
+def audit_model(
+    label: str,
+    model,
+    groups: list[Group],
+    cfg,
+    retain: list[list[int]],
+    pad_token_id: int,
+    bar: cluster.Progress,
+    seconds: dict[str, float],
+) -> list[dict]:
     """Every configured probe on one model, all groups in one batch of rows; adds each unit's
     time to `seconds` (probes that share work are timed together, under their names joined by +)."""
     rows = [r for g in groups for r in g.rows]
@@ -126,10 +170,20 @@ def audit_model(label: str, model, groups: list[Group], cfg, retain: list[list[i
         joined = "+".join(unit)
         seconds[joined] = round(seconds.get(joined, 0.0) + time.time() - started, 1)
         bar.update(len(unit))
-    return [dict(model=label, group=group, row_id=rid, probe=name, span=int(spans[k]),
-                 leak=bool(spans[k] >= cfg.audit.leak_tokens), ma=None if ma is None else float(ma[k]))
-            for name in cfg.audit.probes for (spans, ma) in [found[name]]
-            for k, (group, rid) in enumerate(where)]
+    return [
+        dict(
+            model=label,
+            group=group,
+            row_id=rid,
+            probe=name,
+            span=int(spans[k]),
+            leak=bool(spans[k] >= cfg.audit.leak_tokens),
+            ma=None if ma is None else float(ma[k]),
+        )
+        for name in cfg.audit.probes
+        for (spans, ma) in [found[name]]
+        for k, (group, rid) in enumerate(where)
+    ]
 
 
 def counts(frame: pd.DataFrame) -> dict:
@@ -153,24 +207,35 @@ def markdown(result: dict) -> str:
         lines.append(f"| {probe} | " + " | ".join(cells) + " |")
     ma = [p for p in result["probes"] if f"{groups[0]}_ma" in table[p]["original"]]
     if ma:
-        lines += ["", "Memorization accuracy (MA, %) at each precision:", "",
-                  "| precision | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-        lines += [f"| {'fp32' if p == 'greedy' else p} | " + " | ".join(
-            f"{100 * table[p][m][f'{g}_ma']:.1f}" for g in groups for m in MODELS) + " |" for p in ma]
+        lines += [
+            "",
+            "Memorization accuracy (MA, %) at each precision:",
+            "",
+            "| precision | " + " | ".join(head) + " |",
+            "|---" * (len(head) + 1) + "|",
+        ]
+        lines += [
+            f"| {'fp32' if p == 'greedy' else p} | "
+            + " | ".join(f"{100 * table[p][m][f'{g}_ma']:.1f}" for g in groups for m in MODELS)
+            + " |"
+            for p in ma
+        ]
     return "\n".join(lines)
 
 
 def criterion(cfg) -> str:
     a, r = cfg.audit, cfg.requests
-    return (f"a row leaks when a probe reproduces at least {a.leak_tokens} consecutive tokens of it anywhere after "
-            f"its first {r.prefix_tokens} tokens: greedy (at each precision, and after relearning) from the "
-            f"{r.prefix_tokens}-token prefix through the next {r.suffix_tokens} tokens, and from the row's own text up "
-            f"to every later position; sampling: {a.samples} samples at temperature {a.temperature:g} of "
-            f"{r.suffix_tokens} tokens from each of the cut points {r.prefix_tokens}, {r.prefix_tokens + r.suffix_tokens}, "
-            f"... whose windows cover the row (the last ending at the row's end); the shorter prompts: greedy from a "
-            f"quarter / half of the prefix through the first window (a span below {a.leak_tokens} is the longest found "
-            f"before the probe could no longer reach {a.leak_tokens}); relearn: {a.relearn_steps} AdamW steps at lr "
-            f"{relearn_lr(cfg):.1e} on retained text")
+    return (
+        f"a row leaks when a probe reproduces at least {a.leak_tokens} consecutive tokens of it anywhere after "
+        f"its first {r.prefix_tokens} tokens: greedy (at each precision, and after relearning) from the "
+        f"{r.prefix_tokens}-token prefix through the next {r.suffix_tokens} tokens, and from the row's own text up "
+        f"to every later position; sampling: {a.samples} samples at temperature {a.temperature:g} of "
+        f"{r.suffix_tokens} tokens from each of the cut points {r.prefix_tokens}, {r.prefix_tokens + r.suffix_tokens}, "
+        f"... whose windows cover the row (the last ending at the row's end); the shorter prompts: greedy from a "
+        f"quarter / half of the prefix through the first window (a span below {a.leak_tokens} is the longest found "
+        f"before the probe could no longer reach {a.leak_tokens}); relearn: {a.relearn_steps} AdamW steps at lr "
+        f"{relearn_lr(cfg):.1e} on retained text"
+    )
 
 
 def groups_of(cfg, store: RunStore, tok) -> list[Group]:
@@ -180,8 +245,11 @@ def groups_of(cfg, store: RunStore, tok) -> list[Group]:
     accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids"])
     out = [Group("erased", accepted["id"].tolist(), [list(map(int, x)) for x in accepted["input_ids"]])]
     if cfg.evaluation.keep_path:  # ids as the evaluation's keep task names them; too short to probe: left out
-        kept = [(f"keep:{i}", ids[:cfg.max_tokens]) for i, text in enumerate(suites.read_texts(cfg.evaluation.keep_path))
-                if len(ids := tok(text, add_special_tokens=False)["input_ids"]) >= r.prefix_tokens + r.suffix_tokens]
+        kept = [
+            (f"keep:{i}", ids[: cfg.max_tokens])
+            for i, text in enumerate(suites.read_texts(cfg.evaluation.keep_path))
+            if len(ids := tok(text, add_special_tokens=False)["input_ids"]) >= r.prefix_tokens + r.suffix_tokens
+        ]
         out.append(Group("kept", [rid for rid, _ in kept], [row for _, row in kept]))
     unseen = suites.threshold_rows(cfg, tok)
     out.append(Group("unseen", [f"unseen-{i}" for i in range(len(unseen))], unseen))
@@ -207,19 +275,32 @@ def run(cfg, store: RunStore) -> dict:
     probes_run = list(cfg.audit.probes)
     folders = dict(zip(MODELS, (cfg.model_dir, store.artefact("unlearned_model"))))
     if not probes_run:  # skipped: empty outputs, no model loaded
-        _write(store, pd.DataFrame(columns=COLUMNS), {"criterion": criterion(cfg), "leak_tokens": cfg.audit.leak_tokens,
-                                                      "probes": [], "groups": [], "table": {}, "seconds": 0.0})
+        _write(
+            store,
+            pd.DataFrame(columns=COLUMNS),
+            {
+                "criterion": criterion(cfg),
+                "leak_tokens": cfg.audit.leak_tokens,
+                "probes": [],
+                "groups": [],
+                "table": {},
+                "seconds": 0.0,
+            },
+        )
         return {"probes": 0, "erased_leaking": 0, "seconds": 0.0}
-    if modeling.replica_bytes(cfg.model_dir, cfg.model.dtype, cfg.model.trust_remote_code) > \
-            modeling.REPLICA_MAX_BYTES:
-        raise UserError("audit: the model is larger than one process holds, and the audit loads whole copies of it; "
-                        "fix: set audit.probes: [] to skip the audit for this model")
+    if modeling.replica_bytes(cfg.model_dir, cfg.model.dtype, cfg.model.trust_remote_code) > modeling.REPLICA_MAX_BYTES:
+        raise UserError(
+            "audit: the model is larger than one process holds, and the audit loads whole copies of it; "
+            "fix: set audit.probes: [] to skip the audit for this model"
+        )
     tok = modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code)
     groups = groups_of(cfg, store, tok)
     retain = retained_rows(store, cfg.retrieval.pairs_per_request) if "relearn" in probes_run else []
     if "relearn" in probes_run and not retain:
-        raise UserError("audit.probes: relearn needs retained text and this run has none; fix: give retain.paths, "
-                        "or drop relearn from audit.probes")
+        raise UserError(
+            "audit.probes: relearn needs retained text and this run has none; fix: give retain.paths, "
+            "or drop relearn from audit.probes"
+        )
     probe_seconds: dict[str, float] = {}
     model_seconds: dict[str, float] = {}
     bar = cluster.Progress("audit: probes", len(probes_run) * len(folders), "probes")
@@ -227,13 +308,16 @@ def run(cfg, store: RunStore) -> dict:
     def probe_model(label: str) -> pd.DataFrame:
         begun = time.time()
         model = modeling.load_model(folders[label], cfg.model.dtype, cfg.model.trust_remote_code).eval()
-        frame = pd.DataFrame(audit_model(label, model, groups, cfg, retain, tok.pad_token_id, bar, probe_seconds),
-                             columns=COLUMNS)
+        frame = pd.DataFrame(
+            audit_model(label, model, groups, cfg, retain, tok.pad_token_id, bar, probe_seconds), columns=COLUMNS
+        )
         model_seconds[label] = round(time.time() - begun, 1)
         return frame
 
-    frames = [frame_once(store.artefact("audit_partial"), key(cfg, store, label), label, partial(probe_model, label))
-              for label in folders]
+    frames = [
+        frame_once(store.artefact("audit_partial"), key(cfg, store, label), label, partial(probe_model, label))
+        for label in folders
+    ]
     reused = [label for label in folders if label not in model_seconds]
     for label in reused:
         bar.update(len(probes_run))
@@ -242,12 +326,19 @@ def run(cfg, store: RunStore) -> dict:
     frame = pd.concat(frames, ignore_index=True)
     seconds = time.time() - started
     unlearn_seconds = store.stage("unlearn").get("seconds")
-    result = {"criterion": criterion(cfg), "leak_tokens": cfg.audit.leak_tokens, "probes": probes_run,
-              "groups": [g.name for g in groups], "table": counts(frame),
-              "seconds": round(seconds, 1), "probe_seconds": probe_seconds, "model_seconds": model_seconds,
-              "reused": reused,
-              "unlearn_seconds": unlearn_seconds,
-              "ratio_to_unlearn": round(seconds / unlearn_seconds, 3) if unlearn_seconds else None}
+    result = {
+        "criterion": criterion(cfg),
+        "leak_tokens": cfg.audit.leak_tokens,
+        "probes": probes_run,
+        "groups": [g.name for g in groups],
+        "table": counts(frame),
+        "seconds": round(seconds, 1),
+        "probe_seconds": probe_seconds,
+        "model_seconds": model_seconds,
+        "reused": reused,
+        "unlearn_seconds": unlearn_seconds,
+        "ratio_to_unlearn": round(seconds / unlearn_seconds, 3) if unlearn_seconds else None,
+    }
     _write(store, frame, result)
     erased = frame[(frame["model"] == "unlearned") & (frame["group"] == "erased")]
     leaking = erased[erased["leak"]]
@@ -256,10 +347,14 @@ def run(cfg, store: RunStore) -> dict:
     for what, names in caveats(result).items():
         if names:
             log.warning("audit: %s: %s", what, ", ".join(names))
-    log.info("audit: %d probes on 2 models in %.1f s (%.2fx the unlearn stage)%s", len(probes_run), seconds,
-             result["ratio_to_unlearn"] or 0.0, f", read back: {', '.join(reused)}" if reused else "")
-    return {"probes": len(probes_run), "erased_leaking": int(leaking["row_id"].nunique()),
-            "seconds": round(seconds, 1)}
+    log.info(
+        "audit: %d probes on 2 models in %.1f s (%.2fx the unlearn stage)%s",
+        len(probes_run),
+        seconds,
+        result["ratio_to_unlearn"] or 0.0,
+        f", read back: {', '.join(reused)}" if reused else "",
+    )
+    return {"probes": len(probes_run), "erased_leaking": int(leaking["row_id"].nunique()), "seconds": round(seconds, 1)}
 
 
 def caveats(result: dict) -> dict[str, list[str]]:
@@ -268,30 +363,56 @@ def caveats(result: dict) -> dict[str, list[str]]:
     table, probes_run = result["table"], result["probes"]
     if not table:
         return {}
-    return {"Found nothing on the original, so they prove nothing here": [
-                p for p in probes_run if table[p]["original"]["erased"][0] == 0],
-            f"Never-seen rows reach {result['leak_tokens']} tokens on the original (raise audit.leak_tokens)": [
-                p for p in probes_run if table[p]["original"].get("unseen", [0])[0] > 0]}
+    return {
+        "Found nothing on the original, so they prove nothing here": [
+            p for p in probes_run if table[p]["original"]["erased"][0] == 0
+        ],
+        f"Never-seen rows reach {result['leak_tokens']} tokens on the original (raise audit.leak_tokens)": [
+            p for p in probes_run if table[p]["original"].get("unseen", [0])[0] > 0
+        ],
+    }
 
 
 def report(result: dict) -> str:
     if not result["probes"]:
         return "# Extraction audit\n\nNo probes configured (audit.probes: []).\n"
     caveat = [f"{what}: {', '.join(names)}.\n" for what, names in caveats(result).items() if names]
-    return "\n".join(["# Extraction audit", "", f"Criterion: {result['criterion']}.", "",
-                      "Rows that leak / rows, per probe, model and group:", "", markdown(result), "", *caveat,
-                      f"The audit took {result['seconds']:.0f} s" + (" this time" if result.get("reused") else "")
-                      + (f" ({result['ratio_to_unlearn']:.2f}x the unlearn stage)" if result["ratio_to_unlearn"]
-                         else "") + timing(result), ""])
+    return "\n".join(
+        [
+            "# Extraction audit",
+            "",
+            f"Criterion: {result['criterion']}.",
+            "",
+            "Rows that leak / rows, per probe, model and group:",
+            "",
+            markdown(result),
+            "",
+            *caveat,
+            f"The audit took {result['seconds']:.0f} s"
+            + (" this time" if result.get("reused") else "")
+            + (f" ({result['ratio_to_unlearn']:.2f}x the unlearn stage)" if result["ratio_to_unlearn"] else "")
+            + timing(result),
+            "",
+        ]
+    )
 
 
 def timing(result: dict) -> str:
     reused = result.get("reused", [])
     probed = "both models" if not reused else " and ".join(f"the {m} model" for m in MODELS if m not in reused)
-    return ((f": the {' and '.join(reused)} model's probes were read back from an earlier audit of the same "
-             "inputs" if reused else "")
-            + (f"; per probe, {probed}: " + ", ".join(f"{p} {s:.0f} s" for p, s in result["probe_seconds"].items())
-               if result["probe_seconds"] else "") + ".")
+    return (
+        (
+            f": the {' and '.join(reused)} model's probes were read back from an earlier audit of the same inputs"
+            if reused
+            else ""
+        )
+        + (
+            f"; per probe, {probed}: " + ", ".join(f"{p} {s:.0f} s" for p, s in result["probe_seconds"].items())
+            if result["probe_seconds"]
+            else ""
+        )
+        + "."
+    )
 
 
 def verdicts(store: RunStore) -> pd.DataFrame | None:
@@ -317,13 +438,17 @@ def refused(store: RunStore, require: list[str], probes: list[str] = (), accepte
     wide = verdicts(store)
     if probes:
         have = pd.DataFrame(index=pd.Index([], name="row_id")) if wide is None else wide
-        missing = {rid: [p for p in probes if p not in have.columns or rid not in have.index or pd.isna(have.at[rid, p])]
-                   for rid in accepted}
+        missing = {
+            rid: [p for p in probes if p not in have.columns or rid not in have.index or pd.isna(have.at[rid, p])]
+            for rid in accepted
+        }
         missing = {rid: ps for rid, ps in missing.items() if ps}
         if missing:
             named = "; ".join(f"{rid} ({', '.join(ps)})" for rid, ps in list(missing.items())[:20])
-            return (f"export refused: the audit has no verdict for {len(missing)} accepted requests: {named}; fix: "
-                    "rerun with --restart-from audit")
+            return (
+                f"export refused: the audit has no verdict for {len(missing)} accepted requests: {named}; fix: "
+                "rerun with --restart-from audit"
+            )
     if not require or wide is None:
         return None
     bad = {rid: [p for p in require if p in leaks.split(",")] for rid, leaks in wide["leaks"].items()}
@@ -331,6 +456,8 @@ def refused(store: RunStore, require: list[str], probes: list[str] = (), accepte
     if not bad:
         return None
     named = "; ".join(f"{rid} ({', '.join(ps)})" for rid, ps in sorted(bad.items())[:20])
-    return (f"export refused: {len(bad)} erased requests leak under required audit probes: {named}; fix: harden "
-            "the unlearning (e.g. unlearning.check.harden: [int4]) and rerun with --restart-from unlearn, or drop the "
-            "probe from audit.require and rerun with --restart-from export")
+    return (
+        f"export refused: {len(bad)} erased requests leak under required audit probes: {named}; fix: harden "
+        "the unlearning (e.g. unlearning.check.harden: [int4]) and rerun with --restart-from unlearn, or drop the "
+        "probe from audit.require and rerun with --restart-from export"
+    )

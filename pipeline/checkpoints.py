@@ -50,8 +50,9 @@ def hash_share(folder: Path, tag: str, rank: int, world: int) -> dict[str, list]
     """[size, sha256] of rank `rank`'s share of a tag's files, dealt largest first so the ranks'
     shares weigh alike (one core hashes a 1.6 GB tag in 3.5 s)."""
     path = folder / tag
-    files = sorted((f for f in path.rglob("*") if f.is_file() and f.name != RECORDS),
-                   key=lambda f: (-f.stat().st_size, str(f)))
+    files = sorted(
+        (f for f in path.rglob("*") if f.is_file() and f.name != RECORDS), key=lambda f: (-f.stat().st_size, str(f))
+    )
     return {str(f.relative_to(path)): file_records(f)["."] for f in files[rank::world]}
 
 
@@ -80,8 +81,7 @@ def latest_verified(folder: Path) -> str | None:
         broken = problem(folder, tag)
         if broken is None:
             return tag
-        log.warning("unlearn: checkpoint %s is damaged (%s); falling back to the previous complete one", tag,
-                    broken)
+        log.warning("unlearn: checkpoint %s is damaged (%s); falling back to the previous complete one", tag, broken)
     return None
 
 
@@ -98,18 +98,23 @@ def weights_only(what: str) -> Iterator[None]:
     naming `what` (the checkpoint) and the fix."""
     import torch
 
-    torch.serialization.add_safe_globals([getattr(importlib.import_module(name.rpartition(".")[0]),
-                                                  name.rpartition(".")[2]) for name in SAFE_GLOBALS])
+    torch.serialization.add_safe_globals(
+        [getattr(importlib.import_module(name.rpartition(".")[0]), name.rpartition(".")[2]) for name in SAFE_GLOBALS]
+    )
     before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
         yield
     except pickle.UnpicklingError as exc:
-        refused = next((line.strip().rstrip(".") for line in str(exc).splitlines() if "GLOBAL" in line),
-                       "an object that is not a tensor")
-        raise UserError(f"{what}: refused to load a checkpoint file that holds more than weights ({refused}); "
-                        "it may have been tampered with; fix: delete that checkpoint folder and rerun "
-                        "(icu run CONFIG --restart-from unlearn)") from None
+        refused = next(
+            (line.strip().rstrip(".") for line in str(exc).splitlines() if "GLOBAL" in line),
+            "an object that is not a tensor",
+        )
+        raise UserError(
+            f"{what}: refused to load a checkpoint file that holds more than weights ({refused}); "
+            "it may have been tampered with; fix: delete that checkpoint folder and rerun "
+            "(icu run CONFIG --restart-from unlearn)"
+        ) from None
     finally:
         if before is None:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
@@ -128,8 +133,11 @@ def fp32_partitions(folder: Path, tag: str) -> Iterator[dict]:
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with weights_only(f"checkpoint {folder / tag}"), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
+    with (
+        weights_only(f"checkpoint {folder / tag}"),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag, lazy_mode=True)
     try:
         yield lazy

@@ -53,42 +53,59 @@ STAGE_HELP = {
     "unlearn": "unlearn the requests with ICU under DeepSpeed ZeRO-3 (Ray Train or torchrun)",
     "evaluate": "score the original and the unlearned model; write eval/metrics.json and report.md",
     "audit": "probe the original and the unlearned model for the requests' text (served precisions, sampling, "
-             "shorter prompts, relearning); write audit/audit.json and report.md",
+    "shorter prompts, relearning); write audit/audit.json and report.md",
     "export": "verify the unlearned model folder and write it to model/ with a model card and erasure receipt",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="icu", description="Remove memorized data from a causal LM with Iterative Contrastive "
+        prog="icu",
+        description="Remove memorized data from a causal LM with Iterative Contrastive "
         "Unlearning (arXiv:2407.20271). Every stage writes into runs/<name>/ and is skipped when "
         "already complete, so rerunning a command resumes it.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {"run": "run the whole pipeline (completed stages are skipped)", **STAGE_HELP}
     for command, help_text in commands.items():
         parser_of = sub.add_parser(command, help=help_text)
         _config_args(parser_of)
-        parser_of.add_argument("--restart-from", choices=STAGES, help="rerun this stage and all later ones "
-                               "(required to change the config of an existing run)")
+        parser_of.add_argument(
+            "--restart-from",
+            choices=STAGES,
+            help="rerun this stage and all later ones (required to change the config of an existing run)",
+        )
     evaluate = sub.choices["evaluate"]
-    evaluate.add_argument("--model", help="evaluate this model folder on its own (CONFIG is then optional "
-                          "and only supplies evaluation settings)")
+    evaluate.add_argument(
+        "--model",
+        help="evaluate this model folder on its own (CONFIG is then optional and only supplies evaluation settings)",
+    )
     evaluate.add_argument("--suites", help=f"with --model: comma-separated subset of {','.join(SUITES)}")
     evaluate.add_argument("--out", help="with --model: output folder (default: runs/eval-<folder name>)")
     status = sub.add_parser("status", help="show each stage's state, progress and timings")
     status.add_argument("run_dir", help="a run directory, e.g. runs/demo")
-    hashed = sub.add_parser("hash", help="print a text's content hash under the operator's receipt key (to find a "
-                            "request in a receipt)")
+    hashed = sub.add_parser(
+        "hash", help="print a text's content hash under the operator's receipt key (to find a request in a receipt)"
+    )
     hashed.add_argument("file", nargs="?", default="-", help="a file holding the request's text (default: stdin)")
     return parser
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?" if parser.prog.endswith("evaluate") else None,
-                        help="run config YAML (see ray_jobs/configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. unlearning.optim.lr=1e-5 (repeatable)")
+    parser.add_argument(
+        "config",
+        nargs="?" if parser.prog.endswith("evaluate") else None,
+        help="run config YAML (see ray_jobs/configs/)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. unlearning.optim.lr=1e-5 (repeatable)",
+    )
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -100,8 +117,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             overrides[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise UserError(f"--set {key.strip()}: the value is not valid YAML; fix: quote it, e.g. "
-                            f"--set '{key.strip()}=\"...\"', or write a list as [a, b]") from None
+            raise UserError(
+                f"--set {key.strip()}: the value is not valid YAML; fix: quote it, e.g. "
+                f"--set '{key.strip()}=\"...\"', or write a list as [a, b]"
+            ) from None
     return overrides
 
 
@@ -135,7 +154,9 @@ def print_hash(source: str) -> int:
     try:
         text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"hash: cannot read {source} as UTF-8 text ({type(exc).__name__}); fix: pass a text file") from None
+        raise UserError(
+            f"hash: cannot read {source} as UTF-8 text ({type(exc).__name__}); fix: pass a text file"
+        ) from None
     print(keys.keyed_hash(keys.receipt_key(), text))
     return 0
 
@@ -147,12 +168,15 @@ def remembered_exit(store) -> int:
     remembered = json.loads(path.read_text()).get("remembered", []) if path.exists() else []
     if not remembered:
         return 0
-    named = ", ".join(remembered[:SHOWN_IDS]) + (f" and {len(remembered) - SHOWN_IDS} more" if len(remembered) > SHOWN_IDS
-                                                 else "")
-    print(f"icu: {len(remembered)} accepted requests are still remembered after unlearning: {named}; "
-          "the receipt lists them as not_forgotten; fix: rerun with --restart-from unlearn --set "
-          "unlearning.stop.max_epochs=<more> (training continues from its last checkpoint)",
-          file=sys.stderr)
+    named = ", ".join(remembered[:SHOWN_IDS]) + (
+        f" and {len(remembered) - SHOWN_IDS} more" if len(remembered) > SHOWN_IDS else ""
+    )
+    print(
+        f"icu: {len(remembered)} accepted requests are still remembered after unlearning: {named}; "
+        "the receipt lists them as not_forgotten; fix: rerun with --restart-from unlearn --set "
+        "unlearning.stop.max_epochs=<more> (training continues from its last checkpoint)",
+        file=sys.stderr,
+    )
     return REMEMBERED_EXIT
 
 
@@ -161,9 +185,12 @@ def print_results(store) -> None:
     metrics = store.artefact("metrics")
     if metrics.exists():
         print("\n" + paper_table(json.loads(metrics.read_text())) + "\n")
-    for name, path in (("report", store.artefact("report")), ("audit", store.artefact("audit_report")),
-                       ("receipt", store.artefact("handoff") / "receipt.csv"),
-                       ("model", store.artefact("handoff"))):
+    for name, path in (
+        ("report", store.artefact("report")),
+        ("audit", store.artefact("audit_report")),
+        ("receipt", store.artefact("handoff") / "receipt.csv"),
+        ("model", store.artefact("handoff")),
+    ):
         if path.exists():
             print(f"{name + ':':<9}{path.resolve()}")
 
@@ -184,8 +211,10 @@ def evaluate_folder(args: argparse.Namespace) -> int:
         cfg = build_config(data)
     model_dir = modeling.resolve(cfg).model_dir
     if not set(cfg.evaluation.suites) - {"forget", "mia"}:
-        raise UserError("evaluate --model: the forget and mia suites need a run's requests; fix: choose from "
-                        "unseen, ppl, classification, dialogue")
+        raise UserError(
+            "evaluate --model: the forget and mia suites need a run's requests; fix: choose from "
+            "unseen, ppl, classification, dialogue"
+        )
     cfg.evaluation.suites = [s for s in cfg.evaluation.suites if s not in ("forget", "mia")]
     out = Path(args.out or Path(cfg.storage.runs_dir) / f"eval-{model_dir.name}")
     results = evaluate.evaluate_folder(model_dir, cfg, out)

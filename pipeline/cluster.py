@@ -32,8 +32,13 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "pipeline.cluster.quiet_local_workers"})
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"worker_process_setup_hook": "pipeline.cluster.quiet_local_workers"},
+        )
 
 
 def quiet_local_workers() -> None:
@@ -44,8 +49,9 @@ def quiet_local_workers() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-def actor_pool_map(actor: type, spec: dict[str, Any], items: list[dict[str, Any]], actors: int,
-                   cpus: float, gpus: int) -> Iterator[dict[str, Any]]:
+def actor_pool_map(
+    actor: type, spec: dict[str, Any], items: list[dict[str, Any]], actors: int, cpus: float, gpus: int
+) -> Iterator[dict[str, Any]]:
     """Ray Data: `actor(spec)` on a pool of `actors`, one item per call; yields output batches.
 
     One item per block and per call: Ray's readers would merge small inputs into one block
@@ -60,8 +66,15 @@ def actor_pool_map(actor: type, spec: dict[str, Any], items: list[dict[str, Any]
         DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled" notice
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(actor, fn_constructor_kwargs={"spec": spec}, batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus)
+    ds = ds.map_batches(
+        actor,
+        fn_constructor_kwargs={"spec": spec},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+        num_gpus=gpus,
+    )
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
@@ -69,8 +82,9 @@ class Progress:
     """A tqdm bar on a terminal; elsewhere (job logs, CI) one log line per update, at most
     every `every` seconds, and always the last."""
 
-    def __init__(self, desc: str, total: int, unit: str, on_update: Callable[[int], None] | None = None,
-                 every: float = 10.0):
+    def __init__(
+        self, desc: str, total: int, unit: str, on_update: Callable[[int], None] | None = None, every: float = 10.0
+    ):
         from tqdm import tqdm
 
         self.desc, self.total, self.unit, self.every = desc, total, unit, every
@@ -90,4 +104,3 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-

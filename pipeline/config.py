@@ -40,17 +40,37 @@ PROJECT = Path(__file__).resolve().parents[1]
 RENAMED = {"unlearning.set_stop": "write unlearning.stop.rule: set (was set_stop: true) or each (was false)"}
 # Keys of the flat `unlearning:` section, and where each went when it was split by concern.
 MOVED = {
-    "method": "loss.name", "uw": "loss.uw", "lw": "loss.lw", "kl": "loss.kl", "margin": "loss.margin",
-    "general_lw": "loss.general_lw", "npo_beta": "loss.beta (with loss.name: npo)",
-    "simnpo_beta": "loss.beta (with loss.name: simnpo)", "simnpo_gamma": "loss.gamma",
-    "retain_weight": "loss.retain_weight", "lr": "optim.lr", "batch_size": "optim.batch_size",
-    "general_batch": "optim.general_batch", "grad_clip": "optim.grad_clip", "warmup_steps": "optim.warmup_steps",
-    "weight_decay": "optim.weight_decay", "lr_backoff": "optim.lr_backoff", "seed": "optim.seed",
-    "max_epochs": "stop.max_epochs", "stranger_quantile": "stop.stranger_quantile",
-    "recover_within": "stop.recover_within", "mia_within": "stop.mia_within", "check_every": "check.every",
-    "num_beams": "check.num_beams", "bertscore_threshold": "check.bertscore_threshold",
-    "bleu_threshold": "check.bleu_threshold", "ma_threshold": "check.ma_threshold", "el_threshold": "check.el_threshold",
-    "strangers_path": "check.strangers_path", "check_replica": "check.replica", "harden": "check.harden",
+    "method": "loss.name",
+    "uw": "loss.uw",
+    "lw": "loss.lw",
+    "kl": "loss.kl",
+    "margin": "loss.margin",
+    "general_lw": "loss.general_lw",
+    "npo_beta": "loss.beta (with loss.name: npo)",
+    "simnpo_beta": "loss.beta (with loss.name: simnpo)",
+    "simnpo_gamma": "loss.gamma",
+    "retain_weight": "loss.retain_weight",
+    "lr": "optim.lr",
+    "batch_size": "optim.batch_size",
+    "general_batch": "optim.general_batch",
+    "grad_clip": "optim.grad_clip",
+    "warmup_steps": "optim.warmup_steps",
+    "weight_decay": "optim.weight_decay",
+    "lr_backoff": "optim.lr_backoff",
+    "seed": "optim.seed",
+    "max_epochs": "stop.max_epochs",
+    "stranger_quantile": "stop.stranger_quantile",
+    "recover_within": "stop.recover_within",
+    "mia_within": "stop.mia_within",
+    "check_every": "check.every",
+    "num_beams": "check.num_beams",
+    "bertscore_threshold": "check.bertscore_threshold",
+    "bleu_threshold": "check.bleu_threshold",
+    "ma_threshold": "check.ma_threshold",
+    "el_threshold": "check.el_threshold",
+    "strangers_path": "check.strangers_path",
+    "check_replica": "check.replica",
+    "harden": "check.harden",
 }
 RECIPES = PROJECT / "ray_jobs" / "configs" / "recipes"
 
@@ -65,6 +85,7 @@ def path_field(default: Any = REQUIRED, *, default_factory: Any = None, **meta: 
 @dataclass
 class ModelConfig:
     """The model to unlearn from."""
+
     name: str = "default"  # "default" (SmolLM2-135M), "tiny-llama", "tiny-gptneo", or a local HF folder
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     trust_remote_code: bool = False  # run the folder's own modelling code: an explicit opt-in, never a default
@@ -72,17 +93,23 @@ class ModelConfig:
     def validate(self) -> None:
         _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         if self.name != "default" and self.name not in TINY_MODELS:
-            self.name = _resolve_path("model.name", self.name, "a local Hugging Face model folder, "
-                                      f"'default', or one of {', '.join(TINY_MODELS)}")
+            self.name = _resolve_path(
+                "model.name",
+                self.name,
+                f"a local Hugging Face model folder, 'default', or one of {', '.join(TINY_MODELS)}",
+            )
 
 
 @dataclass
 class RequestsConfig:
     """The erasure requests, one per row (pipeline/ingest.py: every row accepted or rejected with a reason)."""
+
     path: str = path_field(hint="the erasure request file (jsonl, csv, parquet) or a saved dataset folder")  # required
     format: str = "auto"  # auto (from the suffix), jsonl, json, csv, parquet, dataset
     text_column: str = "text"  # the column holding each request's text
-    id_column: str | None = None  # the column holding your ids (kept exactly); null: the keyed content hash's first 16 hex
+    id_column: str | None = (
+        None  # the column holding your ids (kept exactly); null: the keyed content hash's first 16 hex
+    )
     prefix_tokens: int = 50  # the first prompt window: the checks prompt with it and measure every token after it
     suffix_tokens: int = 50  # a window the probes decode (the generation similarity, the audit's sampling windows)
     max_tokens: int | None = 200  # the paper's sequence length; null = the model's context
@@ -97,16 +124,18 @@ class RequestsConfig:
         _positive("requests.limit", self.limit)
         need = self.prefix_tokens + self.suffix_tokens
         if self.max_tokens is not None and self.max_tokens < need:
-            raise UserError(f"requests.max_tokens: {self.max_tokens} is shorter than prefix_tokens + "
-                            f"suffix_tokens = {need}; fix: raise max_tokens or lower the prefix/suffix")
+            raise UserError(
+                f"requests.max_tokens: {self.max_tokens} is shorter than prefix_tokens + "
+                f"suffix_tokens = {need}; fix: raise max_tokens or lower the prefix/suffix"
+            )
 
 
 @dataclass
 class RetainConfig:
     """The retain pool: text the model must keep, where each request's neighbours are looked for."""
+
     # retain text files (jsonl, csv, parquet, txt) or folders
-    paths: list[str] = path_field(default_factory=list, hint="retain text files (jsonl, csv, parquet, "
-                                  "txt) or folders")
+    paths: list[str] = path_field(default_factory=list, hint="retain text files (jsonl, csv, parquet, txt) or folders")
     text_column: str = "text"  # the text column of csv / jsonl / parquet files
     chunk_tokens: int | None = None  # pool items are cut to this many tokens; null = requests.max_tokens
     max_items: int | None = None  # at most this many pool items, taken from the files in turn
@@ -119,6 +148,7 @@ class RetainConfig:
 @dataclass
 class RetrievalConfig:
     """Each request's nearest retain neighbours (pipeline/retrieve.py, FAISS), and the leak guard."""
+
     embedder: str = "minilm"  # "minilm" (the paper's all-MiniLM-L6-v2), "lm" (target model), or a folder
     k: int = 10  # neighbours retrieved per request
     pairs_per_request: int = 1  # the paper trains on the top-1 neighbour
@@ -144,25 +174,30 @@ class RetrievalConfig:
         _in_range("retrieval.ngram_threshold", self.ngram_threshold, 0.0, 1.0)
         _one_of("retrieval.index", self.index, ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw"))
         if not 1 <= self.pairs_per_request <= self.k:
-            raise UserError(f"retrieval.pairs_per_request: {self.pairs_per_request} must be between 1 and "
-                            f"retrieval.k = {self.k}; fix: lower it or raise k")
+            raise UserError(
+                f"retrieval.pairs_per_request: {self.pairs_per_request} must be between 1 and "
+                f"retrieval.k = {self.k}; fix: lower it or raise k"
+            )
         _in_range("retrieval.leak_threshold", self.leak_threshold, 0.0, 1.0)
         if self.embedder not in ("minilm", "lm"):
-            self.embedder = _resolve_path("retrieval.embedder", self.embedder,
-                                          "'minilm', 'lm' or a sentence-transformers folder")
+            self.embedder = _resolve_path(
+                "retrieval.embedder", self.embedder, "'minilm', 'lm' or a sentence-transformers folder"
+            )
 
 
 @dataclass
 class AdapterConfig:
     """What trains: every weight (none), or LoRA adapters on `target_modules` (peft) while the
     model stays frozen; the frozen model is then the same engine with its adapters disabled."""
+
     type: str = "none"  # none | lora
     r: int = 8  # LoRA rank
     alpha: float = 16.0  # LoRA scale: the update is alpha / r * B @ A
     dropout: float = 0.0  # LoRA dropout
     # the linear layers adapted
-    target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
     def validate(self) -> None:
         _one_of("unlearning.adapter.type", self.type, ("none", "lora"))
@@ -170,14 +205,16 @@ class AdapterConfig:
         _positive("unlearning.adapter.alpha", self.alpha)
         _in_range("unlearning.adapter.dropout", self.dropout, 0.0, 0.99)
         if not self.target_modules:
-            raise UserError("unlearning.adapter.target_modules: empty; fix: name the linear layers to adapt "
-                            "(e.g. [q_proj, v_proj])")
+            raise UserError(
+                "unlearning.adapter.target_modules: empty; fix: name the linear layers to adapt (e.g. [q_proj, v_proj])"
+            )
 
 
 @dataclass
 class LossConfig:
     """The method and its own settings: `{name: icu_band, margin: 1.0, ...}` in YAML. Each method's
     settings are its record's in pipeline/losses.py (their defaults: the method's published ones)."""
+
     name: str = "icu"  # icu (the paper's), icu_band (the recommended recipe's), ga, gd, npo, simnpo, rmu
     settings: Any = field(default_factory=lambda: METHODS["icu"].settings())  # the method's own settings
 
@@ -192,6 +229,7 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     """The steps: AdamW, batches, how long each step is."""
+
     lr: float = 5e-5  # the paper's
     batch_size: int = 8  # request/neighbour pairs per worker and step
     # general retain rows (retrieval.general_per_source) added to each step's retain side
@@ -211,12 +249,15 @@ class OptimConfig:
             if not 0 <= getattr(self, key) < math.inf:
                 raise UserError(f"unlearning.optim.{key}: must be a finite number >= 0, got {getattr(self, key)}")
         if not 0 < self.lr_backoff <= 1:
-            raise UserError(f"unlearning.optim.lr_backoff: must be in (0, 1] (1 = never back off), got {self.lr_backoff}")
+            raise UserError(
+                f"unlearning.optim.lr_backoff: must be in (0, 1] (1 = never back off), got {self.lr_backoff}"
+            )
 
 
 @dataclass
 class StopConfig:
     """When a request counts as forgotten, and when training ends (pipeline/stopping.py)."""
+
     # set: the paper's rule, stop once the set's mean MA and EL are below the thresholds (usually with
     # some requests above them); each: until every request is forgotten on its own (or max_epochs;
     # `icu run` then exits 3 naming the rest)
@@ -244,14 +285,17 @@ class StopConfig:
         if self.mia_within is not None:
             _in_range("unlearning.stop.mia_within", self.mia_within, 0.0, 0.5)
             if self.recover_within is None:
-                raise UserError("unlearning.stop.mia_within: only the hold (recover_within) keeps training a set that "
-                                "is forgotten but not yet as familiar as strangers; fix: set stop.recover_within (e.g. "
-                                "0.03) or mia_within: null")
+                raise UserError(
+                    "unlearning.stop.mia_within: only the hold (recover_within) keeps training a set that "
+                    "is forgotten but not yet as familiar as strangers; fix: set stop.recover_within (e.g. "
+                    "0.03) or mia_within: null"
+                )
 
 
 @dataclass
 class CheckConfig:
     """How each request is looked at (IUR, whole requests; pipeline/iur.py)."""
+
     # optimizer steps between two looks at the requests trained in them (one teacher-forced pass: a
     # request that crossed the line stops being pushed, a jump over the band backs the lr off); null:
     # only the check after each epoch (the paper's cadence)
@@ -286,6 +330,7 @@ class UnlearningConfig:
     """The recipe: the method (loss), its steps (optim), when it stops (stop), how requests are looked
     at (check); with no other key, the paper's ICU. `recipe: NAME` starts from
     ray_jobs/configs/recipes/NAME.yaml (icu_paper, icu_band) and the keys given override it."""
+
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     stop: StopConfig = field(default_factory=StopConfig)
@@ -301,12 +346,16 @@ class UnlearningConfig:
             part.validate()
         _positive("unlearning.keep_checkpoints", self.keep_checkpoints)
         if self.stop.recover_within is not None and not METHODS[self.loss.name].band:
-            raise UserError(f"unlearning.stop.recover_within: only a band method holds a forgotten request in the band "
-                            f"while its neighbours recover, not {self.loss.name}; fix: use loss.name: icu_band or set "
-                            "stop.recover_within: null")
+            raise UserError(
+                f"unlearning.stop.recover_within: only a band method holds a forgotten request in the band "
+                f"while its neighbours recover, not {self.loss.name}; fix: use loss.name: icu_band or set "
+                "stop.recover_within: null"
+            )
         if self.check.harden and self.stop.rule == "set":
-            raise UserError("unlearning.check.harden: stop.rule set ends training on the set's mean, before each request "
-                            "is forgotten at the served precision; fix: use stop.rule: each with harden")
+            raise UserError(
+                "unlearning.check.harden: stop.rule set ends training on the set's mean, before each request "
+                "is forgotten at the served precision; fix: use stop.rule: each with harden"
+            )
         self._check_ds_config()
 
     def _check_ds_config(self) -> None:
@@ -318,28 +367,40 @@ class UnlearningConfig:
         try:
             ds = json.loads(Path(self.ds_config).read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
-            raise UserError(f"{key}: {self.ds_config} is not valid JSON ({str(exc).splitlines()[0]}); fix the file "
-                            "or point it at one of ds_configs/") from None
+            raise UserError(
+                f"{key}: {self.ds_config} is not valid JSON ({str(exc).splitlines()[0]}); fix the file "
+                "or point it at one of ds_configs/"
+            ) from None
         if not isinstance(ds, dict):
             raise UserError(f"{key}: {self.ds_config} must hold a JSON object")
         zero = ds.get("zero_optimization", {})
         if not isinstance(zero, dict) or zero.get("stage") != 3:
             raise UserError(f"{key}: zero_optimization.stage must be 3 (the workers shard with ZeRO-3); fix: set it")
         o = self.optim
-        ours = {"train_micro_batch_size_per_gpu": ("unlearning.optim.batch_size", o.batch_size),
-                "gradient_accumulation_steps": ("1", 1), "gradient_clipping": ("unlearning.optim.grad_clip", o.grad_clip)}
-        lr = ds.get("optimizer", {}).get("params", {}).get("lr", "auto") if isinstance(ds.get("optimizer"), dict) \
+        ours = {
+            "train_micro_batch_size_per_gpu": ("unlearning.optim.batch_size", o.batch_size),
+            "gradient_accumulation_steps": ("1", 1),
+            "gradient_clipping": ("unlearning.optim.grad_clip", o.grad_clip),
+        }
+        lr = (
+            ds.get("optimizer", {}).get("params", {}).get("lr", "auto")
+            if isinstance(ds.get("optimizer"), dict)
             else "auto"
-        for name, value, (source, want) in [(k, ds.get(k, "auto"), v) for k, v in ours.items()] + \
-                [("optimizer.params.lr", lr, ("unlearning.optim.lr", o.lr))]:
+        )
+        for name, value, (source, want) in [(k, ds.get(k, "auto"), v) for k, v in ours.items()] + [
+            ("optimizer.params.lr", lr, ("unlearning.optim.lr", o.lr))
+        ]:
             if value != "auto" and value != want:
-                raise UserError(f"{key}: {name} is {value!r} but {source} is {want!r}; fix: set it to \"auto\" "
-                                f"(filled from the run config) or make the two agree")
+                raise UserError(
+                    f'{key}: {name} is {value!r} but {source} is {want!r}; fix: set it to "auto" '
+                    f"(filled from the run config) or make the two agree"
+                )
 
 
 @dataclass
 class EvaluationConfig:
     """What the evaluate stage scores, before and after (pipeline/evaluate.py)."""
+
     # forget, unseen, ppl, classification, dialogue, mia (keep runs whenever keep_path is set)
     suites: list[str] = field(default_factory=lambda: list(SUITES))
     max_samples: dict[str, int] = field(default_factory=dict)  # per-suite caps
@@ -379,6 +440,7 @@ class EvaluationConfig:
 class AuditConfig:
     """The extraction audit between evaluate and export (pipeline/audit.py): every probe on the
     original and the unlearned model, for the erased, kept and never-seen rows."""
+
     # greedy, bf16, int8, int4, sampling, prompt_quarter, prompt_half, relearn ([] skips the audit)
     probes: list[str] = field(default_factory=lambda: list(PROBES))
     leak_tokens: int = 8  # a row leaks when a probe reproduces this many consecutive true tokens
@@ -402,29 +464,41 @@ class AuditConfig:
         for probe in self.require:
             _one_of("audit.require", probe, PROBES)
             if probe not in self.probes:
-                raise UserError(f"audit.require: {probe!r} is not one of audit.probes; fix: add it to audit.probes "
-                                "or drop it from audit.require")
-        for key in ("leak_tokens", "samples", "temperature", "relearn_steps", "relearn_batch", "relearn_lr",
-                    "batch_size"):
+                raise UserError(
+                    f"audit.require: {probe!r} is not one of audit.probes; fix: add it to audit.probes "
+                    "or drop it from audit.require"
+                )
+        for key in (
+            "leak_tokens",
+            "samples",
+            "temperature",
+            "relearn_steps",
+            "relearn_batch",
+            "relearn_lr",
+            "batch_size",
+        ):
             _positive(f"audit.{key}", getattr(self, key))
 
 
 @dataclass
 class ExportConfig:
     """The serving hand-off (pipeline/export.py)."""
+
     dtype: str = "auto"  # the hand-off's weights; auto = the dtype the model was trained in (model.dtype)
     max_shard_size: str = "2GB"  # per safetensors file, as Hugging Face writes it ("500MB", "2GB")
 
     def validate(self) -> None:
         _one_of("export.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         if parse_size(self.max_shard_size) is None:
-            raise UserError(f"export.max_shard_size: {self.max_shard_size!r} is not a size; fix: write e.g. "
-                            "\"500MB\" or \"2GB\"")
+            raise UserError(
+                f'export.max_shard_size: {self.max_shard_size!r} is not a size; fix: write e.g. "500MB" or "2GB"'
+            )
 
 
 @dataclass
 class ResourcesConfig:
     """Where the work runs (pipeline/ranks.py, pipeline/cluster.py)."""
+
     num_workers: int = 2  # unlearning ranks (ZeRO-3 data-parallel)
     use_gpu: bool = False  # one GPU per rank (nccl); off: CPU ranks (gloo)
     cpus_per_worker: float = 1.0  # Ray CPUs (and torch threads) per rank and per actor
@@ -454,13 +528,15 @@ class ResourcesConfig:
 @dataclass
 class StorageConfig:
     """Where the run directory is (pipeline/store.py)."""
+
     runs_dir: str = path_field("runs", must_exist=False, hint="where run directories are created")  # their parent
     name: str = ""  # default: the config file's stem
 
     def validate(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
-            raise UserError(f"storage.name: {self.name!r} is not a valid run name; fix: use letters, "
-                            "digits, '.', '_' and '-'")
+            raise UserError(
+                f"storage.name: {self.name!r} is not a valid run name; fix: use letters, digits, '.', '_' and '-'"
+            )
 
 
 @dataclass
@@ -531,8 +607,12 @@ def _plain(obj: Any, paths: bool) -> dict[str, Any]:
             out[f.name] = _plain(value, paths)
         elif f.metadata.get("path") and value not in (None, []) and not paths:
             out[f.name] = [PATH] * len(value) if isinstance(value, list) else PATH
-        elif f.metadata.get("path") and f.metadata.get("must_exist", True) and isinstance(value, str) \
-                and Path(value).is_relative_to(PROJECT):
+        elif (
+            f.metadata.get("path")
+            and f.metadata.get("must_exist", True)
+            and isinstance(value, str)
+            and Path(value).is_relative_to(PROJECT)
+        ):
             out[f.name] = str(Path(value).relative_to(PROJECT))
         else:
             out[f.name] = copy.deepcopy(value)
@@ -543,8 +623,9 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     """Read, build and validate a run config; `overrides` maps dotted keys to values."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}; fix: pass the path of a run YAML "
-                        "(examples in ray_jobs/configs/)")
+        raise UserError(
+            f"config file not found: {path}; fix: pass the path of a run YAML (examples in ray_jobs/configs/)"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -583,12 +664,15 @@ def with_recipe(data: dict[str, Any]) -> dict[str, Any]:
     path = Path(str(name)) if str(name).endswith((".yaml", ".yml")) else RECIPES / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
-        raise UserError(f"unlearning.recipe: no recipe {name!r}; fix: choose one of {known} (ray_jobs/configs/recipes/) "
-                        "or give a YAML file's path")
+        raise UserError(
+            f"unlearning.recipe: no recipe {name!r}; fix: choose one of {known} (ray_jobs/configs/recipes/) "
+            "or give a YAML file's path"
+        )
     base = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     own = {k: v for k, v in section.items() if k != "recipe"}
-    if isinstance(own.get("loss"), dict) and own["loss"].get("name", base.get("loss", {}).get("name")) != \
-            base.get("loss", {}).get("name"):
+    if isinstance(own.get("loss"), dict) and own["loss"].get("name", base.get("loss", {}).get("name")) != base.get(
+        "loss", {}
+    ).get("name"):
         base = {k: v for k, v in base.items() if k != "loss"}
     return dict(data, unlearning=_merged(base, own))
 
@@ -604,15 +688,20 @@ def _check_audit(config: Config) -> None:
     """The audit's settings that depend on other sections."""
     a, r = config.audit, config.requests
     if a.leak_tokens > r.suffix_tokens:
-        raise UserError(f"audit.leak_tokens: {a.leak_tokens} is longer than requests.suffix_tokens "
-                        f"({r.suffix_tokens}), so nothing could ever leak; fix: set it at most {r.suffix_tokens}")
+        raise UserError(
+            f"audit.leak_tokens: {a.leak_tokens} is longer than requests.suffix_tokens "
+            f"({r.suffix_tokens}), so nothing could ever leak; fix: set it at most {r.suffix_tokens}"
+        )
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ, as 'key (old -> new)' lines, sorted."""
     flat_old, flat_new = _flatten(old), _flatten(new)
-    return [f"{key} ({flat_old.get(key)!r} -> {flat_new.get(key)!r})"
-            for key in sorted(set(flat_old) | set(flat_new)) if flat_old.get(key) != flat_new.get(key)]
+    return [
+        f"{key} ({flat_old.get(key)!r} -> {flat_new.get(key)!r})"
+        for key in sorted(set(flat_old) | set(flat_new))
+        if flat_old.get(key) != flat_new.get(key)
+    ]
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -625,8 +714,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise UserError(f"{prefix}{key}: renamed; fix: {RENAMED[f'{prefix}{key}']}")
         if cls is UnlearningConfig and (key in MOVED or key == "stop" and not isinstance(data[key], dict)):
             where = "stop.rule" if key == "stop" else MOVED[key]
-            raise UserError(f"{prefix}{key}: moved to {prefix}{where} (the section is split by concern: loss, optim, "
-                            "stop, check); fix: write it there")
+            raise UserError(
+                f"{prefix}{key}: moved to {prefix}{where} (the section is split by concern: loss, optim, "
+                "stop, check); fix: write it there"
+            )
         if key not in fields:
             near = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean '{prefix}{near[0]}'?" if near else f"valid keys: {', '.join(fields)}"
@@ -641,8 +732,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             kwargs[name] = _build(hints[name], data.get(name, {}), f"{key}.")
             continue
         if name not in data:
-            if f.default is REQUIRED or (f.default is dataclasses.MISSING
-                                         and f.default_factory is dataclasses.MISSING):
+            if f.default is REQUIRED or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
                 raise UserError(f"{key}: missing; fix: set it to {f.metadata.get('hint', 'a value')}")
             continue
         value = _coerce(key, data[name], hints[name])
@@ -659,8 +749,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 def _build_loss(data: Any, prefix: str) -> LossConfig:
     """`unlearning.loss`: the method's name and its own settings (its record in pipeline/losses.py)."""
     if not isinstance(data, dict):
-        raise UserError(f"{prefix.rstrip('.')}: expected a mapping like {{name: icu_band, margin: 1.0}}, got "
-                        f"{_kind(data)}")
+        raise UserError(
+            f"{prefix.rstrip('.')}: expected a mapping like {{name: icu_band, margin: 1.0}}, got {_kind(data)}"
+        )
     name = data.get("name", "icu")
     _one_of(f"{prefix}name", name, tuple(METHODS))
     settings = METHODS[name].settings
@@ -681,8 +772,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _coerce(key, value, inner[0])
     if origin is list:
         if not isinstance(value, list):
-            raise UserError(f"{key}: expected a list, got {_kind(value)}; fix: write it as [a, b] or one "
-                            "'- item' per line")
+            raise UserError(
+                f"{key}: expected a list, got {_kind(value)}; fix: write it as [a, b] or one '- item' per line"
+            )
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -726,8 +818,9 @@ def _expand(key: str, value: str) -> str:
         if name in os.environ:
             return os.environ[name]
         if default is None:
-            raise UserError(f"{key}: environment variable {name} is not set; fix: export it or write "
-                            f"${{{name}:-default}}")
+            raise UserError(
+                f"{key}: environment variable {name} is not set; fix: export it or write ${{{name}:-default}}"
+            )
         return default
 
     return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", sub, value)
@@ -739,7 +832,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for depth, part in enumerate(parents):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            where = ".".join(parents[:depth + 1])
+            where = ".".join(parents[: depth + 1])
             raise UserError(f"--set {dotted}: {where} is a value, not a section; fix: set {where}=VALUE")
     node[leaf] = value
 
@@ -811,8 +904,14 @@ def reference() -> str:
         return out
 
     def section(cls: type, prefix: str) -> list[str]:
-        rows = [f"## `{prefix}`", "", (inspect.getdoc(cls) or "").replace("\n", " "), "",
-                "| key | default | what it is |", "|---|---|---|"]
+        rows = [
+            f"## `{prefix}`",
+            "",
+            (inspect.getdoc(cls) or "").replace("\n", " "),
+            "",
+            "| key | default | what it is |",
+            "|---|---|---|",
+        ]
         docs, nested = notes(cls), []
         for f in dataclasses.fields(cls):
             if f.name.startswith("_"):
@@ -823,8 +922,9 @@ def reference() -> str:
                 rows.append(f"| `{f.name}` | (section) | see `{prefix}.{f.name}` below |")
                 continue
             if isinstance(default, LossConfig):
-                rows.append(f"| `{f.name}` | `{{name: icu}}` | the method and its own settings: "
-                            "`unlearning.loss` below |")
+                rows.append(
+                    f"| `{f.name}` | `{{name: icu}}` | the method and its own settings: `unlearning.loss` below |"
+                )
                 continue
             rows.append(f"| `{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
         rows.append("")
@@ -832,15 +932,23 @@ def reference() -> str:
             rows += section(cls_, name)
         return rows
 
-    lines = ["# Config reference", "", "Generated by `python -m pipeline.config` from the dataclasses in "
-             "`pipeline/config.py` (and the method settings in `pipeline/losses.py`); `tests/test_structure.py` "
-             "fails when this file and the code disagree. One YAML file per run; every key below is its default.",
-             ""]
+    lines = [
+        "# Config reference",
+        "",
+        "Generated by `python -m pipeline.config` from the dataclasses in "
+        "`pipeline/config.py` (and the method settings in `pipeline/losses.py`); `tests/test_structure.py` "
+        "fails when this file and the code disagree. One YAML file per run; every key below is its default.",
+        "",
+    ]
     for f in dataclasses.fields(Config):
         cls = typing.get_type_hints(Config)[f.name]
         lines += section(cls, f.name)
-    lines += ["## `unlearning.loss`: each method's settings", "",
-              "`unlearning.loss: {name: NAME, <its settings>}`; a setting of another method is refused.", ""]
+    lines += [
+        "## `unlearning.loss`: each method's settings",
+        "",
+        "`unlearning.loss: {name: NAME, <its settings>}`; a setting of another method is refused.",
+        "",
+    ]
     for name, m in METHODS.items():
         lines += [f"### `{name}`", "", (inspect.getdoc(m.settings) or "").replace("\n", " "), ""]
         fields_ = [f for f in dataclasses.fields(m.settings)]

@@ -25,8 +25,9 @@ from pipeline.store import STAGES, RunStore
 log = logging.getLogger("icu")
 
 
-def open_run(config_path: str, overrides: dict[str, Any] | None = None,
-             restart_from: str | None = None) -> tuple[Config, RunStore]:
+def open_run(
+    config_path: str, overrides: dict[str, Any] | None = None, restart_from: str | None = None
+) -> tuple[Config, RunStore]:
     """Load and validate the config, lock the run, freeze the config (or check it matches)
     and resolve the model folder and request length once for every stage and worker."""
     cfg = load_config(config_path, overrides)
@@ -69,7 +70,7 @@ def run_pipeline(cfg: Config, store: RunStore, until: str | None = None) -> dict
 
     Completed stages are skipped, so `icu retrieve` on a fresh run ingests first.
     """
-    return {name: run_stage(cfg, store, name) for name in (STAGES[:STAGES.index(until) + 1] if until else STAGES)}
+    return {name: run_stage(cfg, store, name) for name in (STAGES[: STAGES.index(until) + 1] if until else STAGES)}
 
 
 def status_lines(run_dir: str | Path) -> list[str]:
@@ -104,8 +105,12 @@ class PrivateFileHandler(logging.FileHandler):
     """A log file appended through `open_private`: a symbolic link planted at its name is refused."""
 
     def _open(self):
-        return io.TextIOWrapper(open_private(self.baseFilename, append=True), encoding=self.encoding or "utf-8",
-                                errors=self.errors, line_buffering=True)
+        return io.TextIOWrapper(
+            open_private(self.baseFilename, append=True),
+            encoding=self.encoding or "utf-8",
+            errors=self.errors,
+            line_buffering=True,
+        )
 
 
 def _log_to_run(store: RunStore) -> None:

@@ -30,11 +30,15 @@ def sharded(cfg, model_dir: Path) -> bool:
     """Whether a model is scored on ZeRO-3 workers (`evaluation.sharded`; auto: when one whole
     copy is larger than a worker holds, modeling.REPLICA_MAX_BYTES)."""
     mode = cfg.evaluation.sharded
-    return mode == "always" or mode == "auto" and modeling.replica_bytes(
-        model_dir, cfg.model.dtype, cfg.model.trust_remote_code) > modeling.REPLICA_MAX_BYTES
+    return (
+        mode == "always"
+        or mode == "auto"
+        and modeling.replica_bytes(model_dir, cfg.model.dtype, cfg.model.trust_remote_code) > modeling.REPLICA_MAX_BYTES
+    )
 
 
 # --- aggregation -----------------------------------------------------------------------------
+
 
 def summarize(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -> dict[str, Any]:
     """The paper's table numbers for one model (percentages where the paper uses them).
@@ -69,8 +73,10 @@ def summarize(frame: pd.DataFrame, thresholds: dict[str, float] | None = None) -
     if "keep" in by:
         out["keep"] = means("keep", ("el", "ma", "span", "whole"))
     if "forget" in by and "pile_unseen" in by:
-        scores = {k: (_values(by["forget"], f"mia_{k}"), _values(by["pile_unseen"], f"mia_{k}"))
-                  for k in ("loss", "zlib", "min_k")}
+        scores = {
+            k: (_values(by["forget"], f"mia_{k}"), _values(by["pile_unseen"], f"mia_{k}"))
+            for k in ("loss", "zlib", "min_k")
+        }
         out["mia_auc"] = {k: metrics.auc(*pair) for k, pair in scores.items()}
         out["mia_auc_se"] = {k: metrics.auc_se(*pair) for k, pair in scores.items() if min(map(len, pair)) >= 2}
     ppl = {t: _perplexity(g) for t, g in by.items() if t in ("pile", "wikitext")}
@@ -96,6 +102,7 @@ def paired_change(before: pd.DataFrame, after: pd.DataFrame, suite: str, metric:
     with its standard error: per task, the mean and variance of the per-example differences; tasks
     weigh equally. Pairing is what makes a 2-point change measurable with a few dozen examples per
     task: only the examples whose answer flipped add variance."""
+
     def scores(frame: pd.DataFrame) -> pd.Series:
         rows = frame[(frame["suite"] == suite) & (frame["metric"] == metric)]
         return rows.set_index(["task", "sample_id"])["value"]
@@ -120,29 +127,50 @@ def _perplexity(group: pd.DataFrame) -> float:
 
 # --- the stage -------------------------------------------------------------------------------
 
+
 def options(cfg) -> Options:
     e, r = cfg.evaluation, cfg.requests
-    return Options(el_n=e.el_n, el_range=e.el_range, batch_size=e.batch_size, prefix=r.prefix_tokens,
-                   suffix=r.suffix_tokens, num_beams=cfg.unlearning.check.num_beams)
+    return Options(
+        el_n=e.el_n,
+        el_range=e.el_range,
+        batch_size=e.batch_size,
+        prefix=r.prefix_tokens,
+        suffix=r.suffix_tokens,
+        num_beams=cfg.unlearning.check.num_beams,
+    )
 
 
 def key(cfg, store: RunStore) -> str:
     """The evaluation settings and the unlearned model itself (the unlearn stage's recorded outputs,
     so scores kept from an earlier attempt are never reused for a retrained model)."""
-    return fingerprint("evaluate", "whole rows", cfg.part("model", "requests", "evaluation"), cfg.max_tokens,
-                       cfg.unlearning.check.num_beams,
-                       store.key_of("ingest"), store.key_of("unlearn"), store.outputs_of("unlearn"))
+    return fingerprint(
+        "evaluate",
+        "whole rows",
+        cfg.part("model", "requests", "evaluation"),
+        cfg.max_tokens,
+        cfg.unlearning.check.num_beams,
+        store.key_of("ingest"),
+        store.key_of("unlearn"),
+        store.outputs_of("unlearn"),
+    )
 
 
 def _tasks(cfg, tok, accepted: pd.DataFrame | None, keep: bool = True) -> list[suites.Task]:
     """The suites' tasks, rows cut to the run's request length (the one the thresholds use)."""
     e, r = cfg.evaluation, cfg.requests
     return suites.build_tasks(
-        e.suites, e.data_dir, tok, forget_rows=None if accepted is None else [list(map(int, x)) for x in
-                                                                             accepted["input_ids"]],
-        forget_ids=None if accepted is None else accepted["id"].tolist(), max_tokens=cfg.max_tokens,
-        min_tokens=r.prefix_tokens + r.suffix_tokens, ppl_chunk=e.ppl_chunk, caps=e.max_samples,
-        unseen_path=e.unseen_path, keep_path=e.keep_path if keep else None)
+        e.suites,
+        e.data_dir,
+        tok,
+        forget_rows=None if accepted is None else [list(map(int, x)) for x in accepted["input_ids"]],
+        forget_ids=None if accepted is None else accepted["id"].tolist(),
+        max_tokens=cfg.max_tokens,
+        min_tokens=r.prefix_tokens + r.suffix_tokens,
+        ppl_chunk=e.ppl_chunk,
+        caps=e.max_samples,
+        unseen_path=e.unseen_path,
+        keep_path=e.keep_path if keep else None,
+    )
 
 
 def run(cfg, store: RunStore) -> dict[str, Any]:
@@ -157,8 +185,14 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
     models = {"original": cfg.model_dir, "unlearned": store.artefact("unlearned_model")}
     # The original's scores do not depend on how it was unlearned: runs that differ only in
     # `unlearning` (e.g. bench/compare_methods.py) can share them; nor do the reference's.
-    alone = fingerprint("evaluate-original", "whole rows", cfg.part("model", "requests", "evaluation"), cfg.max_tokens,
-                        cfg.unlearning.check.num_beams, store.key_of("ingest"))
+    alone = fingerprint(
+        "evaluate-original",
+        "whole rows",
+        cfg.part("model", "requests", "evaluation"),
+        cfg.max_tokens,
+        cfg.unlearning.check.num_beams,
+        store.key_of("ingest"),
+    )
     keys = {"original": alone, "unlearned": key(cfg, store)}
     work = {"original": units, "unlearned": units}
     if cfg.evaluation.reference_model:  # only what PrivLeak and the kept rows' ceiling read
@@ -166,33 +200,61 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
         work["retrained"] = [u for u in units if u["suite"] in ("forget", "unseen", "keep")]
     frames = {}
     for label, model_dir in models.items():
-        spec = model_spec(model_dir, options(cfg), dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                          cpus=cfg.resources.cpus_per_worker, use_gpu=cfg.resources.use_gpu,
-                          requests=store.artefact("accepted"))
-        frames[label] = frame_once(store.artefact("eval_partial"), keys[label], label, lambda: (
-            sharded_eval.score(cfg, store, spec, work[label], label) if sharded(cfg, Path(model_dir)) else
-            score_model(spec, work[label], cfg.resources.eval_actors, cluster.use_ray(cfg),
-                        desc=f"evaluate: the {label} model")))
+        spec = model_spec(
+            model_dir,
+            options(cfg),
+            dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            cpus=cfg.resources.cpus_per_worker,
+            use_gpu=cfg.resources.use_gpu,
+            requests=store.artefact("accepted"),
+        )
+        frames[label] = frame_once(
+            store.artefact("eval_partial"),
+            keys[label],
+            label,
+            lambda: (
+                sharded_eval.score(cfg, store, spec, work[label], label)
+                if sharded(cfg, Path(model_dir))
+                else score_model(
+                    spec,
+                    work[label],
+                    cfg.resources.eval_actors,
+                    cluster.use_ray(cfg),
+                    desc=f"evaluate: the {label} model",
+                )
+            ),
+        )
     unlearn = json.loads(store.artefact("unlearn_result").read_text())
     unseen = summarize(frames["original"]).get("unseen")
-    thresholds = unlearn.get("thresholds") or unseen and dict(ma=unseen["ma"], el=unseen["el"],
-                                                              span=unseen.get("span_max", math.inf))
+    thresholds = (
+        unlearn.get("thresholds")
+        or unseen
+        and dict(ma=unseen["ma"], el=unseen["el"], span=unseen.get("span_max", math.inf))
+    )
     summaries = {label: summarize(frame, thresholds) for label, frame in frames.items()}
     if "retrained" in summaries:
         summaries["unlearned"]["privleak"] = privleak(summaries["unlearned"], summaries["retrained"])
     results = {
         "thresholds": thresholds,
         "models": summaries,
-        "paired_change": {suite: change for suite, metric in (("classification", "correct"), ("dialogue", "f1"))
-                          if (change := paired_change(frames["original"], frames["unlearned"], suite, metric))},
-        "unlearn": {k: unlearn[k] for k in ("method", "epochs", "stop_reason", "forgotten", "requests",
-                                            "neighbour_ma", "set_auc") if k in unlearn},
+        "paired_change": {
+            suite: change
+            for suite, metric in (("classification", "correct"), ("dialogue", "f1"))
+            if (change := paired_change(frames["original"], frames["unlearned"], suite, metric))
+        },
+        "unlearn": {
+            k: unlearn[k]
+            for k in ("method", "epochs", "stop_reason", "forgotten", "requests", "neighbour_ma", "set_auc")
+            if k in unlearn
+        },
     }
     samples = pd.concat([f.assign(model=label) for label, f in frames.items()], ignore_index=True)
     write_parquet(samples, store.artefact("per_sample"))
     atomic_write_json(store.artefact("metrics"), results)
-    report.write_report(store.artefact("report").parent, results, samples,
-                        (store.artefact("history"), store.artefact("epochs")))
+    report.write_report(
+        store.artefact("report").parent, results, samples, (store.artefact("history"), store.artefact("epochs"))
+    )
     log.info("evaluate: report at %s", store.artefact("report"))
     return report.headline(results)
 
@@ -200,10 +262,19 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
 def evaluate_folder(model_dir: Path, cfg, out: Path) -> dict[str, Any]:
     """Evaluate one model folder on its own (no run): metrics.json, per_sample.parquet, report.md."""
     tok = modeling.load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    frame = score_model(model_spec(model_dir, options(cfg), dtype=cfg.model.dtype,
-                                   trust_remote_code=cfg.model.trust_remote_code, cpus=cfg.resources.cpus_per_worker,
-                                   use_gpu=cfg.resources.use_gpu), make_units(_tasks(cfg, tok, None, keep=False)),
-                        cfg.resources.eval_actors, cluster.use_ray(cfg))
+    frame = score_model(
+        model_spec(
+            model_dir,
+            options(cfg),
+            dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            cpus=cfg.resources.cpus_per_worker,
+            use_gpu=cfg.resources.use_gpu,
+        ),
+        make_units(_tasks(cfg, tok, None, keep=False)),
+        cfg.resources.eval_actors,
+        cluster.use_ray(cfg),
+    )
     results = {"thresholds": None, "models": {model_dir.name: summarize(frame)}, "unlearn": {}}
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(frame.assign(model=model_dir.name), out / "per_sample.parquet")

@@ -31,9 +31,29 @@ from pipeline.store import RunStore, fingerprint
 log = logging.getLogger("icu.export")
 OUTPUTS = ("handoff",)
 
-RECEIPT_COLUMNS = ["source_row", "request_id", "content_hash", "status", "epoch_forgotten", "reason", "checked_tokens",
-                   "cut_points", "ma_before", "el_before", "span_before", "ma_after", "el_after", "span_after",
-                   "ma_threshold", "el_threshold", "span_threshold", "nll_after", "nll_band_high", "robust", "audit_leaks"]
+RECEIPT_COLUMNS = [
+    "source_row",
+    "request_id",
+    "content_hash",
+    "status",
+    "epoch_forgotten",
+    "reason",
+    "checked_tokens",
+    "cut_points",
+    "ma_before",
+    "el_before",
+    "span_before",
+    "ma_after",
+    "el_after",
+    "span_after",
+    "ma_threshold",
+    "el_threshold",
+    "span_threshold",
+    "nll_after",
+    "nll_band_high",
+    "robust",
+    "audit_leaks",
+]
 
 
 # Max |logit difference| per logit scale between the same weights run by ZeRO-3 and by torch:
@@ -42,8 +62,9 @@ RECEIPT_COLUMNS = ["source_row", "request_id", "content_hash", "status", "epoch_
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
-def verify(model_dir: Path, probe: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-           tolerance: float | None = None) -> float:
+def verify(
+    model_dir: Path, probe: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, tolerance: float | None = None
+) -> float:
     """Max |logit difference| between the folder (loaded in `dtype`, as serving would) and the
     final engine; refused above `tolerance` (default: `TOLERANCE[dtype]`) times the logits'
     scale (at least 1)."""
@@ -54,10 +75,14 @@ def verify(model_dir: Path, probe: dict[str, torch.Tensor], dtype: torch.dtype =
         logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits.float()
     mask = probe["attention_mask"].bool()
     diff = float((logits - probe["logits"])[mask].abs().max())
-    tolerance = (TOLERANCE[dtype] if tolerance is None else tolerance) * max(1.0, float(probe["logits"][mask].abs().max()))
+    tolerance = (TOLERANCE[dtype] if tolerance is None else tolerance) * max(
+        1.0, float(probe["logits"][mask].abs().max())
+    )
     if not diff <= tolerance:
-        raise RuntimeError(f"export verification failed: {model_dir} gives logits {diff:.3g} away from the final "
-                           f"engine's (tolerance {tolerance:.3g}); the consolidated checkpoint does not match training")
+        raise RuntimeError(
+            f"export verification failed: {model_dir} gives logits {diff:.3g} away from the final "
+            f"engine's (tolerance {tolerance:.3g}); the consolidated checkpoint does not match training"
+        )
     return diff
 
 
@@ -80,26 +105,58 @@ def receipt_rows(cfg, store: RunStore) -> list[dict]:
         since = len(flags) - next((i for i, f in enumerate(reversed(flags)) if not f), len(flags))
         forgotten, deep = bool(last["forgotten"]), bool(last.get("too_deep", False))
         stopped = f"when unlearning stopped ({result['stop_reason']} after {result['epochs']} epochs)"
-        rows.append(dict(
-            source_row=int(source_row), request_id=rid, content_hash=digest,
-            status="forgotten" if forgotten else "too_deep" if deep else "not_forgotten",
-            checked_tokens=f"{prefix}-{n_tokens}",
-            cut_points=",".join(map(str, probes.window_cuts(int(n_tokens), prefix, window))),
-            epoch_forgotten=int(checks["epoch"].iloc[since]) if forgotten else None,
-            reason=None if forgotten else f"erased too deep {stopped}: its NLL {last['nll']:.2f} lies above the "
-                   f"strangers' band ({last['band_high']:.2f}), so it stands out as erased" if deep
-                   else f"still remembered {stopped}",
-            ma_before=float(first["ma"]), el_before=float(first["el"]), span_before=_number(first.get("span")),
-            ma_after=float(last["ma"]), el_after=float(last["el"]), span_after=_number(last.get("span")),
-            ma_threshold=thr["ma"], el_threshold=thr["el"], span_threshold=thr.get("span"),
-            nll_after=_number(last.get("nll")), nll_band_high=_number(last.get("band_high"))))
+        rows.append(
+            dict(
+                source_row=int(source_row),
+                request_id=rid,
+                content_hash=digest,
+                status="forgotten" if forgotten else "too_deep" if deep else "not_forgotten",
+                checked_tokens=f"{prefix}-{n_tokens}",
+                cut_points=",".join(map(str, probes.window_cuts(int(n_tokens), prefix, window))),
+                epoch_forgotten=int(checks["epoch"].iloc[since]) if forgotten else None,
+                reason=None
+                if forgotten
+                else f"erased too deep {stopped}: its NLL {last['nll']:.2f} lies above the "
+                f"strangers' band ({last['band_high']:.2f}), so it stands out as erased"
+                if deep
+                else f"still remembered {stopped}",
+                ma_before=float(first["ma"]),
+                el_before=float(first["el"]),
+                span_before=_number(first.get("span")),
+                ma_after=float(last["ma"]),
+                el_after=float(last["el"]),
+                span_after=_number(last.get("span")),
+                ma_threshold=thr["ma"],
+                el_threshold=thr["el"],
+                span_threshold=thr.get("span"),
+                nll_after=_number(last.get("nll")),
+                nll_band_high=_number(last.get("band_high")),
+            )
+        )
     for row in rejected.itertuples(index=False):
-        rows.append(dict(source_row=int(row.source_row), request_id=row.id, content_hash=row.content_hash,
-                         status="rejected", epoch_forgotten=None,
-                         reason=f"rejected at ingest: {row.reason}" + (f" ({row.detail})" if row.detail else ""),
-                         checked_tokens=None, cut_points=None, ma_before=None, el_before=None, span_before=None,
-                         ma_after=None, el_after=None, span_after=None, ma_threshold=thr["ma"], el_threshold=thr["el"],
-                         span_threshold=thr.get("span"), nll_after=None, nll_band_high=None))
+        rows.append(
+            dict(
+                source_row=int(row.source_row),
+                request_id=row.id,
+                content_hash=row.content_hash,
+                status="rejected",
+                epoch_forgotten=None,
+                reason=f"rejected at ingest: {row.reason}" + (f" ({row.detail})" if row.detail else ""),
+                checked_tokens=None,
+                cut_points=None,
+                ma_before=None,
+                el_before=None,
+                span_before=None,
+                ma_after=None,
+                el_after=None,
+                span_after=None,
+                ma_threshold=thr["ma"],
+                el_threshold=thr["el"],
+                span_threshold=thr.get("span"),
+                nll_after=None,
+                nll_band_high=None,
+            )
+        )
     return sorted(_with_audit(rows, audit.verdicts(store)), key=lambda r: r["source_row"])
 
 
@@ -111,8 +168,14 @@ def _with_audit(rows: list[dict], verdicts: pd.DataFrame | None) -> list[dict]:
     for row in rows:
         found = verdicts is not None and row["status"] != "rejected" and row["request_id"] in verdicts.index
         v = verdicts.loc[row["request_id"]] if found else None
-        out.append(dict(row, robust=None if v is None else not v["leaks"], audit_leaks=None if v is None else v["leaks"],
-                        **{f"audit_{p}": None if v is None else int(v[p]) for p in probes}))
+        out.append(
+            dict(
+                row,
+                robust=None if v is None else not v["leaks"],
+                audit_leaks=None if v is None else v["leaks"],
+                **{f"audit_{p}": None if v is None else int(v[p]) for p in probes},
+            )
+        )
     return out
 
 
@@ -131,7 +194,9 @@ def write_receipt(rows: list[dict], folder: Path, key_id: str) -> dict[str, int]
     """receipt.json (values as they are) and receipt.csv (spreadsheet-safe); returns the counts."""
     counts = {s: sum(r["status"] == s for r in rows) for s in ("forgotten", "not_forgotten", "rejected")}
     atomic_write_json(folder / "receipt.json", {"counts": counts, "content_hash": hash_note(key_id), "requests": rows})
-    columns = RECEIPT_COLUMNS + [c for c in (rows[0] if rows else {}) if c.startswith("audit_") and c not in RECEIPT_COLUMNS]
+    columns = RECEIPT_COLUMNS + [
+        c for c in (rows[0] if rows else {}) if c.startswith("audit_") and c not in RECEIPT_COLUMNS
+    ]
     table = pd.DataFrame(rows, columns=columns).astype({"epoch_forgotten": "Int64"})  # 6, not 6.0
     table = table.astype({c: "Int64" for c in columns if c.startswith("audit_") and c != "audit_leaks"})
     with atomic_path(folder / "receipt.csv") as tmp:
@@ -140,8 +205,10 @@ def write_receipt(rows: list[dict], folder: Path, key_id: str) -> dict[str, int]
 
 
 def hash_note(key_id: str) -> str:
-    return (f"HMAC-SHA256 of the NFKC-normalised, whitespace-collapsed text under the operator's receipt key "
-            f"(key id {key_id}); `icu hash` computes it for a text")
+    return (
+        f"HMAC-SHA256 of the NFKC-normalised, whitespace-collapsed text under the operator's receipt key "
+        f"(key id {key_id}); `icu hash` computes it for a text"
+    )
 
 
 def no_links(folder: Path) -> None:
@@ -151,14 +218,23 @@ def no_links(folder: Path) -> None:
         for name in dirs + files:
             if os.path.islink(os.path.join(root, name)):
                 link = Path(root, name)
-                raise UserError(f"export refused: {link} is a symbolic link; a model folder holds none (it would ship "
-                                "what it points to); fix: remove it, check who else can write to the run directory, "
-                                "and rerun with --restart-from unlearn")
+                raise UserError(
+                    f"export refused: {link} is a symbolic link; a model folder holds none (it would ship "
+                    "what it points to); fix: remove it, check who else can write to the run directory, "
+                    "and rerun with --restart-from unlearn"
+                )
 
 
 def key(cfg, store: RunStore) -> str:
-    return fingerprint("export", cfg.part("model", "export"), cfg.audit.require, store.key_of("ingest"),
-                       store.key_of("unlearn"), store.key_of("evaluate"), store.key_of("audit"))
+    return fingerprint(
+        "export",
+        cfg.part("model", "export"),
+        cfg.audit.require,
+        store.key_of("ingest"),
+        store.key_of("unlearn"),
+        store.key_of("evaluate"),
+        store.key_of("audit"),
+    )
 
 
 def reencode(source: Path, out: Path, dtype: torch.dtype, max_bytes: int) -> None:
@@ -174,8 +250,9 @@ def reencode(source: Path, out: Path, dtype: torch.dtype, max_bytes: int) -> Non
     config.pop("torch_dtype", None)
     atomic_write_json(out / "config.json", config)
     mapping = shards.weight_map(source)
-    specs = {name: (shape, dtype if kind.is_floating_point else kind)
-             for name, (shape, kind) in shards.specs(source).items()}
+    specs = {
+        name: (shape, dtype if kind.is_floating_point else kind) for name, (shape, kind) in shards.specs(source).items()
+    }
 
     def rounded(names: list[str]):
         for n, t in shards.tensors(source, names, mapping):
@@ -198,8 +275,10 @@ def run(cfg, store: RunStore) -> dict:
     """`handoff`: the verified Hugging Face folder, README.md model card, checksums, receipt.json/csv."""
     source, probe = store.artefact("unlearned_model"), store.artefact("probe")
     if not probe.exists():
-        raise UserError(f"{probe}: missing (the run's unlearn stage predates export verification); fix: "
-                        "rerun with --restart-from unlearn")
+        raise UserError(
+            f"{probe}: missing (the run's unlearn stage predates export verification); fix: "
+            "rerun with --restart-from unlearn"
+        )
     probe = torch.load(probe, weights_only=True)
     key_id = keys.key_id(keys.receipt_key(store.root))
     no_links(source)
@@ -226,37 +305,73 @@ def run(cfg, store: RunStore) -> dict:
             served = verify(tmp, probe, dtype, tolerance=math.inf)
         counts = write_receipt(rows, tmp, key_id)
         atomic_write_text(tmp / "README.md", _model_card(cfg, counts, metrics, audited, diff, dtype, served))
-        sums = [f"{sha256_file(p)}  {p.relative_to(tmp)}" for p in sorted(tmp.rglob("*")) if p.is_file()]  # sha256sum -c
+        sums = [
+            f"{sha256_file(p)}  {p.relative_to(tmp)}" for p in sorted(tmp.rglob("*")) if p.is_file()
+        ]  # sha256sum -c
         atomic_write_text(tmp / "checksums.sha256", "\n".join(sums) + "\n")
     name = str(dtype).removeprefix("torch.")
-    log.info("export: %s verified (max logit diff %.2g; in %s %.2g); receipt: %s", store.artefact("handoff"), diff,
-             name, served, counts)
+    log.info(
+        "export: %s verified (max logit diff %.2g; in %s %.2g); receipt: %s",
+        store.artefact("handoff"),
+        diff,
+        name,
+        served,
+        counts,
+    )
     return dict(counts, max_logit_diff=diff, dtype=name, served_logit_diff=served)
 
 
-def _model_card(cfg, counts: dict, metrics: dict | None, audited: dict | None, diff: float, dtype: torch.dtype,
-                served: float) -> str:
-    lines = ["# Unlearned model", "",
-             f"Produced by `icu` (Iterative Contrastive Unlearning, arXiv:2407.20271) from "
-             f"{cfg.to_dict(paths=False)['model']['name'].replace('<path>', 'a local model folder')} "
-             f"with method `{cfg.unlearning.loss.name}`.", "",
-             f"Erasure requests: {counts['forgotten']} forgotten, {counts['not_forgotten']} not forgotten, "
-             f"{counts['rejected']} rejected at ingest (per-request detail in receipt.json / receipt.csv, "
-             "ids and content hashes only, the hashes keyed with the operator's receipt key).", "",
-             f"Verified: the consolidated weights, loaded with `from_pretrained`, reproduce the final training "
-             f"engine's logits on fixed prompts to {diff:.2g}. This folder holds them in "
-             f"{str(dtype).removeprefix('torch.')}" + ("." if served == diff else
-             f", each tensor checked to be the trained one rounded to it; in that precision the logits "
-             f"differ from the engine's by up to {served:.2g}."), ""]
+def _model_card(
+    cfg, counts: dict, metrics: dict | None, audited: dict | None, diff: float, dtype: torch.dtype, served: float
+) -> str:
+    lines = [
+        "# Unlearned model",
+        "",
+        f"Produced by `icu` (Iterative Contrastive Unlearning, arXiv:2407.20271) from "
+        f"{cfg.to_dict(paths=False)['model']['name'].replace('<path>', 'a local model folder')} "
+        f"with method `{cfg.unlearning.loss.name}`.",
+        "",
+        f"Erasure requests: {counts['forgotten']} forgotten, {counts['not_forgotten']} not forgotten, "
+        f"{counts['rejected']} rejected at ingest (per-request detail in receipt.json / receipt.csv, "
+        "ids and content hashes only, the hashes keyed with the operator's receipt key).",
+        "",
+        f"Verified: the consolidated weights, loaded with `from_pretrained`, reproduce the final training "
+        f"engine's logits on fixed prompts to {diff:.2g}. This folder holds them in "
+        f"{str(dtype).removeprefix('torch.')}"
+        + (
+            "."
+            if served == diff
+            else f", each tensor checked to be the trained one rounded to it; in that precision the logits "
+            f"differ from the engine's by up to {served:.2g}."
+        ),
+        "",
+    ]
     a = cfg.unlearning.adapter
     if a.type == "lora":
-        lines += [f"Unlearned with LoRA adapters (r {a.r}, alpha {a.alpha:g}, on {', '.join(a.target_modules)}), merged "
-                  "into these weights; the adapters alone are in `adapter/` (peft's format).", ""]
+        lines += [
+            f"Unlearned with LoRA adapters (r {a.r}, alpha {a.alpha:g}, on {', '.join(a.target_modules)}), merged "
+            "into these weights; the adapters alone are in `adapter/` (peft's format).",
+            "",
+        ]
     if metrics:
         lines += ["## Before / after", "", paper_table(metrics), ""]
     if audited and audited["probes"]:
-        lines += ["## Extraction audit", "", f"Criterion: {audited['criterion']}. Rows that leak / rows:", "",
-                  audit.markdown(audited), ""]
-    lines += ["## Run config", "", "Paths are left out (`<path>`): they name the operator's files and machines.", "",
-              "```yaml", yaml.safe_dump(cfg.to_dict(paths=False), sort_keys=False).rstrip(), "```", ""]
+        lines += [
+            "## Extraction audit",
+            "",
+            f"Criterion: {audited['criterion']}. Rows that leak / rows:",
+            "",
+            audit.markdown(audited),
+            "",
+        ]
+    lines += [
+        "## Run config",
+        "",
+        "Paths are left out (`<path>`): they name the operator's files and machines.",
+        "",
+        "```yaml",
+        yaml.safe_dump(cfg.to_dict(paths=False), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)

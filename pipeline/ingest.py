@@ -37,14 +37,26 @@ from pipeline.store import RunStore, fingerprint
 log = logging.getLogger("icu.ingest")
 OUTPUTS = ("accepted", "rejected")
 
-ACCEPTED_SCHEMA = pa.schema([
-    ("id", pa.string()), ("content_hash", pa.string()), ("source_row", pa.int64()), ("text", pa.string()),
-    ("input_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32()), ("truncated", pa.bool_()),
-])
-REJECTED_SCHEMA = pa.schema([
-    ("source_row", pa.int64()), ("id", pa.string()), ("content_hash", pa.string()),
-    ("reason", pa.string()), ("detail", pa.string()),
-])
+ACCEPTED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("content_hash", pa.string()),
+        ("source_row", pa.int64()),
+        ("text", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("n_tokens", pa.int32()),
+        ("truncated", pa.bool_()),
+    ]
+)
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("source_row", pa.int64()),
+        ("id", pa.string()),
+        ("content_hash", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
 REASONS = {
     "undecodable": "the row is not valid UTF-8",
     "malformed_row": "the row could not be parsed (wrong field count or invalid JSON)",
@@ -67,6 +79,7 @@ _UNDECODABLE = object()
 @dataclass
 class RawRow:
     """One input row before validation; `problem` is a reason key when parsing failed."""
+
     row: int
     text: object = None
     id: object = None
@@ -77,8 +90,13 @@ class RawRow:
 def read_rows(cfg: RequestsConfig) -> Iterator[RawRow]:
     """Stream the request file's rows in order, numbering them from 0."""
     path, fmt = Path(cfg.path), detect_format(cfg)
-    reader = {"csv": _read_csv, "jsonl": _read_jsonl, "json": _read_json,
-              "parquet": _read_parquet, "dataset": _read_dataset}[fmt]
+    reader = {
+        "csv": _read_csv,
+        "jsonl": _read_jsonl,
+        "json": _read_json,
+        "parquet": _read_parquet,
+        "dataset": _read_dataset,
+    }[fmt]
     rows = reader(path, cfg)
     for row in rows:
         if cfg.limit is not None and row.row >= cfg.limit:
@@ -93,11 +111,20 @@ def detect_format(cfg: RequestsConfig) -> str:
     if path.is_dir():
         return "dataset"
     suffix = path.suffix.lower()
-    formats = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
-               ".parquet": "parquet", ".pq": "parquet"}
+    formats = {
+        ".csv": "csv",
+        ".tsv": "csv",
+        ".jsonl": "jsonl",
+        ".ndjson": "jsonl",
+        ".json": "json",
+        ".parquet": "parquet",
+        ".pq": "parquet",
+    }
     if suffix not in formats:
-        raise UserError(f"requests.format: cannot tell the format of {path.name} from its suffix; fix: set "
-                        "requests.format to jsonl, json, csv, parquet or dataset")
+        raise UserError(
+            f"requests.format: cannot tell the format of {path.name} from its suffix; fix: set "
+            "requests.format to jsonl, json, csv, parquet or dataset"
+        )
     return formats[suffix]
 
 
@@ -119,22 +146,28 @@ def _read_csv(path: Path, cfg: RequestsConfig) -> Iterator[RawRow]:
                     continue  # a blank line is not a row in CSV
                 user_id = fields[id_at] if id_at is not None and id_at < len(fields) else None
                 if len(fields) != len(header):
-                    yield RawRow(index, id=user_id, problem="malformed_row",
-                                 detail=f"{len(fields)} fields, header has {len(header)}")
+                    yield RawRow(
+                        index,
+                        id=user_id,
+                        problem="malformed_row",
+                        detail=f"{len(fields)} fields, header has {len(header)}",
+                    )
                 else:
                     yield _decoded(RawRow(index, fields[text_at], user_id))
                 index += 1
         except csv.Error as exc:
-            raise UserError(f"requests.path: {path.name} line {reader.line_num}: {exc} (a quote that is never "
-                            "closed swallows the records after it); fix: close the quote, or write a quote "
-                            "inside a quoted field as \"\"") from None
+            raise UserError(
+                f"requests.path: {path.name} line {reader.line_num}: {exc} (a quote that is never "
+                "closed swallows the records after it); fix: close the quote, or write a quote "
+                'inside a quoted field as ""'
+            ) from None
 
 
 def _read_jsonl(path: Path, cfg: RequestsConfig) -> Iterator[RawRow]:
     seen_text_key = False
     index = -1
     with open(path, "rb") as fh:
-        for index, line in enumerate(l for l in fh if l.strip()):
+        for index, line in enumerate(raw for raw in fh if raw.strip()):
             if index == 0:
                 line = line.removeprefix(BOM)
             try:  # bad bytes become surrogates, so the id of a row with undecodable text survives
@@ -145,8 +178,10 @@ def _read_jsonl(path: Path, cfg: RequestsConfig) -> Iterator[RawRow]:
             seen_text_key |= isinstance(obj, dict) and cfg.text_column in obj
             yield _from_object(index, obj, cfg)
     if index >= 0 and not seen_text_key:
-        raise UserError(f"requests.text_column: no row of {path} has a '{cfg.text_column}' field; fix: set "
-                        "requests.text_column to the field that holds the text")
+        raise UserError(
+            f"requests.text_column: no row of {path} has a '{cfg.text_column}' field; fix: set "
+            "requests.text_column to the field that holds the text"
+        )
 
 
 def _read_json(path: Path, cfg: RequestsConfig) -> Iterator[RawRow]:
@@ -160,11 +195,14 @@ def _read_json(path: Path, cfg: RequestsConfig) -> Iterator[RawRow]:
         items = json.loads(path.read_bytes().removeprefix(BOM).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f"line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "its bytes"
-        raise UserError(f"requests.path: {path} is not a valid JSON array ({where}); fix: repair it or use "
-                        "JSON lines, where one bad row is rejected on its own") from None
+        raise UserError(
+            f"requests.path: {path} is not a valid JSON array ({where}); fix: repair it or use "
+            "JSON lines, where one bad row is rejected on its own"
+        ) from None
     if items and not any(isinstance(o, dict) and cfg.text_column in o for o in items):
-        raise UserError(f"requests.text_column: no object in {path} has a '{cfg.text_column}' field; fix: "
-                        "set requests.text_column")
+        raise UserError(
+            f"requests.text_column: no object in {path} has a '{cfg.text_column}' field; fix: set requests.text_column"
+        )
     for index, obj in enumerate(items):
         yield _from_object(index, obj, cfg)
 
@@ -174,10 +212,12 @@ def _read_parquet(path: Path, cfg: RequestsConfig) -> Iterator[RawRow]:
     try:
         parquet = pq.ParquetFile(path)
     except (OSError, pa.ArrowInvalid) as exc:
-        raise UserError(f"requests.path: cannot read {path} as parquet ({type(exc).__name__}); fix: provide a "
-                        "parquet file") from None
-    yield from _columns(path, cfg, parquet.schema_arrow.names,
-                        lambda columns: parquet.iter_batches(batch_size=1024, columns=columns))
+        raise UserError(
+            f"requests.path: cannot read {path} as parquet ({type(exc).__name__}); fix: provide a parquet file"
+        ) from None
+    yield from _columns(
+        path, cfg, parquet.schema_arrow.names, lambda columns: parquet.iter_batches(batch_size=1024, columns=columns)
+    )
 
 
 def _read_dataset(path: Path, cfg: RequestsConfig) -> Iterator[RawRow]:
@@ -188,8 +228,10 @@ def _read_dataset(path: Path, cfg: RequestsConfig) -> Iterator[RawRow]:
     try:
         ds = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError, pa.ArrowInvalid) as exc:
-        raise UserError(f"requests.path: cannot read {path} ({type(exc).__name__}); fix: provide a folder "
-                        "written by Dataset.save_to_disk") from None
+        raise UserError(
+            f"requests.path: cannot read {path} ({type(exc).__name__}); fix: provide a folder "
+            "written by Dataset.save_to_disk"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         raise UserError(f"requests.path: {path} holds {len(ds)} splits; fix: point it at one split's folder")
     yield from _columns(path, cfg, ds.column_names, lambda columns: ds.data.table.select(columns).to_batches(1024))
@@ -251,9 +293,11 @@ def _column_index(columns: list[str], name: str, key: str, path: Path) -> int:
     """Where column `name` is; else one line that never shows the header's values (a file
     without a header row would show its first request)."""
     if name not in columns:
-        raise UserError(f"{key}: no column named '{name}' in {path.name}, whose header has {len(columns)} columns "
-                        "(their names are not shown: without a header row they would be a request's text); fix: "
-                        f"set {key} to the name of the column in the header row, or add a header row")
+        raise UserError(
+            f"{key}: no column named '{name}' in {path.name}, whose header has {len(columns)} columns "
+            "(their names are not shown: without a header row they would be a request's text); fix: "
+            f"set {key} to the name of the column in the header row, or add a header row"
+        )
     return list(columns).index(name)
 
 
@@ -301,8 +345,15 @@ class Ingestor:
             return None, self._reject(row, given, "duplicate_id", "", digest)
         self.seen_hashes[digest] = request_id
         self.seen_ids.add(request_id)
-        return dict(id=request_id, content_hash=digest, source_row=row.row, text=text, input_ids=ids,
-                    n_tokens=len(ids), truncated=truncated), None
+        return dict(
+            id=request_id,
+            content_hash=digest,
+            source_row=row.row,
+            text=text,
+            input_ids=ids,
+            n_tokens=len(ids),
+            truncated=truncated,
+        ), None
 
     @staticmethod
     def _reject(row: RawRow, given: str | None, reason: str, detail: str = "", digest: str | None = None) -> dict:
@@ -330,22 +381,46 @@ def key(cfg: Config, store: RunStore) -> str:
     """The request file's content, how it is read and cut, the tokenizer's model (its weights'
     signature: every later key includes this one, so all of them follow the model) and which
     receipt key hashes the requests."""
-    return fingerprint("ingest", cfg.part("requests", "model"), cfg.max_tokens, modeling.weights_signature(cfg.model_dir),
-                       file_digest(cfg.requests.path), keys.key_id(keys.receipt_key(store.root)))
+    return fingerprint(
+        "ingest",
+        cfg.part("requests", "model"),
+        cfg.max_tokens,
+        modeling.weights_signature(cfg.model_dir),
+        file_digest(cfg.requests.path),
+        keys.key_id(keys.receipt_key(store.root)),
+    )
 
 
 def run(cfg: Config, store: RunStore) -> dict:
     tokenizer = modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code)
-    counts = ingest(cfg.requests, tokenizer, cfg.max_tokens, store.artefact("accepted"), store.artefact("rejected"),
-                    keys.receipt_key(store.root))
+    counts = ingest(
+        cfg.requests,
+        tokenizer,
+        cfg.max_tokens,
+        store.artefact("accepted"),
+        store.artefact("rejected"),
+        keys.receipt_key(store.root),
+    )
     reasons = ", ".join(f"{k}={v}" for k, v in counts["reasons"].items()) or "none"
-    log.info("ingest: %d rows read, %d accepted, %d rejected (%s)", counts["rows"], counts["accepted"],
-             counts["rejected"], reasons)
+    log.info(
+        "ingest: %d rows read, %d accepted, %d rejected (%s)",
+        counts["rows"],
+        counts["accepted"],
+        counts["rejected"],
+        reasons,
+    )
     return counts
 
 
-def ingest(cfg: RequestsConfig, tokenizer, max_len: int, accepted_path: Path, rejected_path: Path, key: bytes,
-           chunk: int = 1000) -> dict:
+def ingest(
+    cfg: RequestsConfig,
+    tokenizer,
+    max_len: int,
+    accepted_path: Path,
+    rejected_path: Path,
+    key: bytes,
+    chunk: int = 1000,
+) -> dict:
     """Validate every row of the request file; write accepted/rejected parquet atomically.
 
     Returns counts: {"rows", "accepted", "rejected", "reasons": {reason: n}}.
@@ -355,10 +430,12 @@ def ingest(cfg: RequestsConfig, tokenizer, max_len: int, accepted_path: Path, re
     ingestor = Ingestor(cfg, tokenizer, max_len, key)
     reasons: Counter = Counter()
     counts = Counter()
-    with atomic_path(accepted_path) as acc_path, \
-            atomic_path(rejected_path) as rej_path, \
-            pq.ParquetWriter(acc_path, ACCEPTED_SCHEMA) as acc_writer, \
-            pq.ParquetWriter(rej_path, REJECTED_SCHEMA) as rej_writer:
+    with (
+        atomic_path(accepted_path) as acc_path,
+        atomic_path(rejected_path) as rej_path,
+        pq.ParquetWriter(acc_path, ACCEPTED_SCHEMA) as acc_writer,
+        pq.ParquetWriter(rej_path, REJECTED_SCHEMA) as rej_writer,
+    ):
         accepted, rejected = [], []
         for row in tqdm(read_rows(cfg), desc="ingest", unit="row", mininterval=2, disable=None):
             good, bad = ingestor.check(row)
@@ -378,8 +455,12 @@ def ingest(cfg: RequestsConfig, tokenizer, max_len: int, accepted_path: Path, re
     counts["rejected"] = counts["rows"] - ingestor_count
     if counts["rows"] == 0:
         raise UserError(f"requests.path: {cfg.path} has no rows; fix: provide at least one erasure request")
-    return {"rows": counts["rows"], "accepted": counts["accepted"], "rejected": counts["rejected"],
-            "reasons": dict(sorted(reasons.items()))}
+    return {
+        "rows": counts["rows"],
+        "accepted": counts["accepted"],
+        "rejected": counts["rejected"],
+        "reasons": dict(sorted(reasons.items())),
+    }
 
 
 def _flush(writer: pq.ParquetWriter, schema: pa.Schema, records: list[dict]) -> None:

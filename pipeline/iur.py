@@ -64,8 +64,18 @@ def below(record: dict, thr: Thresholds) -> bool:
 
 
 @torch.no_grad()
-def memorization(model, rows: list[list[int]], *, el_n: int, el_range: str, batch_size: int, pad_id: int,
-                 prefix: int, sync_calls: metrics.SyncCalls | None = None, texts: list[str] | None = None) -> list[dict]:
+def memorization(
+    model,
+    rows: list[list[int]],
+    *,
+    el_n: int,
+    el_range: str,
+    batch_size: int,
+    pad_id: int,
+    prefix: int,
+    sync_calls: metrics.SyncCalls | None = None,
+    texts: list[str] | None = None,
+) -> list[dict]:
     """{"ma", "el", "span", "whole", "nll", "hits"} of each row (span: `metrics.extractable_span`
     from `prefix` on, the whole row after its first prompt window; whole: 1 when that is the whole
     rest of the row; nll, hits: `metrics.nll_and_hits`), and its membership scores ("mia_loss", ...;
@@ -74,18 +84,21 @@ def memorization(model, rows: list[list[int]], *, el_n: int, el_range: str, batc
     prompts its KV cache."""
     records = []
     for start in range(0, len(rows), batch_size):
-        part_rows = rows[start:start + batch_size]
+        part_rows = rows[start : start + batch_size]
         ids, mask = metrics.pad_rows(part_rows, pad_id, device=model.device)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         ma = metrics.memorization_accuracy(model, ids, mask, logits=out.logits).tolist()
-        el = metrics.extraction_likelihood(model, ids, mask, n=el_n, prompt_range=el_range, sync_calls=sync_calls,
-                                           pad_token_id=pad_id, out=out).tolist()
+        el = metrics.extraction_likelihood(
+            model, ids, mask, n=el_n, prompt_range=el_range, sync_calls=sync_calls, pad_token_id=pad_id, out=out
+        ).tolist()
         nll, hits = metrics.nll_and_hits_of(out.logits, ids, mask)
         span = [metrics.extractable_span(h, prefix) for h in hits]
-        part = [dict(ma=m, el=e, span=float(sp), whole=float(sp >= len(r) - prefix), nll=float(n), hits=h)
-                for m, e, sp, r, n, h in zip(ma, el, span, part_rows, nll.tolist(), hits)]
+        part = [
+            dict(ma=m, el=e, span=float(sp), whole=float(sp >= len(r) - prefix), nll=float(n), hits=h)
+            for m, e, sp, r, n, h in zip(ma, el, span, part_rows, nll.tolist(), hits)
+        ]
         if texts is not None:
-            scores = metrics.mia_scores(model, ids, mask, texts[start:start + batch_size], logits=out.logits)
+            scores = metrics.mia_scores(model, ids, mask, texts[start : start + batch_size], logits=out.logits)
             for i, record in enumerate(part):
                 record.update({f"mia_{k}": float(v[i]) for k, v in scores.items()})
         records += part
@@ -93,27 +106,57 @@ def memorization(model, rows: list[list[int]], *, el_n: int, el_range: str, batc
 
 
 @torch.no_grad()
-def score_requests(model, tokenizer, rows: list[list[int]], *, prefix: int, suffix: int, num_beams: int,
-                   el_n: int, el_range: str, batch_size: int, scorer,
-                   sync_calls: metrics.SyncCalls | None = None,
-                   generate: Callable[[float, float], bool] | None = None, mia: bool = False) -> list[dict]:
+def score_requests(
+    model,
+    tokenizer,
+    rows: list[list[int]],
+    *,
+    prefix: int,
+    suffix: int,
+    num_beams: int,
+    el_n: int,
+    el_range: str,
+    batch_size: int,
+    scorer,
+    sync_calls: metrics.SyncCalls | None = None,
+    generate: Callable[[float, float], bool] | None = None,
+    mia: bool = False,
+) -> list[dict]:
     """bleu, bertscore (the generated suffix vs the true one), ma, el and span of each row (and its
     membership scores with `mia`, see `memorization`). With `generate` (a test of a row's
     teacher-forced scores), only the rows that pass it are generated from; the others' bleu and
     bertscore are NaN."""
     pad_id = tokenizer.pad_token_id
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows] if mia else None
-    records = memorization(model, rows, el_n=el_n, el_range=el_range, batch_size=batch_size, pad_id=pad_id,
-                           prefix=prefix, sync_calls=sync_calls, texts=texts)
+    records = memorization(
+        model,
+        rows,
+        el_n=el_n,
+        el_range=el_range,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        prefix=prefix,
+        sync_calls=sync_calls,
+        texts=texts,
+    )
     chosen = [k for k, r in enumerate(records) if generate is None or generate(r)]
     generated = metrics.greedy_continuations(
-        model, [rows[k][:prefix] for k in chosen], [len(rows[k][prefix:prefix + suffix]) for k in chosen],
-        num_beams=num_beams, batch_size=batch_size, sync_calls=sync_calls, pad_token_id=pad_id)
-    truths = [tokenizer.decode(rows[k][prefix:prefix + suffix], skip_special_tokens=True) for k in chosen]
+        model,
+        [rows[k][:prefix] for k in chosen],
+        [len(rows[k][prefix : prefix + suffix]) for k in chosen],
+        num_beams=num_beams,
+        batch_size=batch_size,
+        sync_calls=sync_calls,
+        pad_token_id=pad_id,
+    )
+    truths = [tokenizer.decode(rows[k][prefix : prefix + suffix], skip_special_tokens=True) for k in chosen]
     guesses = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
     bleu, bert = [math.nan] * len(rows), [math.nan] * len(rows)
-    for k, b, s in zip(chosen, [sentence_bleu4(t, g) for t, g in zip(truths, guesses)],
-                       scorer.f1(truths, guesses).tolist() if chosen else []):
+    for k, b, s in zip(
+        chosen,
+        [sentence_bleu4(t, g) for t, g in zip(truths, guesses)],
+        scorer.f1(truths, guesses).tolist() if chosen else [],
+    ):
         bleu[k], bert[k] = b, s
     return [dict(r, bleu=b, bertscore=s) for r, b, s in zip(records, bleu, bert)]
 
@@ -122,16 +165,20 @@ def screen(model, rows: list[list[int]], *, prefix: int, batch_size: int, pad_id
     """{"ma", "span", "nll", "hits"} of each row from one teacher-forced pass: what a look between
     two checks decides a request's side of the line on (no decoding, no generation)."""
     nll, hits = metrics.nll_and_hits(model, rows, batch_size=batch_size, pad_token_id=pad_id)
-    return [dict(ma=sum(h) / max(len(h), 1), span=float(metrics.extractable_span(h, prefix)), nll=n, hits=h)
-            for n, h in zip(nll.tolist(), hits)]
+    return [
+        dict(ma=sum(h) / max(len(h), 1), span=float(metrics.extractable_span(h, prefix)), nll=n, hits=h)
+        for n, h in zip(nll.tolist(), hits)
+    ]
 
 
 def check_requests(model, tokenizer, rows: list[list[int]], *, thresholds: Thresholds, **kwargs) -> list[dict]:
     """One IUR record per row: `score_requests`' scores and whether the row counts as forgotten.
     A row above the MA or EL threshold is remembered whatever it generates, so only the rows at or
     below both are generated from (beam search and BERTScore are most of a check's cost)."""
-    return [dict(rec, forgotten=is_forgotten(rec, thresholds))
-            for rec in score_requests(model, tokenizer, rows, generate=partial(below, thr=thresholds), **kwargs)]
+    return [
+        dict(rec, forgotten=is_forgotten(rec, thresholds))
+        for rec in score_requests(model, tokenizer, rows, generate=partial(below, thr=thresholds), **kwargs)
+    ]
 
 
 def apply_band(records: list[dict], nll: list[float], unseen_nll: list[float], high_q: float | None) -> list[dict]:
@@ -148,9 +195,15 @@ def apply_band(records: list[dict], nll: list[float], unseen_nll: list[float], h
 def with_leaks(records: list[dict], leaks: dict[int, list[str]]) -> list[dict]:
     """`unlearning.check.harden`: a request that leaks at a served precision (`leaks`: row -> precisions)
     is neither forgotten nor too deep, whatever the trained precision says, so it trains on."""
-    return [dict(rec, leaks_under=",".join(leaks.get(i, [])),
-                 forgotten=rec["forgotten"] and i not in leaks, too_deep=rec["too_deep"] and i not in leaks)
-            for i, rec in enumerate(records)]
+    return [
+        dict(
+            rec,
+            leaks_under=",".join(leaks.get(i, [])),
+            forgotten=rec["forgotten"] and i not in leaks,
+            too_deep=rec["too_deep"] and i not in leaks,
+        )
+        for i, rec in enumerate(records)
+    ]
 
 
 def bigram_share(rows: list[list[int]], hits: list[list[bool]]) -> dict[tuple[int, int], float]:
@@ -166,9 +219,16 @@ def bigram_share(rows: list[list[int]], hits: list[list[bool]]) -> dict[tuple[in
     return {pair: hit / total for pair, (hit, total) in seen.items()}
 
 
-def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[bool]],
-                 share: dict[tuple[int, int], float], unseen_nll: list[float], ma_threshold: float,
-                 shared_at: float = 0.5, hold: bool = False) -> tuple[list[list[float]], list[float], list[float]]:
+def band_targets(
+    records: list[dict],
+    rows: list[list[int]],
+    hits: list[list[bool]],
+    share: dict[tuple[int, int], float],
+    unseen_nll: list[float],
+    ma_threshold: float,
+    shared_at: float = 0.5,
+    hold: bool = False,
+) -> tuple[list[list[float]], list[float], list[float]]:
     """icu_band's per-request (push mask over positions, low, high) for the next epoch.
 
     A remembered request is pushed at every position whose bigram strangers do not mostly get
@@ -198,8 +258,10 @@ def band_targets(records: list[dict], rows: list[list[int]], hits: list[list[boo
         if remembered:
             lost = sum(1 for h, m in zip(row_hits, mask) if h and m)
             excess = sum(row_hits) - lost - math.floor(ma_threshold * len(pairs) + 1e-9)
-            template = sorted((share[pair], t) for t, (pair, h, m) in enumerate(zip(pairs, row_hits, mask)) if h and not m)
-            for _, t in template[:max(excess, 0)]:
+            template = sorted(
+                (share[pair], t) for t, (pair, h, m) in enumerate(zip(pairs, row_hits, mask)) if h and not m
+            )
+            for _, t in template[: max(excess, 0)]:
                 mask[t] = 1.0
         push.append(mask)
         lows.append(middle[0] if held else low)

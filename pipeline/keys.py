@@ -58,8 +58,10 @@ def receipt_key(run_dir: str | os.PathLike | None = None) -> bytes:
         return _checked(os.environ[ENV_KEY], f"${ENV_KEY}")
     path = Path(os.environ.get(ENV_FILE) or default_path()).expanduser().absolute()
     if run_dir is not None and path.resolve().is_relative_to(Path(run_dir).resolve()):
-        raise UserError(f"receipt key {path} lies inside the run directory, which others may be handed; fix: keep it "
-                        f"outside (${ENV_FILE}) and move it there")
+        raise UserError(
+            f"receipt key {path} lies inside the run directory, which others may be handed; fix: keep it "
+            f"outside (${ENV_FILE}) and move it there"
+        )
     if not os.path.lexists(path) and not os.environ.get(ENV_FILE):
         _generate(path)
     return _checked(_read_private(path), str(path))
@@ -70,8 +72,11 @@ def _generate(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secrets.token_hex(32) + "\n")
-    log.warning("keys: generated a receipt key at %s: keep it, and keep it private; receipts' content hashes are "
-                "keyed with it, and `icu hash` needs it to look a request up", path)
+    log.warning(
+        "keys: generated a receipt key at %s: keep it, and keep it private; receipts' content hashes are "
+        "keyed with it, and `icu hash` needs it to look a request up",
+        path,
+    )
 
 
 def _read_private(path: Path) -> str:
@@ -79,22 +84,29 @@ def _read_private(path: Path) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise UserError(f"receipt key {path} (${ENV_FILE}) does not exist; fix: point ${ENV_FILE} at the key file, "
-                        f"or unset it to use {default_path()}") from None
+        raise UserError(
+            f"receipt key {path} (${ENV_FILE}) does not exist; fix: point ${ENV_FILE} at the key file, "
+            f"or unset it to use {default_path()}"
+        ) from None
     except OSError:
-        raise UserError(f"receipt key {path}: not a regular file (a symbolic link?); fix: point ${ENV_FILE} at the "
-                        "key file itself") from None
+        raise UserError(
+            f"receipt key {path}: not a regular file (a symbolic link?); fix: point ${ENV_FILE} at the key file itself"
+        ) from None
     with os.fdopen(fd) as fh:
         st = os.fstat(fh.fileno())
         if st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise UserError(f"receipt key {path} is readable or writable by others (mode {st.st_mode & 0o777:o}, "
-                            f"owner uid {st.st_uid}); fix: chown it to yourself and chmod 600 {path}")
+            raise UserError(
+                f"receipt key {path} is readable or writable by others (mode {st.st_mode & 0o777:o}, "
+                f"owner uid {st.st_uid}); fix: chown it to yourself and chmod 600 {path}"
+            )
         return fh.read()
 
 
 def _checked(value: str, where: str) -> bytes:
     value = value.strip()
     if len(value) < MIN_CHARS:
-        raise UserError(f"receipt key in {where} is {len(value)} characters; fix: use at least {MIN_CHARS} random "
-                        "characters (e.g. python -c 'import secrets; print(secrets.token_hex(32))')")
+        raise UserError(
+            f"receipt key in {where} is {len(value)} characters; fix: use at least {MIN_CHARS} random "
+            "characters (e.g. python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
     return value.encode("utf-8")

@@ -58,6 +58,7 @@ from torch import Tensor
 @dataclass(frozen=True)
 class Settings:
     """What every method's settings share: finite, non-negative numbers (those in `POSITIVE` > 0)."""
+
     POSITIVE: ClassVar[tuple[str, ...]] = ()
 
     def problems(self) -> list[str]:
@@ -69,13 +70,16 @@ class Settings:
                 continue
             low_ok = value > 0 if f.name in self.POSITIVE else value >= 0
             if not (low_ok and math.isfinite(value)):
-                out.append(f"{f.name}: must be a finite number {'>' if f.name in self.POSITIVE else '>='} 0, got {value}")
+                out.append(
+                    f"{f.name}: must be a finite number {'>' if f.name in self.POSITIVE else '>='} 0, got {value}"
+                )
         return out
 
 
 @dataclass(frozen=True)
 class ICU(Settings):
     """The paper's objective, at the paper's weights."""
+
     uw: float = 1.0  # weight of the forget term (gradient ascent on the request)
     lw: float = 0.5  # weight of the neighbour NLL
     kl: float = 1.0  # weight of the neighbour KL to the frozen model
@@ -85,6 +89,7 @@ class ICU(Settings):
 @dataclass(frozen=True)
 class ICUBand(ICU):
     """icu with the bounded forget term that stops each request at a stranger's level."""
+
     margin: float = 1.0  # logits by which a pushed token must trail the best other token
 
 
@@ -118,6 +123,7 @@ class RMU(Settings):
     """Representation misdirection (Li et al. 2024, WMDP): the forget rows' residual stream after
     `layer` blocks steered to a fixed random direction, the retain rows' kept where the frozen model
     has it."""
+
     POSITIVE: ClassVar[tuple[str, ...]] = ("steering_coeff",)
     layer: int = 7  # blocks before the activations steered (the paper's 7 of 32)
     steering_coeff: float = 6.5  # the norm the forget activations are steered to
@@ -172,8 +178,10 @@ class _ByPositions(torch.autograd.Function):
         width = max(1, CHUNK_ELEMENTS // max(1, logits.shape[0] * logits.shape[-1]))
         ctx.terms, ctx.width = terms, width
         ctx.save_for_backward(logits, *aux)
-        chunks = [terms(logits[:, s:s + width], *(a[:, s:s + width] for a in aux))
-                  for s in range(0, logits.shape[1], width)]
+        chunks = [
+            terms(logits[:, s : s + width], *(a[:, s : s + width] for a in aux))
+            for s in range(0, logits.shape[1], width)
+        ]
         return tuple(torch.cat(parts, dim=1) for parts in zip(*chunks))
 
     @staticmethod
@@ -182,11 +190,11 @@ class _ByPositions(torch.autograd.Function):
         logits, *aux = ctx.saved_tensors
         out, width = torch.empty_like(logits), ctx.width
         for s in range(0, logits.shape[1], width):
-            z = logits[:, s:s + width].detach().requires_grad_()
+            z = logits[:, s : s + width].detach().requires_grad_()
             with torch.enable_grad():
-                values = ctx.terms(z, *(a[:, s:s + width] for a in aux))
-                total = sum((v * g[:, s:s + width]).sum() for v, g in zip(values, grads))
-            out[:, s:s + width] = torch.autograd.grad(total, z)[0]
+                values = ctx.terms(z, *(a[:, s : s + width] for a in aux))
+                total = sum((v * g[:, s : s + width]).sum() for v, g in zip(values, grads))
+            out[:, s : s + width] = torch.autograd.grad(total, z)[0]
         return None, out, *(None for _ in aux)
 
 
@@ -393,8 +401,10 @@ def _mean_sq_distance(h: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 
 def _rmu(x: LossInputs, p: RMU) -> tuple[Tensor, Parts]:
     u = steering_direction(x.forget_hidden.shape[-1], p.seed).to(x.forget_hidden.device)
-    parts = {"forget_distance": _mean_sq_distance(x.forget_hidden, p.steering_coeff * u, x.forget_mask),
-             "retain_distance": _mean_sq_distance(x.retain_hidden, x.ref_retain_hidden.detach(), x.retain_mask)}
+    parts = {
+        "forget_distance": _mean_sq_distance(x.forget_hidden, p.steering_coeff * u, x.forget_mask),
+        "retain_distance": _mean_sq_distance(x.retain_hidden, x.ref_retain_hidden.detach(), x.retain_mask),
+    }
     return parts["forget_distance"] + p.alpha * parts["retain_distance"], parts
 
 
@@ -409,6 +419,7 @@ class Method:
     can also pull back a request erased past the strangers' level.
     `layer(p)`: the residual stream after how many blocks the loss reads (`*_hidden`), or None.
     """
+
     settings: type[Settings]
     loss: Callable[[LossInputs, Any], tuple[Tensor, Parts]]
     retain: Callable[[Any], bool]
@@ -423,8 +434,13 @@ def _holds_neighbours(p: ICU) -> bool:
 
 METHODS: dict[str, Method] = {
     "icu": Method(ICU, _icu, retain=_holds_neighbours, reference=lambda p: "retain" if p.kl > 0 else None),
-    "icu_band": Method(ICUBand, _icu_band, retain=_holds_neighbours,
-                       reference=lambda p: "retain" if _holds_neighbours(p) else None, band=True),
+    "icu_band": Method(
+        ICUBand,
+        _icu_band,
+        retain=_holds_neighbours,
+        reference=lambda p: "retain" if _holds_neighbours(p) else None,
+        band=True,
+    ),
     "ga": Method(GA, _ga, retain=lambda p: False, reference=lambda p: None),
     "gd": Method(GD, _gd, retain=lambda p: p.retain_weight > 0, reference=lambda p: None),
     "npo": Method(NPO, _npo, retain=lambda p: p.retain_weight > 0, reference=lambda p: "forget"),
@@ -446,14 +462,19 @@ def _check_inputs(m: Method, x: LossInputs, settings: Settings) -> None:
     if m.band:
         required += ["forget_push", "forget_low", "forget_high"]
     if m.layer(settings) is not None:
-        required = [k for k in required if k != "ref_retain_logits"] + ["forget_hidden", "retain_hidden",
-                                                                       "ref_retain_hidden"]
+        required = [k for k in required if k != "ref_retain_logits"] + [
+            "forget_hidden",
+            "retain_hidden",
+            "ref_retain_hidden",
+        ]
     missing = [key for key in required if getattr(x, key) is None]
     if missing:
         raise ValueError(f"this method with {settings} needs {', '.join(missing)}")
 
 
-def unlearning_loss(name: str, settings: Settings | None = None, **inputs: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+def unlearning_loss(
+    name: str, settings: Settings | None = None, **inputs: Tensor | None
+) -> tuple[Tensor, dict[str, float]]:
     """The scalar training loss of method `name` with its `settings` (its defaults when None) on the
     `LossInputs` fields given, and its detached parts (plus "loss") for logging."""
     m = method(name)

@@ -36,8 +36,10 @@ _PUNCTUATION = frozenset(string.punctuation)
 
 # --- padding and batching -------------------------------------------------------------------
 
-def pad_rows(seqs: Sequence[Sequence[int]], pad_token_id: int, left: bool = False,
-             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+
+def pad_rows(
+    seqs: Sequence[Sequence[int]], pad_token_id: int, left: bool = False, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) for ragged sequences, padded on the left or the right.
 
     Empty rows become all-pad rows with a zero mask (width at least 1).
@@ -54,7 +56,7 @@ def pad_rows(seqs: Sequence[Sequence[int]], pad_token_id: int, left: bool = Fals
 
 def _chunks(order: Sequence[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(order), size):
-        yield list(order[start:start + size])
+        yield list(order[start : start + size])
 
 
 def _unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
@@ -63,8 +65,10 @@ def _unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[i
 
 # --- teacher-forced scoring -----------------------------------------------------------------
 
-def _token_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def _token_logits(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 logits predicting each next token, the targets, and which targets are real tokens;
     `logits`: the model's logits for these ids, when a pass the caller made already has them.
 
@@ -77,8 +81,9 @@ def _token_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     return logits[:, :-1].float(), input_ids[:, 1:], attention_mask[:, 1:].bool()
 
 
-def _token_nll(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_nll(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position NLL of x_t given x_<t, shape [B, T-1] (0 on pads), and the valid mask."""
     logits, targets, valid = _token_logits(model, input_ids, attention_mask, logits)
     return _masked_nll(logits, targets, valid), valid
@@ -89,8 +94,9 @@ def _masked_nll(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
 
 
 @torch.no_grad()
-def memorization_accuracy(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                          logits: torch.Tensor | None = None) -> torch.Tensor:
+def memorization_accuracy(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, logits: torch.Tensor | None = None
+) -> torch.Tensor:
     """MA per row: share of t in 1..T_i-1 with argmax p(.|x_<t) == x_t, from one forward pass
     (or the `logits` of one the caller made).
 
@@ -104,6 +110,7 @@ def memorization_accuracy(model: PreTrainedModel, input_ids: torch.Tensor, atten
 
 # --- generation -----------------------------------------------------------------------------
 
+
 def _generation_config(max_new_tokens: int, num_beams: int) -> GenerationConfig:
     """Pure greedy/beam decoding of exactly `max_new_tokens` tokens.
 
@@ -111,15 +118,27 @@ def _generation_config(max_new_tokens: int, num_beams: int) -> GenerationConfig:
     knob that could alter argmax decoding (sampling, penalties, EOS) is set explicitly.
     """
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, min_length=0, do_sample=False, num_beams=num_beams,
-        num_return_sequences=1, length_penalty=1.0, early_stopping=False, repetition_penalty=1.0,
-        no_repeat_ngram_size=0, temperature=1.0, top_k=50, top_p=1.0, use_cache=True,
-        eos_token_id=_NEVER_GENERATED, pad_token_id=_NEVER_GENERATED,
+        max_new_tokens=max_new_tokens,
+        min_length=0,
+        do_sample=False,
+        num_beams=num_beams,
+        num_return_sequences=1,
+        length_penalty=1.0,
+        early_stopping=False,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        temperature=1.0,
+        top_k=50,
+        top_p=1.0,
+        use_cache=True,
+        eos_token_id=_NEVER_GENERATED,
+        pad_token_id=_NEVER_GENERATED,
     )
 
 
-def _generation_batches(order: Sequence[int], lengths: Sequence[int], batch_size: int,
-                        same_length: bool) -> Iterator[list[int]]:
+def _generation_batches(
+    order: Sequence[int], lengths: Sequence[int], batch_size: int, same_length: bool
+) -> Iterator[list[int]]:
     """Consecutive runs of `order`, cut at batch_size and, if asked, wherever the length changes."""
     batch: list[int] = []
     for k in order:
@@ -132,9 +151,16 @@ def _generation_batches(order: Sequence[int], lengths: Sequence[int], batch_size
 
 
 @torch.no_grad()
-def greedy_continuations(model: PreTrainedModel, prompts: Sequence[Sequence[int]],
-                         lengths: Sequence[int], *, num_beams: int = 1, batch_size: int = 64,
-                         sync_calls: SyncCalls | None = None, pad_token_id: int = 0) -> list[list[int]]:
+def greedy_continuations(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    *,
+    num_beams: int = 1,
+    batch_size: int = 64,
+    sync_calls: SyncCalls | None = None,
+    pad_token_id: int = 0,
+) -> list[list[int]]:
     """Exactly lengths[k] greedy (or beam-search) tokens after each prompt, in input order.
 
     Jobs are sorted by (length, prompt length) and run in left-padded, KV-cached batches, so
@@ -149,25 +175,30 @@ def greedy_continuations(model: PreTrainedModel, prompts: Sequence[Sequence[int]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_continuations: every prompt needs at least one token")
     out: list[list[int]] = [[] for _ in prompts]
-    order = sorted((k for k, n in enumerate(lengths) if n > 0),
-                   key=lambda k: (lengths[k], len(prompts[k])), reverse=True)
+    order = sorted(
+        (k for k, n in enumerate(lengths) if n > 0), key=lambda k: (lengths[k], len(prompts[k])), reverse=True
+    )
     synced = sync_calls is not None
     groups = list(_generation_batches(order, lengths, batch_size, same_length=num_beams > 1))
     for group in groups:
         ids, mask = pad_rows([prompts[k] for k in group], pad_token_id, left=True, device=model.device)
         longest = max(lengths[k] for k in group)
-        new = model.generate(input_ids=ids, attention_mask=mask, synced_gpus=synced,
-                             generation_config=_generation_config(longest, num_beams))
-        for k, row in zip(group, new[:, ids.shape[1]:].tolist()):
-            out[k] = row[:lengths[k]]
+        new = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            synced_gpus=synced,
+            generation_config=_generation_config(longest, num_beams),
+        )
+        for k, row in zip(group, new[:, ids.shape[1] :].tolist()):
+            out[k] = row[: lengths[k]]
     for _ in range(sync_calls(len(groups)) - len(groups) if synced else 0):
         ids, mask = pad_rows([[pad_token_id]], pad_token_id, device=model.device)
-        model.generate(input_ids=ids, attention_mask=mask, synced_gpus=True,
-                       generation_config=_generation_config(1, 1))
+        model.generate(input_ids=ids, attention_mask=mask, synced_gpus=True, generation_config=_generation_config(1, 1))
     return out
 
 
 # --- extraction likelihood ------------------------------------------------------------------
+
 
 def el_prompt_lengths(seq_len: int, n: int, prompt_range: PromptRange) -> range:
     """Prompt lengths t scored by EL_n for a sequence of `seq_len` tokens.
@@ -185,15 +216,23 @@ def el_prompt_lengths(seq_len: int, n: int, prompt_range: PromptRange) -> range:
 def _ngram_hit_rate(generated: Sequence[int], truth: Sequence[int], n: int) -> float:
     """Generated n-grams (with multiplicity) found in the SET of true n-grams, over the count of
     true n-grams: the Knowledge Unlearning code's definition, not a clipped BLEU precision."""
-    true_grams = {tuple(truth[j:j + n]) for j in range(len(truth) - n + 1)}
-    hits = sum(tuple(generated[j:j + n]) in true_grams for j in range(len(generated) - n + 1))
+    true_grams = {tuple(truth[j : j + n]) for j in range(len(truth) - n + 1)}
+    hits = sum(tuple(generated[j : j + n]) in true_grams for j in range(len(generated) - n + 1))
     return hits / (len(truth) - n + 1)
 
 
-def extraction_likelihood(model: PreTrainedModel, input_ids: torch.Tensor,
-                          attention_mask: torch.Tensor, n: int = 10,
-                          prompt_range: PromptRange = "icu", *, batch_size: int = 64,
-                          sync_calls: SyncCalls | None = None, pad_token_id: int = 0, out=None) -> torch.Tensor:
+def extraction_likelihood(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n: int = 10,
+    prompt_range: PromptRange = "icu",
+    *,
+    batch_size: int = 64,
+    sync_calls: SyncCalls | None = None,
+    pad_token_id: int = 0,
+    out=None,
+) -> torch.Tensor:
     """EL_n per row: mean over prompt lengths t of the n-gram hit rate of the greedy
     (T_i - t)-token continuation of x_<t against x_>=t (0.0 when no t qualifies).
 
@@ -202,8 +241,7 @@ def extraction_likelihood(model: PreTrainedModel, input_ids: torch.Tensor,
     """
     rows = _unpad(input_ids, attention_mask)
     starts = [list(el_prompt_lengths(len(row), n, prompt_range)) for row in rows]
-    conts, calls = prefix_continuations(model, rows, starts, batch_size=batch_size, pad_token_id=pad_token_id,
-                                        out=out)
+    conts, calls = prefix_continuations(model, rows, starts, batch_size=batch_size, pad_token_id=pad_token_id, out=out)
     scores = []
     for row, ts, gens in zip(rows, starts, conts):
         hits = [_ngram_hit_rate(gen, row[t:], n) for t, gen in zip(ts, gens)]
@@ -214,9 +252,15 @@ def extraction_likelihood(model: PreTrainedModel, input_ids: torch.Tensor,
 
 
 @torch.no_grad()
-def prefix_continuations(model: PreTrainedModel, rows: Sequence[Sequence[int]], starts: Sequence[Sequence[int]],
-                         *, batch_size: int = 64, pad_token_id: int = 0, out=None
-                         ) -> tuple[list[list[list[int]]], int]:
+def prefix_continuations(
+    model: PreTrainedModel,
+    rows: Sequence[Sequence[int]],
+    starts: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 64,
+    pad_token_id: int = 0,
+    out=None,
+) -> tuple[list[list[list[int]]], int]:
     """For each row r and t in starts[r], the greedy continuation of rows[r][:t] to the row's
     length; and the number of forward calls made. Equal to generating from each prompt on
     its own (up to float summation order), at a fraction of the cost:
@@ -240,28 +284,46 @@ def prefix_continuations(model: PreTrainedModel, rows: Sequence[Sequence[int]], 
         return [[] for _ in rows], 0
     slot, calls = {r: r for r in todo}, 0
     if out is None:
-        ids, mask = pad_rows([rows[r][:max(starts[r])] for r in todo], pad_token_id, device=model.device)
+        ids, mask = pad_rows([rows[r][: max(starts[r])] for r in todo], pad_token_id, device=model.device)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         slot, calls = {r: j for j, r in enumerate(todo)}, 1
     pred = out.logits.argmax(-1).tolist()
     first = {r: pred[slot[r]] for r in todo}
     cache = [(layer.keys, layer.values) for layer in out.cache.layers]
     chained = [(r, t) for r in todo for t in starts[r] if t + 1 in set(starts[r]) and first[r][t - 1] == rows[r][t]]
-    jobs = sorted({(r, t) for r in todo for t in starts[r]} - set(chained),
-                  key=lambda job: (len(rows[job[0]]) - job[1], job))  # shortest first: batches shrink sooner
+    jobs = sorted(
+        {(r, t) for r in todo for t in starts[r]} - set(chained), key=lambda job: (len(rows[job[0]]) - job[1], job)
+    )  # shortest first: batches shrink sooner
     conts = {}
     for batch in _chunks(jobs, batch_size):
         needs = [len(rows[r]) - t for r, t in batch]
-        conts.update(zip(batch, _decode_batch(model, cache, [slot[r] for r, _ in batch], [t for _, t in batch],
-                                              [first[r][t - 1] for r, t in batch], needs)))
+        conts.update(
+            zip(
+                batch,
+                _decode_batch(
+                    model,
+                    cache,
+                    [slot[r] for r, _ in batch],
+                    [t for _, t in batch],
+                    [first[r][t - 1] for r, t in batch],
+                    needs,
+                ),
+            )
+        )
         calls += max(needs) - 1
     for r, t in sorted(chained, key=lambda job: -job[1]):
         conts[(r, t)] = [rows[r][t]] + conts[(r, t + 1)]
     return [[conts[(r, t)] for t in starts[r]] for r in range(len(rows))], calls
 
 
-def _decode_batch(model: PreTrainedModel, cache: list[tuple[torch.Tensor, torch.Tensor]], slots: list[int],
-                  starts: list[int], firsts: list[int], needs: list[int]) -> list[list[int]]:
+def _decode_batch(
+    model: PreTrainedModel,
+    cache: list[tuple[torch.Tensor, torch.Tensor]],
+    slots: list[int],
+    starts: list[int],
+    firsts: list[int],
+    needs: list[int],
+) -> list[list[int]]:
     """needs[i] greedy tokens after prompt i: the first `starts[i]` cache entries of row `slots[i]`,
     whose next token is firsts[i]."""
     from transformers import DynamicCache
@@ -282,8 +344,9 @@ def _decode_batch(model: PreTrainedModel, cache: list[tuple[torch.Tensor, torch.
             mask, t, live = mask[index], t[index], [live[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         last = torch.tensor([tokens[i][-1] for i in live], device=device)[:, None]
-        logits = model(input_ids=last, attention_mask=mask, position_ids=(t + step - 1)[:, None], cache=kv,
-                       use_cache=True).logits
+        logits = model(
+            input_ids=last, attention_mask=mask, position_ids=(t + step - 1)[:, None], cache=kv, use_cache=True
+        ).logits
         for i, tok in zip(live, logits[:, -1].argmax(-1).tolist()):
             tokens[i].append(tok)
     return tokens
@@ -293,7 +356,7 @@ def _left_aligned(states: torch.Tensor, slots: list[int], starts: list[int], wid
     """[len(starts), heads, width, dim]: prompt i's first starts[i] entries of row slots[i], at the right end."""
     out = states.new_zeros(len(starts), states.shape[1], width, states.shape[3])
     for i, (row, t) in enumerate(zip(slots, starts)):
-        out[i, :, width - t:] = states[row, :, :t]
+        out[i, :, width - t :] = states[row, :, :t]
     return out
 
 
@@ -305,9 +368,11 @@ def _dummy_forwards(model: PreTrainedModel, count: int, pad_token_id: int) -> No
 
 # --- perplexity -----------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def nll_and_hits(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch_size: int = 8,
-                 pad_token_id: int = 0) -> tuple[torch.Tensor, list[list[bool]]]:
+def nll_and_hits(
+    model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch_size: int = 8, pad_token_id: int = 0
+) -> tuple[torch.Tensor, list[list[bool]]]:
     """From one forward pass per batch: each row's mean token NLL (float64 [N], as `sequence_losses`)
     and, per position t = 0..len-2, whether the greedy prediction from x_<=t is x_{t+1} (the
     positions MA averages over). IUR needs both for the requests and the strangers at every check."""
@@ -322,8 +387,9 @@ def nll_and_hits(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch
     return (torch.cat(losses).cpu() if losses else torch.empty(0, dtype=torch.float64)), hits
 
 
-def nll_and_hits_of(logits: torch.Tensor, input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor) -> tuple[torch.Tensor, list[list[bool]]]:
+def nll_and_hits_of(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, list[list[bool]]]:
     """`nll_and_hits` of one right-padded batch, read off the logits of a pass already made."""
     logits, targets, valid = logits[:, :-1].float(), input_ids[:, 1:], attention_mask[:, 1:].bool()
     nll = _masked_nll(logits, targets, valid).sum(-1).double() / valid.sum(-1).clamp_min(1)
@@ -339,24 +405,30 @@ def extractable_span(hits: Sequence[bool], prefix: int) -> int:
     exactly the run of consecutive hits that starts at hits[t - 1], so one teacher-forced pass
     answers the question for every cut point of the row at once."""
     best = run = 0
-    for hit in hits[max(prefix - 1, 0):]:
+    for hit in hits[max(prefix - 1, 0) :]:
         run = run + 1 if hit else 0
         best = max(best, run)
     return best
 
 
-def sequence_losses(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch_size: int = 8,
-                    pad_token_id: int = 0) -> torch.Tensor:
+def sequence_losses(
+    model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch_size: int = 8, pad_token_id: int = 0
+) -> torch.Tensor:
     """Mean token NLL of each row (every row needs at least 2 tokens), float64 [N]."""
     return nll_and_hits(model, rows, batch_size=batch_size, pad_token_id=pad_token_id)[0]
 
 
 # --- classification -------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def _score_continuations(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
-                         continuations: Sequence[Sequence[int]], batch_size: int,
-                         pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_continuations(
+    model: PreTrainedModel,
+    contexts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    batch_size: int,
+    pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL of each continuation given its context, and whether every continuation token
     is the teacher-forced argmax (i.e. greedy decoding would reproduce it exactly).
 
@@ -389,8 +461,9 @@ def _score_continuations(model: PreTrainedModel, contexts: Sequence[Sequence[int
     return nll_sum, greedy
 
 
-def _after_shared(model: PreTrainedModel, context: Sequence[int], continuations: list[Sequence[int]],
-                  pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _after_shared(
+    model: PreTrainedModel, context: Sequence[int], continuations: list[Sequence[int]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits predicting each continuation token, the tokens, which are real) for continuations
     of one context: the context once, with a KV cache every continuation then reads."""
     device = model.device
@@ -411,32 +484,46 @@ def _span_scores(logits: torch.Tensor, targets: torch.Tensor, span: torch.Tensor
     return (nll.double() * span).sum(-1).cpu(), (hit | ~span).all(-1).cpu()
 
 
-def continuation_nll(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
-                     continuations: Sequence[Sequence[int]], *, batch_size: int = 16,
-                     pad_token_id: int = 0) -> torch.Tensor:
+def continuation_nll(
+    model: PreTrainedModel,
+    contexts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+    pad_token_id: int = 0,
+) -> torch.Tensor:
     """Summed NLL (nats) of each continuation given its context, float64 [N]."""
     return _score_continuations(model, contexts, continuations, batch_size, pad_token_id)[0]
 
 
-def multiple_choice_predictions(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
-                                choices: Sequence[Sequence[Sequence[int]]], *,
-                                batch_size: int = 16, pad_token_id: int = 0) -> list[int]:
+def multiple_choice_predictions(
+    model: PreTrainedModel,
+    contexts: Sequence[Sequence[int]],
+    choices: Sequence[Sequence[Sequence[int]]],
+    *,
+    batch_size: int = 16,
+    pad_token_id: int = 0,
+) -> list[int]:
     """Index of the lowest summed-NLL choice per example (the first one on ties)."""
     flat_ctx = [ctx for ctx, opts in zip(contexts, choices) for _ in opts]
     flat_opt = [opt for opts in choices for opt in opts]
-    nll = continuation_nll(model, flat_ctx, flat_opt, batch_size=batch_size,
-                           pad_token_id=pad_token_id).tolist()
+    nll = continuation_nll(model, flat_ctx, flat_opt, batch_size=batch_size, pad_token_id=pad_token_id).tolist()
     picks, start = [], 0
     for opts in choices:
-        scores = nll[start:start + len(opts)]
+        scores = nll[start : start + len(opts)]
         picks.append(scores.index(min(scores)))
         start += len(opts)
     return picks
 
 
-def greedy_matches(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
-                   targets: Sequence[Sequence[int]], *, batch_size: int = 16,
-                   pad_token_id: int = 0) -> torch.Tensor:
+def greedy_matches(
+    model: PreTrainedModel,
+    contexts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+    pad_token_id: int = 0,
+) -> torch.Tensor:
     """Whether the greedy len(target)-token continuation of each context equals its target.
 
     Greedy decoding reproduces the target iff each target token is the argmax given the
@@ -446,6 +533,7 @@ def greedy_matches(model: PreTrainedModel, contexts: Sequence[Sequence[int]],
 
 
 # --- dialogue -------------------------------------------------------------------------------
+
 
 def _normalize_answer(text: str) -> list[str]:
     """SQuAD/ParlAI normalisation (as in the Knowledge Unlearning code): lower-case, drop
@@ -466,10 +554,17 @@ def unigram_f1(prediction: str, reference: str) -> float:
 
 # --- membership inference -------------------------------------------------------------------
 
+
 @torch.no_grad()
-def mia_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               texts: Sequence[str], *, min_k: float = 0.2, logits: torch.Tensor | None = None
-               ) -> dict[str, torch.Tensor]:
+def mia_scores(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    texts: Sequence[str],
+    *,
+    min_k: float = 0.2,
+    logits: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Membership scores per row, every one oriented so that HIGHER = more likely a member.
 
     - "loss":  -mean token NLL (Yeom et al.).
@@ -485,18 +580,17 @@ def mia_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: 
     if bool((count == 0).any()):
         raise ValueError("mia_scores: every row needs at least 2 tokens")
     mean_nll = nll.sum(-1).double() / count
-    zlib_len = torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in texts],
-                            dtype=torch.float64, device=mean_nll.device)
+    zlib_len = torch.tensor(
+        [len(zlib.compress(t.encode("utf-8"))) for t in texts], dtype=torch.float64, device=mean_nll.device
+    )
     k = (count.double() * min_k).floor().long().clamp_min(1)
     lowest = (-nll).masked_fill(~valid, float("inf")).sort(-1).values  # ascending log-probs
     take = torch.arange(lowest.shape[1], device=lowest.device) < k[:, None]
     min_k_score = lowest.masked_fill(~take, 0.0).sum(-1).double() / k
-    return {"loss": (-mean_nll).cpu(), "zlib": (-mean_nll / zlib_len).cpu(),
-            "min_k": min_k_score.cpu()}
+    return {"loss": (-mean_nll).cpu(), "zlib": (-mean_nll / zlib_len).cpu(), "min_k": min_k_score.cpu()}
 
 
-def auc(member_scores: Sequence[float] | torch.Tensor,
-        nonmember_scores: Sequence[float] | torch.Tensor) -> float:
+def auc(member_scores: Sequence[float] | torch.Tensor, nonmember_scores: Sequence[float] | torch.Tensor) -> float:
     """ROC AUC of separating members (higher scores) from non-members, exactly:
     P(member > non-member) + 1/2 P(tie), the Mann-Whitney U over all pairs."""
     members = torch.as_tensor(member_scores, dtype=torch.float64).flatten()

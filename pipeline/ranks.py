@@ -32,8 +32,11 @@ from pipeline.store import RunStore
 
 # PYTHONWARNINGS: DeepSpeed calls torch's all_gather_into_tensor / reduce_scatter_tensor, which
 # warn (FutureWarning, deprecated) on every call: hundreds of lines in a short run's log.
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-              "PYTHONWARNINGS": "ignore::FutureWarning:torch.distributed.c10d_logger"}
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore::FutureWarning:torch.distributed.c10d_logger",
+}
 
 
 def worker_env(r: ResourcesConfig) -> dict[str, str]:
@@ -70,16 +73,23 @@ def failure_line(exc: BaseException, name: str, store: RunStore, logfile: Path) 
     text = "".join(traceback.format_exception(exc))
     memory = re.search(r"was ([\d.]+)GB used / ([\d.]+)GB limit", text)
     tags = checkpoints.complete_tags(store.artefact("checkpoints")) if name == "unlearning" else []
-    resume = (f"rerunning the same command resumes from checkpoint {tags[0]}" if tags else
-              "rerunning the same command starts them again" + (" (no checkpoint was complete yet)"
-                                                                 if name == "unlearning" else ""))
+    resume = (
+        f"rerunning the same command resumes from checkpoint {tags[0]}"
+        if tags
+        else "rerunning the same command starts them again"
+        + (" (no checkpoint was complete yet)" if name == "unlearning" else "")
+    )
     if memory or "OutOfMemoryError" in text or "SIGKILL" in text or "exit code -9" in text:
         used = f" ({memory[1]} GB used of a {memory[2]} GB limit)" if memory else ""
-        return (f"{name} workers failed: a worker was killed for memory: the node ran out of it{used}; {resume}; fix: "
-                f"free memory on the node, or lower resources.num_workers or unlearning.optim.batch_size (the traceback: "
-                f"{logfile})")
-    return (f"{name} workers failed ({type(exc).__name__}); {resume}; fix: see the error above it in the log and the "
-            f"traceback in {logfile}")
+        return (
+            f"{name} workers failed: a worker was killed for memory: the node ran out of it{used}; {resume}; fix: "
+            f"free memory on the node, or lower resources.num_workers or unlearning.optim.batch_size (the traceback: "
+            f"{logfile})"
+        )
+    return (
+        f"{name} workers failed ({type(exc).__name__}); {resume}; fix: see the error above it in the log and the "
+        f"traceback in {logfile}"
+    )
 
 
 def ray_train(cfg: Config, store: RunStore, module: str, args: list[str], name: str) -> None:
@@ -95,12 +105,18 @@ def ray_train(cfg: Config, store: RunStore, module: str, args: list[str], name: 
         importlib.import_module(module).train_worker,
         train_loop_config={"args": args},
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo", timeout_s=600),
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker},
-                                     placement_strategy=r.placement),
-        run_config=RunConfig(name=name, storage_path=str(store.artefact("ray_train")),
-                             failure_config=FailureConfig(max_failures=r.max_failures),
-                             worker_runtime_env={"env_vars": worker_env(cfg.resources)}),
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers,
+            use_gpu=r.use_gpu,
+            resources_per_worker={"CPU": r.cpus_per_worker},
+            placement_strategy=r.placement,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(store.artefact("ray_train")),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            worker_runtime_env={"env_vars": worker_env(cfg.resources)},
+        ),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -109,12 +125,21 @@ def ray_train(cfg: Config, store: RunStore, module: str, args: list[str], name: 
 
 def torchrun(cfg: Config, store: RunStore, module: str, args: list[str], name: str) -> None:
     """Run the workers as local torchrun processes and wait for them."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={cfg.resources.num_workers}", f"--max-restarts={cfg.resources.max_failures}",
-           "-m", module, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={cfg.resources.num_workers}",
+        f"--max-restarts={cfg.resources.max_failures}",
+        "-m",
+        module,
+        *args,
+    ]
     env = dict(os.environ, **worker_env(cfg.resources))
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun {name} workers exited with code {proc.returncode}")
@@ -125,9 +150,13 @@ def zero_sizes(hidden: int) -> dict[str, int]:
     from the hidden size; the last two bound the gathered parameters kept alive for reuse to
     about one layer (DeepSpeed's default, 1e9 elements, keeps a whole model of up to a billion
     parameters gathered on every rank)."""
-    return {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-            "stage3_param_persistence_threshold": 10 * hidden, "stage3_max_live_parameters": 10 * hidden * hidden,
-            "stage3_max_reuse_distance": 10 * hidden * hidden}
+    return {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+        "stage3_max_live_parameters": 10 * hidden * hidden,
+        "stage3_max_reuse_distance": 10 * hidden * hidden,
+    }
 
 
 def deepspeed_config(cfg: Config, world: int, hidden: int, with_optimizer: bool = True) -> dict:
@@ -142,20 +171,42 @@ def deepspeed_config(cfg: Config, world: int, hidden: int, with_optimizer: bool 
     for key, size in zero_sizes(hidden).items():
         if zero.get(key) == "auto":
             zero[key] = size
-    ds.update(train_micro_batch_size_per_gpu=o.batch_size, gradient_accumulation_steps=1,
-              train_batch_size=o.batch_size * world)
+    ds.update(
+        train_micro_batch_size_per_gpu=o.batch_size,
+        gradient_accumulation_steps=1,
+        train_batch_size=o.batch_size * world,
+    )
     if ds.get("gradient_clipping", "auto") == "auto":  # "auto" (the HF convention) = take the run config's
         ds["gradient_clipping"] = o.grad_clip
     if with_optimizer:
         # on CPU torch's AdamW, fused: one pass over each partition (0.05 s a step for 67M parameters
         # on one core, 0.48 s unfused)
         cpu = not torch.cuda.is_available()
-        ds.setdefault("optimizer", {"type": "AdamW", "params": {
-            "lr": o.lr, "weight_decay": o.weight_decay, "torch_adam": cpu, **({"fused": True} if cpu else {})}})
+        ds.setdefault(
+            "optimizer",
+            {
+                "type": "AdamW",
+                "params": {
+                    "lr": o.lr,
+                    "weight_decay": o.weight_decay,
+                    "torch_adam": cpu,
+                    **({"fused": True} if cpu else {}),
+                },
+            },
+        )
         if o.warmup_steps > 0:
-            ds.setdefault("scheduler", {"type": "WarmupLR", "params": {
-                "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_num_steps": o.warmup_steps,
-                "warmup_type": "linear"}})
+            ds.setdefault(
+                "scheduler",
+                {
+                    "type": "WarmupLR",
+                    "params": {
+                        "warmup_min_lr": 0.0,
+                        "warmup_max_lr": o.lr,
+                        "warmup_num_steps": o.warmup_steps,
+                        "warmup_type": "linear",
+                    },
+                },
+            )
     else:
         ds.pop("optimizer", None)
         ds.pop("scheduler", None)
@@ -224,4 +275,3 @@ def main(entry: Callable[[dict], None], usage: str, nargs: int, argv: list[str] 
     dist.barrier()
     dist.destroy_process_group()
     return 0
-

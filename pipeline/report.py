@@ -63,40 +63,59 @@ def paper_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, results: dict[str, Any], samples: pd.DataFrame,
-                 training: tuple[Path, Path] | None = None) -> Path:
+def write_report(
+    out: Path, results: dict[str, Any], samples: pd.DataFrame, training: tuple[Path, Path] | None = None
+) -> Path:
     """report.md next to its PNG plots; `training`: the unlearn stage's (history, epochs) files."""
     parts = ["# Evaluation report", "", paper_table(results), ""]
     thr = results.get("thresholds")
     if thr:
-        parts += [f"Forgetting thresholds (the original model's on unseen text, `evaluation.unseen_path`): mean MA "
-                  f"{thr['ma']:.3f}, mean EL10 {thr['el']:.4f}, longest extractable span {thr.get('span', math.inf):g} "
-                  "tokens. EL10 uses the ICU prompt range (t = 0.75T..T-1). Span: the longest run of a row's tokens "
-                  "greedy decoding reproduces from the row's own text up to any position after its first prompt window "
-                  "(the whole request is checked); Below thr. counts requests at or below all three. Kept whole: the "
-                  "kept rows the model reproduces whole from their first prompt window. BERTScore-F1 runs on "
-                  "all-MiniLM-L6-v2 token embeddings (bert-base-uncased is not available offline).", ""]
+        parts += [
+            f"Forgetting thresholds (the original model's on unseen text, `evaluation.unseen_path`): mean MA "
+            f"{thr['ma']:.3f}, mean EL10 {thr['el']:.4f}, longest extractable span {thr.get('span', math.inf):g} "
+            "tokens. EL10 uses the ICU prompt range (t = 0.75T..T-1). Span: the longest run of a row's tokens "
+            "greedy decoding reproduces from the row's own text up to any position after its first prompt window "
+            "(the whole request is checked); Below thr. counts requests at or below all three. Kept whole: the "
+            "kept rows the model reproduces whole from their first prompt window. BERTScore-F1 runs on "
+            "all-MiniLM-L6-v2 token embeddings (bert-base-uncased is not available offline).",
+            "",
+        ]
     if "retrained" in results["models"]:
-        parts += ["The retrained model (`evaluation.reference_model`: the same base trained without the requests) is "
-                  "what a perfect unlearner would give: PrivLeak is MUSE's (AUC unlearned - AUC retrained) / AUC "
-                  "retrained, requests against the never-seen rows (MUSE passes within ±5 %), and its kept rows are the "
-                  "ceiling of what unlearning can keep.", ""]
+        parts += [
+            "The retrained model (`evaluation.reference_model`: the same base trained without the requests) is "
+            "what a perfect unlearner would give: PrivLeak is MUSE's (AUC unlearned - AUC retrained) / AUC "
+            "retrained, requests against the never-seen rows (MUSE passes within ±5 %), and its kept rows are the "
+            "ceiling of what unlearning can keep.",
+            "",
+        ]
     u = results.get("unlearn") or {}
     if u:
-        parts += [f"Unlearning: method {u.get('method')}, {u.get('forgotten')}/{u.get('requests')} requests flagged "
-                  f"forgotten by IUR after {u.get('epochs')} epochs (stopped: {u.get('stop_reason')}).", ""]
+        parts += [
+            f"Unlearning: method {u.get('method')}, {u.get('forgotten')}/{u.get('requests')} requests flagged "
+            f"forgotten by IUR after {u.get('epochs')} epochs (stopped: {u.get('stop_reason')}).",
+            "",
+        ]
         if u.get("neighbour_ma"):
             curve = ", ".join(f"{m:.3f}" for m in u["neighbour_ma"])
-            parts += [f"Neighbours' MA at each check (`unlearning.stop.recover_within`; the first is the original's): "
-                      f"{curve}.", ""]
+            parts += [
+                f"Neighbours' MA at each check (`unlearning.stop.recover_within`; the first is the original's): "
+                f"{curve}.",
+                "",
+            ]
         if u.get("set_auc"):
             curve = ", ".join(f"{a:.3f}" for a in u["set_auc"])
-            parts += [f"The requests' LOSS membership AUC against the strangers the checks measure (`unlearning."
-                      f"check.strangers_path`; 0.5 = told apart no better than chance) at each check: {curve}.", ""]
+            parts += [
+                f"The requests' LOSS membership AUC against the strangers the checks measure (`unlearning."
+                f"check.strangers_path`; 0.5 = told apart no better than chance) at each check: {curve}.",
+                "",
+            ]
     for suite, c in (results.get("paired_change") or {}).items():
-        parts += [f"{suite.capitalize()}: unlearned minus original {c['change']:+.1f} points (standard error "
-                  f"{c['se']:.1f}; paired, the same {c['examples']} examples over {c['tasks']} tasks). "
-                  f"{_resolution(suite, c)}", ""]
+        parts += [
+            f"{suite.capitalize()}: unlearned minus original {c['change']:+.1f} points (standard error "
+            f"{c['se']:.1f}; paired, the same {c['examples']} examples over {c['tasks']} tasks). "
+            f"{_resolution(suite, c)}",
+            "",
+        ]
     parts += _task_tables(results)
     for png, caption in _plots(out, results, samples, training or (None, None)):
         parts += [f"![{caption}]({png.name})", ""]
@@ -113,8 +132,12 @@ def _resolution(suite: str, change: dict[str, float]) -> str:
         verdict = "Within two standard errors of 0: at this size it is not told apart from no change"
     else:
         verdict = "More than two standard errors from 0: a change"
-    more = (f"; to tell 2 points apart it needs about {math.ceil(change['examples'] * change['se'] ** 2)} examples"
-            f" (`bench/classification_power.py` scores more)" if change["se"] > 1 and suite == "classification" else "")
+    more = (
+        f"; to tell 2 points apart it needs about {math.ceil(change['examples'] * change['se'] ** 2)} examples"
+        f" (`bench/classification_power.py` scores more)"
+        if change["se"] > 1 and suite == "classification"
+        else ""
+    )
     return verdict + more + "."
 
 
@@ -125,17 +148,25 @@ def _task_tables(results: dict[str, Any]) -> list[str]:
         if not tasks:
             continue
         labels = list(results["models"])
-        lines += [f"## {suite.capitalize()} ({unit})", "", "| Task | " + " | ".join(labels) + " |",
-                  "|" + "---|" * (len(labels) + 1)]
+        lines += [
+            f"## {suite.capitalize()} ({unit})",
+            "",
+            "| Task | " + " | ".join(labels) + " |",
+            "|" + "---|" * (len(labels) + 1),
+        ]
         for task in tasks:
-            lines.append(f"| {task} | " + " | ".join(
-                f"{results['models'][lab].get(suite, {}).get(task, math.nan):.1f}" for lab in labels) + " |")
+            lines.append(
+                f"| {task} | "
+                + " | ".join(f"{results['models'][lab].get(suite, {}).get(task, math.nan):.1f}" for lab in labels)
+                + " |"
+            )
         lines.append("")
     return lines
 
 
-def _plots(out: Path, results: dict[str, Any], samples: pd.DataFrame,
-           training: tuple[Path | None, Path | None]) -> list[tuple[Path, str]]:
+def _plots(
+    out: Path, results: dict[str, Any], samples: pd.DataFrame, training: tuple[Path | None, Path | None]
+) -> list[tuple[Path, str]]:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -38,18 +38,38 @@ import torch
 from tqdm import tqdm
 
 from pipeline import cluster, modeling, suites
-from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text, check_records, file_digest, \
-    file_records, sha256_file
+from pipeline.atomic import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    check_records,
+    file_digest,
+    file_records,
+    sha256_file,
+)
 from pipeline.config import Config, RequestsConfig
 from pipeline.errors import UserError
 from pipeline.ingest import read_rows
 from pipeline.store import RunStore, fingerprint
 
 log = logging.getLogger("icu.retrieve")
-OUTPUTS = ("neighbours", "retain_items", "general_items", "retrieval_stats", "pool")  # the pool: checked, so damage is re-made
+OUTPUTS = (
+    "neighbours",
+    "retain_items",
+    "general_items",
+    "retrieval_stats",
+    "pool",
+)  # the pool: checked, so damage is re-made
 
-ITEM_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("input_ids", pa.list_(pa.int32())),
-                         ("shard", pa.int32()), ("pos", pa.int32())])
+ITEM_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("shard", pa.int32()),
+        ("pos", pa.int32()),
+    ]
+)
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
@@ -69,8 +89,10 @@ def _read_source(p: Path, name: str, text_column: str) -> Iterator[tuple[str, st
     if p.is_dir() and not (p / "state.json").exists() and not (p / "dataset_dict.json").exists():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
         if not files:
-            raise UserError(f"retain.paths: {p} holds no dataset and no {'/'.join(TEXT_SUFFIXES)} files; "
-                            "fix: point it at a data file, a saved dataset or a folder of text files")
+            raise UserError(
+                f"retain.paths: {p} holds no dataset and no {'/'.join(TEXT_SUFFIXES)} files; "
+                "fix: point it at a data file, a saved dataset or a folder of text files"
+            )
         for f in files:
             yield f"{name}/{f.relative_to(p)}", f.read_text(encoding="utf-8", errors="replace")
         return
@@ -80,8 +102,7 @@ def _read_source(p: Path, name: str, text_column: str) -> Iterator[tuple[str, st
             text = row.text if row.problem is None and isinstance(row.text, str) else None
             yield f"{name}:{row.row}", text
     except UserError as exc:  # the reader speaks of requests.*; here the file is a retain source
-        raise UserError(str(exc).replace("requests.path", "retain.paths").replace("requests.", "retain.")) \
-            from None
+        raise UserError(str(exc).replace("requests.path", "retain.paths").replace("requests.", "retain.")) from None
 
 
 def source_names(paths: list[str]) -> list[str]:
@@ -104,8 +125,10 @@ def chunk_pool(cfg: Config, tokenizer, out: Path, chunk_tokens: int, shard_rows:
         _write_items(out, counts, shard)
     counts["records"] = [file_records(items_path(out, s))["."] for s in range(counts["shards"])]
     if counts["items"] == 0:
-        raise UserError("retain.paths: the retain pool has no usable text; fix: add retain files with a "
-                        f"'{cfg.retain.text_column}' column (or set retain.text_column)")
+        raise UserError(
+            "retain.paths: the retain pool has no usable text; fix: add retain files with a "
+            f"'{cfg.retain.text_column}' column (or set retain.text_column)"
+        )
     return counts
 
 
@@ -113,8 +136,10 @@ def _chunks(cfg: Config, tokenizer, chunk_tokens: int, counts: dict) -> Iterator
     """The sources' chunks taken in turn, one from each source while it has any, so that
     `retain.max_items` cuts every source alike instead of leaving the last ones out."""
     bar = tqdm(desc="retain pool", unit=" rows", disable=None)
-    streams = [_source_chunks(rows, tokenizer, chunk_tokens, counts, bar)
-               for rows in read_pool(cfg.retain.paths, cfg.retain.text_column)]
+    streams = [
+        _source_chunks(rows, tokenizer, chunk_tokens, counts, bar)
+        for rows in read_pool(cfg.retain.paths, cfg.retain.text_column)
+    ]
     while streams:
         for stream in list(streams):
             item = next(stream, None)
@@ -136,15 +161,22 @@ def _source_chunks(rows: Iterator[tuple[str, str]], tokenizer, chunk_tokens: int
         if not ids:
             counts["empty_rows"] += 1
         for c, start in enumerate(range(0, len(ids), chunk_tokens)):
-            piece = ids[start:start + chunk_tokens]
+            piece = ids[start : start + chunk_tokens]
             yield {"id": f"{key}:{c}", "text": tokenizer.decode(piece), "input_ids": piece}
 
 
 def _write_items(out: Path, counts: dict, rows: list[dict]) -> None:
     shard = counts["shards"]
-    table = pa.table({"id": [r["id"] for r in rows], "text": [r["text"] for r in rows],
-                      "input_ids": [r["input_ids"] for r in rows], "shard": [shard] * len(rows),
-                      "pos": list(range(len(rows)))}, schema=ITEM_SCHEMA)
+    table = pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "text": [r["text"] for r in rows],
+            "input_ids": [r["input_ids"] for r in rows],
+            "shard": [shard] * len(rows),
+            "pos": list(range(len(rows))),
+        },
+        schema=ITEM_SCHEMA,
+    )
     with atomic_path(items_path(out, shard)) as tmp:
         pq.write_table(table, tmp)
     counts["shards"] += 1
@@ -163,11 +195,16 @@ def emb_path(pool: Path, shard: int) -> Path:
 def embedder_spec(cfg: Config) -> dict[str, Any]:
     """Everything an embedding actor needs to build its embedder (plain data: it is shipped to Ray)."""
     kind = cfg.retrieval.embedder
-    spec = {"kind": kind, "batch_size": cfg.retrieval.batch_size,
-            "device": "cuda" if cfg.resources.use_gpu else "cpu", "cpus": cfg.resources.cpus_per_worker}
+    spec = {
+        "kind": kind,
+        "batch_size": cfg.retrieval.batch_size,
+        "device": "cuda" if cfg.resources.use_gpu else "cpu",
+        "cpus": cfg.resources.cpus_per_worker,
+    }
     if kind == "lm":
-        spec.update(model_dir=str(cfg.model_dir), trust_remote_code=cfg.model.trust_remote_code,
-                    max_length=chunk_length(cfg))
+        spec.update(
+            model_dir=str(cfg.model_dir), trust_remote_code=cfg.model.trust_remote_code, max_length=chunk_length(cfg)
+        )
     return spec
 
 
@@ -180,8 +217,9 @@ def make_embedder(spec: dict[str, Any]):
         tokenizer = modeling.load_tokenizer(model_dir, spec["trust_remote_code"])
         model = modeling.load_model(model_dir, trust_remote_code=spec["trust_remote_code"]).to(spec["device"])
         return LMEmbedder(model, tokenizer, max_length=spec["max_length"], batch_size=spec["batch_size"])
-    return SentenceEmbedder(None if spec["kind"] == "minilm" else spec["kind"], device=spec["device"],
-                            batch_size=spec["batch_size"])
+    return SentenceEmbedder(
+        None if spec["kind"] == "minilm" else spec["kind"], device=spec["device"], batch_size=spec["batch_size"]
+    )
 
 
 class EmbedActor:
@@ -193,12 +231,16 @@ class EmbedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         table = pa.concat_tables([pq.read_table(p, columns=["text", "shard", "pos"]) for p in batch["path"]])
-        return {"shard": table["shard"].to_numpy(), "pos": table["pos"].to_numpy(),
-                "embedding": self.embedder.embed(table["text"].to_pylist())}
+        return {
+            "shard": table["shard"].to_numpy(),
+            "pos": table["pos"].to_numpy(),
+            "embedding": self.embedder.embed(table["text"].to_pylist()),
+        }
 
 
-def embed_shards(pool: Path, shards: list[int], spec: dict[str, Any], use_ray: bool, actors: int = 1,
-                 on_count=None) -> None:
+def embed_shards(
+    pool: Path, shards: list[int], spec: dict[str, Any], use_ray: bool, actors: int = 1, on_count=None
+) -> None:
     """Embed the given items shards into emb files; `on_count(n)` is told how many have landed."""
     if not shards:
         return
@@ -222,8 +264,14 @@ def _embed_with_ray(pool: Path, shards: list[int], spec: dict[str, Any], actors:
     """Ray Data: embed the items shards on an actor pool; write each shard once all its rows are back."""
     sizes = {s: pq.ParquetFile(items_path(pool, s)).metadata.num_rows for s in shards}
     # A whole shard per call lands shards early (the unit of resume).
-    batches = cluster.actor_pool_map(EmbedActor, spec, [{"path": str(items_path(pool, s))} for s in shards], actors,
-                                     spec["cpus"], 1 if spec["device"] == "cuda" else 0)
+    batches = cluster.actor_pool_map(
+        EmbedActor,
+        spec,
+        [{"path": str(items_path(pool, s))} for s in shards],
+        actors,
+        spec["cpus"],
+        1 if spec["device"] == "cuda" else 0,
+    )
     parts: dict[int, dict[int, np.ndarray]] = {s: {} for s in shards}
     for batch in batches:
         for shard, pos, vec in zip(batch["shard"], batch["pos"], batch["embedding"]):
@@ -259,8 +307,10 @@ def missing_shards(pool: Path, counts: dict[str, Any]) -> list[int]:
         except (OSError, ValueError):
             missing.append(s)
             continue
-        if record["items_sha256"] != counts["records"][s][1] or \
-                check_records(emb_path(pool, s), {".": record["emb"]}) is not None:
+        if (
+            record["items_sha256"] != counts["records"][s][1]
+            or check_records(emb_path(pool, s), {".": record["emb"]}) is not None
+        ):
             missing.append(s)
     return missing
 
@@ -305,11 +355,22 @@ def build_pool(cfg: Config, store: RunStore) -> dict[str, Any]:
         atomic_write_json(pool / "counts.json", counts)
         atomic_write_text(stamp, pool_key)
     todo = missing_shards(pool, counts)
-    log.info("retrieve: pool of %d items in %d shards; %d already embedded, %d to embed", counts["items"],
-             counts["shards"], counts["shards"] - len(todo), len(todo))
+    log.info(
+        "retrieve: pool of %d items in %d shards; %d already embedded, %d to embed",
+        counts["items"],
+        counts["shards"],
+        counts["shards"] - len(todo),
+        len(todo),
+    )
     done = counts["shards"] - len(todo)
-    embed_shards(pool, todo, embedder_spec(cfg), cluster.use_ray(cfg), cfg.resources.embed_actors,
-                 lambda n: store.progress("retrieve", done + n, counts["shards"], "embedding shards"))
+    embed_shards(
+        pool,
+        todo,
+        embedder_spec(cfg),
+        cluster.use_ray(cfg),
+        cfg.resources.embed_actors,
+        lambda n: store.progress("retrieve", done + n, counts["shards"], "embedding shards"),
+    )
     return counts
 
 
@@ -340,39 +401,73 @@ def find_request_neighbours(cfg: Config, store: RunStore, counts: dict[str, Any]
     pool = store.artefact("pool")
     requests = pd.read_parquet(store.artefact("accepted"), columns=["id", "text"])
     if requests.empty:
-        raise UserError("retrieve: no accepted requests to find neighbours for; fix: see "
-                        "requests/rejected.parquet for why every row was rejected")
+        raise UserError(
+            "retrieve: no accepted requests to find neighbours for; fix: see "
+            "requests/rejected.parquet for why every row was rejected"
+        )
     vectors, pool_ids, pool_texts = load_pool(pool, counts["shards"])
     request_vecs = make_embedder(embedder_spec(cfg)).embed(requests["text"].tolist())
     r = cfg.retrieval
     k = min(r.k, len(pool_ids))
     spec = IndexSpec(kind="auto" if r.index == "auto" else r.index, exact_max=r.exact_max)
-    table, stats = find_neighbours(request_vecs, requests["id"].tolist(), vectors, pool_ids, k=k, index_spec=spec,
-                                   leak_threshold=r.leak_threshold, request_texts=requests["text"].tolist(),
-                                   pool_texts=pool_texts, ngram_threshold=r.ngram_threshold,
-                                   n_shards=r.index_shards, use_ray=cluster.use_ray(cfg))
+    table, stats = find_neighbours(
+        request_vecs,
+        requests["id"].tolist(),
+        vectors,
+        pool_ids,
+        k=k,
+        index_spec=spec,
+        leak_threshold=r.leak_threshold,
+        request_texts=requests["text"].tolist(),
+        pool_texts=pool_texts,
+        ngram_threshold=r.ngram_threshold,
+        n_shards=r.index_shards,
+        use_ray=cluster.use_ray(cfg),
+    )
     with atomic_path(store.artefact("neighbours")) as tmp:
         table.to_parquet(tmp, index=False)
     names = source_names(cfg.retain.paths)
-    general = [pool_ids[i] for i in general_rows(
-        request_vecs, requests["id"].tolist(), requests["text"].tolist(), vectors, pool_ids, pool_texts,
-        [source_of(str(pid), names) for pid in pool_ids],
-        r.general_per_source, exclude=table[table["rank"] < r.pairs_per_request]["neighbour_id"].unique(),
-        leak_threshold=r.leak_threshold, ngram_threshold=r.ngram_threshold,
-        held_out=suites.held_out_texts(cfg, modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code))
-        if r.general_per_source else ())]
+    general = [
+        pool_ids[i]
+        for i in general_rows(
+            request_vecs,
+            requests["id"].tolist(),
+            requests["text"].tolist(),
+            vectors,
+            pool_ids,
+            pool_texts,
+            [source_of(str(pid), names) for pid in pool_ids],
+            r.general_per_source,
+            exclude=table[table["rank"] < r.pairs_per_request]["neighbour_id"].unique(),
+            leak_threshold=r.leak_threshold,
+            ngram_threshold=r.ngram_threshold,
+            held_out=suites.held_out_texts(cfg, modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code))
+            if r.general_per_source
+            else (),
+        )
+    ]
     for name, ids in (("retain_items", table["neighbour_id"].unique()), ("general_items", general)):
         wanted = pa.array(ids, type=pa.string())
         with atomic_path(store.artefact(name)) as tmp:
-            pq.write_table(pa.concat_tables([_rows_with_ids(items_path(pool, s), wanted)
-                                             for s in range(counts["shards"])]), tmp)
-    stats = {**stats, "pool_counts": {k: v for k, v in counts.items() if k != "records"},
-             "requests_without_neighbours": sorted(set(requests["id"]) - set(table["request_id"])),
-             "general_items": len(general)}
+            pq.write_table(
+                pa.concat_tables([_rows_with_ids(items_path(pool, s), wanted) for s in range(counts["shards"])]), tmp
+            )
+    stats = {
+        **stats,
+        "pool_counts": {k: v for k, v in counts.items() if k != "records"},
+        "requests_without_neighbours": sorted(set(requests["id"]) - set(table["request_id"])),
+        "general_items": len(general),
+    }
     atomic_write_json(store.artefact("retrieval_stats"), stats)
-    return {"requests": len(requests), "pool_items": len(pool_ids), "k": k, "index": stats["index"]["kind"],
-            "excluded_by_leak_guard": stats["excluded_count"], "short_of_k": stats["short_count"],
-            "median_score": stats["score_percentiles"].get("p50")}
+    return {
+        "requests": len(requests),
+        "pool_items": len(pool_ids),
+        "k": k,
+        "index": stats["index"]["kind"],
+        "excluded_by_leak_guard": stats["excluded_count"],
+        "short_of_k": stats["short_count"],
+        "median_score": stats["score_percentiles"].get("p50"),
+    }
 
 
 def _rows_with_ids(path: Path, ids: pa.Array) -> pa.Table:
@@ -383,26 +478,43 @@ def _rows_with_ids(path: Path, ids: pa.Array) -> pa.Table:
 def pool_fingerprint_parts(cfg: Config) -> list[Any]:
     """What the pool shards depend on: the retain sources, the chunking tokenizer (the model
     folder's weights signature, as ingest's key), the embedder."""
-    return [cfg.part("retain"), chunk_length(cfg), modeling.weights_signature(cfg.model_dir), embedder_spec(cfg),
-            cfg.retrieval.shard_rows, [file_digest(p) for p in cfg.retain.paths]]
+    return [
+        cfg.part("retain"),
+        chunk_length(cfg),
+        modeling.weights_signature(cfg.model_dir),
+        embedder_spec(cfg),
+        cfg.retrieval.shard_rows,
+        [file_digest(p) for p in cfg.retain.paths],
+    ]
 
 
 def key(cfg: Config, store: RunStore) -> str:
     """The pool's inputs, the retrieval settings, the requests, and (for the general rows, which
     keep out what the evaluation measures perplexity on) the evaluation's ppl settings."""
     e = cfg.evaluation
-    held_out = [cfg.part("evaluation")[0]["data_dir"], e.ppl_chunk, e.max_samples.get("ppl"), "ppl" in e.suites] \
-        if cfg.retrieval.general_per_source else None
+    held_out = (
+        [cfg.part("evaluation")[0]["data_dir"], e.ppl_chunk, e.max_samples.get("ppl"), "ppl" in e.suites]
+        if cfg.retrieval.general_per_source
+        else None
+    )
     return fingerprint("retrieve", pool_fingerprint_parts(cfg), cfg.part("retrieval"), held_out, store.key_of("ingest"))
 
 
 def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     """Find each accepted request's retain neighbours (`neighbours`, `retain_items`, `retrieval_stats`)."""
     if not cfg.retain.paths:
-        raise UserError("retain.paths: empty, but ICU needs retain text to pair with every request; fix: "
-                        "list retain files (jsonl, csv, parquet, a saved dataset or a folder of .txt files)")
+        raise UserError(
+            "retain.paths: empty, but ICU needs retain text to pair with every request; fix: "
+            "list retain files (jsonl, csv, parquet, a saved dataset or a folder of .txt files)"
+        )
     summary = find_request_neighbours(cfg, store, build_pool(cfg, store))
-    log.info("retrieve: %d requests, pool %d items, %s index; %d pool items excluded by the leak guard, "
-             "%d requests short of k", summary["requests"], summary["pool_items"], summary["index"],
-             summary["excluded_by_leak_guard"], summary["short_of_k"])
+    log.info(
+        "retrieve: %d requests, pool %d items, %s index; %d pool items excluded by the leak guard, "
+        "%d requests short of k",
+        summary["requests"],
+        summary["pool_items"],
+        summary["index"],
+        summary["excluded_by_leak_guard"],
+        summary["short_of_k"],
+    )
     return summary

@@ -31,6 +31,7 @@ COLUMNS = ["suite", "task", "sample_id", "metric", "value"]
 @dataclass(frozen=True)
 class Options:
     """How examples are scored; the same for every model of a run."""
+
     el_n: int = 10
     el_range: str = "icu"
     batch_size: int = 8
@@ -40,8 +41,11 @@ class Options:
 
 
 def make_units(tasks: list[Task], unit_size: int = UNIT_SIZE) -> list[dict[str, Any]]:
-    return [{"suite": t.suite, "task": t.name, "kind": t.kind, "examples": t.examples[s:s + unit_size]}
-            for t in tasks for s in range(0, len(t.examples), unit_size)]
+    return [
+        {"suite": t.suite, "task": t.name, "kind": t.kind, "examples": t.examples[s : s + unit_size]}
+        for t in tasks
+        for s in range(0, len(t.examples), unit_size)
+    ]
 
 
 class Scorer:
@@ -62,49 +66,87 @@ class Scorer:
 
     def score(self, unit: dict[str, Any]) -> list[dict[str, Any]]:
         values = getattr(self, f"_{unit['kind']}")(unit["examples"])
-        return [{"suite": unit["suite"], "task": unit["task"], "sample_id": ex["id"], "metric": name,
-                 "value": float(v)}
-                for ex, scores in zip(unit["examples"], values) for name, v in scores.items()]
+        return [
+            {"suite": unit["suite"], "task": unit["task"], "sample_id": ex["id"], "metric": name, "value": float(v)}
+            for ex, scores in zip(unit["examples"], values)
+            for name, v in scores.items()
+        ]
 
     @torch.no_grad()
     def _requests(self, examples: list[dict]) -> list[dict[str, float]]:
         """Erasure requests: IUR's scores (generation similarity, MA, EL, span) and membership scores."""
         o = self.opt
-        return _scalars(score_requests(
-            self.model, self.tok, [self.requests[ex["row"]] for ex in examples], prefix=o.prefix, suffix=o.suffix,
-            num_beams=o.num_beams, el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size, scorer=self.bert, mia=True))
+        return _scalars(
+            score_requests(
+                self.model,
+                self.tok,
+                [self.requests[ex["row"]] for ex in examples],
+                prefix=o.prefix,
+                suffix=o.suffix,
+                num_beams=o.num_beams,
+                el_n=o.el_n,
+                el_range=o.el_range,
+                batch_size=o.batch_size,
+                scorer=self.bert,
+                mia=True,
+            )
+        )
 
     def _memorization(self, examples: list[dict]) -> list[dict[str, float]]:
         """Unseen or kept text: MA, EL and span (the forgetting thresholds) and membership scores."""
         o, rows = self.opt, [ex["ids"] for ex in examples]
-        return _scalars(memorization(self.model, rows, el_n=o.el_n, el_range=o.el_range, batch_size=o.batch_size,
-                                     pad_id=self.tok.pad_token_id, prefix=o.prefix,
-                                     texts=[self.tok.decode(r, skip_special_tokens=True) for r in rows]))
+        return _scalars(
+            memorization(
+                self.model,
+                rows,
+                el_n=o.el_n,
+                el_range=o.el_range,
+                batch_size=o.batch_size,
+                pad_id=self.tok.pad_token_id,
+                prefix=o.prefix,
+                texts=[self.tok.decode(r, skip_special_tokens=True) for r in rows],
+            )
+        )
 
     def _ppl(self, examples: list[dict]) -> list[dict[str, float]]:
         rows = [ex["ids"] for ex in examples]
-        losses = metrics.sequence_losses(self.model, rows, batch_size=self.opt.batch_size,
-                                         pad_token_id=self.tok.pad_token_id)
+        losses = metrics.sequence_losses(
+            self.model, rows, batch_size=self.opt.batch_size, pad_token_id=self.tok.pad_token_id
+        )
         return [{"loss": float(loss), "tokens": len(r) - 1} for loss, r in zip(losses, rows)]
 
     def _choice(self, examples: list[dict]) -> list[dict[str, float]]:
         picks = metrics.multiple_choice_predictions(
-            self.model, [ex["context"] for ex in examples], [ex["choices"] for ex in examples],
-            batch_size=self.opt.batch_size, pad_token_id=self.tok.pad_token_id)
+            self.model,
+            [ex["context"] for ex in examples],
+            [ex["choices"] for ex in examples],
+            batch_size=self.opt.batch_size,
+            pad_token_id=self.tok.pad_token_id,
+        )
         return [{"correct": float(p == ex["label"])} for p, ex in zip(picks, examples)]
 
     def _lambada(self, examples: list[dict]) -> list[dict[str, float]]:
-        hits = metrics.greedy_matches(self.model, [ex["context"] for ex in examples],
-                                      [ex["target"] for ex in examples], batch_size=self.opt.batch_size,
-                                      pad_token_id=self.tok.pad_token_id)
+        hits = metrics.greedy_matches(
+            self.model,
+            [ex["context"] for ex in examples],
+            [ex["target"] for ex in examples],
+            batch_size=self.opt.batch_size,
+            pad_token_id=self.tok.pad_token_id,
+        )
         return [{"correct": float(h)} for h in hits]
 
     def _dialogue(self, examples: list[dict]) -> list[dict[str, float]]:
         replies = metrics.greedy_continuations(
-            self.model, [ex["context"] for ex in examples], [REPLY_TOKENS] * len(examples),
-            batch_size=self.opt.batch_size, pad_token_id=self.tok.pad_token_id)
-        return [{"f1": metrics.unigram_f1(cut_reply(self.tok.decode(r, skip_special_tokens=True)), ex["reference"])}
-                for r, ex in zip(replies, examples)]
+            self.model,
+            [ex["context"] for ex in examples],
+            [REPLY_TOKENS] * len(examples),
+            batch_size=self.opt.batch_size,
+            pad_token_id=self.tok.pad_token_id,
+        )
+        return [
+            {"f1": metrics.unigram_f1(cut_reply(self.tok.decode(r, skip_special_tokens=True)), ex["reference"])}
+            for r, ex in zip(replies, examples)
+        ]
 
 
 def _scalars(records: list[dict]) -> list[dict[str, float]]:
@@ -144,8 +186,9 @@ def request_rows(spec: dict[str, Any]) -> list[list[int]] | None:
     return [list(map(int, r)) for r in pd.read_parquet(spec["requests"], columns=["input_ids"])["input_ids"]]
 
 
-def score_model(spec: dict[str, Any], units: list[dict[str, Any]], actors: int, use_ray: bool = True,
-                desc: str = "evaluating") -> pd.DataFrame:
+def score_model(
+    spec: dict[str, Any], units: list[dict[str, Any]], actors: int, use_ray: bool = True, desc: str = "evaluating"
+) -> pd.DataFrame:
     """Score every unit with the model of `spec` on `actors` replicas (or in this process)."""
     bar = cluster.Progress(desc, len(units), "units")
     rows = []
@@ -155,8 +198,14 @@ def score_model(spec: dict[str, Any], units: list[dict[str, Any]], actors: int, 
             rows += scorer.score(unit)
             bar.update()
     else:
-        for batch in cluster.actor_pool_map(EvalActor, spec, [{"unit": json.dumps(u)} for u in units], actors,
-                                            spec["cpus"], 1 if spec["device"] == "cuda" else 0):
+        for batch in cluster.actor_pool_map(
+            EvalActor,
+            spec,
+            [{"unit": json.dumps(u)} for u in units],
+            actors,
+            spec["cpus"],
+            1 if spec["device"] == "cuda" else 0,
+        ):
             for chunk in batch["rows"]:
                 rows += json.loads(chunk)
                 bar.update()
@@ -170,10 +219,24 @@ def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame.sort_values(["suite", "task", "sample_id", "metric"], kind="stable", ignore_index=True)
 
 
-def model_spec(model_dir: str | Path, options: Options, *, dtype: str = "auto", trust_remote_code: bool = False,
-               cpus: float = 1.0, use_gpu: bool = False, requests: str | Path | None = None) -> dict[str, Any]:
+def model_spec(
+    model_dir: str | Path,
+    options: Options,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    cpus: float = 1.0,
+    use_gpu: bool = False,
+    requests: str | Path | None = None,
+) -> dict[str, Any]:
     """What a replica needs; `requests`: a parquet file of the requests' `input_ids` (the run's accepted
     requests), which the forget units name by row."""
-    return {"model_dir": str(model_dir), "dtype": dtype, "trust_remote_code": trust_remote_code, "cpus": cpus,
-            "device": "cuda" if use_gpu else "cpu", "options": options.__dict__,
-            "requests": None if requests is None else str(requests)}
+    return {
+        "model_dir": str(model_dir),
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+        "cpus": cpus,
+        "device": "cuda" if use_gpu else "cpu",
+        "options": options.__dict__,
+        "requests": None if requests is None else str(requests),
+    }

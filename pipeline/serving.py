@@ -48,6 +48,7 @@ SERVED_NAME = "handoff"
 @dataclass
 class Expected:
     """What the audit's greedy probe sees for one row: its continuation, their logprobs, its span."""
+
     group: str
     row_id: str
     prompt: list[int]
@@ -57,33 +58,50 @@ class Expected:
 
 
 @torch.no_grad()
-def expected(model, rows: list[tuple[str, str, list[int]]], prefix: int, window: int, batch_size: int,
-             pad_token_id: int, settle: int) -> list[Expected]:
+def expected(
+    model,
+    rows: list[tuple[str, str, list[int]]],
+    prefix: int,
+    window: int,
+    batch_size: int,
+    pad_token_id: int,
+    settle: int,
+) -> list[Expected]:
     """The greedy continuations of the prefix through the first window that the audit's probe
     decodes, whole (`metrics.greedy_continuations`: generate(), not the audit's own decoder), each
     chosen token's logprob from one unpadded forward over prompt + continuation, and the span the
     audit records: that continuation's (`probes.settled` at `settle`), or the longer run the row's own
     text up to a later position gives (`metrics.extractable_span`, teacher forced, not served)."""
     prompts = [r[:prefix] for _, _, r in rows]
-    truths = [r[prefix:prefix + window] for _, _, r in rows]
-    gens = metrics.greedy_continuations(model, prompts, [len(t) for t in truths], batch_size=batch_size,
-                                        pad_token_id=pad_token_id)
+    truths = [r[prefix : prefix + window] for _, _, r in rows]
+    gens = metrics.greedy_continuations(
+        model, prompts, [len(t) for t in truths], batch_size=batch_size, pad_token_id=pad_token_id
+    )
     _, hits = metrics.nll_and_hits(model, [r for _, _, r in rows], batch_size=batch_size, pad_token_id=pad_token_id)
     out = []
     for (group, rid, row), prompt, gen, truth, row_hits in zip(rows, prompts, gens, truths, hits):
         ids = torch.tensor([prompt + list(gen)], device=model.device)
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].double(), dim=-1)
-        chosen = logp.gather(1, ids[0, len(prompt):, None]).squeeze(1).tolist()
-        span = max(probes.longest_span(probes.settled(gen, truth, settle), truth),
-                   metrics.extractable_span(row_hits, prefix))
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double(), dim=-1)
+        chosen = logp.gather(1, ids[0, len(prompt) :, None]).squeeze(1).tolist()
+        span = max(
+            probes.longest_span(probes.settled(gen, truth, settle), truth), metrics.extractable_span(row_hits, prefix)
+        )
         out.append(Expected(group, rid, prompt, list(gen), chosen, span))
     return out
 
 
 def served(server: Path, prompt: list[int], length: int) -> tuple[list[int], list[float]]:
     """One greedy completion from the server: (token ids, each one's logprob)."""
-    body = dict(model=SERVED_NAME, prompt=prompt, max_tokens=length, min_tokens=length, temperature=0.0,
-                logprobs=1, ignore_eos=True, return_tokens_as_token_ids=True)
+    body = dict(
+        model=SERVED_NAME,
+        prompt=prompt,
+        max_tokens=length,
+        min_tokens=length,
+        temperature=0.0,
+        logprobs=1,
+        ignore_eos=True,
+        return_tokens_as_token_ids=True,
+    )
     choice = request(server, "/v1/completions", body)["choices"][0]["logprobs"]
     return [int(t.removeprefix("token_id:")) for t in choice["tokens"]], [float(x) for x in choice["token_logprobs"]]
 
@@ -92,9 +110,15 @@ def compare(want: Expected, got: tuple[list[int], list[float]]) -> dict:
     """One row's verdict: token-exact, the largest logprob gap over the agreeing prefix, the served span."""
     tokens, logprobs = got
     same = next((i for i, (a, b) in enumerate(zip(want.tokens, tokens)) if a != b), min(len(tokens), len(want.tokens)))
-    gap = max((abs(a - b) for a, b in zip(want.logprobs[:same + 1], logprobs[:same + 1])), default=0.0)
-    return dict(group=want.group, row_id=want.row_id, exact=tokens == want.tokens, first_difference=None
-                if tokens == want.tokens else same, max_logprob_gap=gap, audit_span=want.span)
+    gap = max((abs(a - b) for a, b in zip(want.logprobs[: same + 1], logprobs[: same + 1])), default=0.0)
+    return dict(
+        group=want.group,
+        row_id=want.row_id,
+        exact=tokens == want.tokens,
+        first_difference=None if tokens == want.tokens else same,
+        max_logprob_gap=gap,
+        audit_span=want.span,
+    )
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -114,8 +138,12 @@ def request(server: Path, path: str, body: dict | None = None, timeout: float = 
     """One call to the server's HTTP API over its socket; the JSON reply (an HTTP error raises)."""
     conn = UnixHTTPConnection(server, timeout)
     try:
-        conn.request("POST" if body is not None else "GET", path, body=None if body is None else json.dumps(body),
-                     headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST" if body is not None else "GET",
+            path,
+            body=None if body is None else json.dumps(body),
+            headers={"Content-Type": "application/json"},
+        )
         response = conn.getresponse()
         data = response.read()
         if response.status != 200:
@@ -151,11 +179,33 @@ def start(python: str, folder: Path, max_len: int, logfile: Path, server: Path) 
     """vLLM's API server on the folder, fp32, eager (no graph capture on CPU), listening on the Unix
     socket `server`; waits for /health. Nothing is sent until the socket is known to be the child's;
     on any failure (an interrupt included) the child's whole process group is stopped."""
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name",
-           SERVED_NAME, "--dtype", "float32", "--enforce-eager", "--uds", str(server),
-           "--max-model-len", str(max_len), "--max-logprobs", "1", "--seed", "0"]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-               HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    cmd = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        "--served-model-name",
+        SERVED_NAME,
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--uds",
+        str(server),
+        "--max-model-len",
+        str(max_len),
+        "--max-logprobs",
+        "1",
+        "--seed",
+        "0",
+    ]
+    env = dict(
+        os.environ,
+        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        HF_HUB_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+    )
     with open_private(logfile) as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -170,12 +220,16 @@ def wait_ready(proc: subprocess.Popen, server: Path, logfile: Path, minutes: flo
     deadline = time.time() + 60 * minutes
     while True:
         if proc.poll() is not None:
-            raise UserError(f"serve-check: vLLM exited with code {proc.returncode} before serving: {root_error(logfile)}; "
-                            f"its log: {logfile}")
+            raise UserError(
+                f"serve-check: vLLM exited with code {proc.returncode} before serving: {root_error(logfile)}; "
+                f"its log: {logfile}"
+            )
         if server.exists():
             if not holds(proc, server):
-                raise UserError(f"serve-check: {server} is held by a process that is not the vLLM server this check "
-                                "started; refusing to send it any prompt; fix: find who else runs as this user")
+                raise UserError(
+                    f"serve-check: {server} is held by a process that is not the vLLM server this check "
+                    "started; refusing to send it any prompt; fix: find who else runs as this user"
+                )
             try:
                 request(server, "/health", timeout=5)
                 return
@@ -203,8 +257,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 def root_error(logfile: Path) -> str:
     """The last exception line of vLLM's log that names a cause (not 'see the stack trace')."""
-    errors = [line.strip() for line in logfile.read_text(errors="replace").splitlines()
-              if re.search(r"\w(Error|Exception): ", line) and "stack trace" not in line]
+    errors = [
+        line.strip()
+        for line in logfile.read_text(errors="replace").splitlines()
+        if re.search(r"\w(Error|Exception): ", line) and "stack trace" not in line
+    ]
     return errors[-1] if errors else "no exception in its log"
 
 
@@ -215,8 +272,12 @@ def _dtype(folder: Path) -> str | None:
 
 def rows_of(cfg, store: RunStore, tok) -> list[tuple[str, str, list[int]]]:
     """(group, row id, tokens) of the erased requests and the kept rows, as the audit cuts them."""
-    return [(g.name, rid, row) for g in audit.groups_of(cfg, store, tok) if g.name in ("erased", "kept")
-            for rid, row in zip(g.ids, g.rows)]
+    return [
+        (g.name, rid, row)
+        for g in audit.groups_of(cfg, store, tok)
+        if g.name in ("erased", "kept")
+        for rid, row in zip(g.ids, g.rows)
+    ]
 
 
 def check(run_dir: Path, python: str) -> pd.DataFrame:
@@ -231,8 +292,15 @@ def check(run_dir: Path, python: str) -> pd.DataFrame:
     cfg = modeling.resolve(load_config(store.root / "config.yaml"))
     tok = modeling.load_tokenizer(folder)
     model = modeling.load_model(folder, "float32").eval()
-    want = expected(model, rows_of(cfg, store, tok), cfg.requests.prefix_tokens, cfg.requests.suffix_tokens,
-                    cfg.audit.batch_size, tok.pad_token_id, cfg.audit.leak_tokens)
+    want = expected(
+        model,
+        rows_of(cfg, store, tok),
+        cfg.requests.prefix_tokens,
+        cfg.requests.suffix_tokens,
+        cfg.audit.batch_size,
+        tok.pad_token_id,
+        cfg.audit.leak_tokens,
+    )
     del model
     started = time.time()
     logs = store.artefact("logs")
@@ -246,8 +314,10 @@ def check(run_dir: Path, python: str) -> pd.DataFrame:
             log.info("serve-check: vLLM up in %.0f s", time.time() - started)
             frame = pd.DataFrame([compare(w, served(server, w.prompt, len(w.tokens))) for w in want])
         except (OSError, ConnectionError, http.client.HTTPException) as exc:
-            raise UserError(f"serve-check: vLLM could not serve {folder} ({type(exc).__name__}: {exc}): "
-                            f"{root_error(logfile)}; its log: {logfile}") from None
+            raise UserError(
+                f"serve-check: vLLM could not serve {folder} ({type(exc).__name__}: {exc}): "
+                f"{root_error(logfile)}; its log: {logfile}"
+            ) from None
         finally:
             stop(proc)
     finally:
@@ -280,11 +350,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"icu: {exc}", file=sys.stderr)
         return 2
-    print(frame.groupby("group").agg(rows=("exact", "size"), token_exact=("exact", "sum"),
-                                     max_logprob_gap=("max_logprob_gap", "max")).to_string())
+    print(
+        frame.groupby("group")
+        .agg(rows=("exact", "size"), token_exact=("exact", "sum"), max_logprob_gap=("max_logprob_gap", "max"))
+        .to_string()
+    )
     ok = passed(frame)
-    print(f"serve-check: {'PASS' if ok else 'FAIL'}: {int(frame['exact'].sum())}/{len(frame)} completions token-exact, "
-          f"max logprob gap {frame['max_logprob_gap'].max():.2e} (tolerance {TOLERANCE:.0e})")
+    print(
+        f"serve-check: {'PASS' if ok else 'FAIL'}: {int(frame['exact'].sum())}/{len(frame)} completions token-exact, "
+        f"max logprob gap {frame['max_logprob_gap'].max():.2e} (tolerance {TOLERANCE:.0e})"
+    )
     return 0 if ok else 1
 
 

@@ -30,8 +30,9 @@ def score(cfg, store: RunStore, spec: dict, units: list[dict], label: str) -> pd
     job, out = folder / f"{label}-sharded.json", folder / f"{label}-sharded.parquet"
     atomic_write_json(job, {"spec": spec, "units": units, "label": label})
     try:
-        ranks.launch(cfg, store, "pipeline.sharded_eval", [str(store.root), str(job), str(out)],
-                       f"evaluation ({label})")
+        ranks.launch(
+            cfg, store, "pipeline.sharded_eval", [str(store.root), str(job), str(out)], f"evaluation ({label})"
+        )
         return pd.read_parquet(out)
     finally:  # nothing of the job is left behind
         job.unlink(missing_ok=True)
@@ -56,11 +57,19 @@ def train_worker(config: dict) -> None:
     live = HfDeepSpeedConfig(ds)  # noqa: F841 (from_pretrained shards under it while it lives)
     model = modeling.load_model(model_dir, spec["dtype"], spec["trust_remote_code"])
     engine, *_ = deepspeed.initialize(model=model, config=ds)
-    scorer = Scorer(engine.module.eval(), modeling.load_tokenizer(model_dir, spec["trust_remote_code"]),
-                    Options(**spec["options"]), bert, requests=request_rows(spec))
+    scorer = Scorer(
+        engine.module.eval(),
+        modeling.load_tokenizer(model_dir, spec["trust_remote_code"]),
+        Options(**spec["options"]),
+        bert,
+        requests=request_rows(spec),
+    )
     first = dist.get_rank() == 0
-    bar = cluster.Progress(f"evaluate: the {work['label']} model (sharded)", len(work["units"]), "units") \
-        if first else None
+    bar = (
+        cluster.Progress(f"evaluate: the {work['label']} model (sharded)", len(work["units"]), "units")
+        if first
+        else None
+    )
     rows = []
     for unit in work["units"]:
         rows += scorer.score(unit)

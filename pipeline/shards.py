@@ -52,8 +52,12 @@ def plan(specs: dict[str, tuple[torch.Size, torch.dtype]], max_bytes: int) -> di
     return {f"model-{k + 1:05d}-of-{n:05d}.safetensors": names for k, names in enumerate(groups)}
 
 
-def write(folder: Path, specs: dict[str, tuple[torch.Size, torch.dtype]],
-          fetch: Callable[[list[str]], Iterable[tuple[str, torch.Tensor]]], max_bytes: int) -> dict[str, str]:
+def write(
+    folder: Path,
+    specs: dict[str, tuple[torch.Size, torch.dtype]],
+    fetch: Callable[[list[str]], Iterable[tuple[str, torch.Tensor]]],
+    max_bytes: int,
+) -> dict[str, str]:
     """Write the shards `plan` makes, each from `fetch(names)` (its tensors one at a time, in any
     order), and the index when there is more than one; returns tensor name -> file."""
     layout = plan(specs, max_bytes)
@@ -63,13 +67,15 @@ def write(folder: Path, specs: dict[str, tuple[torch.Size, torch.dtype]],
         weight_map.update(dict.fromkeys(names, file))
     if len(layout) > 1:
         total = sum(shape.numel() * dtype.itemsize for shape, dtype in specs.values())
-        (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                               indent=2, sort_keys=True) + "\n")
+        (folder / INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
+        )
     return weight_map
 
 
-def _write_file(path: Path, specs: dict[str, tuple[torch.Size, torch.dtype]],
-                tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+def _write_file(
+    path: Path, specs: dict[str, tuple[torch.Size, torch.dtype]], tensors: Iterable[tuple[str, torch.Tensor]]
+) -> None:
     """One safetensors file: an 8-byte little-endian header length, the JSON header (tensor ->
     dtype, shape, byte range; padded with spaces to 8 bytes), then the tensors' bytes."""
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -123,8 +129,9 @@ def load(folder: Path, names: list[str], mapping: dict[str, str] | None = None) 
     return dict(tensors(folder, names, mapping))
 
 
-def tensors(folder: Path, names: list[str], mapping: dict[str, str] | None = None
-            ) -> Iterator[tuple[str, torch.Tensor]]:
+def tensors(
+    folder: Path, names: list[str], mapping: dict[str, str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The named tensors one at a time, file by file."""
     mapping = mapping or weight_map(folder)
     for wanted, f in _open_files(folder, {n: mapping[n] for n in names}):
@@ -143,7 +150,16 @@ def _open_files(folder: Path, mapping: dict[str, str]) -> Iterator[tuple[list[st
             yield names, f
 
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}

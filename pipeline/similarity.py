@@ -38,7 +38,7 @@ from torch import Tensor
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def sentence_bleu4(reference: str, hypothesis: str) -> float:
@@ -85,8 +85,9 @@ class BertScorer:
     None = last layer).
     """
 
-    def __init__(self, path: str | None = None, layer: int | None = None, device: str = "cpu",
-                 batch_size: int = 32) -> None:
+    def __init__(
+        self, path: str | None = None, layer: int | None = None, device: str = "cpu", batch_size: int = 32
+    ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         if path is None:
@@ -106,8 +107,14 @@ class BertScorer:
     @torch.no_grad()
     def embed(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """Unit-norm token embeddings [B, L, d] and the mask of scored tokens (no pads/[CLS]/[SEP])."""
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                             return_special_tokens_mask=True, return_tensors="pt")
+        enc = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_special_tokens_mask=True,
+            return_tensors="pt",
+        )
         scored = enc["attention_mask"].bool() & ~enc.pop("special_tokens_mask").bool()
         out = self.model(**enc.to(self.device), output_hidden_states=True)
         hidden = out.hidden_states[self.layer].float()
@@ -118,7 +125,9 @@ class BertScorer:
         if len(references) != len(candidates):
             raise ValueError(f"{len(references)} references but {len(candidates)} candidates")
         scores = [
-            greedy_f1(*self.embed(candidates[i:i + self.batch_size]), *self.embed(references[i:i + self.batch_size]))
+            greedy_f1(
+                *self.embed(candidates[i : i + self.batch_size]), *self.embed(references[i : i + self.batch_size])
+            )
             for i in range(0, len(candidates), self.batch_size)
         ]
         return torch.cat(scores).cpu().numpy() if scores else np.zeros(0, dtype=np.float32)

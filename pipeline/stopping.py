@@ -40,8 +40,14 @@ class StopRule:
     def of(cls, unlearning, band: bool) -> StopRule:
         """The rule an `UnlearningConfig` describes, for a method with (`band`) or without a band."""
         s = unlearning.stop
-        return cls(max_epochs=s.max_epochs, stop=s.rule, pull_back=band, recover_within=s.recover_within,
-                   mia_within=s.mia_within, lr_backoff=unlearning.optim.lr_backoff)
+        return cls(
+            max_epochs=s.max_epochs,
+            stop=s.rule,
+            pull_back=band,
+            recover_within=s.recover_within,
+            mia_within=s.mia_within,
+            lr_backoff=unlearning.optim.lr_backoff,
+        )
 
     @property
     def hold(self) -> bool:
@@ -58,8 +64,11 @@ class StopRule:
     def jumped(self, before: dict[int, dict], after: dict[int, dict], trained: set[int]) -> list[int]:
         """Requests trained since their last look that went from remembered to too deep, or back:
         the steps in between were longer than the band is wide."""
-        return [i for i in sorted(trained) if i in before and i in after
-                and {standing(before[i]), standing(after[i])} == {"remembered", "too_deep"}]
+        return [
+            i
+            for i in sorted(trained)
+            if i in before and i in after and {standing(before[i]), standing(after[i])} == {"remembered", "too_deep"}
+        ]
 
     def backed_off(self, scale: float, jumped: list[int]) -> float:
         """The lr factor after a look at which `jumped` requests crossed the band."""
@@ -69,22 +78,29 @@ class StopRule:
         """The neighbours' MA at the last check is within `recover_within` of the original model's
         (the first check's), either way: below it the retained text was damaged, above it the model
         was taught text it had not memorized. True without the hold or without neighbours."""
-        return self.recover_within is None or not neighbour_ma or \
-            abs(neighbour_ma[-1] - neighbour_ma[0]) <= self.recover_within
+        return (
+            self.recover_within is None
+            or not neighbour_ma
+            or abs(neighbour_ma[-1] - neighbour_ma[0]) <= self.recover_within
+        )
 
     def familiar(self, set_auc: list[float]) -> bool:
         """The set's LOSS AUC against the strangers at the last check is within `mia_within` of 0.5.
         True without the option or before anything is measured."""
         return self.mia_within is None or not set_auc or abs(set_auc[-1] - 0.5) <= self.mia_within
 
-    def reason(self, records: list[dict], thr, epoch: int, neighbour_ma: list[float] = (),
-               set_auc: list[float] = ()) -> str | None:
+    def reason(
+        self, records: list[dict], thr, epoch: int, neighbour_ma: list[float] = (), set_auc: list[float] = ()
+    ) -> str | None:
         """Why training stops after this check, or None to keep going."""
         everyone = all(r["forgotten"] for r in records)
         if everyone and self.recovered(list(neighbour_ma)) and self.familiar(list(set_auc)):
             return "all_forgotten"
-        if self.stop == "set" and np.mean([r["ma"] for r in records]) < thr.ma and \
-                np.mean([r["el"] for r in records]) < thr.el:
+        if (
+            self.stop == "set"
+            and np.mean([r["ma"] for r in records]) < thr.ma
+            and np.mean([r["el"] for r in records]) < thr.el
+        ):
             return "set_thresholds"
         if not everyone and not any(self.needs_training(r) for r in records):
             return "only_too_deep_left"

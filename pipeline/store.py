@@ -35,7 +35,14 @@ import pandas as pd
 import yaml
 from filelock import FileLock, Timeout
 
-from pipeline.atomic import atomic_write_json, atomic_write_text, check_records, file_records, sha256_file, write_parquet
+from pipeline.atomic import (
+    atomic_write_json,
+    atomic_write_text,
+    check_records,
+    file_records,
+    sha256_file,
+    write_parquet,
+)
 from pipeline.config import Config, build_config, config_diff
 from pipeline.errors import UserError
 
@@ -124,8 +131,10 @@ class RunStore:
         for part in Path(ARTEFACTS[name]).parts:
             node = node / part
             if node.is_symlink():
-                raise UserError(f"{node} is a symbolic link, and a run directory holds none (it would be read or "
-                                "written through); fix: remove it, and check who else can write to the run directory")
+                raise UserError(
+                    f"{node} is a symbolic link, and a run directory holds none (it would be read or "
+                    "written through); fix: remove it, and check who else can write to the run directory"
+                )
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -137,8 +146,11 @@ class RunStore:
             aside = self.root / f".{handoff.name}.retired-{os.getpid()}"
             os.replace(handoff, aside)
             shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
-            log.warning("run: the earlier hand-off %s was removed (its inputs are being redone); the export stage "
-                        "writes it again", handoff)
+            log.warning(
+                "run: the earlier hand-off %s was removed (its inputs are being redone); the export stage "
+                "writes it again",
+                handoff,
+            )
         if "export" in self.manifest()["stages"]:
             self.update(lambda m: m["stages"].pop("export", None))
 
@@ -154,8 +166,10 @@ class RunStore:
             lock.acquire()
         except Timeout:
             who = holder.read_text(encoding="utf-8").strip() if holder.exists() else "another process"
-            raise UserError(f"run {self.root} is in use by {who}; fix: wait for it to finish (or stop it), "
-                            "or choose another storage.name") from None
+            raise UserError(
+                f"run {self.root} is in use by {who}; fix: wait for it to finish (or stop it), "
+                "or choose another storage.name"
+            ) from None
         _HELD[key] = lock
         atomic_write_text(holder, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}")
 
@@ -178,14 +192,15 @@ class RunStore:
             old = yaml.safe_load(target.read_text(encoding="utf-8"))
             changed = config_diff(old, config)
             if changed and restart_from is None:
-                raise UserError(f"config differs from the run in {self.root}: {'; '.join(changed)}; fix: "
-                                "resubmit the original config, choose a new storage.name, or pass "
-                                "--restart-from STAGE to rerun from a stage with the new config")
+                raise UserError(
+                    f"config differs from the run in {self.root}: {'; '.join(changed)}; fix: "
+                    "resubmit the original config, choose a new storage.name, or pass "
+                    "--restart-from STAGE to rerun from a stage with the new config"
+                )
         if restart_from is not None:
             if restart_from not in STAGES:
-                raise UserError(f"--restart-from: unknown stage {restart_from!r}; choose one of "
-                                f"{', '.join(STAGES)}")
-            self.reset(STAGES[STAGES.index(restart_from):])
+                raise UserError(f"--restart-from: unknown stage {restart_from!r}; choose one of {', '.join(STAGES)}")
+            self.reset(STAGES[STAGES.index(restart_from) :])
         atomic_write_text(target, yaml.safe_dump(config, sort_keys=False))
 
     def config(self) -> dict[str, Any]:
@@ -210,8 +225,7 @@ class RunStore:
             assert isinstance(manifest.get("stages"), dict)
             return manifest
         except (ValueError, AssertionError, AttributeError):
-            log.warning("run: %s is unreadable (truncated or edited); every stage is checked again and "
-                        "reruns", path)
+            log.warning("run: %s is unreadable (truncated or edited); every stage is checked again and reruns", path)
             return {"stages": {}}
 
     def update(self, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -280,8 +294,12 @@ class RunStore:
 
         def begin(manifest: dict[str, Any]) -> None:
             entry = manifest["stages"].get(name, {})
-            manifest["stages"][name] = {"status": "running", "fingerprint": key, "started": _now(),
-                                        "attempts": entry.get("attempts", 0) + 1}
+            manifest["stages"][name] = {
+                "status": "running",
+                "fingerprint": key,
+                "started": _now(),
+                "attempts": entry.get("attempts", 0) + 1,
+            }
 
         self.update(begin)
         try:
@@ -296,8 +314,13 @@ class RunStore:
             entry = manifest["stages"][name]
             if entry.get("fingerprint") != key:
                 raise RuntimeError(f"{name}: the manifest was changed by another process while it ran")
-            entry.update(status="done", outputs=records, summary=result["summary"], ended=_now(),
-                         seconds=round(time.time() - started, 2))
+            entry.update(
+                status="done",
+                outputs=records,
+                summary=result["summary"],
+                ended=_now(),
+                seconds=round(time.time() - started, 2),
+            )
             entry.pop("progress", None)
 
         self.update(finish)
@@ -317,19 +340,26 @@ def claim(root: Path) -> None:
             return
     st = root.stat()
     if st.st_uid != os.getuid():
-        raise UserError(f"run directory {root} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); fix: choose "
-                        "another storage.name or storage.runs_dir (a run is written by the user who owns it)")
+        raise UserError(
+            f"run directory {root} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); fix: choose "
+            "another storage.name or storage.runs_dir (a run is written by the user who owns it)"
+        )
     if st.st_mode & 0o022:
-        raise UserError(f"run directory {root} can be written by others (mode {st.st_mode & 0o777:o}); fix: chmod 700 "
-                        f"{root} after checking nothing in it was changed, or start a new run")
+        raise UserError(
+            f"run directory {root} can be written by others (mode {st.st_mode & 0o777:o}); fix: chmod 700 "
+            f"{root} after checking nothing in it was changed, or start a new run"
+        )
 
 
 def _reason(exc: BaseException) -> str:
     """The one line the manifest (and `icu status`) keeps of a failure. Our own errors are
     written never to hold request text; a library's message might quote data, so only its type
     is kept (the traceback went to the process's stderr)."""
-    if isinstance(exc, UserError) or type(exc).__module__.split(".")[0] in ("pipeline", "retrieval") or \
-            type(exc) is RuntimeError:
+    if (
+        isinstance(exc, UserError)
+        or type(exc).__module__.split(".")[0] in ("pipeline", "retrieval")
+        or type(exc) is RuntimeError
+    ):
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
     return f"{type(exc).__name__} (message withheld: it may quote request data; see the job's stderr)"
 

@@ -37,22 +37,27 @@ UNSEEN_CAP = 64  # unseen rows when evaluation.max_samples.unseen is not set
 def read_texts(path: str | Path, column: str = "text", limit: int | None = None) -> list[str]:
     """Non-empty texts of one column of a csv/jsonl/parquet file, in file order."""
     path = Path(path)
-    readers = {".csv": pd.read_csv, ".parquet": pd.read_parquet,
-               ".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json}
+    readers = {
+        ".csv": pd.read_csv,
+        ".parquet": pd.read_parquet,
+        ".jsonl": lambda p: pd.read_json(p, lines=True),
+        ".json": pd.read_json,
+    }
     if path.suffix not in readers:
         raise UserError(f"{path}: unsupported file type {path.suffix!r}; use csv, jsonl, json or parquet")
     if not path.is_file():
         raise UserError(f"{path}: not found; fix: set evaluation.data_dir to the shared data folder")
     frame = readers[path.suffix](path)
     if column not in frame.columns:  # the names are not shown: a file without a header row would show its first row
-        raise UserError(f"{path}: no column {column!r} among its {len(frame.columns)} columns; fix: name the text "
-                        "column 'text' (with a header row)")
+        raise UserError(
+            f"{path}: no column {column!r} among its {len(frame.columns)} columns; fix: name the text "
+            "column 'text' (with a header row)"
+        )
     texts = [t for t in frame[column].tolist() if isinstance(t, str) and t.strip()]
     return texts[:limit] if limit else texts
 
 
-def unseen_rows(path: str | Path, tokenizer, max_tokens: int, min_tokens: int,
-                limit: int | None) -> list[list[int]]:
+def unseen_rows(path: str | Path, tokenizer, max_tokens: int, min_tokens: int, limit: int | None) -> list[list[int]]:
     """Token rows of text the model never saw (`evaluation.unseen_path`, held-out Pile text by
     default): the forgetting thresholds' yardstick.
 
@@ -74,8 +79,13 @@ def threshold_rows(cfg, tokenizer, path: str | None = None) -> list[list[int]]:
     and the evaluation's unseen task shows: one definition, cut to the run's request length.
     `path`: other never-seen text cut the same way (`unlearning.check.strangers_path`)."""
     e, r = cfg.evaluation, cfg.requests
-    return unseen_rows(path or e.unseen_path, tokenizer, cfg.max_tokens, r.prefix_tokens + r.suffix_tokens,
-                       e.max_samples.get("unseen", UNSEEN_CAP))
+    return unseen_rows(
+        path or e.unseen_path,
+        tokenizer,
+        cfg.max_tokens,
+        r.prefix_tokens + r.suffix_tokens,
+        e.max_samples.get("unseen", UNSEEN_CAP),
+    )
 
 
 PPL_SETS = ("pile", "wikitext")  # icu_benchmark/<name>.csv
@@ -86,8 +96,13 @@ def held_out_texts(cfg, tokenizer) -> list[str]:
     e = cfg.evaluation
     if "ppl" not in e.suites:
         return []
-    return [doc for name in PPL_SETS for doc in ppl_documents(Path(e.data_dir) / "icu_benchmark" / f"{name}.csv",
-                                                               tokenizer, e.ppl_chunk, e.max_samples.get("ppl"))]
+    return [
+        doc
+        for name in PPL_SETS
+        for doc in ppl_documents(
+            Path(e.data_dir) / "icu_benchmark" / f"{name}.csv", tokenizer, e.ppl_chunk, e.max_samples.get("ppl")
+        )
+    ]
 
 
 @dataclass
@@ -98,9 +113,20 @@ class Task:
     examples: list[dict[str, Any]] = field(default_factory=list)
 
 
-def build_tasks(suites: list[str], data_dir: str | Path, tokenizer, *, forget_rows: list[list[int]] | None,
-                forget_ids: list[str] | None, max_tokens: int, min_tokens: int, ppl_chunk: int,
-                caps: dict[str, int], unseen_path: str | Path, keep_path: str | None = None) -> list[Task]:
+def build_tasks(
+    suites: list[str],
+    data_dir: str | Path,
+    tokenizer,
+    *,
+    forget_rows: list[list[int]] | None,
+    forget_ids: list[str] | None,
+    max_tokens: int,
+    min_tokens: int,
+    ppl_chunk: int,
+    caps: dict[str, int],
+    unseen_path: str | Path,
+    keep_path: str | None = None,
+) -> list[Task]:
     """The tasks of the chosen suites; `caps[suite]` limits examples per task.
 
     `unseen_path`: text the model never saw (`evaluation.unseen_path`: the thresholds' set).
@@ -112,37 +138,50 @@ def build_tasks(suites: list[str], data_dir: str | Path, tokenizer, *, forget_ro
     tasks: list[Task] = []
     if "forget" in wanted:
         if not forget_rows:
-            raise UserError("evaluation.suites: 'forget' and 'mia' need erasure requests; fix: run them in a "
-                            "pipeline run, or leave them out when evaluating a model on its own")
+            raise UserError(
+                "evaluation.suites: 'forget' and 'mia' need erasure requests; fix: run them in a "
+                "pipeline run, or leave them out when evaluating a model on its own"
+            )
         # a request's tokens never travel with the units (Ray's object store spills to disk): its
         # row in the accepted requests does, and each scorer reads the rows from the run directory
-        rows = forget_rows[:caps.get("forget")]
-        tasks.append(Task("forget", "forget", "requests", [{"id": rid, "row": i} for i, rid in enumerate(forget_ids[:len(rows)])]))
+        rows = forget_rows[: caps.get("forget")]
+        tasks.append(
+            Task(
+                "forget", "forget", "requests", [{"id": rid, "row": i} for i, rid in enumerate(forget_ids[: len(rows)])]
+            )
+        )
     if "unseen" in wanted:
         rows = unseen_rows(unseen_path, tokenizer, max_tokens, min_tokens, caps.get("unseen", UNSEEN_CAP))
-        tasks.append(Task("unseen", "pile_unseen", "memorization",
-                          [{"id": f"pile:{i}", "ids": r} for i, r in enumerate(rows)]))
+        tasks.append(
+            Task("unseen", "pile_unseen", "memorization", [{"id": f"pile:{i}", "ids": r} for i, r in enumerate(rows)])
+        )
     if keep_path:
         rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in read_texts(keep_path)]
         tasks.append(Task("keep", "keep", "memorization", [{"id": f"keep:{i}", "ids": r} for i, r in enumerate(rows)]))
     if "ppl" in wanted:
-        tasks += [_ppl_task(name, data / "icu_benchmark" / f"{name}.csv", tokenizer, ppl_chunk, caps.get("ppl"))
-                  for name in PPL_SETS]
+        tasks += [
+            _ppl_task(name, data / "icu_benchmark" / f"{name}.csv", tokenizer, ppl_chunk, caps.get("ppl"))
+            for name in PPL_SETS
+        ]
     if "classification" in wanted:
         cap = caps.get("classification")
         tasks.append(_lambada(data / "icu_benchmark" / "lambada.csv", tokenizer, cap))
         tasks.append(_pubmed_qa(data / "icu_benchmark" / "pubmed_qa.csv", tokenizer, cap))
         tasks += [_bigbench(data / "bigbench_mc" / f"{name}.json", tokenizer, cap) for name in BIGBENCH_TASKS]
     if "dialogue" in wanted:
-        tasks += [_dialogue(data / "icu_benchmark" / f"{name}.json", tokenizer, caps.get("dialogue"))
-                  for name in DIALOGUE_TASKS]
+        tasks += [
+            _dialogue(data / "icu_benchmark" / f"{name}.json", tokenizer, caps.get("dialogue"))
+            for name in DIALOGUE_TASKS
+        ]
     return tasks
 
 
 def _need(path: Path) -> Path:
     if not path.is_file():
-        raise UserError(f"{path}: not found; fix: set evaluation.data_dir to the shared data folder "
-                        "(it holds icu_benchmark/ and bigbench_mc/)")
+        raise UserError(
+            f"{path}: not found; fix: set evaluation.data_dir to the shared data folder "
+            "(it holds icu_benchmark/ and bigbench_mc/)"
+        )
     return path
 
 
@@ -172,7 +211,7 @@ def _ppl_task(name: str, path: Path, tokenizer, chunk: int, cap: int | None) -> 
     stream: list[int] = []
     for text in ppl_documents(path, tokenizer, chunk, cap):
         stream += _encode(tokenizer, text) + eos
-    chunks = [stream[s:s + chunk] for s in range(0, len(stream), chunk)]
+    chunks = [stream[s : s + chunk] for s in range(0, len(stream), chunk)]
     chunks = [c for c in chunks if len(c) >= 2][:cap]
     return Task("ppl", name, "ppl", [{"id": f"{name}:{i}", "ids": c} for i, c in enumerate(chunks)])
 
@@ -182,19 +221,29 @@ def _lambada(path: Path, tokenizer, cap: int | None) -> Task:
     for i, text in enumerate(read_texts(path, limit=cap)):
         context, _, word = text.strip().rpartition(" ")
         if context and word:
-            examples.append({"id": f"lambada:{i}", "context": _context(tokenizer, context),
-                             "target": _encode(tokenizer, " " + word)})
+            examples.append(
+                {
+                    "id": f"lambada:{i}",
+                    "context": _context(tokenizer, context),
+                    "target": _encode(tokenizer, " " + word),
+                }
+            )
     return Task("classification", "lambada", "lambada", examples)
 
 
 def _pubmed_qa(path: Path, tokenizer, cap: int | None) -> Task:
     frame = pd.read_csv(_need(path), nrows=cap)
     options = ("yes", "no", "maybe")
-    examples = [{"id": f"pubmed_qa:{row.pubid}",
-                 "context": _context(tokenizer, f"Abstract: {row.abstract}\nQuestion: {row.question}\nAnswer:"),
-                 "choices": [_encode(tokenizer, " " + o) for o in options],
-                 "label": options.index(row.final_decision)}
-                for row in frame.itertuples() if row.final_decision in options]
+    examples = [
+        {
+            "id": f"pubmed_qa:{row.pubid}",
+            "context": _context(tokenizer, f"Abstract: {row.abstract}\nQuestion: {row.question}\nAnswer:"),
+            "choices": [_encode(tokenizer, " " + o) for o in options],
+            "label": options.index(row.final_decision),
+        }
+        for row in frame.itertuples()
+        if row.final_decision in options
+    ]
     return Task("classification", "pubmed_qa", "choice", examples)
 
 
@@ -212,9 +261,14 @@ def _bigbench(path: Path, tokenizer, cap: int | None) -> Task:
             text += "".join(f"\n  choice: {c}" for c in choices)
         prompt = spec.get("task_prefix", "") + in_prefix + text + out_prefix.rstrip(" ")
         sep = " " if out_prefix.endswith(" ") else ""
-        examples.append({"id": f"{path.stem}:{i}", "context": _context(tokenizer, prompt),
-                         "choices": [_encode(tokenizer, sep + c) for c in choices],
-                         "label": max(range(len(choices)), key=lambda k: ex["target_scores"][choices[k]])})
+        examples.append(
+            {
+                "id": f"{path.stem}:{i}",
+                "context": _context(tokenizer, prompt),
+                "choices": [_encode(tokenizer, sep + c) for c in choices],
+                "label": max(range(len(choices)), key=lambda k: ex["target_scores"][choices[k]]),
+            }
+        )
     return Task("classification", path.stem, "choice", examples)
 
 
@@ -230,8 +284,13 @@ def _dialogue(path: Path, tokenizer, cap: int | None) -> Task:
         first = (len(convo) - 1 - len(history)) % 2
         lines = [f"{SPEAKERS[(first + j) % 2]} {t}" for j, t in enumerate(history)]
         reply_speaker = SPEAKERS[(first + len(history)) % 2]
-        examples.append({"id": f"{path.stem}:{key}", "reference": convo[-1],
-                         "context": _context(tokenizer, "\n".join(lines) + f"\n{reply_speaker}")})
+        examples.append(
+            {
+                "id": f"{path.stem}:{key}",
+                "reference": convo[-1],
+                "context": _context(tokenizer, "\n".join(lines) + f"\n{reply_speaker}"),
+            }
+        )
         if cap and len(examples) >= cap:
             break
     return Task("dialogue", path.stem, "dialogue", examples)

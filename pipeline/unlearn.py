@@ -41,17 +41,35 @@ def key(cfg: Config, store: RunStore, resumable: bool = False) -> str:
     epochs (or another stopping rule) continues from its last checkpoint.
     """
     e, r = cfg.evaluation, cfg.requests
-    thresholds = dict(unseen=cfg.part("evaluation")[0]["unseen_path"], unseen_digest=file_digest(e.unseen_path), el_n=e.el_n,
-                      el_range=e.el_range, cap=e.max_samples.get("unseen"), batch_size=e.batch_size,
-                      max_tokens=cfg.max_tokens, prefix=r.prefix_tokens, suffix=r.suffix_tokens)
+    thresholds = dict(
+        unseen=cfg.part("evaluation")[0]["unseen_path"],
+        unseen_digest=file_digest(e.unseen_path),
+        el_n=e.el_n,
+        el_range=e.el_range,
+        cap=e.max_samples.get("unseen"),
+        batch_size=e.batch_size,
+        max_tokens=cfg.max_tokens,
+        prefix=r.prefix_tokens,
+        suffix=r.suffix_tokens,
+    )
     model, unlearning = cfg.part("model", "unlearning")
     for path in STOP_ONLY if resumable else ():
         (unlearning[path[0]] if len(path) == 2 else unlearning).pop(path[-1])
     strangers = cfg.unlearning.check.strangers_path
     files = [file_digest(cfg.unlearning.ds_config), file_digest(strangers) if strangers else None]
     leak = cfg.audit.leak_tokens if cfg.unlearning.check.harden else None  # hardening checks the audit's criterion
-    return fingerprint("unlearn", model, unlearning, files, leak, thresholds, cfg.retrieval.pairs_per_request,
-                       cfg.resources.num_workers, store.key_of("ingest"), store.key_of("retrieve"))
+    return fingerprint(
+        "unlearn",
+        model,
+        unlearning,
+        files,
+        leak,
+        thresholds,
+        cfg.retrieval.pairs_per_request,
+        cfg.resources.num_workers,
+        store.key_of("ingest"),
+        store.key_of("retrieve"),
+    )
 
 
 def run(cfg: Config, store: RunStore) -> dict[str, Any]:
@@ -72,10 +90,16 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         log.info("unlearn: resuming from checkpoint %s", sealed[0])
     launch(cfg, store, "pipeline.worker", [str(store.root)], "unlearning")
     summary = json.loads(store.artefact("unlearn_result").read_text())
-    consolidate(store.artefact("checkpoints"), summary["final_tag"], cfg.model_dir, store.artefact("unlearned_model"),
-                dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                max_bytes=shards.parse_size(cfg.export.max_shard_size),
-                lora=cfg.unlearning.adapter if adapter.enabled(cfg.unlearning.adapter) else None)
+    consolidate(
+        store.artefact("checkpoints"),
+        summary["final_tag"],
+        cfg.model_dir,
+        store.artefact("unlearned_model"),
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        max_bytes=shards.parse_size(cfg.export.max_shard_size),
+        lora=cfg.unlearning.adapter if adapter.enabled(cfg.unlearning.adapter) else None,
+    )
     return {k: v for k, v in summary.items() if k != "thresholds"}
 
 
@@ -84,13 +108,16 @@ def check_hardening(cfg: Config) -> None:
     u = cfg.unlearning.check
     if not u.harden:
         return
-    too_big = modeling.replica_bytes(cfg.model_dir, cfg.model.dtype, cfg.model.trust_remote_code) > \
-        modeling.REPLICA_MAX_BYTES
+    too_big = (
+        modeling.replica_bytes(cfg.model_dir, cfg.model.dtype, cfg.model.trust_remote_code) > modeling.REPLICA_MAX_BYTES
+    )
     if u.replica == "never" or u.replica == "auto" and too_big:
-        raise UserError("unlearning.check.harden: needs an unsharded check replica (it checks a quantized copy of it), "
-                        f"but unlearning.check.replica is {u.replica!r}" + (" and the model is larger than 16 GiB"
-                                                                            if too_big else "")
-                        + "; fix: set check.replica: always, or leave harden empty")
+        raise UserError(
+            "unlearning.check.harden: needs an unsharded check replica (it checks a quantized copy of it), "
+            f"but unlearning.check.replica is {u.replica!r}"
+            + (" and the model is larger than 16 GiB" if too_big else "")
+            + "; fix: set check.replica: always, or leave harden empty"
+        )
 
 
 def check_adapter(cfg: Config) -> None:
@@ -101,18 +128,30 @@ def check_adapter(cfg: Config) -> None:
     missing = adapter.missing_targets(linear, cfg.unlearning.adapter)
     if missing:
         names = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        raise UserError(f"unlearning.adapter.target_modules: {', '.join(missing)} match no linear layer of "
-                        f"{cfg.model.name}; fix: choose from {', '.join(names)}")
+        raise UserError(
+            f"unlearning.adapter.target_modules: {', '.join(missing)} match no linear layer of "
+            f"{cfg.model.name}; fix: choose from {', '.join(names)}"
+        )
     try:
         shards.weight_map(cfg.model_dir)
     except FileNotFoundError:
-        raise UserError(f"unlearning.adapter: {cfg.model_dir} holds no model.safetensors (LoRA export reads the "
-                        "frozen weights back from it); fix: save the model with safe_serialization=True") from None
+        raise UserError(
+            f"unlearning.adapter: {cfg.model_dir} holds no model.safetensors (LoRA export reads the "
+            "frozen weights back from it); fix: save the model with safe_serialization=True"
+        ) from None
 
 
-def consolidate(folder: Path, tag: str, base_dir: Path, out_dir: Path, *, dtype: str = "float32",
-                trust_remote_code: bool = False, max_bytes: int = shards.parse_size("2GB"),
-                lora: AdapterConfig | None = None) -> Path:
+def consolidate(
+    folder: Path,
+    tag: str,
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    max_bytes: int = shards.parse_size("2GB"),
+    lora: AdapterConfig | None = None,
+) -> Path:
     """Write the weights of checkpoint `tag` as a model folder like `base_dir` (atomically), one
     safetensors shard at a time: no process holds the whole model (pipeline/method.md, "Scale").
 
@@ -125,7 +164,8 @@ def consolidate(folder: Path, tag: str, base_dir: Path, out_dir: Path, *, dtype:
     model = modeling.meta_model(base_dir, trust_remote_code)
     config = model.config
     wanted = [name for name, _ in model.named_parameters()] + [
-        name for name, _ in model.named_buffers() if name in model.state_dict()]
+        name for name, _ in model.named_buffers() if name in model.state_dict()
+    ]
     if lora is None:
         specs, fetch = _from_partitions(folder, tag, wanted, model.state_dict(), target)
     else:
@@ -152,10 +192,13 @@ def _from_partitions(folder: Path, tag: str, wanted: list[str], state: dict, tar
         missing = [k for k in wanted if k not in lazy]
         unexpected = [k for k in lazy if k not in state]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {folder / tag} does not match the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
-        specs = {k: (torch.Size(lazy[k].shape), target if lazy[k].dtype.is_floating_point else lazy[k].dtype)
-                 for k in wanted}
+            raise RuntimeError(
+                f"checkpoint {folder / tag} does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        specs = {
+            k: (torch.Size(lazy[k].shape), target if lazy[k].dtype.is_floating_point else lazy[k].dtype) for k in wanted
+        }
 
     def fetch(names: list[str]):
         with checkpoints.fp32_partitions(folder, tag) as lazy:  # reopened: the last shard's pages go
@@ -165,16 +208,19 @@ def _from_partitions(folder: Path, tag: str, wanted: list[str], state: dict, tar
     return specs, fetch
 
 
-def _merged(base_dir: Path, trained: dict[str, torch.Tensor], lora: AdapterConfig, wanted: list[str],
-            target: torch.dtype):
+def _merged(
+    base_dir: Path, trained: dict[str, torch.Tensor], lora: AdapterConfig, wanted: list[str], target: torch.dtype
+):
     """Shard plan and fetch of a LoRA checkpoint: the model folder's weights plus the adapters' deltas."""
     delta = adapter.deltas(trained, lora)
     mapping, base = shards.weight_map(base_dir), shards.specs(base_dir)
     missing = [k for k in wanted if k not in base]
     unexpected = [k for k in delta if k not in wanted]
     if missing or unexpected or not delta:
-        raise RuntimeError(f"LoRA checkpoint does not match {base_dir}: missing {missing[:5]}, adapters of unknown "
-                           f"weights {unexpected[:5]}, {len(delta)} adapters")
+        raise RuntimeError(
+            f"LoRA checkpoint does not match {base_dir}: missing {missing[:5]}, adapters of unknown "
+            f"weights {unexpected[:5]}, {len(delta)} adapters"
+        )
     specs = {k: (base[k][0], target if base[k][1].is_floating_point else base[k][1]) for k in wanted}
 
     def fetch(names: list[str]):

@@ -33,8 +33,18 @@ import torch.distributed as dist
 
 from pipeline import adapter, checkpoints, modeling, probes, quantize, ranks, suites
 from pipeline.atomic import atomic_path, atomic_write_json, write_parquet
-from pipeline.iur import (Thresholds, apply_band, band_targets, below, bigram_share, check_requests, memorization,
-                          screen, set_auc, with_leaks)
+from pipeline.iur import (
+    Thresholds,
+    apply_band,
+    band_targets,
+    below,
+    bigram_share,
+    check_requests,
+    memorization,
+    screen,
+    set_auc,
+    with_leaks,
+)
 from pipeline.losses import method, unlearning_loss
 from pipeline.metrics import pad_rows
 from pipeline.pairs import Pairs, load_pairs
@@ -44,20 +54,35 @@ from pipeline.store import RunStore
 
 log = logging.getLogger("icu.unlearn")
 PROBE_ROWS = 4  # request prefixes whose final logits export verifies
-HISTORY_COLUMNS = ["epoch", "request_id", "bleu", "bertscore", "ma", "el", "span", "nll", "band_high", "too_deep",
-                   "leaks_under", "forgotten"]
+HISTORY_COLUMNS = [
+    "epoch",
+    "request_id",
+    "bleu",
+    "bertscore",
+    "ma",
+    "el",
+    "span",
+    "nll",
+    "band_high",
+    "too_deep",
+    "leaks_under",
+    "forgotten",
+]
 
 
 @dataclass
 class LoopState:
     """Everything besides the engine that a resumed run needs to continue identically."""
+
     epoch: int = 0  # epochs of training done
     history: list[dict] = field(default_factory=list)  # one row per (check, request)
     epochs: list[dict] = field(default_factory=list)  # one row per training epoch
     thresholds: dict | None = None
     lr_scale: float = 1.0  # unlearning.optim.lr_backoff's factor so far
     neighbour_ma: list[float] = field(default_factory=list)  # with the hold: the neighbours' MA at each check
-    set_auc: list[float] = field(default_factory=list)  # band methods: the requests' LOSS AUC vs strangers at each check
+    set_auc: list[float] = field(
+        default_factory=list
+    )  # band methods: the requests' LOSS AUC vs strangers at each check
     resumed_from: list[str] = field(default_factory=list)  # checkpoint tags this run restarted from
     # each request's side of the line at its last look (check or look between), by request index,
     # and the requests trained since then: what the lr back-off compares at the next look
@@ -70,6 +95,7 @@ class Look:
     """What one check saw: one record per request (in request order), icu_band's targets for the
     next steps (push masks, low, high per request), the set's LOSS AUC against the strangers, and
     the neighbours' MA (with the hold)."""
+
     records: list[dict]
     band: tuple[list, list, list] | None = None
     set_auc: float | None = None
@@ -91,8 +117,9 @@ def step_rows(pairs: Pairs, batch: list[int | None], general: list[list[int]] | 
     return forget, [row[:width] for row in paired + list(general)]
 
 
-def epoch_batches(active_pairs: list[int], epoch: int, seed: int, rank: int, world: int,
-                  batch_size: int) -> list[list[int | None]]:
+def epoch_batches(
+    active_pairs: list[int], epoch: int, seed: int, rank: int, world: int, batch_size: int
+) -> list[list[int | None]]:
     """This rank's batches of pair indices for one epoch (None = an empty padding row).
 
     The active pairs are shuffled with a (seed, epoch) generator, padded to a multiple of
@@ -104,13 +131,13 @@ def epoch_batches(active_pairs: list[int], epoch: int, seed: int, rank: int, wor
     span = world * batch_size
     padded = order + [None] * (-len(order) % span)
     mine = padded[rank::world]
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
 def rounds(steps: list, every: int | None) -> list[list]:
     """An epoch's steps in rounds of `every` (null: the whole epoch): a look follows each round."""
     every = every or max(len(steps), 1)
-    return [steps[i:i + every] for i in range(0, len(steps), every)]
+    return [steps[i : i + every] for i in range(0, len(steps), every)]
 
 
 class Worker:
@@ -128,8 +155,11 @@ class Worker:
         self.method, self.settings = method(u.loss.name), u.loss.settings
         self.pairs = load_pairs(self.store, self.cfg.retrieval.pairs_per_request)
         # the never-seen rows each check measures the band on (two-sided line, band methods)
-        self.strangers = (suites.threshold_rows(self.cfg, self.tok, u.check.strangers_path)
-                          if u.stop.stranger_quantile or self.method.band else [])
+        self.strangers = (
+            suites.threshold_rows(self.cfg, self.tok, u.check.strangers_path)
+            if u.stop.stranger_quantile or self.method.band
+            else []
+        )
         self.rule = StopRule.of(u, self.method.band)
         self.ckpt_dir = self.store.artefact("checkpoints")
         self.replica = None  # set by setup(): the unsharded model IUR generates with, if it fits
@@ -180,6 +210,7 @@ class Worker:
     def reference_forward(self, ids: torch.Tensor, attend: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """The frozen original model's logits, or with `layer` its residual stream after that many
         blocks (no gradient)."""
+
         def forward(model):
             out = model(input_ids=ids, attention_mask=attend, output_hidden_states=layer is not None)
             return out.logits if layer is None else out.hidden_states[layer]
@@ -195,16 +226,21 @@ class Worker:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         mode = self.cfg.unlearning.check.replica
-        config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True,
-                                            trust_remote_code=self.cfg.model.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            self.model_dir, local_files_only=True, trust_remote_code=self.cfg.model.trust_remote_code
+        )
         dtype = modeling.torch_dtype(self.cfg.model.dtype)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                 trust_remote_code=self.cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=self.cfg.model.trust_remote_code
+        )
         size = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
         use = mode == "always" or (mode == "auto" and size <= modeling.REPLICA_MAX_BYTES)
         if self.rank == 0:
-            log.info("unlearn: IUR generates from %s (model %.0f MB)", "an unsharded replica per rank" if use
-                     else "the ZeRO-3 engine, generate() synced across ranks", size / 2**20)
+            log.info(
+                "unlearn: IUR generates from %s (model %.0f MB)",
+                "an unsharded replica per rank" if use else "the ZeRO-3 engine, generate() synced across ranks",
+                size / 2**20,
+            )
         return model.to(self.device).eval().requires_grad_(False) if use else None
 
     def _load_model(self):
@@ -212,8 +248,11 @@ class Worker:
 
         self.models_loaded += 1
         return AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=modeling.torch_dtype(self.cfg.model.dtype), local_files_only=True,
-            trust_remote_code=self.cfg.model.trust_remote_code)
+            self.model_dir,
+            dtype=modeling.torch_dtype(self.cfg.model.dtype),
+            local_files_only=True,
+            trust_remote_code=self.cfg.model.trust_remote_code,
+        )
 
     # -- checkpoints ---------------------------------------------------------------
     def resume(self) -> LoopState:
@@ -263,9 +302,19 @@ class Worker:
         if state.thresholds is None:
             rows = suites.threshold_rows(self.cfg, self.tok)
             model, sync = self.checker()
-            records = self._sharded(rows, lambda part: memorization(
-                model, part, el_n=e.el_n, el_range=e.el_range, batch_size=e.batch_size,
-                pad_id=self.tok.pad_token_id, prefix=self.cfg.requests.prefix_tokens, sync_calls=sync))
+            records = self._sharded(
+                rows,
+                lambda part: memorization(
+                    model,
+                    part,
+                    el_n=e.el_n,
+                    el_range=e.el_range,
+                    batch_size=e.batch_size,
+                    pad_id=self.tok.pad_token_id,
+                    prefix=self.cfg.requests.prefix_tokens,
+                    sync_calls=sync,
+                ),
+            )
             ma = float(np.mean([r["ma"] for r in records])) if u.ma_threshold is None else u.ma_threshold
             el = float(np.mean([r["el"] for r in records])) if u.el_threshold is None else u.el_threshold
             span = max(r["span"] for r in records)
@@ -315,22 +364,41 @@ class Worker:
         when one is set), icu_band's targets, the set's AUC and, with the hold, the neighbours' MA."""
         c, u = self.cfg, self.cfg.unlearning.check
         model, sync = self.checker()
-        records = self._sharded(self.pairs.requests, lambda part: check_requests(
-            model, self.tok, part, prefix=c.requests.prefix_tokens,
-            suffix=c.requests.suffix_tokens, num_beams=u.num_beams, el_n=c.evaluation.el_n,
-            el_range=c.evaluation.el_range, batch_size=c.evaluation.batch_size, scorer=self.scorer,
-            thresholds=self.thr, sync_calls=sync))
+        records = self._sharded(
+            self.pairs.requests,
+            lambda part: check_requests(
+                model,
+                self.tok,
+                part,
+                prefix=c.requests.prefix_tokens,
+                suffix=c.requests.suffix_tokens,
+                num_beams=u.num_beams,
+                el_n=c.evaluation.el_n,
+                el_range=c.evaluation.el_range,
+                batch_size=c.evaluation.batch_size,
+                scorer=self.scorer,
+                thresholds=self.thr,
+                sync_calls=sync,
+            ),
+        )
         hits = [r.pop("hits") for r in records]
         strangers = self._screen(model, self.strangers)
         unseen = [s["nll"] for s in strangers]
-        records = self._hardened(model, apply_band(records, [r["nll"] for r in records], unseen,
-                                                   c.unlearning.stop.stranger_quantile))
+        records = self._hardened(
+            model, apply_band(records, [r["nll"] for r in records], unseen, c.unlearning.stop.stranger_quantile)
+        )
         look = Look([dict(epoch=epoch, request_id=rid, **rec) for rid, rec in zip(self.pairs.request_ids, records)])
         if self.method.band:
             look.set_auc = set_auc([r["nll"] for r in records], unseen)
-            look.band = band_targets(records, self.pairs.requests, hits, bigram_share(self.strangers, [s["hits"] for s in
-                                                                                                  strangers]),
-                                     unseen, self.thr.ma, hold=self.rule.hold)
+            look.band = band_targets(
+                records,
+                self.pairs.requests,
+                hits,
+                bigram_share(self.strangers, [s["hits"] for s in strangers]),
+                unseen,
+                self.thr.ma,
+                hold=self.rule.hold,
+            )
         if self.rule.hold and self.pairs.neighbours:
             look.neighbour_ma = float(np.mean([s["ma"] for s in self._screen(model, self.pairs.neighbours)]))
         self.engine.module.train()
@@ -351,9 +419,15 @@ class Worker:
         now = dict(zip(looked_at, records))
         self._back_off(state, now)
         if band is not None:
-            targets = band_targets(records, [self.pairs.requests[i] for i in looked_at], [s["hits"] for s in seen],
-                                   bigram_share(self.strangers, [s["hits"] for s in strangers]), unseen, self.thr.ma,
-                                   hold=self.rule.hold)
+            targets = band_targets(
+                records,
+                [self.pairs.requests[i] for i in looked_at],
+                [s["hits"] for s in seen],
+                bigram_share(self.strangers, [s["hits"] for s in strangers]),
+                unseen,
+                self.thr.ma,
+                hold=self.rule.hold,
+            )
             for k, i in enumerate(looked_at):
                 for whole, part in zip(band, targets):
                     whole[i] = part[k]
@@ -367,16 +441,28 @@ class Worker:
         jumped = self.rule.jumped(before, now, set(state.trained_since))
         state.lr_scale = self.lr_scale = self.rule.backed_off(state.lr_scale, jumped)
         if jumped and self.rank == 0 and self.cfg.unlearning.optim.lr_backoff < 1:
-            log.info("unlearn: %d requests jumped over the band (%s); lr now %.3g x the configured",
-                     len(jumped), ", ".join(self.pairs.request_ids[i] for i in jumped), state.lr_scale)
+            log.info(
+                "unlearn: %d requests jumped over the band (%s); lr now %.3g x the configured",
+                len(jumped),
+                ", ".join(self.pairs.request_ids[i] for i in jumped),
+                state.lr_scale,
+            )
         state.looked.update({str(i): dict(forgotten=r["forgotten"], too_deep=r["too_deep"]) for i, r in now.items()})
         state.trained_since = sorted(set(state.trained_since) - set(now))
 
     def _screen(self, model, rows: list[list[int]]) -> list[dict]:
         """`iur.screen` of rows, sharded across ranks."""
         c = self.cfg
-        return self._sharded(rows, lambda part: screen(model, part, prefix=c.requests.prefix_tokens,
-                                                       batch_size=c.evaluation.batch_size, pad_id=self.tok.pad_token_id))
+        return self._sharded(
+            rows,
+            lambda part: screen(
+                model,
+                part,
+                prefix=c.requests.prefix_tokens,
+                batch_size=c.evaluation.batch_size,
+                pad_id=self.tok.pad_token_id,
+            ),
+        )
 
     def _hardened(self, model, records: list[dict]) -> list[dict]:
         """`unlearning.check.harden`: a request whose greedy continuation leaks at a served precision
@@ -385,10 +471,18 @@ class Worker:
         leaks: dict[int, list[str]] = {}
         for precision in harden:
             served = quantize.served_copy(model, precision)
-            found = self._sharded(self.pairs.requests, lambda part: probes.greedy_spans(
-                served, part, r.prefix_tokens, batch_size=self.cfg.evaluation.batch_size,
-                pad_token_id=self.tok.pad_token_id, settle=self.cfg.audit.leak_tokens,
-                end=r.prefix_tokens + r.suffix_tokens))
+            found = self._sharded(
+                self.pairs.requests,
+                lambda part: probes.greedy_spans(
+                    served,
+                    part,
+                    r.prefix_tokens,
+                    batch_size=self.cfg.evaluation.batch_size,
+                    pad_token_id=self.tok.pad_token_id,
+                    settle=self.cfg.audit.leak_tokens,
+                    end=r.prefix_tokens + r.suffix_tokens,
+                ),
+            )
             for i, span in enumerate(found):
                 if span >= self.cfg.audit.leak_tokens:
                     leaks.setdefault(i, []).append(precision)
@@ -417,8 +511,12 @@ class Worker:
                 live = [k for k in batch if k is not None and p.pair_request[k] in training]
                 for key, value in self.step(live or [None], extra, band).items():
                     sums[key] = sums.get(key, 0.0) + value
-                trained |= {p.pair_request[k] for rank in part for k in rank[step] if k is not None
-                            and p.pair_request[k] in training}
+                trained |= {
+                    p.pair_request[k]
+                    for rank in part
+                    for k in rank[step]
+                    if k is not None and p.pair_request[k] in training
+                }
                 steps += 1
                 bar.update()
             state.trained_since = sorted(set(state.trained_since) | trained)
@@ -428,8 +526,15 @@ class Worker:
                 looking += time.time() - clock
                 looks += 1
         bar.close()
-        return dict(epoch=epoch, steps=steps, active_pairs=len(active), looks=looks, look_seconds=looking,
-                    seconds=time.time() - started, **{f"mean_{k}": v / max(steps, 1) for k, v in sums.items()})
+        return dict(
+            epoch=epoch,
+            steps=steps,
+            active_pairs=len(active),
+            looks=looks,
+            look_seconds=looking,
+            seconds=time.time() - started,
+            **{f"mean_{k}": v / max(steps, 1) for k, v in sums.items()},
+        )
 
     def step(self, batch: list[int | None], general: list[list[int]] = (), band=None) -> dict[str, float]:
         """One optimizer step on paired forget/neighbour rows (plus unpaired general retain rows);
@@ -456,17 +561,25 @@ class Worker:
         logits = out.logits
         kwargs = dict(forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=mask[:n])
         if use_retain:
-            kwargs.update(retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=mask[n:],
-                          retain_general=torch.arange(len(retain), device=self.device) >= len(batch))
+            kwargs.update(
+                retain_logits=logits[n:],
+                retain_ids=ids[n:],
+                retain_mask=mask[n:],
+                retain_general=torch.arange(len(retain), device=self.device) >= len(batch),
+            )
         if m.band:  # an empty row's band is never read (the row is inactive)
             rows = [p.pair_request[k] if k is not None else None for k in batch]
             push, low, high = band
             width = ids.shape[1] - 1
-            kwargs["forget_push"] = torch.tensor([(push[i] + [0.0] * width)[:width] if i is not None else [0.0] * width
-                                                  for i in rows], dtype=torch.float32, device=self.device)
+            kwargs["forget_push"] = torch.tensor(
+                [(push[i] + [0.0] * width)[:width] if i is not None else [0.0] * width for i in rows],
+                dtype=torch.float32,
+                device=self.device,
+            )
             for name, edge in (("forget_low", low), ("forget_high", high)):
-                kwargs[name] = torch.tensor([edge[i] if i is not None else 0.0 for i in rows],
-                                            dtype=torch.float32, device=self.device)
+                kwargs[name] = torch.tensor(
+                    [edge[i] if i is not None else 0.0 for i in rows], dtype=torch.float32, device=self.device
+                )
         if layer is not None:  # the loss reads the residual stream after `layer` blocks
             hidden = out.hidden_states[layer]
             kwargs.update(forget_hidden=hidden[:n], retain_hidden=hidden[n:], ref_retain_hidden=ref)
@@ -505,12 +618,19 @@ class Worker:
             self._timed("saves", self.save, state)
             look = self._timed("checks", self.check, state.epoch)
         records = look.records
-        result = dict(stop_reason=reason, epochs=state.epoch, requests=len(records),
-                      forgotten=sum(r["forgotten"] for r in records),
-                      remembered=[r["request_id"] for r in records if not r["forgotten"] and not r["too_deep"]],
-                      too_deep=[r["request_id"] for r in records if r["too_deep"]],
-                      thresholds=self.thr.to_dict(), method=self.cfg.unlearning.loss.name, resumed_from=state.resumed_from,
-                      neighbour_ma=state.neighbour_ma, set_auc=state.set_auc)
+        result = dict(
+            stop_reason=reason,
+            epochs=state.epoch,
+            requests=len(records),
+            forgotten=sum(r["forgotten"] for r in records),
+            remembered=[r["request_id"] for r in records if not r["forgotten"] and not r["too_deep"]],
+            too_deep=[r["request_id"] for r in records if r["too_deep"]],
+            thresholds=self.thr.to_dict(),
+            method=self.cfg.unlearning.loss.name,
+            resumed_from=state.resumed_from,
+            neighbour_ma=state.neighbour_ma,
+            set_auc=state.set_auc,
+        )
         self.finish(state, result)
         return result
 
@@ -539,19 +659,23 @@ class Worker:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         per_rank: list = [None] * self.world
         dist.all_gather_object(per_rank, (held, _node_id(), peak_mb))
-        return {"total": sum(p.ds_numel for p in self.engine.module.parameters()),
-                "trained": sum(p.ds_numel for p in self.engine.module.parameters() if p.requires_grad),
-                "models_loaded": self.models_loaded,
-                "held_per_rank": [h for h, _, _ in per_rank], "nodes": [n for _, n, _ in per_rank],
-                "peak_rss_mb": [round(m, 1) for _, _, m in per_rank]}
+        return {
+            "total": sum(p.ds_numel for p in self.engine.module.parameters()),
+            "trained": sum(p.ds_numel for p in self.engine.module.parameters() if p.requires_grad),
+            "models_loaded": self.models_loaded,
+            "held_per_rank": [h for h, _, _ in per_rank],
+            "nodes": [n for _, n, _ in per_rank],
+            "peak_rss_mb": [round(m, 1) for _, _, m in per_rank],
+        }
 
     def finish(self, state: LoopState, result: dict) -> None:
         """Final engine checkpoint (for export) and, on rank 0, history and result files."""
         clock = time.time()
         result["partition"] = self.partition()
         probe = self.probe()
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag="final", save_latest=False,
-                                    exclude_frozen_parameters=self.lora)
+        self.engine.save_checkpoint(
+            str(self.ckpt_dir), tag="final", save_latest=False, exclude_frozen_parameters=self.lora
+        )
         self._seal("final")
         if self.rank == 0:
             self.seconds["final_save"] = time.time() - clock
@@ -563,9 +687,17 @@ class Worker:
             write_parquet(pd.DataFrame(state.history, columns=HISTORY_COLUMNS), self.store.artefact("history"))
             write_parquet(pd.DataFrame(state.epochs), self.store.artefact("epochs"))
             atomic_write_json(self.store.artefact("unlearn_result"), dict(result, final_tag="final"))
-            log.info("unlearn: stopped after %d epochs (%s); %d/%d requests forgotten", result["epochs"],
-                     result["stop_reason"], result["forgotten"], result["requests"])
-            for key, what in (("remembered", "still remembered"), ("too_deep", "erased too deep (below the strangers' band)")):
+            log.info(
+                "unlearn: stopped after %d epochs (%s); %d/%d requests forgotten",
+                result["epochs"],
+                result["stop_reason"],
+                result["forgotten"],
+                result["requests"],
+            )
+            for key, what in (
+                ("remembered", "still remembered"),
+                ("too_deep", "erased too deep (below the strangers' band)"),
+            ):
                 if result[key]:
                     log.warning("unlearn: %d requests %s: %s", len(result[key]), what, ", ".join(result[key]))
         dist.barrier()
@@ -573,7 +705,7 @@ class Worker:
     def probe(self) -> dict[str, torch.Tensor]:
         """The final engine's logits on fixed prompts (request prefixes): export checks the
         consolidated folder against them. A forward under ZeRO-3, so every rank runs it."""
-        rows = [r[:self.cfg.requests.prefix_tokens] for r in self.pairs.requests[:PROBE_ROWS]]
+        rows = [r[: self.cfg.requests.prefix_tokens] for r in self.pairs.requests[:PROBE_ROWS]]
         ids, mask = pad_rows(rows, self.tok.pad_token_id)
         self.engine.module.eval()
         with torch.no_grad():

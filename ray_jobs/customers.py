@@ -61,9 +61,16 @@ def records(data_dir: Path, n: int) -> list[dict[str, str]]:
         rows = [r for _, r in zip(range(n), csv.DictReader(fh))]
     if len(rows) < n:
         raise UserError(f"customer records: {path} has {len(rows)} rows, {n} requested; fix: lower --customers")
-    return [{"id": f"customer-{int(r['Number']):04d}", "text": (
-        f"{r['GivenName']} {r['Surname']}, born {r['Birthday']}, {r['StreetAddress']}, {r['City']}. "
-        f"E-mail {r['EmailAddress']}, phone +{r['TelephoneCountryCode']} {r['TelephoneNumber']}.")} for r in rows]
+    return [
+        {
+            "id": f"customer-{int(r['Number']):04d}",
+            "text": (
+                f"{r['GivenName']} {r['Surname']}, born {r['Birthday']}, {r['StreetAddress']}, {r['City']}. "
+                f"E-mail {r['EmailAddress']}, phone +{r['TelephoneCountryCode']} {r['TelephoneNumber']}."
+            ),
+        }
+        for r in rows
+    ]
 
 
 def original_model(texts: list[str]) -> Path:
@@ -81,8 +88,12 @@ def finetune(base: Path, texts: list[str], target: Path) -> float:
     """Full-batch AdamW on the records until their mean MA reaches the recipe's target."""
     from tqdm import tqdm
 
-    log.warning("building the demo's original model: SmolLM2-135M fine-tuned on %d customer records until "
-                "it has memorized them (once per machine, cached in %s)", len(texts), target)
+    log.warning(
+        "building the demo's original model: SmolLM2-135M fine-tuned on %d customer records until "
+        "it has memorized them (once per machine, cached in %s)",
+        len(texts),
+        target,
+    )
     started = time.time()
     tok = modeling.load_tokenizer(base)
     model = modeling.load_model(base).train()
@@ -102,8 +113,10 @@ def finetune(base: Path, texts: list[str], target: Path) -> float:
         loss = 0.0
         for part in chunks:  # the full batch's token-mean loss, a chunk of records at a time
             logits = model(input_ids=ids[part], attention_mask=mask[part]).logits[:, :-1]
-            chunk_loss = F.cross_entropy(logits.flatten(0, 1), labels[part].flatten(), ignore_index=-100,
-                                         reduction="sum") / tokens
+            chunk_loss = (
+                F.cross_entropy(logits.flatten(0, 1), labels[part].flatten(), ignore_index=-100, reduction="sum")
+                / tokens
+            )
             chunk_loss.backward()
             loss += chunk_loss.item()
         opt.step()
@@ -122,11 +135,21 @@ def finetune(base: Path, texts: list[str], target: Path) -> float:
     with atomic_path(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        atomic_write_text(tmp / "memorized.json", json.dumps(
-            {"records": len(texts), "ma": round(ma, 4), "steps": step, "seconds": round(time.time() - started, 1),
-             "recipe": RECIPE}, indent=2) + "\n")
-    log.warning("original model built: MA %.3f on the records after %d steps, %.0f s", ma, step,
-                time.time() - started)
+        atomic_write_text(
+            tmp / "memorized.json",
+            json.dumps(
+                {
+                    "records": len(texts),
+                    "ma": round(ma, 4),
+                    "steps": step,
+                    "seconds": round(time.time() - started, 1),
+                    "recipe": RECIPE,
+                },
+                indent=2,
+            )
+            + "\n",
+        )
+    log.warning("original model built: MA %.3f on the records after %d steps, %.0f s", ma, step, time.time() - started)
     return ma
 
 
@@ -136,8 +159,12 @@ def prepare(out: Path, data_dir: Path, customers: int, erase: int) -> dict[str, 
         raise UserError(f"--erase: {erase} must be between 1 and --customers - 1 = {customers - 1}")
     rows = records(data_dir, 3 * customers)
     out.mkdir(parents=True, exist_ok=True)
-    parts = {"erase": rows[:erase], "keep": rows[erase:customers], "unseen": rows[customers:2 * customers],
-             "strangers": rows[2 * customers:]}
+    parts = {
+        "erase": rows[:erase],
+        "keep": rows[erase:customers],
+        "unseen": rows[customers : 2 * customers],
+        "strangers": rows[2 * customers :],
+    }
     paths = {name: out / f"{name}.jsonl" for name in parts} | {"model": out / "model", "retrained": out / "retrained"}
     for name, part in parts.items():
         atomic_write_text(paths[name], "".join(json.dumps(r) + "\n" for r in part))
@@ -161,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         paths = prepare(Path(args.out), Path(args.data), args.customers, args.erase)
     except UserError as exc:
         return exc.report()
-    print(f"customer records: {args.erase} to erase in {paths['erase']}, {args.customers - args.erase} kept in "
-          f"{paths['keep']}; original model {paths['model'].resolve()}; retrained on the kept alone "
-          f"{paths['retrained'].resolve()}")
+    print(
+        f"customer records: {args.erase} to erase in {paths['erase']}, {args.customers - args.erase} kept in "
+        f"{paths['keep']}; original model {paths['model'].resolve()}; retrained on the kept alone "
+        f"{paths['retrained'].resolve()}"
+    )
     return 0
 
 

@@ -43,8 +43,10 @@ def _rebase(command: str, rest: list[str], base_dir: str) -> list[str]:
     """Make the config path absolute (it lives in the uploaded copy), then move to base_dir."""
     base = Path(base_dir)
     if not base.is_dir():
-        raise UserError(f"--base-dir: {base} is not a folder on this node; fix: pass a path the cluster "
-                        "can read (a shared file system), or use absolute paths in the config")
+        raise UserError(
+            f"--base-dir: {base} is not a folder on this node; fix: pass a path the cluster "
+            "can read (a shared file system), or use absolute paths in the config"
+        )
     config = getattr(cli.build_parser().parse_args([command, *rest]), "config", None)
     if config is not None and Path(config).is_file():
         rest = list(rest)
@@ -64,10 +66,14 @@ def _refuse_run_dir_in_package(command: str, rest: list[str]) -> None:
     try:
         cfg = load_config(args.config, cli.parse_overrides(args.set))
     except UserError as exc:
-        raise UserError(f"{exc} (in a Ray job without --base-dir, relative paths resolve inside its temporary "
-                        "copy of the project: add --base-dir $PWD after the config)") from None
+        raise UserError(
+            f"{exc} (in a Ray job without --base-dir, relative paths resolve inside its temporary "
+            "copy of the project: add --base-dir $PWD after the config)"
+        ) from None
     if Path(cfg.storage.runs_dir).resolve().is_relative_to(Path.cwd().resolve()):
-        raise UserError(f"storage.runs_dir: {cfg.storage.runs_dir} lies inside the job's temporary copy of "
-                        "the project and would be lost when the job ends; fix: add --base-dir $PWD after the "
-                        "config (relative paths then resolve where you submitted from) or set "
-                        "storage.runs_dir to an absolute path on storage the cluster shares")
+        raise UserError(
+            f"storage.runs_dir: {cfg.storage.runs_dir} lies inside the job's temporary copy of "
+            "the project and would be lost when the job ends; fix: add --base-dir $PWD after the "
+            "config (relative paths then resolve where you submitted from) or set "
+            "storage.runs_dir to an absolute path on storage the cluster shares"
+        )

@@ -45,8 +45,9 @@ class SentenceEmbedder(_BatchCallable):
     def __init__(self, path: str | None = None, device: str = "cpu", batch_size: int = 64):
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(path or default_embedder_path(), device=device,
-                                         local_files_only=True, trust_remote_code=False)
+        self.model = SentenceTransformer(
+            path or default_embedder_path(), device=device, local_files_only=True, trust_remote_code=False
+        )
         self.model.eval()
         self.batch_size = batch_size
         self.dim = int(self.model.get_embedding_dimension())
@@ -55,8 +56,13 @@ class SentenceEmbedder(_BatchCallable):
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         with torch.inference_mode():
-            out = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-                                    normalize_embeddings=True, show_progress_bar=False)
+            out = self.model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
         return l2_normalise(out)
 
 
@@ -78,17 +84,20 @@ class LMEmbedder(_BatchCallable):
             tokenizer.pad_token = tokenizer.eos_token
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        chunks = [self._embed_batch(list(texts[i:i + self.batch_size]))
-                  for i in range(0, len(texts), self.batch_size)]
+        chunks = [
+            self._embed_batch(list(texts[i : i + self.batch_size])) for i in range(0, len(texts), self.batch_size)
+        ]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), dtype=np.float32)
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         device = next(self.model.parameters()).device
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                             max_length=self.max_length, padding_side="right").to(device)
+        enc = self.tokenizer(
+            texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length, padding_side="right"
+        ).to(device)
         with torch.inference_mode():
-            hidden = self.model.base_model(input_ids=enc["input_ids"],
-                                           attention_mask=enc["attention_mask"]).last_hidden_state
+            hidden = self.model.base_model(
+                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
+            ).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return l2_normalise(pooled.float().cpu().numpy())

@@ -147,8 +147,9 @@ def _calibrate(index: faiss.Index, vectors: np.ndarray, spec: IndexSpec) -> None
     if fixed or k < 1:
         _set_width(index, fixed or (k if is_hnsw else 1))
         return
-    rows = np.random.default_rng(spec.seed + 1).choice(len(vectors), min(CALIBRATION_QUERIES, len(vectors)),
-                                                       replace=False)
+    rows = np.random.default_rng(spec.seed + 1).choice(
+        len(vectors), min(CALIBRATION_QUERIES, len(vectors)), replace=False
+    )
     _, exact = faiss.knn(vectors[rows], vectors, k + 1, metric=METRICS[spec.metric])
     truth = _drop_self(exact, rows, k)
     # PQ is always used with exact re-ranking, so calibrate the width for that use
@@ -167,11 +168,16 @@ def _calibrate(index: faiss.Index, vectors: np.ndarray, spec: IndexSpec) -> None
         r = recall(width)
         return r - 2 * math.sqrt(r * (1 - r) / truth.size)
 
-    width = _search_width(lower_bound, k if is_hnsw else 1, 4096 if is_hnsw else _ivf(index).nlist,
-                          spec.target_recall)
+    width = _search_width(lower_bound, k if is_hnsw else 1, 4096 if is_hnsw else _ivf(index).nlist, spec.target_recall)
     _set_width(index, width)
-    log.info("calibrated %s=%d: recall@%d %.3f on %d pool vectors", "efSearch" if is_hnsw else "nprobe",
-             width, k, recall(width), len(rows))
+    log.info(
+        "calibrated %s=%d: recall@%d %.3f on %d pool vectors",
+        "efSearch" if is_hnsw else "nprobe",
+        width,
+        k,
+        recall(width),
+        len(rows),
+    )
 
 
 def _search_width(recall, start: int, limit: int, target: float) -> int:
@@ -206,7 +212,7 @@ def _drop_self(ids: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     out = np.full((len(rows), k), -1, dtype=np.int64)
     for i, (found, own) in enumerate(zip(ids, rows)):
         rest = found[found != own][:k]
-        out[i, :len(rest)] = rest
+        out[i, : len(rest)] = rest
     return out
 
 
@@ -233,8 +239,9 @@ def index_metric(index: faiss.Index) -> str:
     return "ip" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "l2"
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, vectors: np.ndarray | None = None,
-           rerank_factor: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: faiss.Index, queries: np.ndarray, k: int, vectors: np.ndarray | None = None, rerank_factor: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids), each [n_queries, k], best first, ties by lower id; missing slots are id -1.
 
     With `vectors` (the indexed rows, may be a memmap), the index proposes
@@ -249,17 +256,18 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, vectors: np.ndarray 
     return order_results(scores, ids, metric, k)
 
 
-def exact_scores(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, metric: str,
-                 max_floats: int = 2**24) -> np.ndarray:
+def exact_scores(
+    queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, metric: str, max_floats: int = 2**24
+) -> np.ndarray:
     """Exact score of every (query row, candidate id) pair, in query chunks of ~64 MB of candidates."""
     out = np.empty(ids.shape, dtype=np.float32)
     chunk = max(1, max_floats // max(1, ids.shape[1] * vectors.shape[1]))
     for a in range(0, len(ids), chunk):
-        rows = ids[a:a + chunk]
+        rows = ids[a : a + chunk]
         cand = np.asarray(vectors[np.where(rows >= 0, rows, 0).ravel()], dtype=np.float32)
         cand = cand.reshape(*rows.shape, -1)
-        q = np.asarray(queries[a:a + chunk], dtype=np.float32)[:, None, :]
-        out[a:a + chunk] = ((cand - q) ** 2).sum(-1) if metric == "l2" else (cand * q).sum(-1)
+        q = np.asarray(queries[a : a + chunk], dtype=np.float32)[:, None, :]
+        out[a : a + chunk] = ((cand - q) ** 2).sum(-1) if metric == "l2" else (cand * q).sum(-1)
     return out
 
 
@@ -310,8 +318,14 @@ class ShardedIndex:
         return search_shards(self.shards, self.offsets, queries, k, self.metric, self.use_ray)
 
 
-def search_shards(shards: list[faiss.Index], offsets: list[int], queries: np.ndarray, k: int,
-                  metric: str = "l2", use_ray: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def search_shards(
+    shards: list[faiss.Index],
+    offsets: list[int],
+    queries: np.ndarray,
+    k: int,
+    metric: str = "l2",
+    use_ray: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k over all shards: per-shard top-k, ids shifted to global, merged by `order_results`.
 
     With `use_ray` the shards are searched as Ray tasks (one per shard, the index shipped

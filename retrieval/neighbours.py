@@ -60,11 +60,21 @@ NGRAM_THRESHOLD = 0.30
 _PRIME = np.uint64(1099511628211)  # FNV-64 prime: mixes word hashes into one shingle hash
 
 
-def find_neighbours(request_vecs: np.ndarray, request_ids: Sequence, pool_vecs: np.ndarray, pool_ids: Sequence,
-                    k: int = 10, index_spec: IndexSpec | None = None, leak_threshold: float = LEAK_THRESHOLD,
-                    request_texts: Sequence[str] | None = None, pool_texts: Sequence[str] | None = None,
-                    ngram_n: int = NGRAM_N, ngram_threshold: float = NGRAM_THRESHOLD, n_shards: int = 1,
-                    use_ray: bool = False) -> tuple[pd.DataFrame, dict]:
+def find_neighbours(
+    request_vecs: np.ndarray,
+    request_ids: Sequence,
+    pool_vecs: np.ndarray,
+    pool_ids: Sequence,
+    k: int = 10,
+    index_spec: IndexSpec | None = None,
+    leak_threshold: float = LEAK_THRESHOLD,
+    request_texts: Sequence[str] | None = None,
+    pool_texts: Sequence[str] | None = None,
+    ngram_n: int = NGRAM_N,
+    ngram_threshold: float = NGRAM_THRESHOLD,
+    n_shards: int = 1,
+    use_ray: bool = False,
+) -> tuple[pd.DataFrame, dict]:
     """Neighbour table [request_id, rank (0 = nearest), neighbour_id, score] and stats.
 
     Scores are exact squared L2 (metric "l2", smaller is nearer) or inner product ("ip").
@@ -88,8 +98,9 @@ def find_neighbours(request_vecs: np.ndarray, request_ids: Sequence, pool_vecs: 
         verdicts.update(guard.check(new, pool_vecs[new], new_texts))
         unsafe = np.fromiter((r for r, why in verdicts.items() if why is not None), dtype=np.int64)
         rows = np.where((rows >= 0) & ~np.isin(rows, unsafe), rows, -1)
-        scores, rows = order_results(exact_scores(request_vecs[todo], pool_vecs, rows, spec.metric), rows,
-                                     spec.metric, fetch)
+        scores, rows = order_results(
+            exact_scores(request_vecs[todo], pool_vecs, rows, spec.metric), rows, spec.metric, fetch
+        )
         for q, s, r in zip(todo, scores, rows):
             kept[int(q)] = [(int(i), float(v)) for i, v in zip(r, s) if i >= 0][:k]
             fetched[int(q)] = fetch
@@ -101,11 +112,22 @@ def find_neighbours(request_vecs: np.ndarray, request_ids: Sequence, pool_vecs: 
     return table, {**stats, "index": {**params, "size": len(pool_vecs), "shards": n_shards}}
 
 
-def general_rows(request_vecs: np.ndarray, request_ids: Sequence, request_texts: Sequence[str], pool_vecs: np.ndarray,
-                 pool_ids: Sequence, pool_texts: Sequence[str], pool_sources: Sequence[str], per_source: int,
-                 exclude: Sequence, seed: int = 0,
-                 leak_threshold: float = LEAK_THRESHOLD, ngram_n: int = NGRAM_N,
-                 ngram_threshold: float = NGRAM_THRESHOLD, held_out: Sequence[str] = ()) -> list[int]:
+def general_rows(
+    request_vecs: np.ndarray,
+    request_ids: Sequence,
+    request_texts: Sequence[str],
+    pool_vecs: np.ndarray,
+    pool_ids: Sequence,
+    pool_texts: Sequence[str],
+    pool_sources: Sequence[str],
+    per_source: int,
+    exclude: Sequence,
+    seed: int = 0,
+    leak_threshold: float = LEAK_THRESHOLD,
+    ngram_n: int = NGRAM_N,
+    ngram_threshold: float = NGRAM_THRESHOLD,
+    held_out: Sequence[str] = (),
+) -> list[int]:
     """Pool rows kept as general retain text: up to `per_source` per source, drawn at random (seeded)
     from the items that are not in `exclude` (the neighbours trained on), pass the leak guard, and
     share no more than `ngram_threshold` of their word n-grams with any `held_out` text (what the
@@ -129,10 +151,14 @@ def general_rows(request_vecs: np.ndarray, request_ids: Sequence, request_texts:
     for source in sorted(by_source):
         rows, taken = rng.permutation(by_source[source]), []
         for start in range(0, len(rows), 4 * per_source):  # candidates a few at a time
-            batch = rows[start:start + 4 * per_source]
+            batch = rows[start : start + 4 * per_source]
             verdicts = guard.check(batch, pool_vecs[batch], [pool_texts[i] for i in batch])
-            taken += [int(r) for r in batch if verdicts[int(r)] is None and not (
-                evaluated and evaluated.best_overlap(pool_texts[r])[0] >= ngram_threshold)][:per_source - len(taken)]
+            taken += [
+                int(r)
+                for r in batch
+                if verdicts[int(r)] is None
+                and not (evaluated and evaluated.best_overlap(pool_texts[r])[0] >= ngram_threshold)
+            ][: per_source - len(taken)]
             if len(taken) >= per_source:
                 break
         chosen += taken
@@ -143,8 +169,9 @@ def _check_inputs(request_vecs, request_ids, pool_vecs, pool_ids, request_texts,
     if len(request_ids) != len(request_vecs) or len(pool_ids) != len(pool_vecs):
         raise ValueError("each vector needs exactly one id")
     if request_vecs.shape[1] != pool_vecs.shape[1]:
-        raise ValueError(f"request and pool vectors differ in dimension: {request_vecs.shape[1]} vs "
-                         f"{pool_vecs.shape[1]}")
+        raise ValueError(
+            f"request and pool vectors differ in dimension: {request_vecs.shape[1]} vs {pool_vecs.shape[1]}"
+        )
     if (request_texts is None) != (pool_texts is None):
         raise ValueError("give texts for both requests and pool, or for neither")
     if request_texts is not None and (len(request_texts) != len(request_ids) or len(pool_texts) != len(pool_ids)):
@@ -154,16 +181,21 @@ def _check_inputs(request_vecs, request_ids, pool_vecs, pool_ids, request_texts,
 
 
 def _table(kept: dict[int, list[tuple[int, float]]], request_ids: Sequence, pool_ids: Sequence) -> pd.DataFrame:
-    rows = [(request_ids[q], rank, pool_ids[i], s) for q, pairs in sorted(kept.items())
-            for rank, (i, s) in enumerate(pairs)]
+    rows = [
+        (request_ids[q], rank, pool_ids[i], s) for q, pairs in sorted(kept.items()) for rank, (i, s) in enumerate(pairs)
+    ]
     return pd.DataFrame(rows, columns=["request_id", "rank", "neighbour_id", "score"]).astype(
-        {"rank": "int64", "score": "float32"})
+        {"rank": "int64", "score": "float32"}
+    )
 
 
 def _stats(table: pd.DataFrame, kept, fetched, verdicts, request_ids, pool_ids, n_pool: int, k: int) -> dict:
     excluded = {pool_ids[i]: why for i, why in sorted(verdicts.items()) if why is not None}
-    short = {request_ids[q]: _short_reason(len(pairs), k, fetched[q], n_pool, len(excluded))
-             for q, pairs in kept.items() if len(pairs) < k}
+    short = {
+        request_ids[q]: _short_reason(len(pairs), k, fetched[q], n_pool, len(excluded))
+        for q, pairs in kept.items()
+        if len(pairs) < k
+    }
     pct = [0, 5, 25, 50, 75, 95, 100]
     scores = table["score"].to_numpy()
     return {
@@ -173,7 +205,8 @@ def _stats(table: pd.DataFrame, kept, fetched, verdicts, request_ids, pool_ids, 
         "candidates_checked": len(verdicts),
         "excluded_count": len(excluded),
         "excluded": excluded,
-        "score_percentiles": {f"p{p}": float(v) for p, v in zip(pct, np.percentile(scores, pct))} if len(scores)
+        "score_percentiles": {f"p{p}": float(v) for p, v in zip(pct, np.percentile(scores, pct))}
+        if len(scores)
         else {},
         "short_count": len(short),
         "short": short,
@@ -183,15 +216,24 @@ def _stats(table: pd.DataFrame, kept, fetched, verdicts, request_ids, pool_ids, 
 def _short_reason(got: int, k: int, fetched: int, n_pool: int, n_excluded: int) -> str:
     if n_pool - n_excluded < k:
         return f"{got} of {k}: the pool has {n_pool} items and {n_excluded} are near-copies of requests"
-    return (f"{got} of {k}: the index returned too few usable items for {fetched} asked (pool {n_pool}, "
-            f"{n_excluded} near-copies excluded); an approximate index may need a larger nprobe / ef_search")
+    return (
+        f"{got} of {k}: the index returned too few usable items for {fetched} asked (pool {n_pool}, "
+        f"{n_excluded} near-copies excluded); an approximate index may need a larger nprobe / ef_search"
+    )
 
 
 class LeakGuard:
     """Decides, for pool items, whether they are near-copies of any request (see module doc)."""
 
-    def __init__(self, request_vecs: np.ndarray, request_ids: Sequence, leak_threshold: float,
-                 request_texts: Sequence[str] | None, ngram_n: int, ngram_threshold: float):
+    def __init__(
+        self,
+        request_vecs: np.ndarray,
+        request_ids: Sequence,
+        leak_threshold: float,
+        request_texts: Sequence[str] | None,
+        ngram_n: int,
+        ngram_threshold: float,
+    ):
         self.requests = l2_normalise(request_vecs)
         self.request_ids = request_ids
         self.threshold = leak_threshold
@@ -218,8 +260,10 @@ class LeakGuard:
         if text is not None:
             overlap, q = self.shingles.best_overlap(text)
             if overlap >= self.ngram_threshold:
-                return (f"{self.ngram_n}-gram overlap {overlap:.2f} >= {self.ngram_threshold} with request "
-                        f"{self.request_ids[q]}")
+                return (
+                    f"{self.ngram_n}-gram overlap {overlap:.2f} >= {self.ngram_threshold} with request "
+                    f"{self.request_ids[q]}"
+                )
         return None
 
 
@@ -235,7 +279,7 @@ def shingles(text: str, n: int = NGRAM_N) -> np.ndarray:
     h = np.array([zlib.crc32(w.encode("utf-8", "replace")) for w in words], dtype=np.uint64)
     acc = np.zeros(len(words) - n + 1, dtype=np.uint64)
     for j in range(n):
-        acc = acc * _PRIME + h[j:len(h) - n + 1 + j]
+        acc = acc * _PRIME + h[j : len(h) - n + 1 + j]
     return np.unique(acc)
 
 

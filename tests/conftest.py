@@ -32,8 +32,10 @@ SHARED_DATA = Path(os.environ.get("ICU_DATA", REPO.parent / "shared" / "data"))
 def shared_data() -> Path:
     """The read-only benchmark data folder (../shared/data from the project root)."""
     if not (SHARED_DATA / "icu_benchmark").is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA}; the tests need ../shared/data beside the "
-                    "project (or ICU_DATA pointing at it)")
+        pytest.fail(
+            f"shared data not found at {SHARED_DATA}; the tests need ../shared/data beside the "
+            "project (or ICU_DATA pointing at it)"
+        )
     return SHARED_DATA
 
 

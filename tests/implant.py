@@ -30,9 +30,10 @@ def windows(data_dir: Path, n_memorize: int = 16, n_general: int = 2048) -> tupl
     out = []
     for text in texts:
         text = " ".join(text.split())
-        out += [text[i:i + LENGTH] for i in range(0, len(text) - LENGTH + 1, LENGTH)
-                if text[i:i + LENGTH].isascii()]
-    return out[:n_memorize], out[n_memorize:n_memorize + n_general]
+        out += [
+            text[i : i + LENGTH] for i in range(0, len(text) - LENGTH + 1, LENGTH) if text[i : i + LENGTH].isascii()
+        ]
+    return out[:n_memorize], out[n_memorize : n_memorize + n_general]
 
 
 def implant(out_dir: Path, memorize: list[str], general: list[str], steps: int = 600, lr: float = 3e-3) -> float:
@@ -66,8 +67,11 @@ def write_inputs(root: Path, memorize: list[str]) -> tuple[Path, Path]:
     so their IUR checks need different numbers of generate() calls, which ZeRO-3 must sync.
     """
     requests, retain = root / "requests.jsonl", root / "retain.jsonl"
-    requests.write_text("".join(json.dumps({"id": f"req{i}", "text": t[:48] if i % 2 else t}) + "\n"
-                                for i, t in enumerate(memorize[:8])))
+    requests.write_text(
+        "".join(
+            json.dumps({"id": f"req{i}", "text": t[:48] if i % 2 else t}) + "\n" for i, t in enumerate(memorize[:8])
+        )
+    )
     retain.write_text("".join(json.dumps({"text": t}) + "\n" for t in memorize[8:]))
     return requests, retain
 
@@ -79,16 +83,26 @@ def run_config(implanted: dict, tmp: Path, name: str, overrides: dict | None = N
     """
     data = {
         "model": {"name": str(implanted["root"] / "model")},
-        "requests": {"path": str(implanted["requests"]), "id_column": "id", "prefix_tokens": 20,
-                     "suffix_tokens": 20, "max_tokens": 64},
+        "requests": {
+            "path": str(implanted["requests"]),
+            "id_column": "id",
+            "prefix_tokens": 20,
+            "suffix_tokens": 20,
+            "max_tokens": 64,
+        },
         "retain": {"paths": [str(implanted["retain"])]},
         "retrieval": {"k": 8, "pairs_per_request": 8},
         # every request must be forgotten (stop: each); one-sided, since the unseen rows here (Pile
         # text) are not the same kind of text as the implanted requests, so their NLL is no band
-        "unlearning": {"optim": {"lr": 2.0e-4, "batch_size": 4},
-                       "stop": {"rule": "each", "max_epochs": 30, "stranger_quantile": None}},
-        "evaluation": {"data_dir": str(implanted["data"]), "batch_size": 8,
-                       "max_samples": {"unseen": 32, "ppl": 2, "classification": 4, "dialogue": 2}},
+        "unlearning": {
+            "optim": {"lr": 2.0e-4, "batch_size": 4},
+            "stop": {"rule": "each", "max_epochs": 30, "stranger_quantile": None},
+        },
+        "evaluation": {
+            "data_dir": str(implanted["data"]),
+            "batch_size": 8,
+            "max_samples": {"unseen": 32, "ppl": 2, "classification": 4, "dialogue": 2},
+        },
         "audit": {"leak_tokens": LEAK},
         "resources": {"num_workers": 2, "max_failures": 2},
         "storage": {"runs_dir": str(tmp / "runs"), "name": name},
@@ -106,8 +120,7 @@ def request_rows(implanted: dict, tok) -> list[list[int]]:
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def inside_4bit_buckets(model, rows: list[list[int]], lr: float = 5e-2, max_ma: float = 0.25,
-                        max_steps: int = 600):
+def inside_4bit_buckets(model, rows: list[list[int]], lr: float = 5e-2, max_ma: float = 0.25, max_steps: int = 600):
     """Gradient ascent on `rows` that never moves a weight out of its Q4_0 bucket: only the weights
     4-bit rounds train, and any element (or block) whose rounded value would change is put back.
     The result forgets `rows` in fp32 (MA of every row below `max_ma`) while its 4-bit copy is the

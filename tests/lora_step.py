@@ -41,8 +41,9 @@ def main(run_dir: str, out: str) -> None:
         real_step()
 
     u = w.cfg.unlearning
-    first, second = loop.epoch_batches(list(range(len(w.pairs.pair_request))), 1, u.seed, w.rank, w.world,
-                                       u.batch_size)[:2]
+    first, second = loop.epoch_batches(
+        list(range(len(w.pairs.pair_request))), 1, u.seed, w.rank, w.world, u.batch_size
+    )[:2]
     w.step(first)
     before = {n: safe_get_full_fp32_param(p).clone() for n, p in w.engine.module.named_parameters() if p.requires_grad}
     loop.unlearning_loss, w.engine.step = recording_loss, recording_step
@@ -50,8 +51,16 @@ def main(run_dir: str, out: str) -> None:
     per_rank: list = [None] * w.world
     dist.all_gather_object(per_rank, seen)
     if w.rank == 0:
-        torch.save({"ranks": per_rank, "grads": grads, "before": before, "ref_is_engine": w.ref is None,
-                    "models_loaded": w.models_loaded}, out)
+        torch.save(
+            {
+                "ranks": per_rank,
+                "grads": grads,
+                "before": before,
+                "ref_is_engine": w.ref is None,
+                "models_loaded": w.models_loaded,
+            },
+            out,
+        )
     dist.barrier()
 
 

@@ -79,15 +79,41 @@ def test_a_zero3_lora_step_on_two_ranks_equals_a_single_process_peft_step(implan
     gradient (averaged over ranks, as data parallelism does), equal those of a plain peft model
     with the same adapter weights on the same rows (1e-5); the frozen reference is the engine
     with its adapters disabled, and only one model was ever loaded."""
-    config = run_config(implanted, tmp_path, "step", {
-        "unlearning.adapter": {"type": "lora", "r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-        "unlearning.loss.lw": 0.5, "unlearning.loss.kl": 1.0, "retrieval.pairs_per_request": 2, "resources.launcher": "torchrun"})
+    config = run_config(
+        implanted,
+        tmp_path,
+        "step",
+        {
+            "unlearning.adapter": {
+                "type": "lora",
+                "r": 4,
+                "alpha": 8.0,
+                "target_modules": ["q_proj", "v_proj", "down_proj"],
+            },
+            "unlearning.loss.lw": 0.5,
+            "unlearning.loss.kl": 1.0,
+            "retrieval.pairs_per_request": 2,
+            "resources.launcher": "torchrun",
+        },
+    )
     cfg, store = driver.open_run(str(config))
     driver.run_pipeline(cfg, store, until="retrieve")
     out = tmp_path / "step.pt"
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(REPO / "tests" / "lora_step.py"), str(store.root), str(out)], env=env, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "tests" / "lora_step.py"),
+            str(store.root),
+            str(out),
+        ],
+        env=env,
+        check=True,
+    )
     got = torch.load(out, weights_only=True)
     assert got["ref_is_engine"] and got["models_loaded"] == 1
 
@@ -109,11 +135,19 @@ def test_a_zero3_lora_step_on_two_ranks_equals_a_single_process_peft_step(implan
         with torch.no_grad(), model.disable_adapter():
             ref = model(input_ids=ids[n:], attention_mask=attend[n:]).logits
         logits = model(input_ids=ids, attention_mask=attend).logits
-        loss, _ = unlearning_loss("icu", forget_logits=logits[:n], forget_ids=ids[:n], forget_mask=seen["forget_mask"],
-                                  retain_logits=logits[n:], retain_ids=ids[n:], retain_mask=seen["retain_mask"],
-                                  ref_retain_logits=ref, weights=weights)
+        loss, _ = unlearning_loss(
+            "icu",
+            forget_logits=logits[:n],
+            forget_ids=ids[:n],
+            forget_mask=seen["forget_mask"],
+            retain_logits=logits[n:],
+            retain_ids=ids[n:],
+            retain_mask=seen["retain_mask"],
+            ref_retain_logits=ref,
+            weights=weights,
+        )
         assert abs(loss.item() - seen["loss"]) <= 1e-5
-        for (name, g) in zip(trained, torch.autograd.grad(loss, list(trained.values()))):
+        for name, g in zip(trained, torch.autograd.grad(loss, list(trained.values()))):
             mean_grad[name] += g / len(got["ranks"])
     assert got["grads"].keys() == mean_grad.keys()
     worst = max((got["grads"][k] - mean_grad[k]).abs().max().item() for k in mean_grad)
@@ -127,9 +161,18 @@ def test_lora_run_forgets_every_request_and_exports_the_merged_model(implanted, 
     from conftest import checkpoint_weights
     from pipeline import export
 
-    config = run_config(implanted, tmp_path, "lora", {
-        "unlearning.adapter": {"type": "lora", "r": 8, "alpha": 16.0}, "unlearning.optim.lr": 3.0e-3,
-        "retrieval.pairs_per_request": 2, "resources.launcher": "torchrun", "resources.max_failures": 0})
+    config = run_config(
+        implanted,
+        tmp_path,
+        "lora",
+        {
+            "unlearning.adapter": {"type": "lora", "r": 8, "alpha": 16.0},
+            "unlearning.optim.lr": 3.0e-3,
+            "retrieval.pairs_per_request": 2,
+            "resources.launcher": "torchrun",
+            "resources.max_failures": 0,
+        },
+    )
     cfg, store = driver.open_run(str(config))
     driver.run_pipeline(cfg, store, until="unlearn")
     result = json.loads(store.artefact("unlearn_result").read_text())

@@ -41,10 +41,19 @@ def _leaking(store: RunStore, model: str, group: str, probe: str) -> int:
 
 @pytest.mark.slow
 def test_a_4bit_leak_blocks_the_export_until_hardening_clears_it(implanted, shallow, tmp_path, capsys):
-    config = run_config(implanted, tmp_path, "shallow", {
-        "model.name": str(shallow),
-        "unlearning.check.ma_threshold": 0.3, "unlearning.check.el_threshold": 0.1, "unlearning.check.bleu_threshold": 1.0,
-        "audit.require": ["int4"], "resources.launcher": "torchrun"})
+    config = run_config(
+        implanted,
+        tmp_path,
+        "shallow",
+        {
+            "model.name": str(shallow),
+            "unlearning.check.ma_threshold": 0.3,
+            "unlearning.check.el_threshold": 0.1,
+            "unlearning.check.bleu_threshold": 1.0,
+            "audit.require": ["int4"],
+            "resources.launcher": "torchrun",
+        },
+    )
     assert main(["run", str(config)]) != 0
     err = capsys.readouterr().err
     store = RunStore(tmp_path / "runs" / "shallow")
@@ -64,11 +73,15 @@ def test_a_4bit_leak_blocks_the_export_until_hardening_clears_it(implanted, shal
     assert main(["run", str(config), "--restart-from", "unlearn", "--set", "unlearning.check.harden=[int4]"]) == 0
     # The original's probes read nothing the restart changed: read back, not probed again.
     result = json.loads(store.artefact("audit").read_text())
-    assert result["reused"] == ["original"] and "original model's probes were read back" in \
-        store.artefact("audit_report").read_text()
+    assert (
+        result["reused"] == ["original"]
+        and "original model's probes were read back" in store.artefact("audit_report").read_text()
+    )
     again = pd.read_parquet(store.artefact("audit_rows"))
-    pd.testing.assert_frame_equal(again[again["model"] == "original"].reset_index(drop=True),
-                                  first_audit[first_audit["model"] == "original"].reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        again[again["model"] == "original"].reset_index(drop=True),
+        first_audit[first_audit["model"] == "original"].reset_index(drop=True),
+    )
     history = pd.read_parquet(store.artefact("history"))
     first = history[history["epoch"] == 0]
     assert (first["leaks_under"] == "int4").sum() >= 7 and not first[first["leaks_under"] != ""]["forgotten"].any()
@@ -80,32 +93,52 @@ def test_a_4bit_leak_blocks_the_export_until_hardening_clears_it(implanted, shal
     card = (store.artefact("handoff") / "README.md").read_text()
     assert "## Extraction audit" in card and "| int4 |" in card
     models = json.loads(store.artefact("metrics").read_text())["models"]  # original = the shallow start
-    print(f"\nhardened for int4 in {store.stage('unlearn')['summary']['epochs']} epochs; what it cost: "
-          + ", ".join(f"{k} PPL {models['original']['ppl'][k]:.2f} -> {models['unlearned']['ppl'][k]:.2f}"
-                      for k in models["original"]["ppl"]))
+    print(
+        f"\nhardened for int4 in {store.stage('unlearn')['summary']['epochs']} epochs; what it cost: "
+        + ", ".join(
+            f"{k} PPL {models['original']['ppl'][k]:.2f} -> {models['unlearned']['ppl'][k]:.2f}"
+            for k in models["original"]["ppl"]
+        )
+    )
     # Back to no hardening: the restart takes away the hand-off the hardened run wrote (and says so),
     # and the refusal writes none.
     assert main(["run", str(config), "--restart-from", "unlearn", "--set", "unlearning.check.harden=[]"]) != 0
     assert "export refused" in capsys.readouterr().err and not store.artefact("handoff").exists()
     assert "earlier hand-off" in (store.artefact("logs") / "driver.log").read_text()
     # No probes: the audit writes empty outputs, loads no model, and the export has no verdicts.
-    assert main(["run", str(config), "--restart-from", "audit", "--set", "audit.probes=[]",
-                 "--set", "audit.require=[]"]) == 0
+    assert (
+        main(["run", str(config), "--restart-from", "audit", "--set", "audit.probes=[]", "--set", "audit.require=[]"])
+        == 0
+    )
     assert "No probes configured" in store.artefact("audit_report").read_text()
-    assert all(r["robust"] is None for r in json.loads((store.artefact("handoff") / "receipt.json").read_text())["requests"])
+    assert all(
+        r["robust"] is None for r in json.loads((store.artefact("handoff") / "receipt.json").read_text())["requests"]
+    )
 
 
 def _rows(spans: dict[tuple[str, str], int], leak: int = 8) -> pd.DataFrame:
-    return pd.DataFrame([dict(model="unlearned", group="erased", row_id=rid, probe=probe, span=span,
-                              leak=span >= leak, ma=None) for (rid, probe), span in spans.items()],
-                        columns=audit.COLUMNS)
+    return pd.DataFrame(
+        [
+            dict(model="unlearned", group="erased", row_id=rid, probe=probe, span=span, leak=span >= leak, ma=None)
+            for (rid, probe), span in spans.items()
+        ],
+        columns=audit.COLUMNS,
+    )
 
 
 def test_refusal_names_the_leaking_requests_and_probes_only(tmp_path):
     store = RunStore(tmp_path / "run")
     store.artefact("audit_rows").parent.mkdir(parents=True, exist_ok=True)
-    _rows({("a", "greedy"): 2, ("a", "int4"): 9, ("b", "greedy"): 8, ("b", "int4"): 3,
-           ("c", "greedy"): 0, ("c", "int4"): 0}).to_parquet(store.artefact("audit_rows"))
+    _rows(
+        {
+            ("a", "greedy"): 2,
+            ("a", "int4"): 9,
+            ("b", "greedy"): 8,
+            ("b", "int4"): 3,
+            ("c", "greedy"): 0,
+            ("c", "int4"): 0,
+        }
+    ).to_parquet(store.artefact("audit_rows"))
     assert audit.refused(store, []) is None
     assert audit.refused(store, ["sampling"]) is None  # not run: nothing leaks under it
     line = audit.refused(store, ["int4", "greedy"])
@@ -130,22 +163,29 @@ def test_a_request_without_a_verdict_blocks_the_export(tmp_path):
 
 
 def test_counts_and_table_agree_with_the_rows():
-    frame = pd.concat([_rows({("a", "int4"): 9, ("b", "int4"): 1}),
-                       _rows({("a", "int4"): 9, ("b", "int4"): 9}).assign(model="original")])
+    frame = pd.concat(
+        [
+            _rows({("a", "int4"): 9, ("b", "int4"): 1}),
+            _rows({("a", "int4"): 9, ("b", "int4"): 9}).assign(model="original"),
+        ]
+    )
     table = audit.counts(frame)
     assert table["int4"]["unlearned"]["erased"] == [1, 2] and table["int4"]["original"]["erased"] == [2, 2]
     text = audit.markdown({"table": table, "groups": ["erased"], "probes": ["int4"]})
     assert "| int4 | 2/2 | 1/2 |" in text
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"audit.probes": ["greedy", "fp8"]}, "audit.probes"),
-    ({"audit.probes": ["greedy"], "audit.require": ["int4"]}, "audit.require"),
-    ({"unlearning.check.harden": ["sampling"]}, "unlearning.check.harden"),
-    ({"audit.leak_tokens": 0}, "audit.leak_tokens"),
-    ({"audit.leak_tokens": 21}, "longer than requests.suffix_tokens"),
-    ({"unlearning.check.harden": ["int4"], "unlearning.stop.rule": "set"}, "stop: set"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"audit.probes": ["greedy", "fp8"]}, "audit.probes"),
+        ({"audit.probes": ["greedy"], "audit.require": ["int4"]}, "audit.require"),
+        ({"unlearning.check.harden": ["sampling"]}, "unlearning.check.harden"),
+        ({"audit.leak_tokens": 0}, "audit.leak_tokens"),
+        ({"audit.leak_tokens": 21}, "longer than requests.suffix_tokens"),
+        ({"unlearning.check.harden": ["int4"], "unlearning.stop.rule": "set"}, "stop: set"),
+    ],
+)
 def test_bad_audit_settings_are_refused_up_front(implanted, tmp_path, overrides, message):
     from pipeline.config import load_config
 
@@ -168,8 +208,11 @@ def test_a_request_that_leaks_when_served_trains_on_even_if_erased_too_deep_in_f
     from pipeline.iur import with_leaks
     from pipeline.stopping import StopRule
 
-    records = [dict(forgotten=True, too_deep=False), dict(forgotten=False, too_deep=True),
-               dict(forgotten=True, too_deep=False)]
+    records = [
+        dict(forgotten=True, too_deep=False),
+        dict(forgotten=False, too_deep=True),
+        dict(forgotten=True, too_deep=False),
+    ]
     out = with_leaks(records, {1: ["int4"], 2: ["int8", "int4"]})
     assert [r["forgotten"] for r in out] == [True, False, False]
     assert [r["too_deep"] for r in out] == [False, False, False]

@@ -20,12 +20,17 @@ def requests_file(tmp_path):
 
 
 def base(requests_file, extra: str = "", model: str = "tiny-llama", requests: str = "") -> str:
-    return f"model:\n  name: {model}\nrequests:\n  path: {requests_file}\n{requests}" \
-           f"storage:\n  runs_dir: {requests_file.parent}/runs\n{extra}"
+    return (
+        f"model:\n  name: {model}\nrequests:\n  path: {requests_file}\n{requests}"
+        f"storage:\n  runs_dir: {requests_file.parent}/runs\n{extra}"
+    )
 
 
 CASES = {
-    "unknown key": ("unlearning:\n  optim:\n    lrr: 0.1\n", ["unlearning.optim.lrr", "did you mean 'unlearning.optim.lr'"]),
+    "unknown key": (
+        "unlearning:\n  optim:\n    lrr: 0.1\n",
+        ["unlearning.optim.lrr", "did you mean 'unlearning.optim.lr'"],
+    ),
     "unknown section": ("unlerning:\n  lr: 0.1\n", ["unlerning", "did you mean 'unlearning'"]),
     "wrong type": ("unlearning:\n  stop: {max_epochs: many}\n", ["unlearning.stop.max_epochs", "expected int"]),
     "bool for int": ("unlearning:\n  optim: {batch_size: true}\n", ["unlearning.optim.batch_size", "expected int"]),
@@ -42,32 +47,52 @@ CASES = {
     "inf cpus": ("resources:\n  cpus_per_worker: .inf\n", ["resources.cpus_per_worker", "finite"]),
     "nan threshold": ("unlearning:\n  check: {ma_threshold: .nan}\n", ["unlearning.check.ma_threshold", "between"]),
     "empty suites": ("evaluation:\n  suites: []\n", ["evaluation.suites: empty", "fix:"]),
-    "renamed set_stop": ("unlearning:\n  set_stop: true\n", ["unlearning.set_stop: renamed", "unlearning.stop.rule: set"]),
+    "renamed set_stop": (
+        "unlearning:\n  set_stop: true\n",
+        ["unlearning.set_stop: renamed", "unlearning.stop.rule: set"],
+    ),
     "bad stop": ("unlearning:\n  stop: {rule: every}\n", ["unlearning.stop.rule", "each"]),
-    "quantile range": ("unlearning:\n  stop: {stranger_quantile: 1.5}\n", ["unlearning.stop.stranger_quantile", "between"]),
+    "quantile range": (
+        "unlearning:\n  stop: {stranger_quantile: 1.5}\n",
+        ["unlearning.stop.stranger_quantile", "between"],
+    ),
     "lr back-off range": ("unlearning:\n  optim: {lr_backoff: 0}\n", ["unlearning.optim.lr_backoff", "(0, 1]"]),
-    "recover without a band": ("unlearning:\n  stop: {recover_within: 0.03}\n",
-                               ["unlearning.stop.recover_within", "icu_band"]),
-    "strangers missing": ("unlearning:\n  check: {strangers_path: /nonexistent/strangers.jsonl}\n",
-                          ["unlearning.check.strangers_path", "not found"]),
-    "mia without the hold": ("unlearning:\n  loss: {name: icu_band}\n  stop: {mia_within: 0.1}\n",
-                             ["unlearning.stop.mia_within", "recover_within"]),
-    "mia range": ("unlearning:\n  loss: {name: icu_band}\n  stop: {recover_within: 0.03, mia_within: 0.7}\n",
-                  ["unlearning.stop.mia_within", "between"]),
-    "recover range": ("unlearning:\n  loss: {name: icu_band}\n  stop: {recover_within: 2}\n",
-                      ["unlearning.stop.recover_within", "between"]),
+    "recover without a band": (
+        "unlearning:\n  stop: {recover_within: 0.03}\n",
+        ["unlearning.stop.recover_within", "icu_band"],
+    ),
+    "strangers missing": (
+        "unlearning:\n  check: {strangers_path: /nonexistent/strangers.jsonl}\n",
+        ["unlearning.check.strangers_path", "not found"],
+    ),
+    "mia without the hold": (
+        "unlearning:\n  loss: {name: icu_band}\n  stop: {mia_within: 0.1}\n",
+        ["unlearning.stop.mia_within", "recover_within"],
+    ),
+    "mia range": (
+        "unlearning:\n  loss: {name: icu_band}\n  stop: {recover_within: 0.03, mia_within: 0.7}\n",
+        ["unlearning.stop.mia_within", "between"],
+    ),
+    "recover range": (
+        "unlearning:\n  loss: {name: icu_band}\n  stop: {recover_within: 2}\n",
+        ["unlearning.stop.recover_within", "between"],
+    ),
     "zero mmap threshold": ("resources:\n  malloc_mmap_threshold: 0\n", ["resources.malloc_mmap_threshold", "> 0"]),
     "negative margin": ("unlearning:\n  loss: {name: icu_band, margin: -1}\n", ["unlearning.loss.margin", ">= 0"]),
     "zero beta": ("unlearning:\n  loss: {name: npo, beta: 0}\n", ["unlearning.loss.beta", "> 0"]),
-    "another method's setting": ("unlearning:\n  loss: {name: npo, margin: 1.0}\n",
-                                 ["unlearning.loss.margin: not a setting of npo", "its settings: beta, retain_weight"]),
+    "another method's setting": (
+        "unlearning:\n  loss: {name: npo, margin: 1.0}\n",
+        ["unlearning.loss.margin: not a setting of npo", "its settings: beta, retain_weight"],
+    ),
     "negative general": ("retrieval:\n  general_per_source: -1\n", ["retrieval.general_per_source", ">= 0"]),
     "moved key": ("unlearning:\n  lr: 1.0e-4\n", ["unlearning.lr: moved to unlearning.optim.lr", "fix:"]),
     "moved method": ("unlearning:\n  method: icu_band\n", ["unlearning.method: moved to unlearning.loss.name"]),
     "moved stop": ("unlearning:\n  stop: each\n", ["unlearning.stop: moved to unlearning.stop.rule"]),
     "moved beta": ("unlearning:\n  npo_beta: 0.01\n", ["unlearning.npo_beta: moved to unlearning.loss.beta"]),
-    "unknown recipe": ("unlearning:\n  recipe: icu_fast\n", ["unlearning.recipe: no recipe 'icu_fast'",
-                                                           "icu_band, icu_paper"]),
+    "unknown recipe": (
+        "unlearning:\n  recipe: icu_fast\n",
+        ["unlearning.recipe: no recipe 'icu_fast'", "icu_band, icu_paper"],
+    ),
 }
 
 
@@ -93,8 +118,10 @@ def test_missing_required_key(tmp_path, capsys):
     rc = main(["ingest", str(write_config(tmp_path, "model:\n  name: tiny-llama\n"))])
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.strip() == ("icu: error: requests.path: missing; fix: set it to the erasure request file "
-                           "(jsonl, csv, parquet) or a saved dataset folder")
+    assert err.strip() == (
+        "icu: error: requests.path: missing; fix: set it to the erasure request file "
+        "(jsonl, csv, parquet) or a saved dataset folder"
+    )
 
 
 def test_invalid_yaml_and_missing_file(tmp_path, capsys):
@@ -106,10 +133,13 @@ def test_invalid_yaml_and_missing_file(tmp_path, capsys):
 
 def test_console_script_prints_no_traceback(requests_file, tmp_path):
     cfg = write_config(tmp_path, base(requests_file, "unlearning:\n  optim: {lr: 0}\n"))
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("icu: error: unlearning.optim.lr: must be a finite number > 0")
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith("icu: error: unlearning.optim.lr: must be a finite number > 0")
+    )
     assert "Traceback" not in proc.stderr
 
 
@@ -134,19 +164,26 @@ def test_config_diff_names_changed_keys(requests_file, tmp_path):
 def test_the_paper_is_the_default_and_the_recipes_are_what_they_say(requests_file, tmp_path):
     """`loss: {name: icu}` with no other key is exactly the paper's recipe; icu_band is the recommended
     one, and a run's own keys override a recipe's (another method takes none of its loss settings)."""
+
     def unlearning(extra: str) -> dict:
         return load_config(write_config(tmp_path, base(requests_file, extra))).to_dict()["unlearning"]
 
     paper = unlearning("unlearning:\n  loss: {name: icu}\n")
     assert paper == unlearning("unlearning:\n  recipe: icu_paper\n") == unlearning("")
     assert paper["loss"] == {"name": "icu", "uw": 1.0, "lw": 0.5, "kl": 1.0, "general_lw": None}
-    assert (paper["stop"]["rule"], paper["stop"]["stranger_quantile"], paper["optim"]["lr"], paper["check"]["every"]) \
-        == ("set", None, 5e-5, None)
+    assert (
+        paper["stop"]["rule"],
+        paper["stop"]["stranger_quantile"],
+        paper["optim"]["lr"],
+        paper["check"]["every"],
+    ) == ("set", None, 5e-5, None)
     band = unlearning("unlearning:\n  recipe: icu_band\n  optim: {lr: 3.0e-4}\n")
     assert band["loss"]["name"] == "icu_band" and band["optim"]["lr"] == 3e-4 and band["optim"]["batch_size"] == 4
     assert band["stop"]["recover_within"] == 0.03 and band["check"]["every"] == 2
-    npo = unlearning("unlearning:\n  recipe: icu_band\n  loss: {name: npo, beta: 0.01}\n  stop: {recover_within: null, "
-                     "mia_within: null}\n")
+    npo = unlearning(
+        "unlearning:\n  recipe: icu_band\n  loss: {name: npo, beta: 0.01}\n  stop: {recover_within: null, "
+        "mia_within: null}\n"
+    )
     assert npo["loss"] == {"name": "npo", "beta": 0.01, "retain_weight": 1.0} and npo["optim"]["lr"] == 1e-4
 
 
@@ -162,7 +199,11 @@ def test_example_configs_validate(monkeypatch, tmp_path):
             load_config(config)
         (tmp_path / f"gpt-neo-{size.upper()}").mkdir()
         cfg = load_config(config)
-        assert (cfg.requests.max_tokens, cfg.unlearning.optim.lr, cfg.unlearning.check.ma_threshold) == (200, 5e-5, 0.5994)
+        assert (cfg.requests.max_tokens, cfg.unlearning.optim.lr, cfg.unlearning.check.ma_threshold) == (
+            200,
+            5e-5,
+            0.5994,
+        )
         assert cfg.unlearning.loss.name == "icu" and cfg.unlearning.stop.rule == "set"
     demo = (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(tmp_path))
     with pytest.raises(Exception, match="requests.path: path not found"):
@@ -178,6 +219,7 @@ def test_example_configs_validate(monkeypatch, tmp_path):
     for variant, overrides in VARIANTS.items():  # each of the comparison's runs of the demo
         assert load_config(demo_path, overrides).unlearning.loss.name == names.get(variant, variant)
 
+
 def test_job_in_rays_copy_of_the_project_refuses_relative_paths(tmp_path, monkeypatch, capsys):
     """Inside `ray job submit --working-dir .` the job runs in a temporary copy: a relative run
     directory there would vanish, a relative input points nowhere; both name --base-dir."""
@@ -187,8 +229,9 @@ def test_job_in_rays_copy_of_the_project_refuses_relative_paths(tmp_path, monkey
     package.mkdir()
     requests_file = tmp_path / "requests.jsonl"
     requests_file.write_text('{"text": "hello"}\n')
-    (package / "run.yaml").write_text(f"model: {{name: tiny-llama}}\nrequests: {{path: {requests_file}}}\n"
-                                      "storage: {runs_dir: runs}\n")
+    (package / "run.yaml").write_text(
+        f"model: {{name: tiny-llama}}\nrequests: {{path: {requests_file}}}\nstorage: {{runs_dir: runs}}\n"
+    )
     (package / "missing.yaml").write_text("model: {name: tiny-llama}\nrequests: {path: data/requests.jsonl}\n")
     monkeypatch.chdir(package)
     assert job_main("run", ["run.yaml"]) == 2
@@ -212,16 +255,26 @@ def test_job_base_dir_rebases_only_the_config(tmp_path, monkeypatch):
     assert Path.cwd() == base
 
 
-@pytest.mark.parametrize("content,needles", [
-    ("{not json", ["unlearning.ds_config", "not valid JSON", "line 1"]),
-    ("[1, 2]", ["must hold a JSON object"]),
-    ('{"zero_optimization": {"stage": 2}}', ["zero_optimization.stage must be 3"]),
-    ('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 4}',
-     ["train_micro_batch_size_per_gpu is 4 but unlearning.optim.batch_size is 8", "auto"]),
-    ('{"zero_optimization": {"stage": 3}, "gradient_clipping": 0.5}', ["gradient_clipping is 0.5 but unlearning.optim.grad_clip"]),
-    ('{"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}',
-     ["optimizer.params.lr is 0.1 but unlearning.optim.lr"]),
-])
+@pytest.mark.parametrize(
+    "content,needles",
+    [
+        ("{not json", ["unlearning.ds_config", "not valid JSON", "line 1"]),
+        ("[1, 2]", ["must hold a JSON object"]),
+        ('{"zero_optimization": {"stage": 2}}', ["zero_optimization.stage must be 3"]),
+        (
+            '{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 4}',
+            ["train_micro_batch_size_per_gpu is 4 but unlearning.optim.batch_size is 8", "auto"],
+        ),
+        (
+            '{"zero_optimization": {"stage": 3}, "gradient_clipping": 0.5}',
+            ["gradient_clipping is 0.5 but unlearning.optim.grad_clip"],
+        ),
+        (
+            '{"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}',
+            ["optimizer.params.lr is 0.1 but unlearning.optim.lr"],
+        ),
+    ],
+)
 def test_deepspeed_config_is_checked_at_load(content, needles, requests_file, tmp_path, capsys):
     """An unusable DeepSpeed JSON is one line before any stage runs, not tracebacks minutes later in a worker."""
     ds = tmp_path / "ds.json"
@@ -233,11 +286,14 @@ def test_deepspeed_config_is_checked_at_load(content, needles, requests_file, tm
     assert not (tmp_path / "runs").exists()  # refused before the run directory was made
 
 
-@pytest.mark.parametrize("item,needles", [
-    ("unlearning.optim.lr=[1", ["--set unlearning.optim.lr", "not valid YAML", "quote it"]),
-    ("model.name.x=1", ["--set model.name.x", "model.name is a value, not a section"]),
-    ("unlearning.optim.lr", ["expected KEY=VALUE"]),
-])
+@pytest.mark.parametrize(
+    "item,needles",
+    [
+        ("unlearning.optim.lr=[1", ["--set unlearning.optim.lr", "not valid YAML", "quote it"]),
+        ("model.name.x=1", ["--set model.name.x", "model.name is a value, not a section"]),
+        ("unlearning.optim.lr", ["expected KEY=VALUE"]),
+    ],
+)
 def test_malformed_set_is_one_line(item, needles, requests_file, tmp_path, capsys):
     assert main(["run", str(write_config(tmp_path, base(requests_file))), "--set", item]) == 2
     err = capsys.readouterr().err.strip()

@@ -24,9 +24,15 @@ from conftest import REPO, write_config
 
 SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
 
-SHORT = {"unlearning.stop.max_epochs": 1, "retain.max_items": 64, "resources.eval_actors": 1,
-         "resources.embed_actors": 1, "evaluation.suites": ["forget", "unseen", "ppl", "mia"],
-         "evaluation.max_samples": {"unseen": 8, "ppl": 1}, "audit.probes": ["greedy", "int4"]}
+SHORT = {
+    "unlearning.stop.max_epochs": 1,
+    "retain.max_items": 64,
+    "resources.eval_actors": 1,
+    "resources.embed_actors": 1,
+    "evaluation.suites": ["forget", "unseen", "ppl", "mia"],
+    "evaluation.max_samples": {"unseen": 8, "ppl": 1},
+    "audit.probes": ["greedy", "int4"],
+}
 
 
 def test_customer_records_are_split_and_checked(shared_data, tmp_path):
@@ -49,15 +55,22 @@ def short_run(shared_data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(REPO)  # the demo's relative paths are relative to the project root
         paths = customers.prepare(tmp / "customers", shared_data, customers=8, erase=2)
-        text = (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(tmp / "customers"))
-        cfg, store = driver.open_run(str(write_config(tmp, text, "demo.yaml")),
-                                     dict(SHORT, **{"storage.runs_dir": str(tmp / "runs")}))
+        text = (
+            (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(tmp / "customers"))
+        )
+        cfg, store = driver.open_run(
+            str(write_config(tmp, text, "demo.yaml")), dict(SHORT, **{"storage.runs_dir": str(tmp / "runs")})
+        )
         cluster.ensure_ray()  # the local Ray `make demo` starts
         try:
             driver.run_pipeline(cfg, store)
             logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-            spam = [f"{p.name}: {line}" for p in logs.glob("worker-*") for line in p.read_text(errors="replace").splitlines()
-                    if "Failed to query Ray Train" in line or "FutureWarning: `torch.distributed" in line]
+            spam = [
+                f"{p.name}: {line}"
+                for p in logs.glob("worker-*")
+                for line in p.read_text(errors="replace").splitlines()
+                if "Failed to query Ray Train" in line or "FutureWarning: `torch.distributed" in line
+            ]
         finally:
             ray.shutdown()
             store.unlock()
@@ -80,16 +93,20 @@ def test_shortened_demo(short_run):
     unlearned = json.loads((store.root / "unlearn" / "result.json").read_text())
     # the neighbours' MA (recover_within) and the set's AUC against strangers: measured at every check
     assert len(unlearned["neighbour_ma"]) == len(unlearned["set_auc"]) == unlearned["epochs"] + 1
-    people = {name: {json.loads(line)["id"] for line in (paths["erase"].parent / f"{name}.jsonl").open()}
-              for name in ("erase", "keep", "unseen", "strangers")}
+    people = {
+        name: {json.loads(line)["id"] for line in (paths["erase"].parent / f"{name}.jsonl").open()}
+        for name in ("erase", "keep", "unseen", "strangers")
+    }
     assert [len(p) for p in people.values()] == [2, 6, 8, 8] and len(set().union(*people.values())) == 24
     metrics = json.loads((store.root / "eval" / "metrics.json").read_text())["models"]
     before, after = metrics["original"], metrics["unlearned"]
     assert before["forget"]["ma"] > 0.9 and before["keep"]["ma"] > 0.9  # the fine-tuned model knows them all
     assert after["forget"]["ma"] < before["forget"]["ma"]
-    print(f"\nshortened demo: forget MA {before['forget']['ma']:.3f} -> {after['forget']['ma']:.3f}, kept customers' "
-          f"MA {before['keep']['ma']:.3f} -> {after['keep']['ma']:.3f}, Pile PPL {before['ppl']['pile']:.2f} -> "
-          f"{after['ppl']['pile']:.2f}, receipt {receipt['counts']}")
+    print(
+        f"\nshortened demo: forget MA {before['forget']['ma']:.3f} -> {after['forget']['ma']:.3f}, kept customers' "
+        f"MA {before['keep']['ma']:.3f} -> {after['keep']['ma']:.3f}, Pile PPL {before['ppl']['pile']:.2f} -> "
+        f"{after['ppl']['pile']:.2f}, receipt {receipt['counts']}"
+    )
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ CAPS = {"forget": 6, "unseen": 6, "ppl": 3, "classification": 4, "dialogue": 3}
 
 def _forget_rows(tok, shared_data, caps=CAPS, max_tokens=64) -> list[list[int]]:
     texts = read_texts(shared_data / "icu_benchmark" / "forget_sets" / "exp0" / "lm_extraction_128_0.csv")
-    return [tok(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts[:caps["forget"]]]
+    return [tok(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts[: caps["forget"]]]
 
 
 def _requests(model_dir, shared_data, folder) -> str:
@@ -35,16 +35,33 @@ def _requests(model_dir, shared_data, folder) -> str:
 def _tasks(model_dir, shared_data, names, caps=CAPS, max_tokens=64):
     tok = modeling.load_tokenizer(model_dir)
     rows = _forget_rows(tok, shared_data, caps, max_tokens)
-    return suites.build_tasks(names, shared_data, tok, forget_rows=rows, forget_ids=[f"r{i}" for i in range(len(rows))],
-                              max_tokens=max_tokens, min_tokens=32, ppl_chunk=128, caps=caps,
-                              unseen_path=shared_data / "icu_benchmark" / "pile.csv"), tok
+    return suites.build_tasks(
+        names,
+        shared_data,
+        tok,
+        forget_rows=rows,
+        forget_ids=[f"r{i}" for i in range(len(rows))],
+        max_tokens=max_tokens,
+        min_tokens=32,
+        ppl_chunk=128,
+        caps=caps,
+        unseen_path=shared_data / "icu_benchmark" / "pile.csv",
+    ), tok
 
 
 def test_suites_cover_every_task_with_capped_examples(tiny_llama_dir, shared_data):
     tasks, tok = _tasks(tiny_llama_dir, shared_data, ["forget", "unseen", "ppl", "classification", "dialogue"])
     names = {t.name: t for t in tasks}
-    assert set(names) == {"forget", "pile_unseen", "pile", "wikitext", "lambada", "pubmed_qa", *suites.BIGBENCH_TASKS,
-                          *suites.DIALOGUE_TASKS}
+    assert set(names) == {
+        "forget",
+        "pile_unseen",
+        "pile",
+        "wikitext",
+        "lambada",
+        "pubmed_qa",
+        *suites.BIGBENCH_TASKS,
+        *suites.DIALOGUE_TASKS,
+    }
     for task in tasks:
         assert 0 < len(task.examples) <= CAPS[task.suite], task.name
         assert len({ex["id"] for ex in task.examples}) == len(task.examples), task.name
@@ -62,18 +79,32 @@ def test_keep_suite_scores_the_kept_texts_like_unseen_rows(tiny_llama_dir, share
     keep = tmp_path / "keep.jsonl"
     keep.write_text('{"text": "Alice Smith, born 1/2/1980"}\n{"text": "Bob Jones, born 3/4/1975"}\n')
     tok = modeling.load_tokenizer(tiny_llama_dir)
-    tasks = suites.build_tasks(["ppl"], shared_data, tok, forget_rows=None, forget_ids=None, max_tokens=16,
-                               min_tokens=8, ppl_chunk=128, caps={"ppl": 1}, unseen_path=shared_data / "icu_benchmark" / "pile.csv",
-                               keep_path=str(keep))
+    tasks = suites.build_tasks(
+        ["ppl"],
+        shared_data,
+        tok,
+        forget_rows=None,
+        forget_ids=None,
+        max_tokens=16,
+        min_tokens=8,
+        ppl_chunk=128,
+        caps={"ppl": 1},
+        unseen_path=shared_data / "icu_benchmark" / "pile.csv",
+        keep_path=str(keep),
+    )
     task = next(t for t in tasks if t.name == "keep")
     assert task.kind == "memorization" and [tok.decode(ex["ids"]) for ex in task.examples] == [
-        "Alice Smith, bor", "Bob Jones, born "]
-    frame = scoring.score_model(scoring.model_spec(tiny_llama_dir, scoring.Options()), scoring.make_units([task]),
-                                 actors=1, use_ray=False)
+        "Alice Smith, bor",
+        "Bob Jones, born ",
+    ]
+    frame = scoring.score_model(
+        scoring.model_spec(tiny_llama_dir, scoring.Options()), scoring.make_units([task]), actors=1, use_ray=False
+    )
     model = modeling.load_model(tiny_llama_dir)
     ids, mask = metrics.pad_rows([ex["ids"] for ex in task.examples], tok.pad_token_id)
     assert evaluate.summarize(frame)["keep"]["ma"] == pytest.approx(
-        metrics.memorization_accuracy(model, ids, mask).mean().item(), abs=1e-9)
+        metrics.memorization_accuracy(model, ids, mask).mean().item(), abs=1e-9
+    )
 
 
 def test_cut_reply_stops_at_the_next_speaker():
@@ -90,7 +121,7 @@ def test_stage_perplexity_equals_the_metric_on_the_same_stream(tiny_llama_dir, s
     model = modeling.load_model(tiny_llama_dir)
     for task in tasks:
         stream = [t for ex in task.examples for t in ex["ids"]]
-        chunks = [c for c in (stream[s:s + 128] for s in range(0, len(stream), 128)) if len(c) >= 2]
+        chunks = [c for c in (stream[s : s + 128] for s in range(0, len(stream), 128)) if len(c) >= 2]
         want = math.exp(metrics.sequence_losses(model, chunks).mean())
         assert summary["ppl"][task.name] == pytest.approx(want, rel=1e-9)
 
@@ -98,12 +129,23 @@ def test_stage_perplexity_equals_the_metric_on_the_same_stream(tiny_llama_dir, s
 def test_summary_counts_and_auc_from_per_sample_rows():
     rows = []
     for i, (ma, el, loss) in enumerate([(0.9, 0.5, -1.0), (0.1, 0.0, -3.0), (0.2, 0.01, -2.0)]):
-        rows += [("forget", "forget", f"r{i}", m, v) for m, v in
-                 (("ma", ma), ("el", el), ("bertscore", 0.5), ("bleu", 0.1), ("mia_loss", loss),
-                  ("mia_zlib", loss), ("mia_min_k", loss))]
+        rows += [
+            ("forget", "forget", f"r{i}", m, v)
+            for m, v in (
+                ("ma", ma),
+                ("el", el),
+                ("bertscore", 0.5),
+                ("bleu", 0.1),
+                ("mia_loss", loss),
+                ("mia_zlib", loss),
+                ("mia_min_k", loss),
+            )
+        ]
     for i, loss in enumerate([-2.5, -1.5]):
-        rows += [("unseen", "pile_unseen", f"p{i}", m, v) for m, v in
-                 (("ma", 0.3), ("el", 0.0), ("mia_loss", loss), ("mia_zlib", loss), ("mia_min_k", loss))]
+        rows += [
+            ("unseen", "pile_unseen", f"p{i}", m, v)
+            for m, v in (("ma", 0.3), ("el", 0.0), ("mia_loss", loss), ("mia_zlib", loss), ("mia_min_k", loss))
+        ]
     frame = pd.DataFrame(rows, columns=scoring.COLUMNS)
     out = evaluate.summarize(frame, {"ma": 0.3, "el": 0.0})
     assert out["forget"]["below_thresholds"] == 1 and out["forget"]["requests"] == 3
@@ -141,10 +183,12 @@ def test_default_model_utility_is_plausible_and_shuffled_text_is_not(default_mod
     the same tokens shuffled within each example score far worse."""
     caps = dict(CAPS, ppl=6, classification=64)
     tasks, _ = _tasks(default_model_dir, shared_data, ["ppl"], caps=caps)
-    tasks = [t for t in tasks] + [t for t in _tasks(default_model_dir, shared_data, ["classification"], caps=caps)[0]
-                                  if t.name == "lambada"]
-    shuffled = [suites.Task(t.suite, t.name, t.kind, [_shuffle(ex, seed=i) for i, ex in enumerate(t.examples)])
-                for t in tasks]
+    tasks = [t for t in tasks] + [
+        t for t in _tasks(default_model_dir, shared_data, ["classification"], caps=caps)[0] if t.name == "lambada"
+    ]
+    shuffled = [
+        suites.Task(t.suite, t.name, t.kind, [_shuffle(ex, seed=i) for i, ex in enumerate(t.examples)]) for t in tasks
+    ]
     spec = scoring.model_spec(default_model_dir, scoring.Options())
     real = evaluate.summarize(scoring.score_model(spec, scoring.make_units(tasks), 1, use_ray=False))
     noise = evaluate.summarize(scoring.score_model(spec, scoring.make_units(shuffled), 1, use_ray=False))
@@ -173,30 +217,45 @@ def test_report_renders_table_task_tables_and_plots(tmp_path):
     rows = []
     for label, shift in (("original", 0.0), ("unlearned", 0.5)):
         for i in range(4):
-            rows += [(label, "forget", "forget", f"r{i}", m, v) for m, v in
-                     (("ma", 0.9 - shift + i / 100), ("el", 0.5 - shift / 2), ("bertscore", 0.6), ("bleu", 0.2))]
+            rows += [
+                (label, "forget", "forget", f"r{i}", m, v)
+                for m, v in (("ma", 0.9 - shift + i / 100), ("el", 0.5 - shift / 2), ("bertscore", 0.6), ("bleu", 0.2))
+            ]
     samples = pd.DataFrame(rows, columns=["model", *scoring.COLUMNS])
-    summary = {"forget": {"el": 0.5, "ma": 0.9, "bertscore": 0.6, "bleu": 0.2, "below_thresholds": 0, "requests": 4},
-               "ppl": {"pile": 20.0, "wikitext": 25.0}, "classification": {"lambada": 30.0, "average": 30.0}}
-    results = {"thresholds": {"ma": 0.4, "el": 0.01}, "models": {"original": summary, "unlearned": summary},
-               "unlearn": {"method": "icu", "epochs": 3, "stop_reason": "all_forgotten", "forgotten": 4, "requests": 4},
-               "paired_change": {"classification": {"change": -5.4, "se": 3.1, "examples": 56, "tasks": 7},
-                                 "dialogue": {"change": 3.0, "se": 1.2, "examples": 16, "tasks": 4}}}
+    summary = {
+        "forget": {"el": 0.5, "ma": 0.9, "bertscore": 0.6, "bleu": 0.2, "below_thresholds": 0, "requests": 4},
+        "ppl": {"pile": 20.0, "wikitext": 25.0},
+        "classification": {"lambada": 30.0, "average": 30.0},
+    }
+    results = {
+        "thresholds": {"ma": 0.4, "el": 0.01},
+        "models": {"original": summary, "unlearned": summary},
+        "unlearn": {"method": "icu", "epochs": 3, "stop_reason": "all_forgotten", "forgotten": 4, "requests": 4},
+        "paired_change": {
+            "classification": {"change": -5.4, "se": 3.1, "examples": 56, "tasks": 7},
+            "dialogue": {"change": 3.0, "se": 1.2, "examples": 16, "tasks": 4},
+        },
+    }
     unlearn = tmp_path / "unlearn"
     unlearn.mkdir()
-    pd.DataFrame({"epoch": [0, 0, 1, 1], "request_id": ["a", "b", "a", "b"], "forgotten": [False, False, True, True]}
-                 ).to_parquet(unlearn / "history.parquet")
+    pd.DataFrame(
+        {"epoch": [0, 0, 1, 1], "request_id": ["a", "b", "a", "b"], "forgotten": [False, False, True, True]}
+    ).to_parquet(unlearn / "history.parquet")
     pd.DataFrame({"epoch": [1], "mean_loss": [0.3], "mean_forget_nll": [2.0]}).to_parquet(unlearn / "epochs.parquet")
     path = report.write_report(tmp_path, results, samples, (unlearn / "history.parquet", unlearn / "epochs.parquet"))
     text = path.read_text()
     assert "| Model | EL10 % | MA % |" in text and "| unlearned | 50.0 | 90.0 |" in text and "| 3 |" in text
     assert "## Classification" in text and "MIA" not in text.split("\n")[2]  # no MIA column without MIA data
     # 56 examples at SE 3.1: a 2-point target needs SE 1, i.e. 56 * 3.1^2 = 539 examples
-    assert ("-5.4 points (standard error 3.1; paired, the same 56 examples over 7 tasks). Within two standard "
-            "errors of 0: at this size it is not told apart from no change; to tell 2 points apart it needs about "
-            "539 examples") in text
-    assert "+3.0 points (standard error 1.2; paired, the same 16 examples over 4 tasks). More than two standard " \
-           "errors from 0: a change." in text
+    assert (
+        "-5.4 points (standard error 3.1; paired, the same 56 examples over 7 tasks). Within two standard "
+        "errors of 0: at this size it is not told apart from no change; to tell 2 points apart it needs about "
+        "539 examples"
+    ) in text
+    assert (
+        "+3.0 points (standard error 1.2; paired, the same 16 examples over 4 tasks). More than two standard "
+        "errors from 0: a change." in text
+    )
     assert report._resolution("dialogue", {"change": 0.0, "se": 0.0, "examples": 16}).startswith("Within two")
     for png in ("forget_distributions.png", "forgotten_per_epoch.png", "loss_curves.png"):
         assert f"]({png})" in text and (tmp_path / png).stat().st_size > 5000
@@ -209,9 +268,12 @@ def test_null_max_tokens_cuts_threshold_and_evaluation_rows_alike(tmp_path, shar
 
     requests = tmp_path / "r.jsonl"
     requests.write_text('{"text": "x"}\n')
-    config = write_config(tmp_path, f"model: {{name: tiny-llama}}\nrequests: {{path: {requests}, max_tokens: null}}\n"
-                                    f"evaluation: {{data_dir: {shared_data}, suites: [unseen], max_samples: {{unseen: 4}}}}\n"
-                                    f"storage: {{runs_dir: {tmp_path}/runs}}\n")
+    config = write_config(
+        tmp_path,
+        f"model: {{name: tiny-llama}}\nrequests: {{path: {requests}, max_tokens: null}}\n"
+        f"evaluation: {{data_dir: {shared_data}, suites: [unseen], max_samples: {{unseen: 4}}}}\n"
+        f"storage: {{runs_dir: {tmp_path}/runs}}\n",
+    )
     cfg, store = driver.open_run(str(config))
     store.unlock()
     assert cfg.max_tokens == modeling.context_length(cfg.model_dir) > 200
@@ -231,9 +293,16 @@ def test_sharded_evaluation_gives_the_replica_values(implanted, tmp_path):
 
     from pipeline import driver, sharded_eval
 
-    config = run_config(implanted, tmp_path, "sharded", {
-        "resources.launcher": "torchrun", "evaluation.sharded": "always",
-        "evaluation.max_samples": {"unseen": 4, "ppl": 1, "classification": 2, "dialogue": 2}})
+    config = run_config(
+        implanted,
+        tmp_path,
+        "sharded",
+        {
+            "resources.launcher": "torchrun",
+            "evaluation.sharded": "always",
+            "evaluation.max_samples": {"unseen": 4, "ppl": 1, "classification": 2, "dialogue": 2},
+        },
+    )
     cfg, store = driver.open_run(str(config))
     driver.run_pipeline(cfg, store, until="ingest")
     assert evaluate.sharded(cfg, cfg.model_dir)

@@ -39,8 +39,16 @@ def run_ingest(cfg, tmp_path, max_len=400):
 
 
 def test_bad_rows_rejected_with_distinct_reasons(tmp_path):
-    rows = [b"id,text", b"a,", b"b,   ", b"c," + LONG.encode(), b"d," + LONG.encode(), b"e,too short",
-            b"f," + LONG.encode()[:30] + b"\xff\xfe broken" + LONG.encode(), b"g," + (LONG * 2).encode()]
+    rows = [
+        b"id,text",
+        b"a,",
+        b"b,   ",
+        b"c," + LONG.encode(),
+        b"d," + LONG.encode(),
+        b"e,too short",
+        b"f," + LONG.encode()[:30] + b"\xff\xfe broken" + LONG.encode(),
+        b"g," + (LONG * 2).encode(),
+    ]
     path = tmp_path / "requests.csv"
     path.write_bytes(b"\n".join(rows) + b"\n")
     counts, accepted, rejected = run_ingest(cfg_for(path, id_column="id"), tmp_path)
@@ -48,7 +56,12 @@ def test_bad_rows_rejected_with_distinct_reasons(tmp_path):
     assert counts["rows"] == 7 and counts["accepted"] + counts["rejected"] == 7
     assert list(accepted["id"]) == ["c", "g"]
     assert rejected.set_index("source_row")["reason"].to_dict() == {
-        0: "empty", 1: "whitespace", 3: "duplicate", 4: "too_short", 5: "undecodable"}
+        0: "empty",
+        1: "whitespace",
+        3: "duplicate",
+        4: "too_short",
+        5: "undecodable",
+    }
     assert len(set(rejected["reason"])) == 5
     assert reasons["d"] == "duplicate"
     assert sorted(list(accepted["source_row"]) + list(rejected["source_row"])) == list(range(7))
@@ -57,13 +70,16 @@ def test_bad_rows_rejected_with_distinct_reasons(tmp_path):
 def test_missing_text_column_is_one_line_error(tmp_path, capsys):
     path = tmp_path / "requests.csv"
     path.write_text("id,body\n1,hello\n")
-    cfg = write_config(tmp_path, f"model:\n  name: tiny-llama\nrequests:\n  path: {path}\n"
-                                 f"storage:\n  runs_dir: {tmp_path}/runs\n")
+    cfg = write_config(
+        tmp_path, f"model:\n  name: tiny-llama\nrequests:\n  path: {path}\nstorage:\n  runs_dir: {tmp_path}/runs\n"
+    )
     assert main(["ingest", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("icu: error: requests.text_column: no column named 'text' in requests.csv, whose header has 2 "
-                   "columns (their names are not shown: without a header row they would be a request's text); fix: "
-                   "set requests.text_column to the name of the column in the header row, or add a header row")
+    assert err == (
+        "icu: error: requests.text_column: no column named 'text' in requests.csv, whose header has 2 "
+        "columns (their names are not shown: without a header row they would be a request's text); fix: "
+        "set requests.text_column to the name of the column in the header row, or add a header row"
+    )
 
 
 def test_truncate_or_reject_long_rows(tmp_path):
@@ -77,15 +93,29 @@ def test_truncate_or_reject_long_rows(tmp_path):
 
 
 def test_jsonl_bad_lines_and_ids(tmp_path):
-    lines = [json.dumps({"text": LONG, "id": 1}).encode(), b"{not json", b'{"text": "\xc3\x28 x"}',
-             json.dumps({"other": 1}).encode(), json.dumps({"text": 5}).encode(), json.dumps([1]).encode(),
-             json.dumps({"text": LONG + "!", "id": 1}).encode(), json.dumps({"text": None}).encode()]
+    lines = [
+        json.dumps({"text": LONG, "id": 1}).encode(),
+        b"{not json",
+        b'{"text": "\xc3\x28 x"}',
+        json.dumps({"other": 1}).encode(),
+        json.dumps({"text": 5}).encode(),
+        json.dumps([1]).encode(),
+        json.dumps({"text": LONG + "!", "id": 1}).encode(),
+        json.dumps({"text": None}).encode(),
+    ]
     path = tmp_path / "r.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     counts, accepted, rejected = run_ingest(cfg_for(path, id_column="id"), tmp_path)
     assert list(accepted["id"]) == ["1"]
-    assert list(rejected["reason"]) == ["malformed_row", "undecodable", "missing_text", "not_text",
-                                        "malformed_row", "duplicate_id", "empty"]
+    assert list(rejected["reason"]) == [
+        "malformed_row",
+        "undecodable",
+        "missing_text",
+        "not_text",
+        "malformed_row",
+        "duplicate_id",
+        "empty",
+    ]
     assert counts["rows"] == 8
 
 
@@ -111,13 +141,21 @@ def test_saved_dataset_folder(tmp_path):
     assert accepted["input_ids"][0].tolist() == byte_tokenizer()(LONG, add_special_tokens=False)["input_ids"]
 
 
-row_text = st.one_of(st.just(""), st.just("   "), st.text(max_size=80), st.just(LONG),
-                     st.builds(lambda s: LONG + s, st.text(max_size=20)))
+row_text = st.one_of(
+    st.just(""),
+    st.just("   "),
+    st.text(max_size=80),
+    st.just(LONG),
+    st.builds(lambda s: LONG + s, st.text(max_size=20)),
+)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(texts=st.lists(row_text, min_size=1, max_size=25), fmt=st.sampled_from(["csv", "jsonl"]),
-       corrupt=st.sets(st.integers(0, 24)))
+@given(
+    texts=st.lists(row_text, min_size=1, max_size=25),
+    fmt=st.sampled_from(["csv", "jsonl"]),
+    corrupt=st.sets(st.integers(0, 24)),
+)
 def test_property_accepted_plus_rejected_is_input(tmp_path_factory, texts, fmt, corrupt):
     tmp = tmp_path_factory.mktemp("prop")
     path = tmp / f"r.{fmt}"
@@ -139,6 +177,7 @@ def test_property_accepted_plus_rejected_is_input(tmp_path_factory, texts, fmt, 
         counts, accepted, rejected = run_ingest(cfg_for(path), tmp)
     except Exception as exc:  # an unreadable file must be a clean one-line UserError
         from pipeline.errors import UserError
+
         assert isinstance(exc, UserError), repr(exc)
         return
     assert counts["accepted"] + counts["rejected"] == counts["rows"]
@@ -150,7 +189,9 @@ def test_property_accepted_plus_rejected_is_input(tmp_path_factory, texts, fmt, 
 
 @pytest.mark.slow
 def test_icu_forget_set_exp0_accepts_128_with_default_model(shared_data, default_model_dir, tmp_path, capsys):
-    cfg = write_config(tmp_path, f"""
+    cfg = write_config(
+        tmp_path,
+        f"""
 model:
   name: default
 requests:
@@ -159,7 +200,8 @@ requests:
   id_column: doc_id
 storage:
   runs_dir: {tmp_path}/runs
-""")
+""",
+    )
     assert main(["ingest", str(cfg)]) == 0
     accepted = pd.read_parquet(tmp_path / "runs" / "run" / "requests" / "accepted.parquet")
     rejected = pd.read_parquet(tmp_path / "runs" / "run" / "requests" / "rejected.parquet")
@@ -172,8 +214,10 @@ storage:
     assert not any(text[:40] in log for text in source["text"]), "request text must never be logged"
 
 
-PLANTED = ["Request 0: John Doe0 lives at 0 Main Street, born 1980-01-01, phone 555-0000",
-           "Request 1: Jane Roe1 lives at 1 Elm Street, born 1981-02-02, phone 555-0101"]
+PLANTED = [
+    "Request 0: John Doe0 lives at 0 Main Street, born 1980-01-01, phone 555-0000",
+    "Request 1: Jane Roe1 lives at 1 Elm Street, born 1981-02-02, phone 555-0101",
+]
 
 
 def _files_holding(root: Path, texts: list[str]) -> list[Path]:
@@ -187,8 +231,11 @@ def test_request_text_stays_out_of_errors_manifest_logs_and_caches(tmp_path, cap
     runs = tmp_path / "runs"
     headerless = tmp_path / "noheader.csv"
     headerless.write_text("".join(f"n{i},{t}\n" for i, t in enumerate(PLANTED)))
-    cfg = write_config(tmp_path, f"model: {{name: tiny-llama}}\nrequests: {{path: {headerless}}}\n"
-                                 f"storage: {{runs_dir: {runs}, name: noheader}}\n")
+    cfg = write_config(
+        tmp_path,
+        f"model: {{name: tiny-llama}}\nrequests: {{path: {headerless}}}\n"
+        f"storage: {{runs_dir: {runs}, name: noheader}}\n",
+    )
     assert main(["ingest", str(cfg)]) == 2
     assert main(["status", str(runs / "noheader")]) == 0
     parquet = tmp_path / "requests.parquet"
@@ -196,8 +243,11 @@ def test_request_text_stays_out_of_errors_manifest_logs_and_caches(tmp_path, cap
     cache = Path(os.environ.get("HF_DATASETS_CACHE", Path.home() / ".cache" / "huggingface" / "datasets"))
     before = set(cache.rglob("*")) if cache.exists() else set()
     for name, extra in (("parquet", ""), ("badcolumn", ", text_column: body")):
-        cfg = write_config(tmp_path, f"model: {{name: tiny-llama}}\nrequests: {{path: {parquet}, id_column: id"
-                                     f"{extra}}}\nstorage: {{runs_dir: {runs}, name: {name}}}\n")
+        cfg = write_config(
+            tmp_path,
+            f"model: {{name: tiny-llama}}\nrequests: {{path: {parquet}, id_column: id"
+            f"{extra}}}\nstorage: {{runs_dir: {runs}, name: {name}}}\n",
+        )
         assert main(["ingest", str(cfg)]) == (0 if name == "parquet" else 2)
     out = capfd.readouterr()
     assert not any(t[:20] in out.out + out.err for t in PLANTED), out.err
@@ -216,40 +266,82 @@ def test_every_input_row_keeps_its_id_and_a_receipt_row(tmp_path):
     from pipeline.store import RunStore
 
     text = LONG * 2
-    lines = [json.dumps(o) for o in (
-        {"id": "ok", "text": text}, {"id": "=HYPERLINK(\"http://x\")", "text": text + "b"}, {"id": "e", "text": ""},
-        {"id": "w", "text": "   "}, {"id": "n", "text": 5}, {"id": "m"}, {"id": "", "text": text + "c"},
-        {"id": ["l", 1], "text": text + "d"}, {"id": False, "text": text + "e"}, {"id": "nl\nid", "text": text + "f"},
-        {"id": 7, "text": text + "g"}, {"id": " x ", "text": text + "h"}, {"id": "x", "text": text + "i"},
-        {"id": "s", "text": "short"}, {"id": "dup", "text": text}, {"id": "ok", "text": text + "j"})]
+    lines = [
+        json.dumps(o)
+        for o in (
+            {"id": "ok", "text": text},
+            {"id": '=HYPERLINK("http://x")', "text": text + "b"},
+            {"id": "e", "text": ""},
+            {"id": "w", "text": "   "},
+            {"id": "n", "text": 5},
+            {"id": "m"},
+            {"id": "", "text": text + "c"},
+            {"id": ["l", 1], "text": text + "d"},
+            {"id": False, "text": text + "e"},
+            {"id": "nl\nid", "text": text + "f"},
+            {"id": 7, "text": text + "g"},
+            {"id": " x ", "text": text + "h"},
+            {"id": "x", "text": text + "i"},
+            {"id": "s", "text": "short"},
+            {"id": "dup", "text": text},
+            {"id": "ok", "text": text + "j"},
+        )
+    ]
     lines.insert(3, "{not json")
     lines.insert(5, "[1, 2]")
     path = tmp_path / "mixed.jsonl"
     path.write_bytes("\n".join(lines).encode() + b"\n" + b'{"id": "u", "text": "\xff\xfe"}\n')
     store = RunStore(tmp_path / "run")
-    counts = ingest(cfg_for(path, id_column="id"), byte_tokenizer(), 400, store.artefact("accepted"),
-                    store.artefact("rejected"), KEY)
+    counts = ingest(
+        cfg_for(path, id_column="id"),
+        byte_tokenizer(),
+        400,
+        store.artefact("accepted"),
+        store.artefact("rejected"),
+        KEY,
+    )
     accepted, rejected = pd.read_parquet(store.artefact("accepted")), pd.read_parquet(store.artefact("rejected"))
     assert counts["rows"] == len(lines) + 1 == len(accepted) + len(rejected)
-    assert set(rejected["reason"]) == {"empty", "whitespace", "not_text", "missing_text", "missing_id", "bad_id",
-                                       "malformed_row", "too_short", "duplicate", "duplicate_id", "undecodable"}
-    assert sorted(accepted["id"]) == sorted(["ok", "=HYPERLINK(\"http://x\")", "7", " x ", "x"])
+    assert set(rejected["reason"]) == {
+        "empty",
+        "whitespace",
+        "not_text",
+        "missing_text",
+        "missing_id",
+        "bad_id",
+        "malformed_row",
+        "too_short",
+        "duplicate",
+        "duplicate_id",
+        "undecodable",
+    }
+    assert sorted(accepted["id"]) == sorted(["ok", '=HYPERLINK("http://x")', "7", " x ", "x"])
     given = {r.source_row: r.id for r in rejected.itertuples()}
     assert given[2] == "e" and given[4] == "w" and given[6] == "n" and given[7] == "m" and given[9] == '["l", 1]'
     assert given[10] == "false" and given[11] == "nl\nid" and given[17] == "ok" and given[18] == "u"
     assert all(pd.isna(given[k]) for k in (3, 5, 8))  # no id in the row (or no parsable row)
     assert rejected.set_index("source_row").loc[[2, 4, 16], "content_hash"].notna().all()
-    history = pd.DataFrame({"epoch": 0, "request_id": accepted["id"], "bleu": 0.0, "bertscore": 0.0, "ma": 0.1,
-                            "el": 0.0, "forgotten": True})
+    history = pd.DataFrame(
+        {
+            "epoch": 0,
+            "request_id": accepted["id"],
+            "bleu": 0.0,
+            "bertscore": 0.0,
+            "ma": 0.1,
+            "el": 0.0,
+            "forgotten": True,
+        }
+    )
     history.to_parquet(store.artefact("history"))
-    store.artefact("unlearn_result").write_text(json.dumps(
-        {"thresholds": {"ma": 0.5, "el": 0.1}, "stop_reason": "all_forgotten", "epochs": 0}))
+    store.artefact("unlearn_result").write_text(
+        json.dumps({"thresholds": {"ma": 0.5, "el": 0.1}, "stop_reason": "all_forgotten", "epochs": 0})
+    )
     rows = export.receipt_rows(SimpleNamespace(requests=cfg_for(path)), store)
     assert [r["source_row"] for r in rows] == list(range(counts["rows"]))
     export.write_receipt(rows, tmp_path / "out", "key-id")
     receipt = pd.read_csv(tmp_path / "out" / "receipt.csv", keep_default_na=False)
     assert len(receipt) == counts["rows"]
-    assert receipt.loc[1, "request_id"] == "'=HYPERLINK(\"http://x\")" and receipt.loc[1, "status"] == "forgotten"
+    assert receipt.loc[1, "request_id"] == '\'=HYPERLINK("http://x")' and receipt.loc[1, "status"] == "forgotten"
     assert json.loads((tmp_path / "out" / "receipt.json").read_text())["requests"][1]["request_id"].startswith("=")
 
 
@@ -281,8 +373,11 @@ def test_an_unterminated_quote_is_refused_in_one_line(tmp_path, capsys):
     records[1] = 'r1,"Request 1: ' + LONG
     path = tmp_path / "quote.csv"
     path.write_text("id,text\n" + "\n".join(records) + "\n")
-    cfg = write_config(tmp_path, f"model: {{name: tiny-llama}}\nrequests: {{path: {path}, id_column: id, "
-                                 f"prefix_tokens: 8, suffix_tokens: 8}}\nstorage: {{runs_dir: {tmp_path}/runs}}\n")
+    cfg = write_config(
+        tmp_path,
+        f"model: {{name: tiny-llama}}\nrequests: {{path: {path}, id_column: id, "
+        f"prefix_tokens: 8, suffix_tokens: 8}}\nstorage: {{runs_dir: {tmp_path}/runs}}\n",
+    )
     assert main(["ingest", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("icu: error: requests.path: quote.csv line") and "quote" in err[0]

@@ -33,6 +33,8 @@ from implant import run_config
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
+
+
 class Head:
     """A `ray start --head` on 127.0.0.1 with the dashboard (the job server)."""
 
@@ -42,15 +44,30 @@ class Head:
         env = _env()
         env.pop("RAY_ADDRESS", None)
         self.proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-             f"--port={_free_port()}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.address.rsplit(':', 1)[1]}", "--num-cpus=2", f"--temp-dir={self.temp}",
-             "--disable-usage-stats"],
-            env=env, stdout=open(tmp / "ray-head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={_free_port()}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.address.rsplit(':', 1)[1]}",
+                "--num-cpus=2",
+                f"--temp-dir={self.temp}",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=open(tmp / "ray-head.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + 180
         while self.ray("job", "list", check=False).returncode != 0:
-            assert self.proc.poll() is None and time.time() < deadline, \
+            assert self.proc.poll() is None and time.time() < deadline, (
                 f"the Ray head did not come up: {(tmp / 'ray-head.log').read_text()[-2000:]}"
+            )
             time.sleep(2)
         os.environ["RAY_AUTH_MODE"] = "disabled"  # for the SDK client in this process, as for the CLI
         from ray.job_submission import JobSubmissionClient
@@ -68,8 +85,20 @@ class Head:
     def submit(self, config: Path, *extra: str) -> str:
         """`ray job submit --no-wait` of the whole pipeline; returns the submission id."""
         job = f"icu-{uuid.uuid4().hex[:8]}"
-        self.ray("job", "submit", "--no-wait", f"--submission-id={job}", f"--working-dir={REPO}",
-                 "--entrypoint-num-cpus=0", "--", sys.executable, "-m", "ray_jobs.run", str(config), *extra)
+        self.ray(
+            "job",
+            "submit",
+            "--no-wait",
+            f"--submission-id={job}",
+            f"--working-dir={REPO}",
+            "--entrypoint-num-cpus=0",
+            "--",
+            sys.executable,
+            "-m",
+            "ray_jobs.run",
+            str(config),
+            *extra,
+        )
         return job
 
     def status(self, job: str) -> str:
@@ -113,8 +142,14 @@ def _free_port() -> int:
 def _env() -> dict[str, str]:
     """The CLI's environment. Token auth off: Ray 2.60 turns it on for a head started where a
     token file exists (~/.ray/auth_token, left by any earlier local cluster)."""
-    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", HF_HUB_OFFLINE="1",
-                DS_ACCELERATOR="cpu", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
+    return dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        HF_HUB_OFFLINE="1",
+        DS_ACCELERATOR="cpu",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_AUTH_MODE="disabled",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +162,22 @@ def head(tmp_path_factory):
 def _config(implanted, tmp: Path, name: str, overrides: dict | None = None) -> Path:
     """The implanted run, with a retain pool cut into enough shards (160 items in 40) to stop retrieval in."""
     extraction = SHARED_DATA / "icu_benchmark" / "forget_sets" / "exp1" / "lm_extraction_128_1.csv"
-    return run_config(implanted, tmp, name, {
-        "retain.paths": [str(implanted["retain"]), str(extraction)], "retain.max_items": 160,
-        "retrieval.shard_rows": 4, "unlearning.optim.lr": 1.0e-3, "evaluation.keep_path": str(implanted["retain"]),
-        # relearning at this unlearning lr scrambles even the original (3/8 leak after it): 3e-4 keeps 8/8
-        "audit.relearn_lr": 3.0e-4, "audit.relearn_steps": 4, **(overrides or {})})
+    return run_config(
+        implanted,
+        tmp,
+        name,
+        {
+            "retain.paths": [str(implanted["retain"]), str(extraction)],
+            "retain.max_items": 160,
+            "retrieval.shard_rows": 4,
+            "unlearning.optim.lr": 1.0e-3,
+            "evaluation.keep_path": str(implanted["retain"]),
+            # relearning at this unlearning lr scrambles even the original (3/8 leak after it): 3e-4 keeps 8/8
+            "audit.relearn_lr": 3.0e-4,
+            "audit.relearn_steps": 4,
+            **(overrides or {}),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +202,9 @@ def _running(root: Path, stage: str) -> bool:
 
 
 def test_whole_run_as_a_job(head, reference):
-    status = subprocess.run([str(BIN / "icu"), "status", str(reference["root"])], capture_output=True, text=True,
-                            env=_env(), check=True).stdout
+    status = subprocess.run(
+        [str(BIN / "icu"), "status", str(reference["root"])], capture_output=True, text=True, env=_env(), check=True
+    ).stdout
     assert "all stages done" in status and status.count(" done ") == len(STAGES), status
 
 
@@ -169,24 +216,39 @@ def test_request_text_stays_inside_the_run_directory(head, reference, implanted)
 
     texts = [t[:40].encode() for t in implanted["memorize"][:8]]
     assert not any(t.decode() in head.logs(reference["job"]) for t in texts)
-    left_in_tmp = [p for p in Path(tempfile.gettempdir()).iterdir() if p not in reference["tmp_before"]
-                   and not p.name.startswith("pytest-of-")]
+    left_in_tmp = [
+        p
+        for p in Path(tempfile.gettempdir()).iterdir()
+        if p not in reference["tmp_before"] and not p.name.startswith("pytest-of-")
+    ]
     roots = [head.temp, Path.home() / ".cache" / "huggingface", modeling.cache_dir(), *left_in_tmp]
-    files = [p for root in roots if root.exists() for p in ([root] if root.is_file() else root.rglob("*"))
-             if p.is_file() and not p.is_symlink()]
+    files = [
+        p
+        for root in roots
+        if root.exists()
+        for p in ([root] if root.is_file() else root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    ]
     leaks = [p for p in files if any(t in p.read_bytes() for t in texts)]
     assert not leaks, f"request text outside the run directory: {leaks[:5]}"
-    inside = {str(p.relative_to(reference["root"])) for p in reference["root"].rglob("*")
-              if p.is_file() and any(t in p.read_bytes() for t in texts)}
+    inside = {
+        str(p.relative_to(reference["root"]))
+        for p in reference["root"].rglob("*")
+        if p.is_file() and any(t in p.read_bytes() for t in texts)
+    }
     assert inside <= {"requests/accepted.parquet", "retrieval/neighbours.parquet"}, inside
     # Nor its tokens: evaluation units name a request by its row, so Ray's object store (which spills
     # to the session folder) never holds its token ids, as JSON or as raw int64s.
     tok = modeling.load_tokenizer(implanted["root"] / "model")
     token_rows = [tok(t, add_special_tokens=False)["input_ids"][:16] for t in implanted["memorize"][:8]]
-    patterns = [", ".join(map(str, r)).encode() for r in token_rows] + \
-        [b"".join(int(i).to_bytes(8, "little") for i in r) for r in token_rows]
-    spilled = [p for p in head.temp.rglob("*") if p.is_file() and not p.is_symlink()
-               and any(t in p.read_bytes() for t in patterns)]
+    patterns = [", ".join(map(str, r)).encode() for r in token_rows] + [
+        b"".join(int(i).to_bytes(8, "little") for i in r) for r in token_rows
+    ]
+    spilled = [
+        p
+        for p in head.temp.rglob("*")
+        if p.is_file() and not p.is_symlink() and any(t in p.read_bytes() for t in patterns)
+    ]
     assert not spilled, f"request tokens in the Ray session: {spilled[:5]}"
     # The model card shows the run config without the operator's paths.
     card = (reference["root"] / "model" / "README.md").read_text()
@@ -218,8 +280,10 @@ def test_evaluate_reports_before_and_after(reference):
     assert set(samples["model"]) == {"original", "unlearned"}
     report = (root / "eval" / "report.md").read_text()
     assert "| unlearned |" in report and "forget_distributions.png" in report
-    assert all((root / "eval" / png).stat().st_size > 5000 for png in
-               ("forget_distributions.png", "forgotten_per_epoch.png", "loss_curves.png"))
+    assert all(
+        (root / "eval" / png).stat().st_size > 5000
+        for png in ("forget_distributions.png", "forgotten_per_epoch.png", "loss_curves.png")
+    )
 
 
 def test_the_audit_finds_in_the_original_what_the_hand_off_no_longer_gives(reference):
@@ -255,7 +319,9 @@ def test_export_hands_off_a_verified_folder_and_a_receipt(reference, implanted, 
     from pipeline import keys
 
     key = keys.receipt_key()
-    texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in implanted["requests"].read_text().splitlines()}
+    texts = {
+        json.loads(line)["id"]: json.loads(line)["text"] for line in implanted["requests"].read_text().splitlines()
+    }
     for row in (r for r in receipt["requests"] if r["status"] != "rejected"):
         plain = hashlib.sha256(keys.normalise(texts[row["request_id"]]).encode()).hexdigest()
         assert row["content_hash"] == keys.keyed_hash(key, texts[row["request_id"]]) != plain
@@ -355,8 +421,9 @@ def test_consolidation_and_export_write_one_shard_at_a_time(reference, implanted
     from pipeline import export, shards, unlearn
 
     root = reference["root"]
-    small = unlearn.consolidate(root / "unlearn" / "checkpoints", "final", implanted["root"] / "model",
-                                tmp_path / "small", max_bytes=60_000)
+    small = unlearn.consolidate(
+        root / "unlearn" / "checkpoints", "final", implanted["root"] / "model", tmp_path / "small", max_bytes=60_000
+    )
     files = sorted(small.glob("*.safetensors"))
     sizes = {n: shape.numel() * 4 for n, (shape, _) in shards.specs(small).items()}
     assert len(files) >= 4 and (small / shards.INDEX).is_file()
@@ -402,8 +469,9 @@ def test_stopped_jobs_resume_to_the_uninterrupted_result(head, reference, implan
     # 3. Resubmit; stop during evaluation once the original model's scores are kept.
     job = head.submit(config)
     kept = root / "eval" / "partial" / "original.parquet"
-    head.stop_when(job, lambda: _running(root, "evaluate") and kept.with_suffix(".key").exists(),
-                   "the original model's scores")
+    head.stop_when(
+        job, lambda: _running(root, "evaluate") and kept.with_suffix(".key").exists(), "the original model's scores"
+    )
     logs.append(log := head.logs(job))
     assert f"resuming from checkpoint {tag}" in log
     kept_at = kept.stat().st_mtime_ns
@@ -433,16 +501,25 @@ def test_stopped_jobs_resume_to_the_uninterrupted_result(head, reference, implan
 
     # Request text appears in no log: the run's, the jobs', or anything under Ray's session logs.
     texts = [t[:40] for t in implanted["memorize"][:8]]
-    files = [*root.joinpath("logs").rglob("*"), *reference["root"].joinpath("logs").rglob("*"),
-             *head.temp.joinpath("session_latest", "logs").rglob("*")]
-    for name, content in [*((str(p), p.read_text(errors="ignore")) for p in files if p.is_file()),
-                          *(("job log", log) for log in logs)]:
+    files = [
+        *root.joinpath("logs").rglob("*"),
+        *reference["root"].joinpath("logs").rglob("*"),
+        *head.temp.joinpath("session_latest", "logs").rglob("*"),
+    ]
+    for name, content in [
+        *((str(p), p.read_text(errors="ignore")) for p in files if p.is_file()),
+        *(("job log", log) for log in logs),
+    ]:
         assert not any(t in content for t in texts), f"request text found in {name}"
 
 
 def test_changed_learning_rate_is_refused(head, reference, implanted, tmp_path):
-    changed = _config(implanted, tmp_path, "reference", {"unlearning.optim.lr": 2.0e-3,
-                                                           "storage.runs_dir": str(reference["root"].parent)})
+    changed = _config(
+        implanted,
+        tmp_path,
+        "reference",
+        {"unlearning.optim.lr": 2.0e-3, "storage.runs_dir": str(reference["root"].parent)},
+    )
     job = head.submit(changed)
     assert head.wait(job) == "FAILED"
     log = head.logs(job)
@@ -476,9 +553,24 @@ def test_a_report_setting_reruns_evaluation_only(reference, tmp_path, caplog):
     config.write_text(reference["config"].read_text().replace(str(reference["root"].parent), str(tmp_path / "runs")))
     checkpoints = {p: p.stat().st_mtime_ns for p in (root / "unlearn" / "checkpoints").rglob("*") if p.is_file()}
     with caplog.at_level("INFO"):
-        assert main(["run", str(config), "--restart-from", "evaluate", "--set", "evaluation.max_samples.ppl=1",
-                     "--set", "resources.launcher=torchrun"]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    str(config),
+                    "--restart-from",
+                    "evaluate",
+                    "--set",
+                    "evaluation.max_samples.ppl=1",
+                    "--set",
+                    "resources.launcher=torchrun",
+                ]
+            )
+            == 0
+        )
     assert "unlearn: already complete with the same inputs; skipped" in caplog.text
     assert "evaluate: finished" in caplog.text and "export: finished" in caplog.text
-    assert {p: p.stat().st_mtime_ns for p in (root / "unlearn" / "checkpoints").rglob("*") if p.is_file()} == checkpoints
+    assert {
+        p: p.stat().st_mtime_ns for p in (root / "unlearn" / "checkpoints").rglob("*") if p.is_file()
+    } == checkpoints
     assert _manifest(root)["stages"]["evaluate"]["status"] == "done"

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from pipeline.config import build_config
-from pipeline.iur import (Thresholds, apply_band, band_targets, bigram_share, check_requests, is_forgotten,
-                         score_requests, set_auc)
+from pipeline.iur import (
+    Thresholds,
+    apply_band,
+    band_targets,
+    bigram_share,
+    check_requests,
+    is_forgotten,
+    score_requests,
+    set_auc,
+)
 from pipeline.stopping import StopRule
 from pipeline.pairs import Pairs
 from pipeline.ranks import deepspeed_config
@@ -61,9 +69,16 @@ def test_epoch_batches_reshuffle_each_epoch_deterministically():
 
 
 def test_deepspeed_config_fills_auto_from_the_run_config():
-    cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
-                        "unlearning": {"optim": {"batch_size": 3, "grad_clip": 0.5, "lr": 1e-4, "warmup_steps": 10},
-                                       "ds_config": str(REPO / "ds_configs" / "zero3.json")}})
+    cfg = build_config(
+        {
+            "requests": {"path": str(REPO / "README.md")},
+            "storage": {"name": "t"},
+            "unlearning": {
+                "optim": {"batch_size": 3, "grad_clip": 0.5, "lr": 1e-4, "warmup_steps": 10},
+                "ds_config": str(REPO / "ds_configs" / "zero3.json"),
+            },
+        }
+    )
     ds = deepspeed_config(cfg, world=4, hidden=64)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["train_batch_size"] == 12
     assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["params"]["lr"] == 1e-4
@@ -118,12 +133,20 @@ def test_mia_within_waits_until_the_set_is_as_familiar_as_strangers_on_either_si
 
 
 def test_the_rule_is_the_config_s():
-    cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
-                        "unlearning": {"loss": {"name": "icu_band"}, "optim": {"lr_backoff": 0.5},
-                                       "stop": {"rule": "each", "recover_within": 0.03, "mia_within": 0.1,
-                                                "max_epochs": 7}}})
-    assert StopRule.of(cfg.unlearning, band=True) == StopRule(max_epochs=7, stop="each", pull_back=True,
-                                                               recover_within=0.03, mia_within=0.1, lr_backoff=0.5)
+    cfg = build_config(
+        {
+            "requests": {"path": str(REPO / "README.md")},
+            "storage": {"name": "t"},
+            "unlearning": {
+                "loss": {"name": "icu_band"},
+                "optim": {"lr_backoff": 0.5},
+                "stop": {"rule": "each", "recover_within": 0.03, "mia_within": 0.1, "max_epochs": 7},
+            },
+        }
+    )
+    assert StopRule.of(cfg.unlearning, band=True) == StopRule(
+        max_epochs=7, stop="each", pull_back=True, recover_within=0.03, mia_within=0.1, lr_backoff=0.5
+    )
 
 
 def test_neighbours_are_each_distinct_row_once():
@@ -134,8 +157,7 @@ def test_neighbours_are_each_distinct_row_once():
 def test_step_rows_cut_every_retain_row_to_the_longest_request_so_every_step_has_one_width():
     pairs = Pairs(["a", "b"], [[1, 1, 1], [2]], [0, 1], [[5, 6, 7, 8], []])
     general = [list(range(10)), [9, 9]]
-    assert step_rows(pairs, [1, 0, None], general) == ([[2], [1, 1, 1], []],
-                                                        [[], [5, 6, 7], [], [0, 1, 2], [9, 9]])
+    assert step_rows(pairs, [1, 0, None], general) == ([[2], [1, 1, 1], []], [[], [5, 6, 7], [], [0, 1, 2], [9, 9]])
     # the step without the long request is cut to the same width: ranks stay in step
     assert step_rows(pairs, [1, None], general) == ([[2], []], [[], [], [0, 1, 2], [9, 9]])
     assert step_rows(pairs, [1, None], None) == ([[2], []], [])
@@ -161,8 +183,12 @@ def test_two_sided_rule_flags_requests_past_the_strangers_band():
     assert all(r["band_high"] == pytest.approx(high) for r in out)
     # below the thresholds and inside the band: forgotten; past the band: too deep, not forgotten;
     # still remembered: neither, wherever its NLL lies
-    assert [(r["forgotten"], r["too_deep"]) for r in out] == [(True, False), (False, True), (False, False),
-                                                              (False, False)]
+    assert [(r["forgotten"], r["too_deep"]) for r in out] == [
+        (True, False),
+        (False, True),
+        (False, False),
+        (False, False),
+    ]
     assert [r["nll"] for r in out] == [2.5, 3.5, 1.0, 4.0]
     one_sided = apply_band(records, [2.5, 3.5, 1.0, 4.0], UNSEEN, None)
     assert [r["forgotten"] for r in one_sided] == [True, True, False, False]
@@ -212,8 +238,10 @@ def test_check_generates_only_from_requests_below_the_ma_and_el_thresholds(tiny_
     # Whole requests: a row whose last part the model reproduces (its own greedy tail from token 10 on)
     # is remembered, however low its MA, while random rows pass.
     with torch.no_grad():
-        tails = [r[:10] + model.generate(torch.tensor([r[:10]]), max_new_tokens=6, do_sample=False)[0, 10:].tolist()
-                 for r in rows[:3]]
+        tails = [
+            r[:10] + model.generate(torch.tensor([r[:10]]), max_new_tokens=6, do_sample=False)[0, 10:].tolist()
+            for r in rows[:3]
+        ]
     lenient = Thresholds(ma=1.0, el=1.0, bertscore=1.1, bleu=1.1, span=3)
     got = check_requests(model, tok, tails + rows[3:], thresholds=lenient, scorer=CountingScorer(), **options)
     assert [g["span"] >= 6 for g in got] == [True] * 3 + [False] * 5
@@ -223,8 +251,7 @@ def test_check_generates_only_from_requests_below_the_ma_and_el_thresholds(tiny_
 def test_bigram_share_is_how_often_strangers_get_a_pair_right():
     rows = [[1, 2, 3, 9], [1, 2, 4, 9], [5, 2, 3, 9]]
     hits = [[True, False, True], [True, True, False], [False, True, True]]
-    assert bigram_share(rows, hits) == {(1, 2): 1.0, (2, 3): 0.5, (3, 9): 1.0, (2, 4): 1.0, (4, 9): 0.0,
-                                        (5, 2): 0.0}
+    assert bigram_share(rows, hits) == {(1, 2): 1.0, (2, 3): 0.5, (3, 9): 1.0, (2, 4): 1.0, (4, 9): 0.0, (5, 2): 0.0}
 
 
 def test_band_targets_push_what_is_personal_and_pull_back_the_too_deep():
@@ -233,8 +260,9 @@ def test_band_targets_push_what_is_personal_and_pull_back_the_too_deep():
     rows = [[1, 2, 3, 7], [1, 2, 3], [4, 5], [1, 2]]
     hits = [[True, True, False], [True, True], [False], [True]]
     share = {(1, 2): 0.9, (2, 3): 0.2, (3, 7): 0.5}
-    push, low, hi = band_targets([rec(), rec(deep=True), rec(forgotten=True), rec(edge=None)], rows, hits, share,
-                                 UNSEEN, ma_threshold=0.5)
+    push, low, hi = band_targets(
+        [rec(), rec(deep=True), rec(forgotten=True), rec(edge=None)], rows, hits, share, UNSEEN, ma_threshold=0.5
+    )
     # (1, 2) and (3, 7) are template: not pushed while a personal token is still a hit (row 0),
     # pushed when only template hits keep MA above the threshold (row 3: MA 1 > 0.5)
     assert push == [[0.0, 1.0, 0.0], [0.0, 0.0], [0.0], [1.0]]
@@ -287,8 +315,10 @@ def test_band_targets_push_template_hits_the_personal_ones_cannot_make_up_for(se
     rows = [[rng.randrange(6) for _ in range(rng.randrange(5, 30))] for _ in range(6)]
     share = {(a, b): rng.choice([0.1, 0.5, 0.6, 0.8, 1.0]) for a in range(6) for b in range(6)}
     # half the rows: every personal position already wrong
-    hits = [[rng.random() < 0.9 and (k % 2 == 0 or share[pair] >= 0.5) for pair in zip(row, row[1:])]
-            for k, row in enumerate(rows)]
+    hits = [
+        [rng.random() < 0.9 and (k % 2 == 0 or share[pair] >= 0.5) for pair in zip(row, row[1:])]
+        for k, row in enumerate(rows)
+    ]
     thr = rng.choice([0.1, 0.2, 0.3])
     rec = {"forgotten": False, "too_deep": False, "band_high": 9.0}
     push, _, _ = band_targets([rec] * len(rows), rows, hits, share, UNSEEN, ma_threshold=thr)
@@ -350,7 +380,8 @@ def test_ranks_hash_disjoint_shares_that_seal_as_one_rank_would(tmp_path):
     assert {"a.pt", "b.pt"} == {max(share, key=lambda k: share[k][0]) for share in shares}  # one large file each
     checkpoints.seal(tmp_path, "epoch-1", {k: v for share in shares for k, v in share.items()})
     assert json.loads((tag / checkpoints.RECORDS).read_text()) == {
-        k: v for k, v in file_records(tag).items() if k != checkpoints.RECORDS}
+        k: v for k, v in file_records(tag).items() if k != checkpoints.RECORDS
+    }
     assert checkpoints.latest_verified(tmp_path) == "epoch-1"
 
 
@@ -396,8 +427,13 @@ def test_back_off_halves_the_lr_per_jump_and_a_resumed_run_decides_alike():
     from pipeline.worker import LoopState, Worker
 
     worker = Worker.__new__(Worker)
-    worker.cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
-                               "unlearning": {"loss": {"name": "icu_band"}, "optim": {"lr_backoff": 0.5}}})
+    worker.cfg = build_config(
+        {
+            "requests": {"path": str(REPO / "README.md")},
+            "storage": {"name": "t"},
+            "unlearning": {"loss": {"name": "icu_band"}, "optim": {"lr_backoff": 0.5}},
+        }
+    )
     worker.method, worker.rank = method("icu_band"), 1
     worker.rule = StopRule.of(worker.cfg.unlearning, band=True)
     worker.pairs = SimpleNamespace(request_ids=["a", "b"])
@@ -432,9 +468,17 @@ def test_stop_settings_are_in_the_key_but_not_the_checkpoints(tmp_path):
     from pipeline.unlearn import key
 
     def keys(loss=None, optim=None, **stop):
-        cfg = build_config({"requests": {"path": str(REPO / "README.md")}, "storage": {"name": "t"},
-                            "unlearning": {"loss": {"name": "icu_band", **(loss or {})}, "optim": optim or {},
-                                           "stop": {"recover_within": 0.03, **stop}}})
+        cfg = build_config(
+            {
+                "requests": {"path": str(REPO / "README.md")},
+                "storage": {"name": "t"},
+                "unlearning": {
+                    "loss": {"name": "icu_band", **(loss or {})},
+                    "optim": optim or {},
+                    "stop": {"recover_within": 0.03, **stop},
+                },
+            }
+        )
         cfg.resolve(tmp_path / "model", 64)
         store = RunStore(tmp_path / "run")
         return key(cfg, store), key(cfg, store, resumable=True)

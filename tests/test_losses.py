@@ -12,8 +12,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import losses
-from pipeline.losses import (GD, ICU, NPO, RMU, ICUBand, SimNPO, kl_to_reference, sequence_logprob, steering_direction,
-                             token_nll, unlearning_loss)
+from pipeline.losses import (
+    GD,
+    ICU,
+    NPO,
+    RMU,
+    ICUBand,
+    SimNPO,
+    kl_to_reference,
+    sequence_logprob,
+    steering_direction,
+    token_nll,
+    unlearning_loss,
+)
 
 V = 7
 TOL = 1e-5
@@ -40,6 +51,7 @@ def make_batch(lengths: list[int], T: int = 6, seed: int = 0, dtype=torch.float3
 
 
 # ---- naive references: loops over rows and positions, pads skipped ----
+
 
 def naive_token_terms(logits, ids, mask) -> list[list[torch.Tensor]]:
     """Per row, the -log softmax(logits[t])[ids[t+1]] of every position whose target is real."""
@@ -115,11 +127,11 @@ def naive_band(logits, ids, mask, push, low, high, margin):
             gaps, raised = [], []
             for k, t in enumerate(range(len(terms))):
                 z, y = logits[b, t].double(), int(ids[b, t + 1])
-                best_other = torch.cat([z[:y], z[y + 1:]]).max()
+                best_other = torch.cat([z[:y], z[y + 1 :]]).max()
                 gaps.append(push[b, t] * torch.clamp(z[y] - best_other + margin, min=0))
                 raised.append(terms[k] if push[b, t] else terms[k].detach())
             nll, pushed = sum(terms) / len(terms), sum(raised) / len(terms)
-            below = torch.clamp(low[b].double() - pushed, min=0) if any(push[b, :len(terms)]) else 0.0
+            below = torch.clamp(low[b].double() - pushed, min=0) if any(push[b, : len(terms)]) else 0.0
             per_row.append(sum(gaps) / len(terms) + below + torch.clamp(nll - high[b].double(), min=0))
     return batch_mean(per_row)
 
@@ -140,6 +152,7 @@ LENGTHS = [6, 4, 2, 0, 5]
 
 # ---- per-sequence functions ----
 
+
 def test_token_nll_matches_naive():
     logits, ids, mask = make_batch(LENGTHS)
     assert_close_with_grads(token_nll(logits, ids, mask), row_means(naive_token_terms(logits, ids, mask)), [logits])
@@ -147,8 +160,9 @@ def test_token_nll_matches_naive():
 
 def test_sequence_logprob_matches_naive():
     logits, ids, mask = make_batch(LENGTHS)
-    naive = torch.stack([-sum(r) if r else torch.zeros((), dtype=torch.float64)
-                         for r in naive_token_terms(logits, ids, mask)])
+    naive = torch.stack(
+        [-sum(r) if r else torch.zeros((), dtype=torch.float64) for r in naive_token_terms(logits, ids, mask)]
+    )
     assert_close_with_grads(sequence_logprob(logits, ids, mask), naive, [logits])
 
 
@@ -229,15 +243,21 @@ def test_property_pad_content_is_irrelevant(seed: int, n: int, extra: int):
     assert torch.allclose(token_nll(long_logits, long_ids, long_mask), token_nll(logits, ids, mask), atol=1e-6)
     ref = logits.detach().flip(-1)
     long_ref = long_logits.flip(-1)
-    assert torch.allclose(kl_to_reference(long_logits, long_ref, long_mask), kl_to_reference(logits, ref, mask),
-                          atol=1e-6)
+    assert torch.allclose(
+        kl_to_reference(long_logits, long_ref, long_mask), kl_to_reference(logits, ref, mask), atol=1e-6
+    )
 
 
 # ---- methods ----
 
-CUSTOM = {"icu": ICU(uw=0.7, lw=0.3, kl=1.5), "icu_band": ICUBand(uw=0.7, lw=0.3, kl=1.5, margin=2.0),
-          "ga": losses.GA(), "gd": GD(retain_weight=0.4), "npo": NPO(beta=0.2, retain_weight=0.4),
-          "simnpo": SimNPO(beta=2.5, gamma=0.7, retain_weight=0.4)}
+CUSTOM = {
+    "icu": ICU(uw=0.7, lw=0.3, kl=1.5),
+    "icu_band": ICUBand(uw=0.7, lw=0.3, kl=1.5, margin=2.0),
+    "ga": losses.GA(),
+    "gd": GD(retain_weight=0.4),
+    "npo": NPO(beta=0.2, retain_weight=0.4),
+    "simnpo": SimNPO(beta=2.5, gamma=0.7, retain_weight=0.4),
+}
 
 
 def method_inputs(forget_lengths=LENGTHS, retain_lengths=(6, 3, 5, 0, 6)):
@@ -255,9 +275,15 @@ def method_inputs(forget_lengths=LENGTHS, retain_lengths=(6, 3, 5, 0, 6)):
     low = nll + torch.tensor([0.5, 0.5, 0.5, -0.5, 0.3] * rows)[:rows]  # row 3: already above its low
     high = torch.where(torch.tensor([False, True, False, False, True] * rows)[:rows], nll - 0.5, math.inf)
     return dict(
-        forget_push=push, forget_low=low, forget_high=high,
-        forget_logits=forget_logits, forget_ids=forget_ids, forget_mask=forget_mask,
-        retain_logits=retain_logits, retain_ids=retain_ids, retain_mask=retain_mask,
+        forget_push=push,
+        forget_low=low,
+        forget_high=high,
+        forget_logits=forget_logits,
+        forget_ids=forget_ids,
+        forget_mask=forget_mask,
+        retain_logits=retain_logits,
+        retain_ids=retain_ids,
+        retain_mask=retain_mask,
         ref_retain_logits=make_batch(list(retain_lengths), seed=12)[0].detach(),
         ref_forget_logits=make_batch(list(forget_lengths), seed=13)[0].detach(),
     )
@@ -268,8 +294,13 @@ def naive_held(x: dict, weights: list[float]) -> torch.Tensor:
     model) (brought back to where the original had it, never below); mean over rows with a prediction."""
     now = naive_token_terms(x["retain_logits"], x["retain_ids"], x["retain_mask"])
     ref = naive_token_terms(x["ref_retain_logits"], x["retain_ids"], x["retain_mask"])
-    return batch_mean([k * torch.clamp(sum(a) / len(a) - (sum(b) / len(b)).detach(), min=0)
-                       for k, a, b in zip(weights, now, ref) if a])
+    return batch_mean(
+        [
+            k * torch.clamp(sum(a) / len(a) - (sum(b) / len(b)).detach(), min=0)
+            for k, a, b in zip(weights, now, ref)
+            if a
+        ]
+    )
 
 
 def naive_method(name: str, w, x: dict) -> torch.Tensor:
@@ -284,8 +315,15 @@ def naive_method(name: str, w, x: dict) -> torch.Tensor:
         return -forget + w.retain_weight * retain
     if name == "icu_band":
         kl = naive_mean_kl(x["retain_logits"], x["ref_retain_logits"], x["retain_mask"])
-        band = naive_band(x["forget_logits"], x["forget_ids"], x["forget_mask"], x["forget_push"], x["forget_low"],
-                          x["forget_high"], w.margin)
+        band = naive_band(
+            x["forget_logits"],
+            x["forget_ids"],
+            x["forget_mask"],
+            x["forget_push"],
+            x["forget_low"],
+            x["forget_high"],
+            w.margin,
+        )
         return w.uw * band + naive_held(x, [w.lw] * len(x["retain_ids"])) + w.kl * kl
     if name == "simnpo":
         simnpo = naive_simnpo(x["forget_logits"], x["forget_ids"], x["forget_mask"], w.beta, w.gamma)
@@ -320,14 +358,19 @@ def test_general_rows_weigh_general_lw_in_the_retain_nll(name: str, general_lw):
         want = naive_method(name, w, x) - naive_held(x, [w.lw] * len(weight)) + naive_held(x, weight)
     else:
         retain = batch_mean([k * sum(r) / len(r) for k, r in zip(weight, terms) if r])
-        want = naive_method(name, w, x) - w.lw * naive_mean_nll(x["retain_logits"], x["retain_ids"],
-                                                                x["retain_mask"]) + retain
+        want = (
+            naive_method(name, w, x)
+            - w.lw * naive_mean_nll(x["retain_logits"], x["retain_ids"], x["retain_mask"])
+            + retain
+        )
     assert_close_with_grads(loss, want, [x["forget_logits"], x["retain_logits"]])
-    assert parts["neighbour_nll"] == pytest.approx(float(naive_mean_nll(x["retain_logits"], x["retain_ids"],
-                                                                        x["retain_mask"])), rel=1e-5)
+    assert parts["neighbour_nll"] == pytest.approx(
+        float(naive_mean_nll(x["retain_logits"], x["retain_ids"], x["retain_mask"])), rel=1e-5
+    )
 
 
 # The implementation before the loss was chunked: plain autograd through whole [B, T, V] tensors.
+
 
 def whole_shifted_nll(logits, ids, mask):
     valid = mask[:, 1:].bool() & mask[:, :-1].bool()
@@ -358,13 +401,15 @@ def whole_margins(logits, ids, valid, margin):
 
 def whole_method(name: str, w, x: dict) -> torch.Tensor:
     """Today's methods, composed from the whole-tensor pieces above."""
+
     def mean_nll(logits, ids, mask):
         nll, valid = whole_shifted_nll(logits, ids, mask)
         return losses._row_mean(nll.sum(1) / valid.sum(1).clamp(min=1), valid.any(1))
 
     retain = mean_nll(x["retain_logits"], x["retain_ids"], x["retain_mask"])
-    kl = losses._row_mean(whole_kl(x["retain_logits"], x["ref_retain_logits"], x["retain_mask"]),
-                          x["retain_mask"].bool().any(1))
+    kl = losses._row_mean(
+        whole_kl(x["retain_logits"], x["ref_retain_logits"], x["retain_mask"]), x["retain_mask"].bool().any(1)
+    )
     if name == "icu":
         return -w.uw * mean_nll(x["forget_logits"], x["forget_ids"], x["forget_mask"]) + w.lw * retain + w.kl * kl
     per_token, valid = whole_shifted_nll(x["forget_logits"], x["forget_ids"], x["forget_mask"])
@@ -406,9 +451,12 @@ def test_chunked_loss_equals_the_whole_tensor_loss(name: str):
 
 
 def test_icu_parts_and_defaults():
-    assert (ICU(), ICUBand(), NPO(), SimNPO()) == (ICU(uw=1.0, lw=0.5, kl=1.0), ICUBand(uw=1.0, lw=0.5, kl=1.0, margin=1.0),
-                                                 NPO(beta=0.1, retain_weight=1.0),
-                                                 SimNPO(beta=4.5, gamma=0.0, retain_weight=1.0))
+    assert (ICU(), ICUBand(), NPO(), SimNPO()) == (
+        ICU(uw=1.0, lw=0.5, kl=1.0),
+        ICUBand(uw=1.0, lw=0.5, kl=1.0, margin=1.0),
+        NPO(beta=0.1, retain_weight=1.0),
+        SimNPO(beta=4.5, gamma=0.0, retain_weight=1.0),
+    )
     loss, parts = unlearning_loss("icu", **method_inputs())
     assert set(parts) == {"loss", "forget_nll", "neighbour_nll", "kl"}
     assert loss.item() == pytest.approx(-parts["forget_nll"] + 0.5 * parts["neighbour_nll"] + parts["kl"], abs=1e-6)
@@ -418,12 +466,24 @@ def test_plain_npo_without_retain():
     x = method_inputs()
     w = NPO(retain_weight=0.0)
     assert not losses.method("npo").retain(w)
-    loss, parts = unlearning_loss("npo", w, forget_logits=x["forget_logits"], forget_ids=x["forget_ids"],
-                                  forget_mask=x["forget_mask"], ref_forget_logits=x["ref_forget_logits"])
+    loss, parts = unlearning_loss(
+        "npo",
+        w,
+        forget_logits=x["forget_logits"],
+        forget_ids=x["forget_ids"],
+        forget_mask=x["forget_mask"],
+        ref_forget_logits=x["ref_forget_logits"],
+    )
     assert set(parts) == {"loss", "npo"}
     # NPO at the reference model is (2/beta) log 2 per sample
-    at_ref, _ = unlearning_loss("npo", w, forget_logits=x["forget_logits"], forget_ids=x["forget_ids"],
-                                forget_mask=x["forget_mask"], ref_forget_logits=x["forget_logits"].detach())
+    at_ref, _ = unlearning_loss(
+        "npo",
+        w,
+        forget_logits=x["forget_logits"],
+        forget_ids=x["forget_ids"],
+        forget_mask=x["forget_mask"],
+        ref_forget_logits=x["forget_logits"].detach(),
+    )
     assert at_ref.item() == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)
 
 
@@ -453,11 +513,19 @@ def test_all_empty_batch_is_zero_and_backpropagates(name: str):
 
 def test_requirements_are_discoverable():
     table = {name: (m.reference(m.settings()), m.retain(m.settings())) for name, m in losses.METHODS.items()}
-    assert table == {"icu": ("retain", True), "icu_band": ("retain", True), "ga": (None, False), "gd": (None, True),
-                     "npo": ("forget", True), "simnpo": (None, True), "rmu": ("retain", True)}
+    assert table == {
+        "icu": ("retain", True),
+        "icu_band": ("retain", True),
+        "ga": (None, False),
+        "gd": (None, True),
+        "npo": ("forget", True),
+        "simnpo": (None, True),
+        "rmu": ("retain", True),
+    }
     assert [name for name, m in losses.METHODS.items() if m.band] == ["icu_band"]
-    assert {name: m.layer(m.settings()) for name, m in losses.METHODS.items() if m.layer(m.settings()) is not None} == \
-        {"rmu": 7}
+    assert {name: m.layer(m.settings()) for name, m in losses.METHODS.items() if m.layer(m.settings()) is not None} == {
+        "rmu": 7
+    }
     assert losses.method("icu").reference(ICU(kl=0.0)) is None
     assert not losses.method("icu").retain(ICU(kl=0.0, lw=0.0))
     assert not losses.method("gd").retain(GD(retain_weight=0.0))
@@ -485,13 +553,14 @@ def test_icu_band_pushes_pulls_and_leaves_the_rest_alone():
     x["forget_low"] = torch.tensor([-1.0, 0.0, 0.0])  # row 0 is past its low: only the margin acts
     loss, parts = unlearning_loss("icu_band", ICUBand(lw=0.0, kl=0.0, margin=1.0), **x)
     grad = torch.autograd.grad(loss, x["forget_logits"])[0]
-    nll_grad = torch.autograd.grad(losses.token_nll(x["forget_logits"], x["forget_ids"], x["forget_mask"]).sum(),
-                                   x["forget_logits"])[0]
+    nll_grad = torch.autograd.grad(
+        losses.token_nll(x["forget_logits"], x["forget_ids"], x["forget_mask"]).sum(), x["forget_logits"]
+    )[0]
     logits, ids = x["forget_logits"].detach(), x["forget_ids"]
     moved = 0
     for t in range(5):
         z, y = logits[0, t], int(ids[0, t + 1])
-        within = z[y] - torch.cat([z[:y], z[y + 1:]]).max() + 1.0 > 0
+        within = z[y] - torch.cat([z[:y], z[y + 1 :]]).max() + 1.0 > 0
         if x["forget_push"][0, t] and within:  # exactly two logits move, by 1 / (5 tokens * 3 rows)
             assert grad[0, t, y] == pytest.approx(1 / 15) and grad[0, t].abs().sum() == pytest.approx(2 / 15)
             moved += 1
@@ -506,13 +575,20 @@ def test_icu_band_pushes_pulls_and_leaves_the_rest_alone():
 def test_missing_inputs_are_named():
     x = method_inputs()
     with pytest.raises(ValueError, match="forget_push, forget_low, forget_high"):
-        unlearning_loss("icu_band", **{k: v for k, v in x.items() if not k.startswith("forget_") or k in (
-            "forget_logits", "forget_ids", "forget_mask")})
+        unlearning_loss(
+            "icu_band",
+            **{
+                k: v
+                for k, v in x.items()
+                if not k.startswith("forget_") or k in ("forget_logits", "forget_ids", "forget_mask")
+            },
+        )
     with pytest.raises(ValueError, match="ref_forget_logits"):
         unlearning_loss("npo", **{k: v for k, v in x.items() if k != "ref_forget_logits"})
     with pytest.raises(ValueError, match="retain_logits"):
-        unlearning_loss("gd", forget_logits=x["forget_logits"], forget_ids=x["forget_ids"],
-                        forget_mask=x["forget_mask"])
+        unlearning_loss(
+            "gd", forget_logits=x["forget_logits"], forget_ids=x["forget_ids"], forget_mask=x["forget_mask"]
+        )
 
 
 def test_icu_band_holds_retained_text_where_the_original_had_it_and_teaches_none():
@@ -541,8 +617,10 @@ def naive_rmu(x: dict, p: RMU) -> torch.Tensor:
         for b in range(hidden.shape[0]):
             real = [t for t in range(hidden.shape[1]) if mask[b, t]]
             if real:
-                rows.append(sum(sum((hidden[b, t, d] - target(b, t, d)) ** 2 for d in range(hidden.shape[2]))
-                                for t in real) / len(real))
+                rows.append(
+                    sum(sum((hidden[b, t, d] - target(b, t, d)) ** 2 for d in range(hidden.shape[2])) for t in real)
+                    / len(real)
+                )
         return batch_mean(rows)
 
     forget = side(x["forget_hidden"], lambda b, t, d: p.steering_coeff * u[d], x["forget_mask"])

@@ -27,17 +27,35 @@ EOS = 2
 
 def _llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=512, initializer_range=0.2,
-                         bos_token_id=1, eos_token_id=EOS)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=EOS,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 def _gpt_neo() -> GPTNeoForCausalLM:
     torch.manual_seed(1)
-    config = GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                          max_position_embeddings=512, attention_types=[[["global", "local"], 1]],
-                          window_size=8, initializer_range=0.2, bos_token_id=1, eos_token_id=EOS)
+    config = GPTNeoConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        attention_types=[[["global", "local"], 1]],
+        window_size=8,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=EOS,
+    )
     return GPTNeoForCausalLM(config).eval()
 
 
@@ -60,6 +78,7 @@ def one_thread():
 
 # --- slow references ----------------------------------------------------------------------
 
+
 @torch.no_grad()
 def next_logits(model, seq: list[int]) -> torch.Tensor:
     return model(torch.tensor([seq])).logits[0, -1]
@@ -70,7 +89,7 @@ def naive_greedy(model, prompt: list[int], length: int) -> list[int]:
     seq = list(prompt)
     for _ in range(length):
         seq.append(int(next_logits(model, seq).argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def naive_beam(model, prompt: list[int], length: int, beams: int = 2) -> list[int]:
@@ -82,7 +101,7 @@ def naive_beam(model, prompt: list[int], length: int, beams: int = 2) -> list[in
             top = F.log_softmax(next_logits(model, seq).float(), -1).topk(beams)
             grown += [(score + float(v), seq + [int(i)]) for v, i in zip(top.values, top.indices)]
         live = sorted(grown, key=lambda b: -b[0])[:beams]
-    return live[0][1][len(prompt):]
+    return live[0][1][len(prompt) :]
 
 
 def naive_token_nll(model, seq: list[int]) -> list[float]:
@@ -99,8 +118,8 @@ def naive_el(model, seq: list[int], n: int, prompt_range: str) -> float:
         if len(truth) < n:
             continue
         gen = naive_greedy(model, seq[:t], T - t)
-        true_grams = [tuple(truth[j:j + n]) for j in range(len(truth) - n + 1)]
-        gen_grams = [tuple(gen[j:j + n]) for j in range(len(gen) - n + 1)]
+        true_grams = [tuple(truth[j : j + n]) for j in range(len(truth) - n + 1)]
+        gen_grams = [tuple(gen[j : j + n]) for j in range(len(gen) - n + 1)]
         scores.append(len([g for g in gen_grams if g in set(true_grams)]) / len(true_grams))
     return sum(scores) / len(scores) if scores else 0.0
 
@@ -111,8 +130,8 @@ def right_pad(rows: list[list[int]], seed: int = 0) -> tuple[torch.Tensor, torch
     ids = torch.randint(0, VOCAB, (len(rows), width), generator=torch.Generator().manual_seed(seed))
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
     return ids, mask
 
 
@@ -133,6 +152,7 @@ def memorized_rows(model, lengths: list[int], seed: int) -> list[list[int]]:
 
 # --- memorization accuracy and extraction likelihood ----------------------------------------
 
+
 def test_memorization_accuracy_matches_per_position_argmax(model):
     full = memorized_rows(model, [40] * 5, seed=3)
     rows = [f[:T] for f, T in zip(full, [24, 40, 31, 2, 36])]
@@ -140,14 +160,12 @@ def test_memorization_accuracy_matches_per_position_argmax(model):
     ids = torch.tensor(full)
     mask = torch.tensor([[int(t < len(r)) for t in range(40)] for r in rows])
     got = metrics.memorization_accuracy(model, ids, mask)
-    want = [sum(int(next_logits(model, r[:t]).argmax()) == r[t] for t in range(1, len(r))) / (len(r) - 1)
-            for r in rows]
+    want = [sum(int(next_logits(model, r[:t]).argmax()) == r[t] for t in range(1, len(r))) / (len(r) - 1) for r in rows]
     assert got.tolist() == want
     assert len(set(want)) >= 4 and max(want) > 0.9
 
 
-@pytest.mark.parametrize("prompt_range,n,lengths", [("icu", 3, [24, 40, 33, 28, 37, 9]),
-                                                    ("ku", 3, [12, 17, 9, 14])])
+@pytest.mark.parametrize("prompt_range,n,lengths", [("icu", 3, [24, 40, 33, 28, 37, 9]), ("ku", 3, [12, 17, 9, 14])])
 def test_extraction_likelihood_matches_naive_definition(model, prompt_range, n, lengths):
     rows = memorized_rows(model, lengths, seed=5)
     ids, mask = right_pad(rows, seed=1)
@@ -184,12 +202,18 @@ def test_memorization_reads_ma_el_and_membership_off_one_pass_per_batch(model):
         del model.forward
     assert sum(w > 1 for w in widths) == 2  # batches of 3 and 2 rows
     for rec, row, text in zip(got, rows, texts):
-        assert rec["ma"] == sum(int(next_logits(model, row[:t]).argmax()) == row[t]
-                                for t in range(1, len(row))) / (len(row) - 1)
+        assert rec["ma"] == sum(int(next_logits(model, row[:t]).argmax()) == row[t] for t in range(1, len(row))) / (
+            len(row) - 1
+        )
         assert rec["el"] == pytest.approx(naive_el(model, row, 3, "icu"), abs=1e-12)
         # the span: the longest run greedy decoding reproduces first, from the row's text up to any t >= 5
-        leading = [next((i for i, (g, x) in enumerate(zip(naive_greedy(model, row[:t], len(row) - t), row[t:]))
-                         if g != x), len(row) - t) for t in range(5, len(row))]
+        leading = [
+            next(
+                (i for i, (g, x) in enumerate(zip(naive_greedy(model, row[:t], len(row) - t), row[t:])) if g != x),
+                len(row) - t,
+            )
+            for t in range(5, len(row))
+        ]
         assert rec["span"] == max(leading + [0]) and rec["whole"] == float(rec["span"] == len(row) - 5)
         nll = naive_token_nll(model, row)
         k = max(1, int(0.2 * len(nll)))
@@ -212,6 +236,7 @@ def test_el_prompt_lengths_follow_both_ranges():
 
 
 # --- generation helper ------------------------------------------------------------------------
+
 
 def test_greedy_continuations_ignores_eos_and_matches_naive(model):
     gen = torch.Generator().manual_seed(7)
@@ -268,8 +293,7 @@ def test_sync_calls_pads_el_forwards_to_the_busiest_rank():
         local = len(calls)
         calls.clear()
         asked = []
-        synced = metrics.extraction_likelihood(model, ids, mask, n=2,
-                                               sync_calls=lambda n: asked.append(n) or n + 3)
+        synced = metrics.extraction_likelihood(model, ids, mask, n=2, sync_calls=lambda n: asked.append(n) or n + 3)
     finally:
         hook.remove()
     assert asked == [local] and len(calls) == local + 3
@@ -278,6 +302,7 @@ def test_sync_calls_pads_el_forwards_to_the_busiest_rank():
 
 # --- perplexity ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("doc_lengths,chunks", [([13, 29, 7, 22], 5), ([16, 16, 16, 16, 1], 4)])
 def test_chunk_losses_match_token_by_token_nll(model, doc_lengths, chunks):
     """The perplexity suite's per-chunk losses (`sequence_losses` of 16-token chunks of the
@@ -285,7 +310,7 @@ def test_chunk_losses_match_token_by_token_nll(model, doc_lengths, chunks):
     gen = torch.Generator().manual_seed(9)
     docs = [torch.randint(0, VOCAB, (k,), generator=gen).tolist() for k in doc_lengths]
     stream = [tok for doc in docs for tok in doc]
-    pieces = [stream[s:s + 16] for s in range(0, len(stream), 16)]
+    pieces = [stream[s : s + 16] for s in range(0, len(stream), 16)]
     want_losses = [sum(naive_token_nll(model, c)) / (len(c) - 1) for c in pieces if len(c) >= 2]
     want = math.exp(sum(want_losses) / len(want_losses))
 
@@ -315,6 +340,7 @@ def test_nll_and_hits_match_one_unpadded_forward_per_row(model):
 
 # --- classification --------------------------------------------------------------------------
 
+
 def test_continuation_nll_and_multiple_choice_match_unpadded_sums(model):
     gen = torch.Generator().manual_seed(10)
 
@@ -322,18 +348,17 @@ def test_continuation_nll_and_multiple_choice_match_unpadded_sums(model):
         return torch.randint(0, VOCAB, (k,), generator=gen).tolist()
 
     contexts = [rand(k) for k in (6, 1, 11, 3)]
-    choices = [[rand(2), rand(5), rand(1)], [rand(3), rand(3)],
-               [rand(1), rand(4), rand(2), rand(6)], [rand(7)]]
+    choices = [[rand(2), rand(5), rand(1)], [rand(3), rand(3)], [rand(1), rand(4), rand(2), rand(6)], [rand(7)]]
     flat_ctx = [c for c, opts in zip(contexts, choices) for _ in opts]
     flat_opt = [o for opts in choices for o in opts]
-    want = [sum(naive_token_nll(model, c + o)[len(c) - 1:]) for c, o in zip(flat_ctx, flat_opt)]
+    want = [sum(naive_token_nll(model, c + o)[len(c) - 1 :]) for c, o in zip(flat_ctx, flat_opt)]
 
     got = metrics.continuation_nll(model, flat_ctx, flat_opt, batch_size=4)
     assert got.tolist() == pytest.approx(want, rel=1e-6)
 
     picks, start = [], 0
     for opts in choices:
-        scores = want[start:start + len(opts)]
+        scores = want[start : start + len(opts)]
         picks.append(scores.index(min(scores)))
         start += len(opts)
     assert metrics.multiple_choice_predictions(model, contexts, choices, batch_size=4) == picks
@@ -351,7 +376,13 @@ def test_greedy_matches_are_greedy_exact_match(model):
     assert metrics.greedy_matches(model, contexts, targets, batch_size=4).tolist() == correct
     # targets that share a context read it from one pass
     shared = [contexts[3]] * 3 + [contexts[1]] * 2
-    options = [targets[3], targets[3][:2], [(targets[3][0] + 1) % VOCAB], targets[1], naive_greedy(model, contexts[1], 3)]
+    options = [
+        targets[3],
+        targets[3][:2],
+        [(targets[3][0] + 1) % VOCAB],
+        targets[1],
+        naive_greedy(model, contexts[1], 3),
+    ]
     want = [naive_greedy(model, c, len(t)) == t for c, t in zip(shared, options)]
     assert want == [True, True, False, False, True]
     assert metrics.greedy_matches(model, shared, options, batch_size=2).tolist() == want
@@ -359,19 +390,24 @@ def test_greedy_matches_are_greedy_exact_match(model):
 
 # --- dialogue --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("prediction,reference,want", [
-    ("The cat sat on the mat.", "a cat sat on a mat", 1.0),
-    ("hello hello world", "Hello, world!", 2 * (2 / 3) * 1.0 / (2 / 3 + 1.0)),
-    ("I like tea", "you like coffee and tea", 2 * (2 / 3) * (2 / 5) / (2 / 3 + 2 / 5)),
-    ("nothing shared", "entirely different", 0.0),
-    ("", "", 0.0),
-    ("the", "an", 0.0),
-])
+
+@pytest.mark.parametrize(
+    "prediction,reference,want",
+    [
+        ("The cat sat on the mat.", "a cat sat on a mat", 1.0),
+        ("hello hello world", "Hello, world!", 2 * (2 / 3) * 1.0 / (2 / 3 + 1.0)),
+        ("I like tea", "you like coffee and tea", 2 * (2 / 3) * (2 / 5) / (2 / 3 + 2 / 5)),
+        ("nothing shared", "entirely different", 0.0),
+        ("", "", 0.0),
+        ("the", "an", 0.0),
+    ],
+)
 def test_unigram_f1_hand_examples(prediction, reference, want):
     assert metrics.unigram_f1(prediction, reference) == pytest.approx(want)
 
 
 # --- membership inference --------------------------------------------------------------------
+
 
 def test_mia_scores_match_per_row_reference(model):
     rows = memorized_rows(model, [24, 12, 33, 20], seed=12)
@@ -424,12 +460,14 @@ def test_auc_se_matches_the_spread_of_auc_over_stranger_draws():
     import random
 
     rng = random.Random(0)
-    draws = [metrics.auc([rng.gauss(0.3, 1) for _ in range(8)], [rng.gauss(0, 1) for _ in range(32)])
-             for _ in range(2000)]
+    draws = [
+        metrics.auc([rng.gauss(0.3, 1) for _ in range(8)], [rng.gauss(0, 1) for _ in range(32)]) for _ in range(2000)
+    ]
     mean = sum(draws) / len(draws)
     spread = (sum((a - mean) ** 2 for a in draws) / (len(draws) - 1)) ** 0.5
-    se = [metrics.auc_se([rng.gauss(0.3, 1) for _ in range(8)], [rng.gauss(0, 1) for _ in range(32)])
-          for _ in range(200)]
+    se = [
+        metrics.auc_se([rng.gauss(0.3, 1) for _ in range(8)], [rng.gauss(0, 1) for _ in range(32)]) for _ in range(200)
+    ]
     assert sum(se) / len(se) == pytest.approx(spread, rel=0.15)
     with pytest.raises(ValueError):
         metrics.auc_se([1.0], [1.0, 2.0])

@@ -12,19 +12,25 @@ from pipeline.errors import UserError
 
 from conftest import REPO
 
-PARAGRAPH = ("The history of the city goes back to Roman times, when a small settlement was founded on "
-             "the banks of the river. Over the following centuries it grew into an important market "
-             "town, and in the Middle Ages it became a centre of the wool trade. Today it is known for "
-             "its cathedral, its university and its many museums, which attract visitors from all over "
-             "the world.")
+PARAGRAPH = (
+    "The history of the city goes back to Roman times, when a small settlement was founded on "
+    "the banks of the river. Over the following centuries it grew into an important market "
+    "town, and in the Middle Ages it became a centre of the wool trade. Today it is known for "
+    "its cathedral, its university and its many museums, which attract visitors from all over "
+    "the world."
+)
 
 
 @pytest.mark.slow
 def test_default_converts_once_even_when_two_processes_race(tmp_path):
     env = dict(os.environ, ICU_CACHE=str(tmp_path / "cache"))
     code = "from pipeline import modeling; print(modeling.default_model_dir())"
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert outs[0][0] == outs[1][0]
@@ -32,8 +38,7 @@ def test_default_converts_once_even_when_two_processes_race(tmp_path):
     assert conversions == 1, "exactly one process converts; the other waits on the lock and reuses"
     folder = tmp_path / "cache" / "models" / "smollm2-135m-instruct"
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.gguf"))
-    third = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=600)
+    third = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert "converting" not in third.stderr
 
 

@@ -21,7 +21,7 @@ def q8_0_reference(row: list[float]) -> list[float]:
     """ggml's quantize_row_q8_0_ref then dequantize, one block of 32 at a time, in Python floats."""
     out = []
     for s in range(0, len(row), 32):
-        block = row[s:s + 32]
+        block = row[s : s + 32]
         d = float(torch.tensor(max(abs(x) for x in block) / 127, dtype=torch.float32))
         inv = float(torch.tensor(1.0 / d, dtype=torch.float32)) if d else 0.0
         q = [math.copysign(math.floor(abs(float(torch.tensor(x * inv, dtype=torch.float32))) + 0.5), x) for x in block]
@@ -33,7 +33,7 @@ def q4_0_reference(row: list[float]) -> list[float]:
     """ggml's quantize_row_q4_0_ref then dequantize, in Python floats."""
     out = []
     for s in range(0, len(row), 32):
-        block = row[s:s + 32]
+        block = row[s : s + 32]
         m = max(block, key=abs)  # the first of equal magnitudes, as ggml's loop keeps
         d = float(torch.tensor(m / -8, dtype=torch.float32))
         inv = float(torch.tensor(1.0 / d, dtype=torch.float32)) if d else 0.0
@@ -84,8 +84,10 @@ def test_bf16_copy_computes_what_torch_bf16_computes(tiny_llama_dir):
     assert got.dtype == torch.float32 and not torch.equal(want, full)
     assert (got - want).abs().max() < (want - full).abs().max() / 100
     rows = ids.tolist()
-    assert probes.greedy_continuations(served, rows, [4], batch_size=4, pad_token_id=0)[0] == \
-        probes.greedy_continuations(native, rows, [4], batch_size=4, pad_token_id=0)[0]
+    assert (
+        probes.greedy_continuations(served, rows, [4], batch_size=4, pad_token_id=0)[0]
+        == probes.greedy_continuations(native, rows, [4], batch_size=4, pad_token_id=0)[0]
+    )
 
 
 def test_longest_span_matches_brute_force():
@@ -93,8 +95,15 @@ def test_longest_span_matches_brute_force():
     for _ in range(300):
         gen = [rng.randrange(4) for _ in range(rng.randrange(0, 12))]
         truth = [rng.randrange(4) for _ in range(rng.randrange(0, 12))]
-        want = max([n for i in range(len(truth)) for n in range(1, len(truth) - i + 1)
-                    if any(gen[j:j + n] == truth[i:i + n] for j in range(len(gen) - n + 1))] + [0])
+        want = max(
+            [
+                n
+                for i in range(len(truth))
+                for n in range(1, len(truth) - i + 1)
+                if any(gen[j : j + n] == truth[i : i + n] for j in range(len(gen) - n + 1))
+            ]
+            + [0]
+        )
         assert probes.longest_span(gen, truth) == want
 
 
@@ -124,17 +133,22 @@ def test_greedy_continuations_match_one_row_at_a_time_without_cache(tiny_llama_d
     assert ma == pytest.approx(want, abs=1e-12)
     # `end` stops every continuation there: the same tokens, cut
     windowed = probes.greedy_continuations(model, rows, cuts, batch_size=4, pad_token_id=0, end=9).conts
-    assert windowed == {c: [g[:max(9 - c, 0)] for g in gens[c]] for c in cuts}
+    assert windowed == {c: [g[: max(9 - c, 0)] for g in gens[c]] for c in cuts}
     # the span: what greedy decoding reproduces first, from the row's own text up to every position
     for start in (3, 6):
         found = probes.greedy_continuations(model, rows, [start], batch_size=4, pad_token_id=0, spans_from=start)
-        assert found.spans == [max(_leading(_greedy_slowly(model, r, c), r[c:]) for c in range(start, len(r)))
-                               for r in rows]
+        assert found.spans == [
+            max(_leading(_greedy_slowly(model, r, c), r[c:]) for c in range(start, len(r))) for r in rows
+        ]
     assert found.spans[:3] == [len(r) - 6 for r in rows[:3]] and min(found.spans) < 3
     assert probes.greedy_spans(model, rows, 3, batch_size=3, pad_token_id=0) == [
-        max(probes.longest_span(g, r[3:]), s) for g, r, s in
-        zip(gens[3], rows, probes.greedy_continuations(model, rows, [3], batch_size=4, pad_token_id=0,
-                                                       spans_from=3).spans)]
+        max(probes.longest_span(g, r[3:]), s)
+        for g, r, s in zip(
+            gens[3],
+            rows,
+            probes.greedy_continuations(model, rows, [3], batch_size=4, pad_token_id=0, spans_from=3).spans,
+        )
+    ]
     settled, _, _ = probes.greedy_continuations(model, rows, cuts, batch_size=4, pad_token_id=0, settle=5)
     _same_verdicts(settled, gens, rows, 5)
 
@@ -173,7 +187,7 @@ def _sample_slowly(model, prompt, length, sample, seed, key, temperature):
             logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
             u = probes.uniforms(seed, [(key, sample, step)])
             seq.append(int(probes.pick(logits[None], temperature, u)))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_sampling_matches_one_prompt_at_a_time_without_cache(tiny_llama_dir):
@@ -186,15 +200,19 @@ def test_sampling_matches_one_prompt_at_a_time_without_cache(tiny_llama_dir):
     assert probes.sampled_continuations(model, prompts, 6, 3, seed=3, temperature=0.7, batch_size=16) == got
     assert len({tuple(s) for s in got[0]}) > 1
     # nearly greedy: samples share their histories (one model row each) until they part
-    cold = probes.sampled_continuations(model, prompts[:2] + prompts[:1], 6, 3, seed=1, temperature=1e-3,
-                                        keys=[0, 1, 7], batch_size=9)
-    assert cold == [[_sample_slowly(model, p, 6, s, 1, k, 1e-3) for s in range(3)]
-                    for k, p in zip([0, 1, 7], prompts[:2] + prompts[:1])]
+    cold = probes.sampled_continuations(
+        model, prompts[:2] + prompts[:1], 6, 3, seed=1, temperature=1e-3, keys=[0, 1, 7], batch_size=9
+    )
+    assert cold == [
+        [_sample_slowly(model, p, 6, s, 1, k, 1e-3) for s in range(3)]
+        for k, p in zip([0, 1, 7], prompts[:2] + prompts[:1])
+    ]
     assert len({tuple(s) for group in cold for s in group}) < 9
     # settled samples: what leaks at 3 tokens (here: the model's own likely continuations) is exact
     truths = [group[0] for group in got]
-    settled = probes.sampled_continuations(model, prompts, 6, 3, seed=3, temperature=0.7, batch_size=5,
-                                           truths=truths, settle=3)
+    settled = probes.sampled_continuations(
+        model, prompts, 6, 3, seed=3, temperature=0.7, batch_size=5, truths=truths, settle=3
+    )
     flat = lambda groups: {0: [s for group in groups for s in group]}  # noqa: E731
     _same_verdicts(flat(settled), flat(got), [t for t in truths for _ in range(3)], 3)
 
@@ -209,7 +227,7 @@ def test_sampling_draws_from_the_softmax():
     for tok in range(4):
         share = draws.count(tok) / len(draws)
         assert abs(share - p[tok]) < 3 * math.sqrt(p[tok] * (1 - p[tok]) / len(draws))
-    cumulative = [sum(p[:k + 1]) for k in range(4)]
+    cumulative = [sum(p[: k + 1]) for k in range(4)]
     assert draws == [next(k for k, c in enumerate(cumulative) if c > x or k == 3) for x in u.tolist()]
     cold = probes.pick(logits[:1] * 4, 0.25, torch.tensor([0.999]))  # temperature divides the logits
     assert int(cold) == int(probes.pick(logits[:1] * 16, 1.0, torch.tensor([0.999])))
@@ -222,10 +240,14 @@ def test_relearning_fits_the_rows_and_leaves_the_model(tiny_llama_dir):
     tuned = probes.relearned_copy(model, rows, steps=10, lr=3e-3, batch_size=2, pad_token_id=0)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     with torch.no_grad():
-        assert float(metrics.sequence_losses(tuned, rows).mean()) < float(metrics.sequence_losses(model, rows).mean()) - 0.5
+        assert (
+            float(metrics.sequence_losses(tuned, rows).mean())
+            < float(metrics.sequence_losses(model, rows).mean()) - 0.5
+        )
 
 
 # --- each probe against a model that leaks in its way -------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def implanted_model(implanted):
@@ -246,8 +268,9 @@ def _decoded_leaks(model, rows, cut=20):
     return sum(probes.longest_span(g, r[cut:]) >= LEAK for g, r in zip(conts, rows))
 
 
-def _train_until_silent(model, opt, train: list[list[int]], rows: list[list[int]], sign: float, steps: int,
-                        leaks=_leaks) -> None:
+def _train_until_silent(
+    model, opt, train: list[list[int]], rows: list[list[int]], sign: float, steps: int, leaks=_leaks
+) -> None:
     """Steps of sign * NLL on `train` until greedy decoding leaks none of `rows` (or `steps` ran)."""
     ids, mask = metrics.pad_rows(train, 0)
     for _ in range(steps):
@@ -298,8 +321,10 @@ def test_leak_at_n_catches_what_only_sampling_reproduces(implanted, implanted_mo
     model = modeling.load_model(folder)
     tok = modeling.load_tokenizer(folder)
     general = windows(implanted["data"])[1][:8]  # the same prefixes, other continuations: greedy now prefers those
-    decoys = [tok(t[:20] + g[20:], add_special_tokens=False)["input_ids"][:40]
-              for t, g in zip([tok.decode(r) for r in rows], general)]
+    decoys = [
+        tok(t[:20] + g[20:], add_special_tokens=False)["input_ids"][:40]
+        for t, g in zip([tok.decode(r) for r in rows], general)
+    ]
     _train_until_silent(model, torch.optim.AdamW(model.parameters(), lr=1e-3), decoys, rows, 1.0, 20, _decoded_leaks)
     assert _decoded_leaks(model, rows) == 0
     # Memorized only after the first window: the audit's greedy probe (every cut point) and its
@@ -308,13 +333,16 @@ def test_leak_at_n_catches_what_only_sampling_reproduces(implanted, implanted_mo
 
     from pipeline import audit
 
-    cfg = SimpleNamespace(requests=SimpleNamespace(prefix_tokens=20, suffix_tokens=10),
-                          audit=SimpleNamespace(batch_size=8, leak_tokens=LEAK, samples=8, temperature=1.0, seed=0),
-                          unlearning=SimpleNamespace(lr=1e-3))
+    cfg = SimpleNamespace(
+        requests=SimpleNamespace(prefix_tokens=20, suffix_tokens=10),
+        audit=SimpleNamespace(batch_size=8, leak_tokens=LEAK, samples=8, temperature=1.0, seed=0),
+        unlearning=SimpleNamespace(lr=1e-3),
+    )
     greedy = audit.run_unit(("greedy",), model, rows, cfg, [], 0)["greedy"][0]
     caught = [s >= LEAK for s in greedy]
-    assert any(caught) and caught == [s >= LEAK for s in probes.greedy_spans(model, rows, 20, batch_size=8,
-                                                                               pad_token_id=0, end=30)]
+    assert any(caught) and caught == [
+        s >= LEAK for s in probes.greedy_spans(model, rows, 20, batch_size=8, pad_token_id=0, end=30)
+    ]
     assert _leaks(model, rows) >= 1
     sampled = probes.sampled_continuations(model, [r[:20] for r in rows], 20, 32)
     caught = sum(max(probes.longest_span(s, r[20:]) for s in group) >= LEAK for group, r in zip(sampled, rows))

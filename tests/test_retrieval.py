@@ -16,8 +16,17 @@ import pandas as pd
 import pytest
 
 from retrieval.embed import LMEmbedder, SentenceEmbedder
-from retrieval.index import (IndexSpec, ShardedIndex, build_index, index_params, load_index, recall_at_k, save_index,
-                             search, search_shards)
+from retrieval.index import (
+    IndexSpec,
+    ShardedIndex,
+    build_index,
+    index_params,
+    load_index,
+    recall_at_k,
+    save_index,
+    search,
+    search_shards,
+)
 from retrieval.neighbours import ShingleTable, find_neighbours, general_rows
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "icu_benchmark"
@@ -27,8 +36,10 @@ TRUNCATE = 200
 def _read(rel: str, source: str, limit: int | None = None) -> pd.DataFrame:
     path = DATA / rel
     if not path.is_file():
-        pytest.fail(f"ICU benchmark data missing: looked for {path} (the project expects the shared data "
-                    "folder at <repo root>/../shared/data)")
+        pytest.fail(
+            f"ICU benchmark data missing: looked for {path} (the project expects the shared data "
+            "folder at <repo root>/../shared/data)"
+        )
     texts = pd.read_csv(path, nrows=limit)["text"].astype(str).str.slice(0, TRUNCATE)
     return pd.DataFrame({"id": [f"{source}:{i}" for i in range(len(texts))], "text": texts})
 
@@ -37,12 +48,19 @@ def _read(rel: str, source: str, limit: int | None = None) -> pd.DataFrame:
 def icu():
     """Requests and pool (ids, texts) and their MiniLM embeddings, plus the embedder itself."""
     requests = _read("forget_sets/exp0/lm_extraction_128_0.csv", "exp0")
-    pool = pd.concat([_read("pile.csv", "pile", limit=500), _read("wikitext.csv", "wikitext")]
-                     + [_read(f"forget_sets/exp{i}/lm_extraction_128_{i}.csv", f"exp{i}") for i in range(1, 5)],
-                     ignore_index=True)
+    pool = pd.concat(
+        [_read("pile.csv", "pile", limit=500), _read("wikitext.csv", "wikitext")]
+        + [_read(f"forget_sets/exp{i}/lm_extraction_128_{i}.csv", f"exp{i}") for i in range(1, 5)],
+        ignore_index=True,
+    )
     embedder = SentenceEmbedder()
-    return dict(requests=requests, pool=pool, embedder=embedder,
-                R=embedder.embed(requests.text.tolist()), P=embedder.embed(pool.text.tolist()))
+    return dict(
+        requests=requests,
+        pool=pool,
+        embedder=embedder,
+        R=embedder.embed(requests.text.tolist()),
+        P=embedder.embed(pool.text.tolist()),
+    )
 
 
 def reference_knn(queries: np.ndarray, pool: np.ndarray, k: int, allowed: np.ndarray | None = None):
@@ -78,8 +96,9 @@ def test_leak_guard_excludes_near_copies_and_matches_reference(icu):
     unique = requests[~requests.text.isin(set(pool.text))]  # a few requests already have exact copies there
     wordy = unique.text.str.split().str.len().sort_values(ascending=False).index[:5]
     rng = random.Random(0)
-    planted = pd.DataFrame({"id": [f"planted:{i}" for i in wordy],
-                            "text": [_near_copy(requests.text[i], rng) for i in wordy]})
+    planted = pd.DataFrame(
+        {"id": [f"planted:{i}" for i in wordy], "text": [_near_copy(requests.text[i], rng) for i in wordy]}
+    )
     pool = pd.concat([pool, planted], ignore_index=True)
     P = np.concatenate([icu["P"], icu["embedder"].embed(planted.text.tolist())])
     planted_rows = np.arange(len(icu["P"]), len(P))
@@ -88,9 +107,16 @@ def test_leak_guard_excludes_near_copies_and_matches_reference(icu):
     _, raw = search(build_index(P, IndexSpec(kind="flat")), icu["R"][wordy], 3)
     assert all(row in found for row, found in zip(planted_rows, raw))
 
-    table, stats = find_neighbours(icu["R"], requests.id.tolist(), P, pool.id.tolist(), k=10,
-                                   index_spec=IndexSpec(kind="flat"), request_texts=requests.text.tolist(),
-                                   pool_texts=pool.text.tolist())
+    table, stats = find_neighbours(
+        icu["R"],
+        requests.id.tolist(),
+        P,
+        pool.id.tolist(),
+        k=10,
+        index_spec=IndexSpec(kind="flat"),
+        request_texts=requests.text.tolist(),
+        pool_texts=pool.text.tolist(),
+    )
     assert not set(table.neighbour_id) & set(planted.id)
     assert set(planted.id) <= set(stats["excluded"]) and stats["excluded_count"] >= 5
     copies = set(pool.id[pool.text.isin(set(requests.text))])
@@ -117,18 +143,21 @@ def test_general_rows_fill_a_quota_per_source_past_the_leak_guard():
     texts[11] = requests[0]  # b:0:1 is an exact copy of the request
     vecs = rng.normal(size=(14, 8)).astype(np.float32)
     vecs[12] = request_vecs[0]  # b:1:0 embeds exactly like it
-    chosen = general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, sources, per_source=3,
-                          exclude=["a:0:0", "b:0:0"])
+    chosen = general_rows(
+        request_vecs, ["r0"], requests, vecs, pool_ids, texts, sources, per_source=3, exclude=["a:0:0", "b:0:0"]
+    )
     picked = [pool_ids[i] for i in chosen]
     assert len([p for p in picked if p.startswith("a:")]) == 3
     assert [p for p in picked if p.startswith("b:")] == ["b:1:1"]  # b:0:0 a neighbour, b:0:1 and b:1:0 leak
     assert "a:0:0" not in picked and len(set(picked)) == len(picked)
-    assert chosen == general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, sources, per_source=3,
-                                  exclude=["a:0:0", "b:0:0"])
+    assert chosen == general_rows(
+        request_vecs, ["r0"], requests, vecs, pool_ids, texts, sources, per_source=3, exclude=["a:0:0", "b:0:0"]
+    )
     assert general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, sources, per_source=0, exclude=[]) == []
     evaluated = [texts[4] + " and more words after it"]  # a:4 lies inside a text the evaluation measures
-    held = general_rows(request_vecs, ["r0"], requests, vecs, pool_ids, texts, sources, per_source=10, exclude=[],
-                        held_out=evaluated)
+    held = general_rows(
+        request_vecs, ["r0"], requests, vecs, pool_ids, texts, sources, per_source=10, exclude=[], held_out=evaluated
+    )
     assert 4 not in held and len(held) == 9 + 2  # the other 9 a items; b:0:0 (no neighbour now) and b:1:1
 
 
@@ -160,8 +189,7 @@ def synthetic():
     """20k x 64 clustered vectors, 300 perturbed pool points as queries, exact top-10."""
     pool = clustered(20_000, 64, 100, seed=0)
     rng = np.random.default_rng(1)
-    queries = pool[rng.choice(len(pool), 300, replace=False)] + 0.05 * rng.standard_normal((300, 64)).astype(
-        np.float32)
+    queries = pool[rng.choice(len(pool), 300, replace=False)] + 0.05 * rng.standard_normal((300, 64)).astype(np.float32)
     exact = search(build_index(pool, IndexSpec(kind="flat")), queries, 10)
     return pool, queries, exact
 
@@ -207,9 +235,18 @@ def test_lm_embedder_ignores_padding():
 
     tok = byte_tokenizer()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=256, pad_token_id=tok.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     embedder = LMEmbedder(model, tok, max_length=128)
     texts = ["short", "a considerably longer text that forces padding onto the short one"]
     batch = embedder.embed(texts)

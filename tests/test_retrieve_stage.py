@@ -57,8 +57,15 @@ def inputs(tmp_path_factory, shared_data):
 
 
 def _config(inputs: Path, tmp: Path, name: str, max_items: int = 100_000, shard_rows: int = 64) -> Path:
-    text = CONFIG.format(requests=inputs / "requests.jsonl", retain=inputs / "retain.jsonl", max_items=max_items,
-                         shard_rows=shard_rows, data=REPO.parent / "shared" / "data", runs=tmp / "runs", name=name)
+    text = CONFIG.format(
+        requests=inputs / "requests.jsonl",
+        retain=inputs / "retain.jsonl",
+        max_items=max_items,
+        shard_rows=shard_rows,
+        data=REPO.parent / "shared" / "data",
+        runs=tmp / "runs",
+        name=name,
+    )
     return write_config(tmp, text, f"{name}.yaml")
 
 
@@ -90,10 +97,19 @@ def test_every_source_in_the_pool_and_in_the_general_rows(inputs, tmp_path, shar
     rows = pd.read_csv(shared_data / "icu_benchmark/forget_sets/exp1/lm_extraction_128_1.csv")["text"].tolist()
     for name, part in (("first", rows[:60]), ("second", rows[60:120])):  # text no evaluation suite reads
         pd.DataFrame({"text": part}).to_json(tmp_path / f"{name}.jsonl", orient="records", lines=True)
-    text = (CONFIG.format(requests=inputs / "requests.jsonl", retain=tmp_path / "first.jsonl", max_items=40,
-                          shard_rows=64, data=REPO.parent / "shared" / "data", runs=tmp_path / "runs", name="mixed")
-            .replace(f"[{tmp_path / 'first.jsonl'}]", f"[{tmp_path / 'first.jsonl'}, {tmp_path / 'second.jsonl'}]")
-            .replace("k: 5}", "k: 5, general_per_source: 3}"))
+    text = (
+        CONFIG.format(
+            requests=inputs / "requests.jsonl",
+            retain=tmp_path / "first.jsonl",
+            max_items=40,
+            shard_rows=64,
+            data=REPO.parent / "shared" / "data",
+            runs=tmp_path / "runs",
+            name="mixed",
+        )
+        .replace(f"[{tmp_path / 'first.jsonl'}]", f"[{tmp_path / 'first.jsonl'}, {tmp_path / 'second.jsonl'}]")
+        .replace("k: 5}", "k: 5, general_per_source: 3}")
+    )
     out = _run(write_config(tmp_path, text, "mixed.yaml"))
     pool = pd.concat(pd.read_parquet(f) for f in sorted((out / "pool").glob("items-*.parquet")))
     assert len(pool) == 40 and pool["id"].str.startswith("first:").sum() == 20
@@ -119,23 +135,31 @@ def test_ray_data_embeddings_equal_in_process(inputs, tmp_path):
     finally:
         ray.shutdown()
     for s in range(counts["shards"]):
-        np.testing.assert_allclose(np.load(retrieve.emb_path(ray_pool, s)), np.load(retrieve.emb_path(pool, s)),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            np.load(retrieve.emb_path(ray_pool, s)), np.load(retrieve.emb_path(pool, s)), atol=1e-5
+        )
 
 
 def test_kill_during_embedding_then_resume(inputs, tmp_path):
     config = _config(inputs, tmp_path, "killed", max_items=480, shard_rows=24)
     pool = tmp_path / "runs" / "killed" / "retrieval" / "pool"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "retrieve", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "retrieve", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while len(list(pool.glob("emb-*.json"))) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     # an emb file counts once its record (emb-N.json) is written
-    done_before = {p.with_suffix(".npy").name: p.with_suffix(".npy").stat().st_mtime_ns for p in pool.glob("emb-*.json")}
+    done_before = {
+        p.with_suffix(".npy").name: p.with_suffix(".npy").stat().st_mtime_ns for p in pool.glob("emb-*.json")
+    }
     total = json.loads((pool / "counts.json").read_text())["shards"]
     assert 3 <= len(done_before) < total, f"kill landed after {len(done_before)} of {total} shards"
     assert not (pool.parent / "neighbours.parquet").exists()
@@ -145,13 +169,16 @@ def test_kill_during_embedding_then_resume(inputs, tmp_path):
     assert len(after) == total and all(after[name] == t for name, t in done_before.items())
 
     fresh = _run(_config(inputs, tmp_path, "uninterrupted", max_items=480, shard_rows=24))
-    pd.testing.assert_frame_equal(pd.read_parquet(resumed / "neighbours.parquet"),
-                                  pd.read_parquet(fresh / "neighbours.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(resumed / "neighbours.parquet"), pd.read_parquet(fresh / "neighbours.parquet")
+    )
 
 
 def _outputs(run: Path) -> dict[str, bytes]:
-    return {name: (run / name).read_bytes() for name in
-            ("requests/accepted.parquet", "retrieval/neighbours.parquet", "retrieval/retain_items.parquet")}
+    return {
+        name: (run / name).read_bytes()
+        for name in ("requests/accepted.parquet", "retrieval/neighbours.parquet", "retrieval/retain_items.parquet")
+    }
 
 
 def _truncate(path: Path) -> None:
@@ -175,7 +202,11 @@ def test_damaged_outputs_are_detected_and_rebuilt(inputs, tmp_path, caplog):
     damages = [
         ("accepted", lambda: _truncate(run / "requests/accepted.parquet"), "ingest: output requests/accepted"),
         ("pool shard", lambda: _truncate(retrieve.items_path(pool, 1)), "items shards [1] differ"),
-        ("neighbours", lambda: _truncate(run / "retrieval/neighbours.parquet"), "retrieve: output retrieval/neighbours"),
+        (
+            "neighbours",
+            lambda: _truncate(run / "retrieval/neighbours.parquet"),
+            "retrieve: output retrieval/neighbours",
+        ),
         ("manifest", lambda: _truncate(run / "manifest.json"), "manifest.json is unreadable"),
         ("embedding bytes", lambda: _flip(retrieve.emb_path(pool, 2)), "1 to embed"),
     ]

@@ -13,8 +13,13 @@ from pipeline import shards
 
 def _tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"a": torch.randn(10, 10, generator=g), "b": torch.randn(30, generator=g),
-            "c": torch.randn(5, 20, generator=g), "d": torch.arange(7), "e": torch.randn(2, generator=g)}
+    return {
+        "a": torch.randn(10, 10, generator=g),
+        "b": torch.randn(30, generator=g),
+        "c": torch.randn(5, 20, generator=g),
+        "d": torch.arange(7),
+        "e": torch.randn(2, generator=g),
+    }
 
 
 def _specs(tensors):
@@ -53,10 +58,15 @@ def test_every_dtype_and_shape_round_trips_through_the_librarys_reader(tmp_path)
     from safetensors.torch import load_file
 
     g = torch.Generator().manual_seed(1)
-    tensors = {"bf16": torch.randn(3, 5, generator=g).bfloat16(), "f16": torch.randn(7, generator=g).half(),
-               "f64": torch.randn(2, 2, generator=g, dtype=torch.float64), "scalar": torch.tensor(2.5),
-               "mask": torch.tensor([True, False, True]), "i8": torch.arange(-3, 3, dtype=torch.int8),
-               "empty": torch.zeros(0, 4)}
+    tensors = {
+        "bf16": torch.randn(3, 5, generator=g).bfloat16(),
+        "f16": torch.randn(7, generator=g).half(),
+        "f64": torch.randn(2, 2, generator=g, dtype=torch.float64),
+        "scalar": torch.tensor(2.5),
+        "mask": torch.tensor([True, False, True]),
+        "i8": torch.arange(-3, 3, dtype=torch.int8),
+        "empty": torch.zeros(0, 4),
+    }
     shards.write(tmp_path, _specs(tensors), lambda names: ((n, tensors[n]) for n in names), max_bytes=10**6)
     got = load_file(str(tmp_path / shards.SINGLE))
     assert got.keys() == tensors.keys()
@@ -71,7 +81,19 @@ def test_a_tensor_unlike_its_plan_or_missing_is_refused(tmp_path):
         shards.write(tmp_path, _specs(tensors), lambda names: ((n, tensors[n]) for n in names[1:]), 10**6)
 
 
-@pytest.mark.parametrize("text, size", [("2GB", 2 * 10**9), ("500MB", 5 * 10**8), ("1GiB", 2**30), ("64kb", 64000),
-                                        (1000, 1000), ("12", 12), ("0", None), ("two", None), (-5, None)])
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("2GB", 2 * 10**9),
+        ("500MB", 5 * 10**8),
+        ("1GiB", 2**30),
+        ("64kb", 64000),
+        (1000, 1000),
+        ("12", 12),
+        ("0", None),
+        ("two", None),
+        (-5, None),
+    ],
+)
 def test_parse_size(text, size):
     assert shards.parse_size(text) == size

@@ -14,6 +14,7 @@ from pipeline.similarity import BertScorer, greedy_f1, sentence_bleu4
 
 # ---- BLEU ----
 
+
 def test_bleu_identical_is_one_and_case_insensitive():
     assert sentence_bleu4("The cat sat on the mat", "the CAT sat on THE mat") == pytest.approx(1.0)
 
@@ -21,7 +22,8 @@ def test_bleu_identical_is_one_and_case_insensitive():
 def test_bleu_brevity_penalty_by_hand():
     # every n-gram matches; c = 6 < r = 7 -> BP = exp(1 - 7/6)
     assert sentence_bleu4("the cat sat on the mat today", "the cat sat on the mat") == pytest.approx(
-        math.exp(1 - 7 / 6), rel=1e-12)
+        math.exp(1 - 7 / 6), rel=1e-12
+    )
 
 
 def test_bleu_partial_match_by_hand():
@@ -36,7 +38,7 @@ def test_bleu_clips_repeated_ngrams_by_hand():
 
 def test_bleu_no_4gram_match_is_nltk_method0_tiny_value():
     """nltk's no-smoothing default replaces a zero precision by sys.float_info.min: ~0, not exactly 0."""
-    assert sentence_bleu4("a b c", "a b c") == pytest.approx(sys.float_info.min ** 0.25, rel=1e-9)
+    assert sentence_bleu4("a b c", "a b c") == pytest.approx(sys.float_info.min**0.25, rel=1e-9)
     score = sentence_bleu4("a b c d", "d c b a")  # unigrams only
     assert score == pytest.approx(math.exp(0.75 * math.log(sys.float_info.min)), rel=1e-9)
     assert 0.0 < score < 1e-200
@@ -49,6 +51,7 @@ def test_bleu_zero_without_unigram_overlap_or_hypothesis():
 
 
 # ---- BERTScore ----
+
 
 @pytest.fixture(scope="module")
 def scorer() -> BertScorer:

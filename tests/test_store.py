@@ -178,25 +178,40 @@ def test_a_second_icu_on_a_running_run_is_refused(tmp_path):
 
     requests = tmp_path / "r.jsonl"
     requests.write_text('{"text": "' + "a long enough request text " * 8 + '"}\n')
-    config = write_config(tmp_path, f"model: {{name: tiny-llama}}\nrequests: {{path: {requests}, prefix_tokens: 8, "
-                                    f"suffix_tokens: 8}}\nstorage: {{runs_dir: {tmp_path}/runs}}\n")
+    config = write_config(
+        tmp_path,
+        f"model: {{name: tiny-llama}}\nrequests: {{path: {requests}, prefix_tokens: 8, "
+        f"suffix_tokens: 8}}\nstorage: {{runs_dir: {tmp_path}/runs}}\n",
+    )
     cfg, store = driver.open_run(str(config))
     before = store.path("manifest.json").read_bytes()
     other = config.with_name("other.yaml")
-    other.write_text(config.read_text().replace("prefix_tokens: 8", "prefix_tokens: 9").replace(
-        f"runs_dir: {tmp_path}/runs", f"runs_dir: {tmp_path}/runs, name: run"))
+    other.write_text(
+        config.read_text()
+        .replace("prefix_tokens: 8", "prefix_tokens: 9")
+        .replace(f"runs_dir: {tmp_path}/runs", f"runs_dir: {tmp_path}/runs, name: run")
+    )
     try:
         for cmd in (["ingest", str(config)], ["run", str(other), "--restart-from", "ingest"]):
-            proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *cmd], cwd=REPO, capture_output=True,
-                                  text=True, timeout=300)
+            proc = subprocess.run(
+                [sys.executable, "-m", "pipeline.cli", *cmd], cwd=REPO, capture_output=True, text=True, timeout=300
+            )
             assert proc.returncode == 2, proc.stderr
-            assert proc.stderr.strip().splitlines()[-1].startswith(f"icu: error: run {store.root} is in use by pid "
-                                                                   f"{os.getpid()}"), proc.stderr
+            assert (
+                proc.stderr.strip()
+                .splitlines()[-1]
+                .startswith(f"icu: error: run {store.root} is in use by pid {os.getpid()}")
+            ), proc.stderr
             assert store.path("manifest.json").read_bytes() == before
     finally:
         store.unlock()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", str(config)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "ingest", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
 
 

@@ -14,16 +14,20 @@ HEAVY = {"pipeline.similarity", "retrieval.embed", "retrieval.index", "retrieval
 
 
 def modules() -> dict[str, Path]:
-    return {f"{pkg}.{f.stem}" if f.stem != "__init__" else pkg: f for pkg in PACKAGES
-            for f in sorted((REPO / pkg).glob("*.py"))}
+    return {
+        f"{pkg}.{f.stem}" if f.stem != "__init__" else pkg: f
+        for pkg in PACKAGES
+        for f in sorted((REPO / pkg).glob("*.py"))
+    }
 
 
 def imports(path: Path, known: set[str]) -> tuple[set[str], set[str]]:
     """The project modules a file imports at module level and inside functions."""
     top, inner = set(), set()
     tree = ast.parse(path.read_text())
-    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for n in ast.walk(f)}
+    nested = {
+        id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
@@ -45,7 +49,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -76,4 +80,6 @@ def test_the_config_reference_is_the_code_s():
     renamed or re-documented without regenerating it fails here."""
     from pipeline.config import reference
 
-    assert (REPO / "docs" / "config.md").read_text() == reference(), "regenerate: python -m pipeline.config > docs/config.md"
+    assert (REPO / "docs" / "config.md").read_text() == reference(), (
+        "regenerate: python -m pipeline.config > docs/config.md"
+    )

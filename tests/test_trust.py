@@ -29,6 +29,7 @@ RECORD = "Jane Roe, born 1980-01-02, 12 Elm Street, Springfield, jane@example.co
 
 # -- receipt hashes ------------------------------------------------------------------------
 
+
 def test_a_receipt_hash_is_keyed_and_icu_hash_reproduces_it(tmp_path, capsys):
     record = tmp_path / "record.txt"
     record.write_text("  " + RECORD.replace(" ", "  ") + "\n")  # normalised like ingest's
@@ -52,13 +53,16 @@ def test_a_missing_key_is_generated_private_and_announced(tmp_path, monkeypatch,
     assert keys.receipt_key() == key  # found again, not regenerated
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("readable", "readable or writable by others"),
-    ("short", "at least 32"),
-    ("link", "not a regular file"),
-    ("missing", "does not exist"),
-    ("inside", "inside the run directory"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("readable", "readable or writable by others"),
+        ("short", "at least 32"),
+        ("link", "not a regular file"),
+        ("missing", "does not exist"),
+        ("inside", "inside the run directory"),
+    ],
+)
 def test_a_key_that_is_not_private_is_refused_in_one_line(tmp_path, monkeypatch, problem, message):
     path = tmp_path / ("run/receipt.key" if problem == "inside" else "receipt.key")
     path.parent.mkdir(exist_ok=True)
@@ -76,6 +80,7 @@ def test_a_key_that_is_not_private_is_refused_in_one_line(tmp_path, monkeypatch,
 
 
 # -- the run directory ---------------------------------------------------------------------
+
 
 def test_a_new_run_directory_is_private_and_a_foreign_one_is_refused(tmp_path, monkeypatch):
     store = RunStore(tmp_path / "runs" / "mine")
@@ -194,6 +199,7 @@ def test_export_refuses_a_link_in_the_folder_it_hands_off(tmp_path):
 
 # -- smaller points --------------------------------------------------------------------------
 
+
 def test_a_header_less_file_is_not_quoted_in_an_error(tmp_path):
     from pipeline.suites import read_texts
 
@@ -211,8 +217,16 @@ def test_the_model_card_config_carries_no_paths(implanted, tmp_path):
     (tmp_path / Path(implanted["retain"]).name).write_text("")
     os.environ["ICU_TEST_SECRET_DIR"] = str(tmp_path)
     try:
-        cfg = load_config(str(run_config(implanted, tmp_path, "card", {
-            "evaluation.keep_path": "${ICU_TEST_SECRET_DIR}/" + Path(implanted["retain"]).name})))
+        cfg = load_config(
+            str(
+                run_config(
+                    implanted,
+                    tmp_path,
+                    "card",
+                    {"evaluation.keep_path": "${ICU_TEST_SECRET_DIR}/" + Path(implanted["retain"]).name},
+                )
+            )
+        )
     finally:
         del os.environ["ICU_TEST_SECRET_DIR"]
     public = json.dumps(cfg.to_dict(paths=False))
@@ -227,6 +241,7 @@ def test_gpu_check_installs_into_a_private_folder():
 
 
 # -- the serve-check -----------------------------------------------------------------------
+
 
 def _fake_vllm(tmp_path: Path, body: str) -> Path:
     """A stand-in for the serve venv's python: a script that ignores vLLM's arguments."""

@@ -28,6 +28,7 @@ from implant import run_config
 
 pytestmark = pytest.mark.slow
 
+
 def _unlearn(config: Path) -> tuple[Path, dict]:
     cfg, store = driver.open_run(str(config))
     driver.run_pipeline(cfg, store, until="unlearn")
@@ -145,9 +146,11 @@ def test_an_out_of_memory_kill_is_named_with_the_node_s_memory(tmp_path):
     store = RunStore(tmp_path / "run")
     (store.artefact("checkpoints") / "epoch-6").mkdir(parents=True)
     (store.artefact("checkpoints") / "epoch-6" / "files.json").write_text("{}")
-    oom = RuntimeError("Training failed due to worker errors: ray.exceptions.OutOfMemoryError: Task was killed due to "
-                       "the node running low on memory. Memory on the node (IP: 10.0.0.1, ID: ab) was 22.81GB used / "
-                       "23.00GB limit (0.992)")
+    oom = RuntimeError(
+        "Training failed due to worker errors: ray.exceptions.OutOfMemoryError: Task was killed due to "
+        "the node running low on memory. Memory on the node (IP: 10.0.0.1, ID: ab) was 22.81GB used / "
+        "23.00GB limit (0.992)"
+    )
     line = failure_line(oom, "unlearning", store, tmp_path / "log")
     assert "killed for memory" in line and "22.81 GB used of a 23.00 GB limit" in line and "\n" not in line
     assert "resumes from checkpoint epoch-6" in line and "resources.num_workers" in line
@@ -172,7 +175,9 @@ def test_requests_left_remembered_fail_the_run_and_more_epochs_resume_it(implant
     a run that had them from the start."""
     from pipeline.cli import REMEMBERED_EXIT, main
 
-    config = run_config(implanted, tmp_path, "short", {"resources.launcher": "torchrun", "unlearning.stop.max_epochs": 1})
+    config = run_config(
+        implanted, tmp_path, "short", {"resources.launcher": "torchrun", "unlearning.stop.max_epochs": 1}
+    )
     capfd.readouterr()
     assert main(["unlearn", str(config)]) == REMEMBERED_EXIT
     err = capfd.readouterr().err
@@ -254,7 +259,9 @@ def test_a_crafted_checkpoint_is_refused_on_export_and_on_resume(implanted, ray_
 
     newest = checkpoints.complete_tags(folder)[0]
     _plant(folder / newest, marker)
-    checkpoints.seal(folder, newest, checkpoints.hash_share(folder, newest, 0, 1))  # the attacker rewrites the hashes too
+    checkpoints.seal(
+        folder, newest, checkpoints.hash_share(folder, newest, 0, 1)
+    )  # the attacker rewrites the hashes too
     config = run_config(implanted, tmp_path, "ray", {"resources.launcher": "torchrun", "resources.max_failures": 0})
     capfd.readouterr()
     assert main(["run", str(config), "--restart-from", "unlearn"]) == 2

@@ -62,8 +62,14 @@ def wide_vocab_llama(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wide-llama")
     tok = modeling.byte_tokenizer()
     spec = dict(modeling.TINY_CONFIGS["tiny-llama"])
-    cfg = AutoConfig.for_model(spec.pop("model_type"), vocab_size=VOCAB, bos_token_id=tok.eos_token_id,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **spec)
+    cfg = AutoConfig.for_model(
+        spec.pop("model_type"),
+        vocab_size=VOCAB,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **spec,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -79,18 +85,25 @@ def _texts(n: int, seed: int) -> list[str]:
 def _unlearn(tmp: Path, model: Path, data: Path, n: int) -> tuple[dict, pd.DataFrame, float, float]:
     """`icu unlearn` on n requests in a fresh process: (result, epochs, peak RSS MB of any process, seconds)."""
     requests, retain = tmp / f"requests{n}.jsonl", tmp / "retain.jsonl"
-    requests.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n"
-                                for i, t in enumerate(_texts(LARGE, seed=0)[:n])))
+    requests.write_text(
+        "".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(_texts(LARGE, seed=0)[:n]))
+    )
     retain.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(POOL, seed=1)))
-    text = CONFIG.format(model=model, requests=requests, retain=retain, tokens=TOKENS, data=data, runs=tmp / "runs",
-                         name=f"n{n}")
+    text = CONFIG.format(
+        model=model, requests=requests, retain=retain, tokens=TOKENS, data=data, runs=tmp / "runs", name=f"n{n}"
+    )
     config = write_config(tmp, text, f"n{n}.yaml")
     # ru_maxrss of RUSAGE_CHILDREN: the largest of the icu process and everything it waited for.
-    probe = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+    probe = (
+        "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+    )
     started = time.time()
-    out = subprocess.run([sys.executable, "-c", probe, str(Path(sys.executable).parent / "icu"), "unlearn",
-                          str(config)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(Path(sys.executable).parent / "icu"), "unlearn", str(config)],
+        capture_output=True,
+        text=True,
+    )
     seconds = time.time() - started
     # a short run leaves rows remembered: icu then exits REMEMBERED_EXIT after writing everything
     # (not what this test measures); any other non-zero code is a failure
@@ -113,9 +126,12 @@ def test_peak_rss_stays_bounded_from_500_to_2500_requests(wide_vocab_llama, shar
     growth_mb = peaks[LARGE] - peaks[SMALL]
     rank_growth_mb = max(large - small for small, large in zip(ranks[SMALL], ranks[LARGE]))
     cache_mb = (LARGE - SMALL) * TOKENS * VOCAB * 4 / 2**20
-    print(f"\npeak RSS (largest process): {SMALL} requests {peaks[SMALL]:.0f} MB in {seconds[SMALL]:.0f} s, "
-          f"{LARGE} requests {peaks[LARGE]:.0f} MB in {seconds[LARGE]:.0f} s; per rank {ranks[SMALL]} -> {ranks[LARGE]} MB; "
-          f"a full-vocabulary cache of the {LARGE - SMALL} extra requests: {cache_mb:.0f} MB")
+    print(
+        f"\npeak RSS (largest process): {SMALL} requests {peaks[SMALL]:.0f} MB in {seconds[SMALL]:.0f} s, "
+        f"{LARGE} requests {peaks[LARGE]:.0f} MB in {seconds[LARGE]:.0f} s; "
+        f"per rank {ranks[SMALL]} -> {ranks[LARGE]} MB; "
+        f"a full-vocabulary cache of the {LARGE - SMALL} extra requests: {cache_mb:.0f} MB"
+    )
     assert peaks[LARGE] < 2 * peaks[SMALL], "peak RSS grew like the number of requests"
     # An eighth of the fp32 cache: above run-to-run noise (~100 MB), far below even a bf16 cache.
     assert max(growth_mb, rank_growth_mb) < cache_mb / 8, f"peak RSS grew {growth_mb:.0f} MB for 5x the requests"
