@@ -52,7 +52,7 @@ VARIANTS = {
     "gd": {**ONE_SIDED, "unlearning.loss": {"name": "gd", "retain_weight": RETAIN}},
     "npo": {**ONE_SIDED, "unlearning.loss": {"name": "npo", "beta": 0.01, "retain_weight": RETAIN}},
     "simnpo": {**ONE_SIDED, "unlearning.loss": {"name": "simnpo", "beta": 0.5, "retain_weight": RETAIN}},
-    "rmu": {**ONE_SIDED, "unlearning.loss": {"name": "rmu"}},  # the paper's layer / coefficient / alpha
+    "rmu": {"unlearning.recipe": "rmu"},  # ray_jobs/configs/recipes/rmu.yaml
 }
 
 

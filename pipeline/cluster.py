@@ -29,6 +29,9 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray 2.60 warns at every start that token authentication is on (it is, where a token exists):
+    # a notice, not a problem, and authentication stays as Ray chose
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", log_to_driver=True)
     else:

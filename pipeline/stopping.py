@@ -10,7 +10,7 @@ One object holds every decision the loop takes from what a check saw (pipeline/m
   to the other multiplies the lr of every later step by `lr_backoff`;
 - why the run stops: every request forgotten and the run settled (the neighbours' MA back
   within `recover_within` of the original's, from below or above, the set's LOSS AUC against strangers within
-  `mia_within` of 0.5); the paper's set-level rule (`stop: set`); only too-deep requests left
+  `mia_within` of 0.5); the paper's set-level rule (`stop.rule: set`); only too-deep requests left
   that the method cannot pull back; the epoch cap.
 Pure: no model, no I/O, no distributed calls.
 """

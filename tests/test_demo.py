@@ -11,14 +11,19 @@ The fine-tuned model is cached per machine like the full demo's.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from pipeline import cluster, driver
-from pipeline.store import STAGES
-from ray_jobs import customers
 from pipeline.errors import UserError
+from pipeline.store import STAGES, RunStore
+from ray_jobs import customers
 
 from conftest import REPO, write_config
 
@@ -48,39 +53,40 @@ def test_customer_records_are_split_and_checked(shared_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def short_run(shared_data, tmp_path_factory):
-    """The shortened demo, run once on local Ray: (its run store, the prepared customers' paths)."""
-    import ray
-
+    """The shortened demo, run once as `icu run` on local Ray: (its run store, the prepared customers'
+    paths, what it printed)."""
     tmp = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(REPO)  # the demo's relative paths are relative to the project root
         paths = customers.prepare(tmp / "customers", shared_data, customers=8, erase=2)
-        text = (
-            (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(tmp / "customers"))
-        )
-        cfg, store = driver.open_run(
-            str(write_config(tmp, text, "demo.yaml")), dict(SHORT, **{"storage.runs_dir": str(tmp / "runs")})
-        )
-        cluster.ensure_ray()  # the local Ray `make demo` starts
-        try:
-            driver.run_pipeline(cfg, store)
-            logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-            spam = [
-                f"{p.name}: {line}"
-                for p in logs.glob("worker-*")
-                for line in p.read_text(errors="replace").splitlines()
-                if "Failed to query Ray Train" in line or "FutureWarning: `torch.distributed" in line
-            ]
-        finally:
-            ray.shutdown()
-            store.unlock()
+    text = (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(tmp / "customers"))
+    config = write_config(tmp, text, "demo.yaml")
+    sets = [f"--set={key}={json.dumps(value)}" for key, value in dict(SHORT, **{"storage.runs_dir": str(tmp / "runs")}).items()]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths
+    env = dict(os.environ, RAY_TMPDIR=str(ray_tmp))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), *sets], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    logs = [p for p in ray_tmp.rglob("worker-*") if p.is_file()]
+    spam = [f"{p.name}: {line}" for p in logs for line in p.read_text(errors="replace").splitlines()
+            if "Failed to query Ray Train" in line or "FutureWarning: `torch.distributed" in line]
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not spam, f"{len(spam)} lines of Ray Train / torch.distributed warnings in the workers' logs: {spam[:3]}"
-    return store, paths
+    return RunStore(tmp / "runs" / "demo"), paths, output
+
+
+def test_a_successful_run_prints_no_error_traceback_or_warning(short_run):
+    """Quiet success: nothing from our code or the libraries we configure (FAISS's loader, Ray,
+    DeepSpeed) reads as a failure in the output of a run that succeeded."""
+    alarming = [line for line in short_run[2].splitlines()
+                if re.search(r"Traceback|\bError\b|[Ee]rror:|warning", line, flags=re.IGNORECASE)]
+    assert not alarming, "\n".join(alarming[:20])
 
 
 @pytest.mark.slow
 def test_shortened_demo(short_run):
-    store, paths = short_run
+    store, paths, _ = short_run
     memorized = json.loads((paths["model"] / "memorized.json").read_text())
     assert memorized["ma"] > 0.9
     assert all(store.stage(s)["status"] == "done" for s in STAGES)

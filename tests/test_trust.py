@@ -45,7 +45,7 @@ def test_a_receipt_hash_is_keyed_and_icu_hash_reproduces_it(tmp_path, capsys):
 def test_a_missing_key_is_generated_private_and_announced(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv(keys.ENV_FILE)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    with caplog.at_level(logging.WARNING, logger="icu.keys"):
+    with caplog.at_level(logging.INFO, logger="icu.keys"):
         key = keys.receipt_key()
     path = tmp_path / "config" / "icu" / "receipt.key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text().strip().encode() == key
