@@ -143,16 +143,18 @@ def options(cfg) -> Options:
 def key(cfg, store: RunStore) -> str:
     """The evaluation settings and the unlearned model itself (the unlearn stage's recorded outputs,
     so scores kept from an earlier attempt are never reused for a retrained model)."""
-    return fingerprint(
-        "evaluate",
+    return fingerprint("evaluate", *_scoring(cfg, store), store.key_of("unlearn"), store.outputs_of("unlearn"))
+
+
+def _scoring(cfg, store: RunStore) -> list:
+    """What every model's scores read: the settings, the request length and the accepted requests."""
+    return [
         "whole rows",
         cfg.part("model", "requests", "evaluation"),
         cfg.max_tokens,
         cfg.unlearning.check.num_beams,
         store.key_of("ingest"),
-        store.key_of("unlearn"),
-        store.outputs_of("unlearn"),
-    )
+    ]
 
 
 def _tasks(cfg, tok, accepted: pd.DataFrame | None, keep: bool = True) -> list[suites.Task]:
@@ -185,14 +187,7 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
     models = {"original": cfg.model_dir, "unlearned": store.artefact("unlearned_model")}
     # The original's scores do not depend on how it was unlearned: runs that differ only in
     # `unlearning` (e.g. bench/compare_methods.py) can share them; nor do the reference's.
-    alone = fingerprint(
-        "evaluate-original",
-        "whole rows",
-        cfg.part("model", "requests", "evaluation"),
-        cfg.max_tokens,
-        cfg.unlearning.check.num_beams,
-        store.key_of("ingest"),
-    )
+    alone = fingerprint("evaluate-original", *_scoring(cfg, store))
     keys = {"original": alone, "unlearned": key(cfg, store)}
     work = {"original": units, "unlearned": units}
     if cfg.evaluation.reference_model:  # only what PrivLeak and the kept rows' ceiling read
