@@ -7,4 +7,3 @@ import logging
 # ModuleNotFoundError at INFO; the dynamic-dispatch build it then loads is the fast one
 # (`faiss.get_compile_options()`: OPTIMIZE DD AVX2 AVX512). A successful run should not read as a failure.
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-

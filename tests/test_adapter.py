@@ -14,7 +14,7 @@ import torch
 from pipeline import adapter, driver, modeling, unlearn
 from pipeline.config import AdapterConfig, load_config
 from pipeline.errors import UserError
-from pipeline.losses import LossWeights, unlearning_loss
+from pipeline.losses import unlearning_loss
 
 from conftest import REPO
 from implant import run_config
@@ -123,8 +123,6 @@ def test_a_zero3_lora_step_on_two_ranks_equals_a_single_process_peft_step(implan
             if p.requires_grad:
                 p.copy_(got["before"][name])
     assert any(".lora_B." in k and v.abs().max() > 0 for k, v in got["before"].items())  # adapted != frozen
-    u = cfg.unlearning
-    weights = LossWeights(**{k: getattr(u, k) for k in ("uw", "lw", "kl")})
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     mean_grad = {n: torch.zeros_like(p) for n, p in trained.items()}
     for seen in got["ranks"]:
@@ -137,6 +135,7 @@ def test_a_zero3_lora_step_on_two_ranks_equals_a_single_process_peft_step(implan
         logits = model(input_ids=ids, attention_mask=attend).logits
         loss, _ = unlearning_loss(
             "icu",
+            cfg.unlearning.loss.settings,
             forget_logits=logits[:n],
             forget_ids=ids[:n],
             forget_mask=seen["forget_mask"],
@@ -144,7 +143,6 @@ def test_a_zero3_lora_step_on_two_ranks_equals_a_single_process_peft_step(implan
             retain_ids=ids[n:],
             retain_mask=seen["retain_mask"],
             ref_retain_logits=ref,
-            weights=weights,
         )
         assert abs(loss.item() - seen["loss"]) <= 1e-5
         for name, g in zip(trained, torch.autograd.grad(loss, list(trained.values()))):

@@ -61,16 +61,29 @@ def short_run(shared_data, tmp_path_factory):
         paths = customers.prepare(tmp / "customers", shared_data, customers=8, erase=2)
     text = (REPO / "ray_jobs" / "configs" / "demo.yaml").read_text().replace("runs/customers", str(tmp / "customers"))
     config = write_config(tmp, text, "demo.yaml")
-    sets = [f"--set={key}={json.dumps(value)}" for key, value in dict(SHORT, **{"storage.runs_dir": str(tmp / "runs")}).items()]
+    sets = [
+        f"--set={key}={json.dumps(value)}"
+        for key, value in dict(SHORT, **{"storage.runs_dir": str(tmp / "runs")}).items()
+    ]
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths
     env = dict(os.environ, RAY_TMPDIR=str(ray_tmp))
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), *sets], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(config), *sets],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     logs = [p for p in ray_tmp.rglob("worker-*") if p.is_file()]
-    spam = [f"{p.name}: {line}" for p in logs for line in p.read_text(errors="replace").splitlines()
-            if "Failed to query Ray Train" in line or "FutureWarning: `torch.distributed" in line]
+    spam = [
+        f"{p.name}: {line}"
+        for p in logs
+        for line in p.read_text(errors="replace").splitlines()
+        if "Failed to query Ray Train" in line or "FutureWarning: `torch.distributed" in line
+    ]
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not spam, f"{len(spam)} lines of Ray Train / torch.distributed warnings in the workers' logs: {spam[:3]}"
     return RunStore(tmp / "runs" / "demo"), paths, output
@@ -79,8 +92,11 @@ def short_run(shared_data, tmp_path_factory):
 def test_a_successful_run_prints_no_error_traceback_or_warning(short_run):
     """Quiet success: nothing from our code or the libraries we configure (FAISS's loader, Ray,
     DeepSpeed) reads as a failure in the output of a run that succeeded."""
-    alarming = [line for line in short_run[2].splitlines()
-                if re.search(r"Traceback|\bError\b|[Ee]rror:|warning", line, flags=re.IGNORECASE)]
+    alarming = [
+        line
+        for line in short_run[2].splitlines()
+        if re.search(r"Traceback|\bError\b|[Ee]rror:|warning", line, flags=re.IGNORECASE)
+    ]
     assert not alarming, "\n".join(alarming[:20])
 
 
