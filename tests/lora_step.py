@@ -16,19 +16,20 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
+from pipeline import ranks
 from pipeline import worker as loop
 
 
 def main(run_dir: str, out: str) -> None:
-    loop._init_distributed()
+    ranks._init_distributed()
     w = loop.Worker(run_dir)
     w.build_engines()
     seen: dict = {}
     real_loss = loop.unlearning_loss
 
-    def recording_loss(name, **kwargs):
+    def recording_loss(name, settings, **kwargs):
         seen.update({k: v.detach().clone() for k, v in kwargs.items() if k.endswith(("_ids", "_mask"))})
-        loss, parts = real_loss(name, **kwargs)
+        loss, parts = real_loss(name, settings, **kwargs)
         seen["loss"] = loss.item()
         return loss, parts
 
@@ -40,7 +41,7 @@ def main(run_dir: str, out: str) -> None:
                 grads[name] = safe_get_full_grad(p).clone()
         real_step()
 
-    u = w.cfg.unlearning
+    u = w.cfg.unlearning.optim
     first, second = loop.epoch_batches(
         list(range(len(w.pairs.pair_request))), 1, u.seed, w.rank, w.world, u.batch_size
     )[:2]

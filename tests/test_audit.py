@@ -183,7 +183,7 @@ def test_counts_and_table_agree_with_the_rows():
         ({"unlearning.check.harden": ["sampling"]}, "unlearning.check.harden"),
         ({"audit.leak_tokens": 0}, "audit.leak_tokens"),
         ({"audit.leak_tokens": 21}, "longer than requests.suffix_tokens"),
-        ({"unlearning.check.harden": ["int4"], "unlearning.stop.rule": "set"}, "stop: set"),
+        ({"unlearning.check.harden": ["int4"], "unlearning.stop.rule": "set"}, "stop.rule set"),
     ],
 )
 def test_bad_audit_settings_are_refused_up_front(implanted, tmp_path, overrides, message):

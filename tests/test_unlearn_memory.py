@@ -45,8 +45,8 @@ model: {{name: {model}}}
 requests: {{path: {requests}, id_column: id, prefix_tokens: 8, suffix_tokens: 8, max_tokens: {tokens}}}
 retain: {{paths: [{retain}]}}
 retrieval: {{embedder: lm, k: 1, batch_size: 256}}
-unlearning: {{max_epochs: 1, batch_size: 32, ma_threshold: 0.0, el_threshold: 0.0,
-             bertscore_threshold: 0.0, bleu_threshold: 0.0}}
+unlearning: {{stop: {{max_epochs: 1}}, optim: {{batch_size: 32}},
+             check: {{ma_threshold: 0.0, el_threshold: 0.0, bertscore_threshold: 0.0, bleu_threshold: 0.0}}}}
 evaluation: {{data_dir: {data}, batch_size: 128}}
 resources: {{num_workers: 2, launcher: torchrun, max_failures: 0}}
 storage: {{runs_dir: {runs}, name: {name}}}
