@@ -22,6 +22,7 @@ from pipeline.ranks import launch
 from pipeline.atomic import atomic_path, atomic_write_text, file_digest
 from pipeline.config import AdapterConfig, Config
 from pipeline.errors import UserError
+from pipeline.losses import method
 from pipeline.store import RunStore, fingerprint
 
 log = logging.getLogger("icu.unlearn")
@@ -77,6 +78,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
     if adapter.enabled(cfg.unlearning.adapter):
         check_adapter(cfg)
     check_hardening(cfg)
+    check_layer(cfg)
     stage_key = key(cfg, store, resumable=True)
     folder = store.artefact("checkpoints")
     stamp = folder / "fingerprint"
@@ -117,6 +119,19 @@ def check_hardening(cfg: Config) -> None:
             f"but unlearning.check.replica is {u.replica!r}"
             + (" and the model is larger than 16 GiB" if too_big else "")
             + "; fix: set check.replica: always, or leave harden empty"
+        )
+
+
+def check_layer(cfg: Config) -> None:
+    """A method that reads a layer's activations (rmu) names one the model has."""
+    layer = method(cfg.unlearning.loss.name).layer(cfg.unlearning.loss.settings)
+    if layer is None:
+        return
+    blocks = modeling.meta_model(cfg.model_dir, cfg.model.trust_remote_code).config.num_hidden_layers
+    if not 0 <= layer <= blocks:
+        raise UserError(
+            f"unlearning.loss.layer: {layer}, but the model has {blocks} blocks; fix: choose one of 0..{blocks} "
+            "(the residual stream after that many blocks)"
         )
 
 
