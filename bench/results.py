@@ -40,6 +40,14 @@ def machine() -> str:
     return f"{cpu}{' (' + ', '.join(extra) + ')' if extra else ' (no AVX512-BF16)'}, {cores} cores"
 
 
+def committed(path: Path) -> str:
+    """When the file was last committed: a bench's table is as old as its run, not as this page."""
+    out = subprocess.run(
+        ["git", "log", "-1", "--format=committed %cs in %h", "--", str(path)], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    return out or "not committed"
+
+
 def demo(run: Path) -> list[str]:
     store = RunStore(run)
     manifest = store.manifest()["stages"]
@@ -99,7 +107,7 @@ def main() -> int:
             "",
             f"## {title}",
             "",
-            f"From [`bench/results/{path.name}`](../bench/results/{path.name}).",
+            f"From [`bench/results/{path.name}`](../bench/results/{path.name}) ({committed(path)}).",
             "",
             *text[1:],
         ]

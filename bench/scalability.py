@@ -191,6 +191,12 @@ def _share(value: float) -> str:
     return f"{100 * value:.0f} %"
 
 
+def commit() -> str:
+    """The code the runs were made with (a table outlives the commit that wrote it)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    return out.strip() or "?"
+
+
 def table(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -222,7 +228,8 @@ def main() -> int:
         "\n\n".join(
             [
                 "# Scalability: the default recipe at N = 8, 32, 64 and on code (`bench/scalability.py`)",
-                "Written by the bench from the runs in runs/scalability/ (one run each, this machine). "
+                f"Written by the bench at commit {commit()} from the runs in runs/scalability/ (one run each, "
+                "this machine). "
                 "Forgotten whole: at or below the MA, EL10 and span thresholds over the whole request "
                 "(the evaluation's); erased leaking: rows of the unlearned model that any audit probe "
                 "finds at or past audit.leak_tokens from any cut point; PrivLeak against the retrained "

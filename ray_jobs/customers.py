@@ -88,9 +88,8 @@ def finetune(base: Path, texts: list[str], target: Path) -> float:
     """Full-batch AdamW on the records until their mean MA reaches the recipe's target."""
     from tqdm import tqdm
 
-    log.warning(
-        "building the demo's original model: SmolLM2-135M fine-tuned on %d customer records until "
-        "it has memorized them (once per machine, cached in %s)",
+    log.info(
+        "fine-tuning SmolLM2-135M on %d customer records until it has memorized them (once per machine, cached in %s)",
         len(texts),
         target,
     )
@@ -149,7 +148,7 @@ def finetune(base: Path, texts: list[str], target: Path) -> float:
             )
             + "\n",
         )
-    log.warning("original model built: MA %.3f on the records after %d steps, %.0f s", ma, step, time.time() - started)
+    log.info("fine-tuned: MA %.3f on the records after %d steps, %.0f s", ma, step, time.time() - started)
     return ma
 
 

@@ -215,9 +215,10 @@ def test_example_configs_validate(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     from compare_methods import VARIANTS
 
-    names = {"icu_band": "icu_band", "icu-paper": "icu"}
+    names = {"icu_band": "icu_band", "icu-paper": "icu", "rmu-alpha10": "rmu"}
     for variant, overrides in VARIANTS.items():  # each of the comparison's runs of the demo
         assert load_config(demo_path, overrides).unlearning.loss.name == names.get(variant, variant)
+    assert load_config(demo_path, VARIANTS["rmu-alpha10"]).unlearning.loss.settings.alpha == 10.0
 
 
 def test_job_in_rays_copy_of_the_project_refuses_relative_paths(tmp_path, monkeypatch, capsys):
