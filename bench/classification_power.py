@@ -51,13 +51,7 @@ def main() -> None:
     units = scoring.make_units(tasks)
     frames, seconds = {}, {}
     for label, model_dir in (("original", cfg.model_dir), ("unlearned", store.artefact("unlearned_model"))):
-        spec = scoring.model_spec(
-            model_dir,
-            evaluate.options(cfg),
-            dtype=cfg.model.dtype,
-            trust_remote_code=cfg.model.trust_remote_code,
-            cpus=cfg.resources.cpus_per_worker,
-        )
+        spec = evaluate.spec(cfg, model_dir)
         start = time.time()
         frames[label] = scoring.score_model(
             spec, units, cfg.resources.eval_actors, cluster.use_ray(cfg), desc=f"classification: the {label} model"

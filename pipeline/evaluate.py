@@ -140,6 +140,19 @@ def options(cfg) -> Options:
     )
 
 
+def spec(cfg, model_dir, requests=None) -> dict[str, Any]:
+    """What an evaluation replica of `model_dir` needs, from the run's config."""
+    return model_spec(
+        model_dir,
+        options(cfg),
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        cpus=cfg.resources.cpus_per_worker,
+        use_gpu=cfg.resources.use_gpu,
+        requests=requests,
+    )
+
+
 def key(cfg, store: RunStore) -> str:
     """The evaluation settings and the unlearned model itself (the unlearn stage's recorded outputs,
     so scores kept from an earlier attempt are never reused for a retrained model)."""
@@ -195,24 +208,16 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
         work["retrained"] = [u for u in units if u["suite"] in ("forget", "unseen", "keep")]
     frames = {}
     for label, model_dir in models.items():
-        spec = model_spec(
-            model_dir,
-            options(cfg),
-            dtype=cfg.model.dtype,
-            trust_remote_code=cfg.model.trust_remote_code,
-            cpus=cfg.resources.cpus_per_worker,
-            use_gpu=cfg.resources.use_gpu,
-            requests=store.artefact("accepted"),
-        )
+        replica = spec(cfg, model_dir, requests=store.artefact("accepted"))
         frames[label] = frame_once(
             store.artefact("eval_partial"),
             keys[label],
             label,
             lambda: (
-                sharded_eval.score(cfg, store, spec, work[label], label)
+                sharded_eval.score(cfg, store, replica, work[label], label)
                 if sharded(cfg, Path(model_dir))
                 else score_model(
-                    spec,
+                    replica,
                     work[label],
                     cfg.resources.eval_actors,
                     cluster.use_ray(cfg),
@@ -258,14 +263,7 @@ def evaluate_folder(model_dir: Path, cfg, out: Path) -> dict[str, Any]:
     """Evaluate one model folder on its own (no run): metrics.json, per_sample.parquet, report.md."""
     tok = modeling.load_tokenizer(model_dir, cfg.model.trust_remote_code)
     frame = score_model(
-        model_spec(
-            model_dir,
-            options(cfg),
-            dtype=cfg.model.dtype,
-            trust_remote_code=cfg.model.trust_remote_code,
-            cpus=cfg.resources.cpus_per_worker,
-            use_gpu=cfg.resources.use_gpu,
-        ),
+        spec(cfg, model_dir),
         make_units(_tasks(cfg, tok, None, keep=False)),
         cfg.resources.eval_actors,
         cluster.use_ray(cfg),
