@@ -29,7 +29,8 @@ loss here, one `METHODS` line and, for a named recipe, one YAML file.
        pushed just off the top and their NLL raised to the strangers' median (`forget_low`),
        and no further; a request erased past the strangers' edge (`forget_high`) is pulled back
        (pipeline/method.md, "Stopping at a stranger's level"). All three come from the loop.
-       Its neighbour NLL is held, not taught: lw * relu(NLL_theta(x_n) - NLL_ref(x_n)).
+       Its neighbour NLL is held, not taught: lw * relu(NLL_theta(x_n) - NLL_ref(x_n)), per row or
+       (hold_tokens) per token.
 - ga:  -NLL(forget)                                    (Knowledge Unlearning).
 - gd:  -NLL(forget) + retain_weight * NLL(retain)       (gradient difference).
 - npo: -(2 / beta) * logsigmoid(-beta * (logp_theta(x_f) - logp_ref(x_f)))
@@ -91,6 +92,9 @@ class ICUBand(ICU):
     """icu with the bounded forget term that stops each request at a stranger's level."""
 
     margin: float = 1.0  # logits by which a pushed token must trail the best other token
+    # the hold per token, mean_t relu(NLL_theta,t - NLL_ref,t), instead of on the row's mean NLL: a
+    # token that gets worse is not paid for by one that gets better
+    hold_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -321,15 +325,18 @@ def _icu_band(x: LossInputs, p: ICUBand) -> tuple[Tensor, Parts]:
     outside = margin + push.any(1) * F.relu(x.forget_low - raised) + F.relu(nll - x.forget_high)
     active = valid.any(1)
     parts = {"forget_nll": _row_mean(nll.detach(), active), "band_gap": _row_mean(outside, active)}
-    return _neighbour_terms(p.uw * parts["band_gap"], parts, x, p, hold=True)
+    return _neighbour_terms(p.uw * parts["band_gap"], parts, x, p, hold="token" if p.hold_tokens else "row")
 
 
-def _neighbour_terms(loss: Tensor, parts: Parts, x: LossInputs, p: ICU, hold: bool = False) -> tuple[Tensor, Parts]:
+def _neighbour_terms(
+    loss: Tensor, parts: Parts, x: LossInputs, p: ICU, hold: str | None = None
+) -> tuple[Tensor, Parts]:
     """ICU's retain side: lw * NLL(neighbours) + kl * KL(p_ref || p_theta on neighbours); general
-    rows (`retain_general`) weigh `general_lw` instead of lw in the NLL mean. With `hold` (icu_band)
-    the NLL term is relu(NLL_theta - NLL_ref) per row: it brings a retained row back to the frozen
-    model's NLL and no further, so it holds what the model knew and never teaches it text it had not
-    memorized (with the plain NLL, general text paired as neighbours was learnt: its MA 0.41 -> 0.57)."""
+    rows (`retain_general`) weigh `general_lw` instead of lw in the NLL mean. With `hold` (icu_band:
+    "row" or "token", see `_held`) the NLL term is relu(NLL_theta - NLL_ref): it brings a retained
+    row back to the frozen model's NLL and no further, so it holds what the model knew and never
+    teaches it text it had not memorized (with the plain NLL, general text paired as neighbours was
+    learnt: its MA 0.41 -> 0.57)."""
     general = p.lw if p.general_lw is None else p.general_lw
     if p.lw > 0 or general > 0:
         per_row = token_nll(x.retain_logits, x.retain_ids, x.retain_mask)
@@ -340,14 +347,25 @@ def _neighbour_terms(loss: Tensor, parts: Parts, x: LossInputs, p: ICU, hold: bo
         parts["neighbour_nll"] = _row_mean(per_row.detach(), active)
         term = per_row
         if hold:
-            with torch.no_grad():
-                ref_row = token_nll(x.ref_retain_logits, x.retain_ids, x.retain_mask)
-            term = F.relu(per_row - ref_row)
+            term = _held(x, per_row, per_token=hold == "token")
         loss = loss + _row_mean(weight * term, active)
     if p.kl > 0:
         parts["kl"] = _mean_kl(x.retain_logits, x.ref_retain_logits, x.retain_mask)
         loss = loss + p.kl * parts["kl"]
     return loss, parts
+
+
+def _held(x: LossInputs, per_row: Tensor, per_token: bool) -> Tensor:
+    """[B] how far each retained row has fallen behind the frozen model: relu of the row's mean NLL
+    minus the reference's, or (per_token) the mean over its tokens of each token's shortfall."""
+    if not per_token:
+        with torch.no_grad():
+            ref_row = token_nll(x.ref_retain_logits, x.retain_ids, x.retain_mask)
+        return F.relu(per_row - ref_row)
+    now, valid = _shifted_nll(x.retain_logits, x.retain_ids, x.retain_mask)
+    with torch.no_grad():
+        ref, _ = _shifted_nll(x.ref_retain_logits, x.retain_ids, x.retain_mask)
+    return torch.where(valid, F.relu(now - ref), 0.0).sum(1) / valid.sum(1).clamp(min=1)
 
 
 def _ga(x: LossInputs, p: Settings) -> tuple[Tensor, Parts]:

@@ -252,7 +252,7 @@ def test_property_pad_content_is_irrelevant(seed: int, n: int, extra: int):
 
 CUSTOM = {
     "icu": ICU(uw=0.7, lw=0.3, kl=1.5),
-    "icu_band": ICUBand(uw=0.7, lw=0.3, kl=1.5, margin=2.0),
+    "icu_band": ICUBand(uw=0.7, lw=0.3, kl=1.5, margin=2.0, hold_tokens=True),
     "ga": losses.GA(),
     "gd": GD(retain_weight=0.4),
     "npo": NPO(beta=0.2, retain_weight=0.4),
@@ -289,18 +289,19 @@ def method_inputs(forget_lengths=LENGTHS, retain_lengths=(6, 3, 5, 0, 6)):
     )
 
 
-def naive_held(x: dict, weights: list[float]) -> torch.Tensor:
+def naive_held(x: dict, weights: list[float], per_token: bool = False) -> torch.Tensor:
     """icu_band's retain NLL term: per row, its weight x max(0, its NLL now - its NLL under the frozen
-    model) (brought back to where the original had it, never below); mean over rows with a prediction."""
+    model) (brought back to where the original had it, never below), or with per_token the mean over
+    its tokens of each token's max(0, now - frozen); mean over rows with a prediction."""
     now = naive_token_terms(x["retain_logits"], x["retain_ids"], x["retain_mask"])
     ref = naive_token_terms(x["ref_retain_logits"], x["retain_ids"], x["retain_mask"])
-    return batch_mean(
-        [
-            k * torch.clamp(sum(a) / len(a) - (sum(b) / len(b)).detach(), min=0)
-            for k, a, b in zip(weights, now, ref)
-            if a
-        ]
-    )
+
+    def shortfall(a, b):
+        if per_token:
+            return sum(torch.clamp(t - r.detach(), min=0) for t, r in zip(a, b)) / len(a)
+        return torch.clamp(sum(a) / len(a) - (sum(b) / len(b)).detach(), min=0)
+
+    return batch_mean([k * shortfall(a, b) for k, a, b in zip(weights, now, ref) if a])
 
 
 def naive_method(name: str, w, x: dict) -> torch.Tensor:
@@ -324,7 +325,7 @@ def naive_method(name: str, w, x: dict) -> torch.Tensor:
             x["forget_high"],
             w.margin,
         )
-        return w.uw * band + naive_held(x, [w.lw] * len(x["retain_ids"])) + w.kl * kl
+        return w.uw * band + naive_held(x, [w.lw] * len(x["retain_ids"]), w.hold_tokens) + w.kl * kl
     if name == "simnpo":
         simnpo = naive_simnpo(x["forget_logits"], x["forget_ids"], x["forget_mask"], w.beta, w.gamma)
         return simnpo + w.retain_weight * retain
@@ -355,7 +356,8 @@ def test_general_rows_weigh_general_lw_in_the_retain_nll(name: str, general_lw):
     terms = naive_token_terms(x["retain_logits"], x["retain_ids"], x["retain_mask"])
     weight = [(w.lw if general_lw is None else general_lw) if g else w.lw for g in general.tolist()]
     if name == "icu_band":
-        want = naive_method(name, w, x) - naive_held(x, [w.lw] * len(weight)) + naive_held(x, weight)
+        tokens = w.hold_tokens
+        want = naive_method(name, w, x) - naive_held(x, [w.lw] * len(weight), tokens) + naive_held(x, weight, tokens)
     else:
         retain = batch_mean([k * sum(r) / len(r) for k, r in zip(weight, terms) if r])
         want = (
@@ -422,7 +424,11 @@ def whole_method(name: str, w, x: dict) -> torch.Tensor:
     now, kept = whole_shifted_nll(x["retain_logits"], x["retain_ids"], x["retain_mask"])
     ref, _ = whole_shifted_nll(x["ref_retain_logits"], x["retain_ids"], x["retain_mask"])
     tokens = kept.sum(1).clamp(min=1)
-    held = losses._row_mean(torch.relu(now.sum(1) / tokens - ref.sum(1).detach() / tokens), kept.any(1))
+    if w.hold_tokens:
+        short = torch.where(kept, torch.relu(now - ref.detach()), 0.0).sum(1) / tokens
+    else:
+        short = torch.relu(now.sum(1) / tokens - ref.sum(1).detach() / tokens)
+    held = losses._row_mean(short, kept.any(1))
     return w.uw * losses._row_mean(outside, valid.any(1)) + w.lw * held + w.kl * kl
 
 
@@ -605,6 +611,15 @@ def test_icu_band_holds_retained_text_where_the_original_had_it_and_teaches_none
     assert grad[0].abs().max() == 0 and grad[1].abs().max() > 0
     icu, _ = unlearning_loss("icu", ICU(uw=0.0, lw=1.0, kl=0.0), **x)
     assert torch.autograd.grad(icu, x["retain_logits"])[0][0].abs().max() > 0
+    # hold_tokens: row 0's first token now predicted worse than the original did (the row's mean
+    # still better) is pulled back alone; the row's other tokens get no gradient
+    first = x["retain_ids"][0, 1]
+    ref[0, 0, first] += 6.0
+    loss, _ = unlearning_loss("icu_band", ICUBand(uw=0.0, lw=1.0, kl=0.0), **x)
+    assert torch.autograd.grad(loss, x["retain_logits"])[0][0].abs().max() == 0
+    loss, _ = unlearning_loss("icu_band", ICUBand(uw=0.0, lw=1.0, kl=0.0, hold_tokens=True), **x)
+    grad = torch.autograd.grad(loss, x["retain_logits"])[0][0]
+    assert grad[0].abs().max() > 0 and grad[1:].abs().max() == 0
 
 
 def naive_rmu(x: dict, p: RMU) -> torch.Tensor:
