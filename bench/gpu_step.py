@@ -43,16 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed")  # 1 per ZeRO-3 call
 sys.path.insert(0, str(ROOT))
 from pipeline.losses import unlearning_loss  # noqa: E402
+from scale import SIZES  # noqa: E402  (bench/ is this script's own folder)
 
 SHAPES = {  # Llama-style; "tinyllama" is TinyLlama-1.1B's shape (1.10B parameters)
-    "tinyllama": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-    ),
+    "tinyllama": {k: v for k, v in SIZES["1.1b"].items() if k != "tie_word_embeddings"},
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,
