@@ -5,6 +5,7 @@
         (runs earlier stages first when needed)
     icu evaluate --model PATH [--suites ppl,classification] [--out DIR] [--set key=value ...]
     icu status RUN_DIR
+    icu ledger PATH        (verify an erasure ledger; one line per run and the requests it erased)
     icu hash [FILE]        (a request's keyed content hash, as receipts hold it; FILE or stdin)
 
 Bad input is reported as one line on stderr with exit code 2, never a traceback. A run that
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from pipeline import driver, evaluate, keys, modeling
+from pipeline import driver, evaluate, keys, ledger, modeling
 from pipeline.config import SUITES, build_config, load_config, set_dotted
 from pipeline.errors import UserError
 from pipeline.report import paper_table
@@ -43,6 +44,7 @@ EPILOG = """examples:
                                                any model folder on its own
   icu audit ray_jobs/configs/demo.yaml         extraction probes (4-bit, sampling, ...) and audit/report.md
   icu status runs/demo                         per-stage state and where it resumes
+  icu ledger /shared/icu-ledger                verify the erasure ledger and list its runs
   icu hash record.txt                          the keyed content hash a receipt lists for that text
 """
 
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="with --model: output folder (default: runs/eval-<folder name>)")
     status = sub.add_parser("status", help="show each stage's state, progress and timings")
     status.add_argument("run_dir", help="a run directory, e.g. runs/demo")
+    book = sub.add_parser("ledger", help="verify an erasure ledger (ledger.path) and list every run in it")
+    book.add_argument("path", help="the ledger folder")
     hashed = sub.add_parser(
         "hash", help="print a text's content hash under the operator's receipt key (to find a request in a receipt)"
     )
@@ -132,6 +136,11 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "hash":
         return print_hash(args.file)
+    if args.command == "ledger":
+        if not os.path.isdir(args.path):
+            raise UserError(f"ledger: {args.path} is not a folder; fix: pass the folder ledger.path names")
+        print("\n".join(ledger.lines(ledger.Ledger.open(args.path))))
+        return 0
     if args.command == "evaluate" and args.model:
         return evaluate_folder(args)
     if args.config is None:

@@ -496,6 +496,19 @@ class ExportConfig:
 
 
 @dataclass
+class LedgerConfig:
+    """Continual erasure (pipeline/ledger.py): `ledger: PATH` chains this run to every earlier one."""
+
+    # a folder (on shared storage) recording every request erased by every run that named it; a run
+    # with a ledger starts from its latest hand-off and keeps every earlier request erased
+    path: str | None = path_field(None, must_exist=False, hint="a folder for the erasure ledger")
+
+    def validate(self) -> None:
+        if self.path is not None and Path(self.path).exists() and not Path(self.path).is_dir():
+            raise UserError(f"ledger.path: {self.path} is a file; fix: point it at a folder (created on first use)")
+
+
+@dataclass
 class ResourcesConfig:
     """Where the work runs (pipeline/ranks.py, pipeline/cluster.py)."""
 
@@ -549,6 +562,7 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -638,6 +652,8 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         raise UserError(f"{path}: the top level must be a mapping of sections (model:, requests:, ...)")
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
+    if isinstance(data.get("ledger"), str):  # `ledger: PATH`, the short form of `ledger: {path: PATH}`
+        data["ledger"] = {"path": data["ledger"]}
     data.setdefault("storage", {})
     if isinstance(data["storage"], dict):
         data["storage"].setdefault("name", path.stem)

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from pipeline.atomic import atomic_path, atomic_write_json, atomic_write_text, sha256_file
-from pipeline import audit, keys, modeling, probes, shards
+from pipeline import audit, keys, ledger, modeling, probes, shards
 from pipeline.errors import UserError
 from pipeline.report import paper_table
 from pipeline.store import RunStore, fingerprint
@@ -33,6 +33,7 @@ OUTPUTS = ("handoff",)
 
 RECEIPT_COLUMNS = [
     "source_row",
+    "erased_in",
     "request_id",
     "content_hash",
     "status",
@@ -88,17 +89,20 @@ def verify(
 
 def receipt_rows(cfg, store: RunStore) -> list[dict]:
     """One row per input request: forgotten (and when), not forgotten (and why: still remembered, or
-    erased too deep), or rejected at ingest. `checked_tokens`: the tokens the checks and the audit
+    erased too deep), or rejected at ingest; in a chained run also one per request earlier runs erased
+    (`erased_in`: its ledger entry), with its status now. `checked_tokens`: the tokens the checks and the audit
     measured (all after the first prompt window); `cut_points`: where the sampling probe's windows
     start (pipeline/method.md, "Whole requests")."""
-    accepted = pd.read_parquet(store.artefact("accepted"), columns=["source_row", "id", "content_hash", "n_tokens"])
+    accepted = pd.read_parquet(
+        store.artefact("accepted"), columns=["source_row", "id", "content_hash", "n_tokens", "erased_in"]
+    )
     rejected = pd.read_parquet(store.artefact("rejected"))
     history = pd.read_parquet(store.artefact("history"))
     result = json.loads(store.artefact("unlearn_result").read_text())
     thr = result["thresholds"]
     prefix, window = cfg.requests.prefix_tokens, cfg.requests.suffix_tokens
     rows = []
-    for source_row, rid, digest, n_tokens in accepted.itertuples(index=False):
+    for source_row, rid, digest, n_tokens, erased_in in accepted.itertuples(index=False):
         checks = history[history["request_id"] == rid].sort_values("epoch")
         first, last = checks.iloc[0], checks.iloc[-1]
         flags = checks["forgotten"].tolist()
@@ -107,7 +111,8 @@ def receipt_rows(cfg, store: RunStore) -> list[dict]:
         stopped = f"when unlearning stopped ({result['stop_reason']} after {result['epochs']} epochs)"
         rows.append(
             dict(
-                source_row=int(source_row),
+                source_row=None if pd.isna(source_row) else int(source_row),
+                erased_in=None if pd.isna(erased_in) else int(erased_in),
                 request_id=rid,
                 content_hash=digest,
                 status="forgotten" if forgotten else "too_deep" if deep else "not_forgotten",
@@ -137,6 +142,7 @@ def receipt_rows(cfg, store: RunStore) -> list[dict]:
         rows.append(
             dict(
                 source_row=int(row.source_row),
+                erased_in=None,
                 request_id=row.id,
                 content_hash=row.content_hash,
                 status="rejected",
@@ -157,7 +163,9 @@ def receipt_rows(cfg, store: RunStore) -> list[dict]:
                 nll_band_high=None,
             )
         )
-    return sorted(_with_audit(rows, audit.verdicts(store)), key=lambda r: r["source_row"])
+    # the requests earlier runs erased (no row of this run's file) first, in ledger order
+    order = lambda r: (r["source_row"] is not None, r["source_row"] if r["source_row"] is not None else r["erased_in"])
+    return sorted(_with_audit(rows, audit.verdicts(store)), key=order)
 
 
 def _with_audit(rows: list[dict], verdicts: pd.DataFrame | None) -> list[dict]:
@@ -193,6 +201,7 @@ def spreadsheet_safe(value):
 def write_receipt(rows: list[dict], folder: Path, key_id: str) -> dict[str, int]:
     """receipt.json (values as they are) and receipt.csv (spreadsheet-safe); returns the counts."""
     counts = {s: sum(r["status"] == s for r in rows) for s in ("forgotten", "not_forgotten", "rejected")}
+    counts["earlier"] = sum(r.get("erased_in") is not None for r in rows)
     atomic_write_json(folder / "receipt.json", {"counts": counts, "content_hash": hash_note(key_id), "requests": rows})
     columns = RECEIPT_COLUMNS + [
         c for c in (rows[0] if rows else {}) if c.startswith("audit_") and c not in RECEIPT_COLUMNS
@@ -290,8 +299,9 @@ def run(cfg, store: RunStore) -> dict:
         raise UserError(refusal)
     rows = receipt_rows(cfg, store)
     ingest = store.stage("ingest").get("summary", {})
-    if "rows" in ingest and len(rows) != ingest["rows"]:
-        raise RuntimeError(f"receipt has {len(rows)} rows but ingest read {ingest['rows']}")
+    if "rows" in ingest and len(rows) != ingest["rows"] + ingest.get("earlier", 0):
+        expected = ingest["rows"] + ingest.get("earlier", 0)
+        raise RuntimeError(f"receipt has {len(rows)} rows but ingest read {expected} (earlier runs' included)")
     metrics_path, audit_path = store.artefact("metrics"), store.artefact("audit")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
     audited = json.loads(audit_path.read_text()) if audit_path.exists() else None
@@ -309,6 +319,7 @@ def run(cfg, store: RunStore) -> dict:
             f"{sha256_file(p)}  {p.relative_to(tmp)}" for p in sorted(tmp.rglob("*")) if p.is_file()
         ]  # sha256sum -c
         atomic_write_text(tmp / "checksums.sha256", "\n".join(sums) + "\n")
+    entry = _record(cfg, store, rows) if cfg.ledger.path else None
     name = str(dtype).removeprefix("torch.")
     log.info(
         "export: %s verified (max logit diff %.2g; in %s %.2g); receipt: %s",
@@ -318,7 +329,30 @@ def run(cfg, store: RunStore) -> dict:
         served,
         counts,
     )
-    return dict(counts, max_logit_diff=diff, dtype=name, served_logit_diff=served)
+    return dict(
+        counts,
+        max_logit_diff=diff,
+        dtype=name,
+        served_logit_diff=served,
+        **({"ledger_entry": entry["seq"]} if entry else {}),
+    )
+
+
+def _record(cfg, store: RunStore, rows: list[dict]) -> dict:
+    """The run's ledger entry, once its hand-off is verified: the requests this run erased, each with
+    its token ids and receipt row (`ledger.record`)."""
+    accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids", "erased_in"])
+    own = accepted[accepted["erased_in"].isna()]
+    receipts = {r["request_id"]: r for r in rows if r["status"] != "rejected"}
+    erased = [
+        dict(id=rid, content_hash=receipts[rid]["content_hash"], input_ids=list(map(int, ids)), receipt=receipts[rid])
+        for rid, ids in zip(own["id"], own["input_ids"])
+    ]
+    chain = json.loads(store.artefact("chain").read_text())
+    thresholds = json.loads(store.artefact("unlearn_result").read_text())["thresholds"]
+    entry = ledger.record(cfg, chain, store.artefact("handoff"), erased, thresholds)
+    log.info("export: ledger %s entry %d: %d requests erased in all", cfg.ledger.path, entry["seq"], len(receipts))
+    return entry
 
 
 def _model_card(
@@ -333,7 +367,13 @@ def _model_card(
         "",
         f"Erasure requests: {counts['forgotten']} forgotten, {counts['not_forgotten']} not forgotten, "
         f"{counts['rejected']} rejected at ingest (per-request detail in receipt.json / receipt.csv, "
-        "ids and content hashes only, the hashes keyed with the operator's receipt key).",
+        "ids and content hashes only, the hashes keyed with the operator's receipt key)"
+        + (
+            f"; {counts['earlier']} of them were erased by earlier runs of the erasure ledger and checked again "
+            "in this one (`erased_in`)."
+            if counts.get("earlier")
+            else "."
+        ),
         "",
         f"Verified: the consolidated weights, loaded with `from_pretrained`, reproduce the final training "
         f"engine's logits on fixed prompts to {diff:.2g}. This folder holds them in "

@@ -28,14 +28,14 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import keys, modeling
-from pipeline.atomic import atomic_path, file_digest
+from pipeline import keys, ledger, modeling
+from pipeline.atomic import atomic_path, atomic_write_json, file_digest
 from pipeline.config import Config, RequestsConfig
 from pipeline.errors import UserError
 from pipeline.store import RunStore, fingerprint
 
 log = logging.getLogger("icu.ingest")
-OUTPUTS = ("accepted", "rejected")
+OUTPUTS = ("accepted", "rejected", "chain")
 
 ACCEPTED_SCHEMA = pa.schema(
     [
@@ -46,6 +46,7 @@ ACCEPTED_SCHEMA = pa.schema(
         ("input_ids", pa.list_(pa.int32())),
         ("n_tokens", pa.int32()),
         ("truncated", pa.bool_()),
+        ("erased_in", pa.int32()),  # a request erased by an earlier run: its ledger entry (null: this run's)
     ]
 )
 REJECTED_SCHEMA = pa.schema(
@@ -70,6 +71,7 @@ REASONS = {
     "too_long": "more tokens than allowed (requests.too_long: reject)",
     "duplicate": "same text (after normalisation) as an earlier accepted row",
     "duplicate_id": "same id as an earlier accepted row",
+    "already_erased": "same text as a request an earlier run erased (ledger.path): it is checked again anyway",
 }
 csv.field_size_limit(sys.maxsize)
 BOM = b"\xef\xbb\xbf"  # what Excel's "CSV UTF-8" and some editors put first
@@ -304,11 +306,13 @@ def _column_index(columns: list[str], name: str, key: str, path: Path) -> int:
 class Ingestor:
     """Validates rows in order and routes each to accepted or rejected (see REASONS)."""
 
-    def __init__(self, cfg: RequestsConfig, tokenizer, max_len: int, key: bytes):
+    def __init__(self, cfg: RequestsConfig, tokenizer, max_len: int, key: bytes, earlier: list[dict] = ()):
         self.cfg, self.tok, self.max_len, self.key = cfg, tokenizer, max_len, key
         self.min_len = cfg.prefix_tokens + cfg.suffix_tokens
         self.seen_hashes: dict[str, str] = {}
         self.seen_ids: set[str] = set()
+        self.earlier = {r["content_hash"]: r for r in earlier}  # requests erased by earlier runs
+        self.earlier_ids = {r["id"] for r in earlier}
 
     def check(self, row: RawRow) -> tuple[dict | None, dict | None]:
         """(accepted record, None) or (None, rejected record). A rejected record keeps the
@@ -340,9 +344,14 @@ class Ingestor:
             return None, self._reject(row, given, "too_short", f"{len(ids)} < {self.min_len} tokens", digest)
         if digest in self.seen_hashes:
             return None, self._reject(row, given, "duplicate", f"same as {self.seen_hashes[digest]}", digest)
+        if digest in self.earlier:
+            then = f"as {self.earlier[digest]['id']}, ledger entry {self.earlier[digest]['erased_in']}"
+            return None, self._reject(row, given, "already_erased", then, digest)
         request_id = given or digest[:16]
         if request_id in self.seen_ids:
             return None, self._reject(row, given, "duplicate_id", "", digest)
+        if request_id in self.earlier_ids:
+            return None, self._reject(row, given, "duplicate_id", "a request an earlier run erased has this id", digest)
         self.seen_hashes[digest] = request_id
         self.seen_ids.add(request_id)
         return dict(
@@ -353,6 +362,7 @@ class Ingestor:
             input_ids=ids,
             n_tokens=len(ids),
             truncated=truncated,
+            erased_in=None,
         ), None
 
     @staticmethod
@@ -383,7 +393,8 @@ def key(cfg: Config, store: RunStore) -> str:
     receipt key hashes the requests."""
     return fingerprint(
         "ingest",
-        cfg.part("requests", "model"),
+        cfg.part("requests", "model", "ledger"),
+        ledger.Ledger.open(cfg.ledger.path).head_for(cfg.run_dir) if cfg.ledger.path else None,
         cfg.max_tokens,
         modeling.weights_signature(cfg.model_dir),
         file_digest(cfg.requests.path),
@@ -392,15 +403,27 @@ def key(cfg: Config, store: RunStore) -> str:
 
 
 def run(cfg: Config, store: RunStore) -> dict:
+    """`accepted` and `rejected`; with a ledger, every request earlier runs erased is accepted too (it is
+    checked and audited again) and `chain` records where the run starts (`ledger.start`)."""
     tokenizer = modeling.load_tokenizer(cfg.model_dir, cfg.model.trust_remote_code)
+    key = keys.receipt_key(store.root)
+    chain, earlier = ledger.start(cfg, keys.key_id(key)) if cfg.ledger.path else ({}, [])
     counts = ingest(
         cfg.requests,
         tokenizer,
         cfg.max_tokens,
         store.artefact("accepted"),
         store.artefact("rejected"),
-        keys.receipt_key(store.root),
+        key,
+        earlier=[dict(r, text=tokenizer.decode(r["input_ids"])) for r in earlier],
     )
+    atomic_write_json(store.artefact("chain"), chain)
+    if chain:
+        log.info(
+            "ingest: chained to ledger entry %d; %d requests erased by earlier runs are checked again",
+            chain["entries"] - 1,
+            len(earlier),
+        )
     reasons = ", ".join(f"{k}={v}" for k, v in counts["reasons"].items()) or "none"
     log.info(
         "ingest: %d rows read, %d accepted, %d rejected (%s)",
@@ -420,14 +443,16 @@ def ingest(
     rejected_path: Path,
     key: bytes,
     chunk: int = 1000,
+    earlier: list[dict] = (),
 ) -> dict:
-    """Validate every row of the request file; write accepted/rejected parquet atomically.
+    """Validate every row of the request file; write accepted/rejected parquet atomically. `earlier`:
+    requests earlier runs erased (with their `text`), accepted after the file's rows.
 
-    Returns counts: {"rows", "accepted", "rejected", "reasons": {reason: n}}.
+    Returns counts: {"rows", "accepted", "rejected", "reasons": {reason: n}} (and "earlier": n).
     """
     from tqdm import tqdm
 
-    ingestor = Ingestor(cfg, tokenizer, max_len, key)
+    ingestor = Ingestor(cfg, tokenizer, max_len, key, earlier)
     reasons: Counter = Counter()
     counts = Counter()
     with (
@@ -450,6 +475,7 @@ def ingest(
             if len(rejected) >= chunk:
                 _flush(rej_writer, REJECTED_SCHEMA, rejected)
         counts["accepted"] = ingestor_count = len(ingestor.seen_ids)
+        accepted += [_carried(r) for r in earlier]
         _flush(acc_writer, ACCEPTED_SCHEMA, accepted)
         _flush(rej_writer, REJECTED_SCHEMA, rejected)
     counts["rejected"] = counts["rows"] - ingestor_count
@@ -460,7 +486,23 @@ def ingest(
         "accepted": counts["accepted"],
         "rejected": counts["rejected"],
         "reasons": dict(sorted(reasons.items())),
+        **({"earlier": len(earlier)} if earlier else {}),
     }
+
+
+def _carried(request: dict) -> dict:
+    """An accepted row for a request an earlier run erased (no row of this run's file)."""
+    ids = list(request["input_ids"])
+    return dict(
+        id=request["id"],
+        content_hash=request["content_hash"],
+        source_row=None,
+        text=request["text"],
+        input_ids=ids,
+        n_tokens=len(ids),
+        truncated=False,
+        erased_in=request["erased_in"],
+    )
 
 
 def _flush(writer: pq.ParquetWriter, schema: pa.Schema, records: list[dict]) -> None:

@@ -109,6 +109,18 @@ def write_report(
                 f"check.strangers_path`; 0.5 = told apart no better than chance) at each check: {curve}.",
                 "",
             ]
+    if "first_original" in results["models"]:
+        parts += [
+            "A chained run (`ledger.path`): `original` is the hand-off this run started from, `first_original` the "
+            "model the ledger's first run started from; the table shows the drift from both.",
+            "",
+        ]
+        for suite, c in (results.get("drift") or {}).items():
+            parts += [
+                f"{suite.capitalize()}: unlearned minus the first original {c['change']:+.1f} points (standard "
+                f"error {c['se']:.1f}, paired over {c['examples']} examples).",
+                "",
+            ]
     for suite, c in (results.get("paired_change") or {}).items():
         parts += [
             f"{suite.capitalize()}: unlearned minus original {c['change']:+.1f} points (standard error "

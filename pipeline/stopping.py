@@ -5,7 +5,8 @@ One object holds every decision the loop takes from what a check saw (pipeline/m
 - a request's standing at a look: remembered, forgotten, or erased too deep (past the
   strangers' band);
 - which requests train next: the remembered ones, the too-deep ones when the method can pull
-  back, and with the hold (`recover_within`) the forgotten ones too, held in the band;
+  back, and with the hold (`recover_within`) the forgotten ones too, held in the band (not the
+  requests earlier runs erased: they are watched, and train again only if they resurface);
 - the lr back-off: a request trained since its last look that jumped from one side of the band
   to the other multiplies the lr of every later step by `lr_backoff`;
 - why the run stops: every request forgotten and the run settled (the neighbours' MA back
@@ -57,9 +58,11 @@ class StopRule:
         """Remembered, or erased too deep when the method can pull it back."""
         return not record["forgotten"] and (not record["too_deep"] or self.pull_back)
 
-    def trains(self, record: dict) -> bool:
-        """Whether a request is in the next steps' batches: it needs training, or it is held."""
-        return self.needs_training(record) or self.hold and record["forgotten"]
+    def trains(self, record: dict, carried: bool = False) -> bool:
+        """Whether a request is in the next steps' batches: it needs training, or it is held. A request
+        an earlier run erased (`carried`, ledger.path) is watched, not held: it trains again only when a
+        check finds it remembered (or too deep) again."""
+        return self.needs_training(record) or self.hold and record["forgotten"] and not carried
 
     def jumped(self, before: dict[int, dict], after: dict[int, dict], trained: set[int]) -> list[int]:
         """Requests trained since their last look that went from remembered to too deep, or back:

@@ -54,6 +54,7 @@ STAGES = ("ingest", "retrieve", "unlearn", "evaluate", "audit", "export")
 ARTEFACTS = {
     "accepted": "requests/accepted.parquet",
     "rejected": "requests/rejected.parquet",
+    "chain": "requests/chain.json",
     "pool": "retrieval/pool",
     "neighbours": "retrieval/neighbours.parquet",
     "retain_items": "retrieval/retain_items.parquet",

@@ -161,6 +161,11 @@ class Worker:
             else []
         )
         self.rule = StopRule.of(u, self.method.band)
+        # a chained run (ledger.path): the requests earlier runs erased, and the first run's thresholds
+        chain = self.store.artefact("chain")
+        self.chain = json.loads(chain.read_text()) if chain.exists() else {}
+        carried = pd.read_parquet(self.store.artefact("accepted"), columns=["erased_in"])["erased_in"]
+        self.carried = set(np.flatnonzero(carried.notna().to_numpy()).tolist())
         self.ckpt_dir = self.store.artefact("checkpoints")
         self.replica = None  # set by setup(): the unsharded model IUR generates with, if it fits
         self.models_loaded = 0
@@ -297,8 +302,11 @@ class Worker:
     # -- IUR -----------------------------------------------------------------------
     def thresholds(self, state: LoopState) -> Thresholds:
         """MA / EL_n: fixed values from the config, else the model's mean on unseen text; the span:
-        the longest any unseen row gives (`metrics.extractable_span`)."""
+        the longest any unseen row gives (`metrics.extractable_span`). A chained run keeps the first
+        run's, measured on the original model."""
         u, e = self.cfg.unlearning.check, self.cfg.evaluation
+        if state.thresholds is None and self.chain.get("thresholds"):  # the band must not drift with the model
+            state.thresholds = dict(self.chain["thresholds"])
         if state.thresholds is None:
             rows = suites.threshold_rows(self.cfg, self.tok)
             model, sync = self.checker()
@@ -431,7 +439,7 @@ class Worker:
             for k, i in enumerate(looked_at):
                 for whole, part in zip(band, targets):
                     whole[i] = part[k]
-        return {i for i in training if i not in now or self.rule.trains(now[i])}
+        return {i for i in training if i not in now or self.rule.trains(now[i], i in self.carried)}
 
     def _back_off(self, state: LoopState, now: dict[int, dict]) -> None:
         """`unlearning.optim.lr_backoff`: a request trained since its last look that is now on the other side
@@ -495,7 +503,7 @@ class Worker:
 
         u, p = self.cfg.unlearning.optim, self.pairs
         epoch = state.epoch + 1
-        training = {i for i, r in enumerate(look.records) if self.rule.trains(r)}
+        training = {i for i, r in enumerate(look.records) if self.rule.trains(r, i in self.carried)}
         band = None if look.band is None else tuple(list(part) for part in look.band)
         active = [k for k, i in enumerate(p.pair_request) if i in training]
         dealt = [epoch_batches(active, epoch, u.seed, rank, self.world, u.batch_size) for rank in range(self.world)]
