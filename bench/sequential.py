@@ -40,7 +40,7 @@ def icu_run(name: str, config: dict) -> RunStore:
     path = RUNS / f"{name}.yaml"
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)], cwd=ROOT)
-    if proc.returncode not in (0, 3):  # 3: finished with requests remembered (the table says so)
+    if proc.returncode not in (0, 3):  # 3: requests remembered (the table says so); with a ledger, export refuses
         raise SystemExit(f"{name}: icu run exited with {proc.returncode}")
     return RunStore(RUNS / name)
 

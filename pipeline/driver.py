@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import modeling
+from pipeline import ledger, modeling
 from pipeline.atomic import open_private
 from pipeline.config import Config, load_config
 from pipeline.store import STAGES, RunStore
@@ -31,6 +31,8 @@ def open_run(
     """Load and validate the config, lock the run, freeze the config (or check it matches)
     and resolve the model folder and request length once for every stage and worker."""
     cfg = load_config(config_path, overrides)
+    if restart_from and cfg.ledger.path:  # before anything is reset: the hand-off the ledger names stays
+        ledger.refuse_restart(cfg)
     store = RunStore(cfg.run_dir)
     store.lock()
     try:

@@ -302,6 +302,15 @@ def run(cfg, store: RunStore) -> dict:
     if "rows" in ingest and len(rows) != ingest["rows"] + ingest.get("earlier", 0):
         expected = ingest["rows"] + ingest.get("earlier", 0)
         raise RuntimeError(f"receipt has {len(rows)} rows but ingest read {expected} (earlier runs' included)")
+    remembered = [r["request_id"] for r in rows if r["status"] == "not_forgotten"]
+    if cfg.ledger.path and remembered:
+        raise UserError(
+            f"export refused: {len(remembered)} requests are still remembered (see eval/report.md), and the ledger "
+            f"{cfg.ledger.path} records a hand-off only when every request in it is erased; fix: rerun with "
+            "--restart-from unlearn and a larger unlearning.stop.max_epochs"
+        )
+    if cfg.ledger.path:
+        ledger.ready(cfg, json.loads(store.artefact("chain").read_text()))
     metrics_path, audit_path = store.artefact("metrics"), store.artefact("audit")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
     audited = json.loads(audit_path.read_text()) if audit_path.exists() else None

@@ -394,7 +394,8 @@ def key(cfg: Config, store: RunStore) -> str:
     return fingerprint(
         "ingest",
         cfg.part("requests", "model", "ledger"),
-        ledger.Ledger.open(cfg.ledger.path).head_for(cfg.run_dir) if cfg.ledger.path else None,
+        ledger.Ledger.open(cfg.ledger.path).before(cfg.run_dir).head if cfg.ledger.path else None,
+        ledger.pinned_inputs(cfg, "") if cfg.ledger.path else None,
         cfg.max_tokens,
         modeling.weights_signature(cfg.model_dir),
         file_digest(cfg.requests.path),
@@ -418,12 +419,14 @@ def run(cfg: Config, store: RunStore) -> dict:
         earlier=[dict(r, text=tokenizer.decode(r["input_ids"])) for r in earlier],
     )
     atomic_write_json(store.artefact("chain"), chain)
-    if chain:
+    if chain and earlier:
         log.info(
             "ingest: chained to ledger entry %d; %d requests erased by earlier runs are checked again",
             chain["entries"] - 1,
             len(earlier),
         )
+    elif chain:
+        log.info("ingest: the first run of ledger %s", cfg.ledger.path)
     reasons = ", ".join(f"{k}={v}" for k, v in counts["reasons"].items()) or "none"
     log.info(
         "ingest: %d rows read, %d accepted, %d rejected (%s)",

@@ -49,12 +49,13 @@ class Ledger:
         """The ledger at `folder`, every link verified (an absent or empty folder: no entries yet)."""
         folder = Path(folder)
         path = folder / ENTRIES
-        if not path.exists():
-            if (folder / HEAD).exists():
-                raise _refused(folder, f"{ENTRIES} is missing but {HEAD} records entries")
+        if not (folder / HEAD).exists():
+            if path.exists():
+                raise _refused(folder, f"{HEAD} is missing")
             return cls(folder, ())
         claim(folder)
-        lines = path.read_bytes().split(b"\n")
+        head = _read_head(folder)  # before the entries: an append in between can only make the head lag
+        lines = path.read_bytes().split(b"\n") if path.exists() else [b""]
         if lines[-1]:
             raise _refused(folder, f"entry {len(lines) - 1} is cut short (no line end)")
         entries: list[dict] = []
@@ -70,20 +71,15 @@ class Ledger:
                 raise _refused(folder, f"entry {seq} was changed after it was written (its hash does not match)")
             entries.append(entry)
         ledger = cls(folder, tuple(entries))
-        ledger._check_head()
+        ledger._check_head(*head)
         return ledger
 
-    def _check_head(self) -> None:
-        try:
-            head = json.loads((self.folder / HEAD).read_text())
-            count, last = int(head["entries"]), head["hash"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise _refused(self.folder, f"{HEAD} is missing or unreadable") from None
+    def _check_head(self, count: int, last: str | None) -> None:
+        """The head names the last entry, or the one before it: an append writes the entries, then the
+        head, so a reader between the two (or an append that stopped there) sees the head one behind."""
         if count == len(self.entries) and last == self.head:
             return
-        if count == len(self.entries) - 1 and count > 0 and last == self.entries[count - 1]["hash"]:
-            # an append stopped between the entries and the head: the new entry verified, so the head follows it
-            atomic_write_json(self.folder / HEAD, {"entries": len(self.entries), "hash": self.head})
+        if count == len(self.entries) - 1 and last == (self.entries[count - 1]["hash"] if count else None):
             return
         raise _refused(
             self.folder,
@@ -95,11 +91,24 @@ class Ledger:
     def head(self) -> str | None:
         return self.entries[-1]["hash"] if self.entries else None
 
-    def head_for(self, run: Path) -> str | None:
-        """The head a run started from: the last entry's hash, or before it when `run` wrote it."""
-        if self.entries and self.entries[-1]["run"] == str(Path(run).resolve()):
-            return self.entries[-1]["prev"]
-        return self.head
+    def before(self, run: Path) -> Ledger:
+        """The ledger as `run` found it when it started: without its own entry and any after it."""
+        mine = [e["seq"] for e in self.entries if e["run"] == str(Path(run).resolve())]
+        return Ledger(self.folder, self.entries[: mine[0]]) if mine else self
+
+    def expect(self, head: str | None) -> None:
+        """Refused unless the ledger still ends at `head` (the one a run started from)."""
+        if self.head == head:
+            return
+        if not self.entries:
+            raise UserError(
+                f"ledger {self.folder}: it is empty, but this run started from one with entries (was it moved or "
+                "replaced?); fix: restore the ledger, or set ledger.path to where it is now"
+            )
+        raise UserError(
+            f"ledger {self.folder}: entry {len(self.entries) - 1} was appended by run {self.entries[-1]['run_name']} "
+            "after this run started from the ledger; fix: start a new run from the ledger's latest hand-off"
+        )
 
     def erased(self) -> list[dict[str, Any]]:
         """Every request erased so far, in ledger order, each with `erased_in` (its entry's seq)."""
@@ -111,13 +120,10 @@ class Ledger:
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         claim(self.folder)
         with FileLock(str(self.folder / ".lock")):
+            if not (self.folder / HEAD).exists():
+                atomic_write_json(self.folder / HEAD, {"entries": 0, "hash": None})
             now = Ledger.open(self.folder)
-            if now.head != after:
-                raise UserError(
-                    f"ledger {self.folder}: entry {len(now.entries) - 1} was appended by run "
-                    f"{now.entries[-1]['run_name']} after this run started from it; fix: start a new run from the "
-                    "ledger's latest hand-off"
-                )
+            now.expect(after)
             entry = json.loads(json.dumps(dict(entry, seq=len(now.entries), prev=after), default=str))
             entry["hash"] = entry_hash(entry)
             body = b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in (*now.entries, entry))
@@ -140,6 +146,14 @@ def lines(ledger: Ledger) -> list[str]:
     return out
 
 
+def _read_head(folder: Path) -> tuple[int, str | None]:
+    try:
+        head = json.loads((folder / HEAD).read_text())
+        return int(head["entries"]), head["hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise _refused(folder, f"{HEAD} is unreadable") from None
+
+
 def _refused(folder: Path, what: str) -> UserError:
     return UserError(
         f"ledger {folder}: {what}; it is append-only and hash-chained, so it was edited or truncated; fix: restore "
@@ -152,9 +166,7 @@ def start(cfg, key_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     original model, thresholds and pinned inputs) and every request the ledger holds. Refused in one
     line when the run's model is not the ledger's latest hand-off, or its receipt key, unseen or
     strangers file is not the first run's (thresholds and the strangers' band must not drift)."""
-    ledger = Ledger.open(cfg.ledger.path)
-    if ledger.head_for(cfg.run_dir) != ledger.head:  # this run's own entry is last: it started before it
-        ledger = Ledger(ledger.folder, ledger.entries[:-1])
+    ledger = Ledger.open(cfg.ledger.path).before(cfg.run_dir)
     model = {"path": str(cfg.model_dir), "digest": file_digest(cfg.model_dir)}
     pinned = pinned_inputs(cfg, key_id)
     if not ledger.entries:
@@ -199,19 +211,49 @@ def pinned_inputs(cfg, key_id: str) -> dict[str, str | None]:
     }
 
 
+def own_entry(ledger: Ledger, run: Path) -> dict[str, Any] | None:
+    return next((e for e in ledger.entries if e["run"] == str(Path(run).resolve())), None)
+
+
+def ready(cfg, chain: dict[str, Any]) -> None:
+    """Before export writes a hand-off: refused when the ledger moved on since the run started, or when
+    a later run already chains from this run's recorded hand-off (a rerun export would replace it)."""
+    ledger = Ledger.open(cfg.ledger.path)
+    mine = own_entry(ledger, cfg.run_dir)
+    if mine is None:
+        ledger.expect(chain["head"])
+    elif mine["seq"] != len(ledger.entries) - 1:
+        raise UserError(
+            f"export refused: this run's hand-off is ledger entry {mine['seq']}, and later runs chain from it; fix: "
+            f"restore {mine['handoff']['path']} as it was exported (its digest is in the ledger), or erase these "
+            "requests in a new run from the ledger's latest hand-off"
+        )
+
+
+def refuse_restart(cfg) -> None:
+    """`--restart-from` on a run the ledger records would replace the hand-off the ledger names."""
+    mine = own_entry(Ledger.open(cfg.ledger.path), cfg.run_dir)
+    if mine is not None:
+        raise UserError(
+            f"--restart-from: run {cfg.storage.name} is ledger entry {mine['seq']}; its hand-off is evidence later "
+            "runs start from and must not be replaced; fix: make the change in a new run (another storage.name) from "
+            "the ledger's latest hand-off"
+        )
+
+
 def record(cfg, chain: dict[str, Any], handoff: Path, requests: list[dict], thresholds: dict) -> dict[str, Any]:
     """Append the run's entry (`requests`: the ones this run erased) after the head it started from.
     A rerun export of a run already in the ledger changes nothing when its hand-off is the one recorded,
     and is refused when it is not: an entry is never rewritten."""
     run, digest = str(cfg.run_dir.resolve()), file_digest(handoff)
     ledger = Ledger.open(cfg.ledger.path)
-    last = ledger.entries[-1] if ledger.entries else None
-    if last is not None and last["run"] == run and last["prev"] == chain["head"]:
-        if last["handoff"]["digest"] == digest:
-            return last
+    mine = own_entry(ledger, cfg.run_dir)
+    if mine is not None:
+        if mine["handoff"]["digest"] == digest:
+            return mine
         raise UserError(
-            f"ledger {ledger.folder}: this run already added entry {last['seq']} with another hand-off; the ledger "
-            "is append-only; fix: restore that hand-off, or start a new run from it"
+            f"ledger {ledger.folder}: this run already added entry {mine['seq']} with another hand-off; the ledger "
+            "is append-only; fix: erase these requests in a new run from the ledger's latest hand-off"
         )
     entry = dict(
         run=run,

@@ -56,7 +56,8 @@ def _rebase(command: str, rest: list[str], base_dir: str) -> list[str]:
 
 
 def _refuse_run_dir_in_package(command: str, rest: list[str]) -> None:
-    """A run directory inside Ray's temporary copy of the project would be lost when the job ends."""
+    """A run directory (or an erasure ledger) inside Ray's temporary copy of the project would be lost
+    when the job ends."""
     if RAY_PACKAGE_MARK not in os.getcwd():
         return
     args = cli.build_parser().parse_args([command, *rest])
@@ -70,10 +71,10 @@ def _refuse_run_dir_in_package(command: str, rest: list[str]) -> None:
             f"{exc} (in a Ray job without --base-dir, relative paths resolve inside its temporary "
             "copy of the project: add --base-dir $PWD after the config)"
         ) from None
-    if Path(cfg.storage.runs_dir).resolve().is_relative_to(Path.cwd().resolve()):
-        raise UserError(
-            f"storage.runs_dir: {cfg.storage.runs_dir} lies inside the job's temporary copy of "
-            "the project and would be lost when the job ends; fix: add --base-dir $PWD after the "
-            "config (relative paths then resolve where you submitted from) or set "
-            "storage.runs_dir to an absolute path on storage the cluster shares"
-        )
+    for key, path in (("storage.runs_dir", cfg.storage.runs_dir), ("ledger.path", cfg.ledger.path)):
+        if path and Path(path).resolve().is_relative_to(Path.cwd().resolve()):
+            raise UserError(
+                f"{key}: {path} lies inside the job's temporary copy of the project and would be lost when "
+                "the job ends; fix: add --base-dir $PWD after the config (relative paths then resolve where "
+                f"you submitted from) or set {key} to an absolute path on storage the cluster shares"
+            )

@@ -234,9 +234,15 @@ def test_job_in_rays_copy_of_the_project_refuses_relative_paths(tmp_path, monkey
         f"model: {{name: tiny-llama}}\nrequests: {{path: {requests_file}}}\nstorage: {{runs_dir: runs}}\n"
     )
     (package / "missing.yaml").write_text("model: {name: tiny-llama}\nrequests: {path: data/requests.jsonl}\n")
+    (package / "ledger.yaml").write_text(
+        f"model: {{name: tiny-llama}}\nrequests: {{path: {requests_file}}}\nstorage: {{runs_dir: {tmp_path}}}\n"
+        "ledger: erasures\n"
+    )
     monkeypatch.chdir(package)
     assert job_main("run", ["run.yaml"]) == 2
     assert "storage.runs_dir" in capsys.readouterr().err and not (package / "runs").exists()
+    assert job_main("run", ["ledger.yaml"]) == 2
+    assert "ledger.path" in capsys.readouterr().err and not (package / "erasures").exists()
     assert job_main("run", ["missing.yaml"]) == 2
     err = capsys.readouterr().err
     assert "requests.path: path not found" in err and "--base-dir $PWD" in err and err.count("\n") == 1

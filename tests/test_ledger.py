@@ -14,6 +14,7 @@ from implant import request_rows, run_config
 from pipeline import driver, ledger, modeling
 from pipeline.cli import main
 from pipeline.errors import UserError
+from pipeline.store import RunStore
 
 
 def _entry(i: int) -> dict:
@@ -42,6 +43,8 @@ def test_a_ledger_chains_its_entries_and_verifies_them_on_load(tmp_path):
     assert (tmp_path / "ledger").stat().st_mode & 0o777 == 0o700
     with pytest.raises(UserError, match="entry 2 was appended by run week2 after this run started"):
         book.append(_entry(3), after=book.entries[1]["hash"])  # a run that started before entry 2
+    with pytest.raises(UserError, match="it is empty, but this run started from one with entries"):
+        ledger.Ledger.open(tmp_path / "moved").append(_entry(3), after=book.head)
 
 
 @pytest.mark.parametrize(
@@ -63,16 +66,23 @@ def test_an_edited_or_truncated_ledger_is_refused_in_one_line_naming_the_entry(t
         ledger.Ledger.open(folder)
     assert "\n" not in str(err.value)
     path.write_text(path.read_text()[:-1])  # and without its last line end
-    with pytest.raises(UserError, match="cut short|not valid JSON|was changed|does not follow"):
+    with pytest.raises(UserError, match=r"entry \d is cut short \(no line end\)"):
+        ledger.Ledger.open(folder)
+    (folder / ledger.HEAD).unlink()
+    with pytest.raises(UserError, match="head.json is missing"):
         ledger.Ledger.open(folder)
 
 
-def test_an_append_cut_between_entries_and_head_is_completed_on_load(tmp_path):
+def test_an_append_cut_between_entries_and_head_verifies_and_the_next_append_completes_it(tmp_path):
     folder = tmp_path / "ledger"
-    book = _three(folder)
-    (folder / ledger.HEAD).write_text(json.dumps({"entries": 2, "hash": book.entries[1]["hash"]}))
-    assert ledger.Ledger.open(folder).head == book.head  # the third entry verified: the head follows it
-    assert json.loads((folder / ledger.HEAD).read_text())["entries"] == 3
+    ledger.Ledger.open(folder).append(_entry(0), after=None)
+    (folder / ledger.HEAD).write_text(json.dumps({"entries": 0, "hash": None}))  # the first append, cut
+    assert ledger.Ledger.open(folder).head is not None
+    book = _three(tmp_path / "other")
+    (tmp_path / "other" / ledger.HEAD).write_text(json.dumps({"entries": 2, "hash": book.entries[1]["hash"]}))
+    assert ledger.Ledger.open(tmp_path / "other").head == book.head  # read between the entries and the head
+    ledger.Ledger.open(tmp_path / "other").append(_entry(3), after=book.head)
+    assert json.loads((tmp_path / "other" / ledger.HEAD).read_text())["entries"] == 4
 
 
 def _cfg(tmp_path: Path, model: Path, strangers: Path | None = None) -> SimpleNamespace:
@@ -118,6 +128,16 @@ def _requests(path: Path, texts: list[str], first: int) -> Path:
     return path
 
 
+def _run(config: Path):
+    """Every stage of one run (`icu run`), its lock released however it ends."""
+    cfg, store = driver.open_run(str(config))
+    try:
+        driver.run_pipeline(cfg, store)
+    finally:
+        store.unlock()
+    return cfg, store
+
+
 @pytest.mark.slow
 def test_a_chained_run_catches_an_earlier_request_its_training_brings_back_and_erases_it_again(
     implanted, tmp_path, capsys
@@ -131,11 +151,7 @@ def test_a_chained_run_catches_an_earlier_request_its_training_brings_back_and_e
     base = {"ledger.path": str(book), "audit.probes": ["greedy", "int8"], "audit.require": ["greedy"]}
     first = {"requests.path": str(_requests(tmp_path / "w1.jsonl", texts[:4], 0))}
     week1 = run_config(implanted, tmp_path, "week1", dict(base, **first))
-    cfg, store = driver.open_run(str(week1))
-    try:
-        driver.run_pipeline(cfg, store)
-    finally:
-        store.unlock()
+    _, store = _run(week1)
     entries = ledger.Ledger.open(book).entries
     assert len(entries) == 1 and [r["id"] for r in entries[0]["requests"]] == ["req0", "req1", "req2", "req3"]
     assert all(r["receipt"]["status"] == "forgotten" for r in entries[0]["requests"])
@@ -156,12 +172,7 @@ def test_a_chained_run_catches_an_earlier_request_its_training_brings_back_and_e
         "unlearning.optim": {"lr": 3.0e-4, "batch_size": 4, "general_batch": 4},
         "unlearning.stop.max_epochs": 60,
     }
-    week2 = run_config(implanted, tmp_path, "week2", dict(base, **overrides))
-    cfg2, store2 = driver.open_run(str(week2))
-    try:
-        driver.run_pipeline(cfg2, store2)
-    finally:
-        store2.unlock()
+    cfg2, store2 = _run(run_config(implanted, tmp_path, "week2", dict(base, **overrides)))
 
     stats = json.loads(store2.artefact("retrieval_stats").read_text())
     assert stats["excluded_count"] >= 1  # the exact copy of req1, an earlier request
@@ -186,9 +197,30 @@ def test_a_chained_run_catches_an_earlier_request_its_training_brings_back_and_e
     shown = capsys.readouterr().out
     assert "2 runs, every link verified" in shown and "8 requests erased in all" in shown
     assert book2.entries[1]["started_from"]["digest"] == entries[0]["handoff"]["digest"]
+    finished = {k: v["ended"] for k, v in store.manifest()["stages"].items()}
+    _run(week1)  # a finished run of the ledger, rerun after a later run chained from it: nothing to do
+    assert {k: v["ended"] for k, v in store.manifest()["stages"].items()} == finished
+    with pytest.raises(UserError, match="run week1 is ledger entry 0; its hand-off is evidence"):
+        driver.open_run(str(week1), restart_from="evaluate")
     metrics = json.loads(store2.artefact("metrics").read_text())
     assert "first_original" in metrics["models"]  # drift against the model the ledger started from
     written = [*book.rglob("*"), *(tmp_path / "runs").rglob("*.log"), *(tmp_path / "runs").rglob("receipt.*")]
     written += [store2.artefact("handoff") / "README.md", store2.artefact("chain")]
     assert not [p for p in written if p.is_file() and any(t[:24].encode() in p.read_bytes() for t in texts)]
     assert not any(t[:24] in shown for t in texts)
+
+
+@pytest.mark.slow
+def test_a_run_that_leaves_a_request_remembered_hands_off_nothing_and_adds_nothing_to_the_ledger(implanted, tmp_path):
+    book = tmp_path / "ledger"
+    config = run_config(
+        implanted,
+        tmp_path,
+        "short",
+        {"ledger.path": str(book), "unlearning.stop.max_epochs": 1, "audit.probes": ["greedy"]},
+    )
+    with pytest.raises(UserError, match="export refused: .* still remembered .* the ledger"):
+        _run(config)
+    store = RunStore(tmp_path / "runs" / "short")
+    assert not store.artefact("handoff").exists()
+    assert ledger.Ledger.open(book).entries == ()
