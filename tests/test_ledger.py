@@ -17,6 +17,16 @@ from pipeline.errors import UserError
 from pipeline.store import RunStore
 
 
+@pytest.fixture(autouse=True)
+def _ray_shut_down():
+    """The runs here start Ray in this process (driver.run_pipeline); later tests start their own."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def _entry(i: int) -> dict:
     return dict(
         run=f"/runs/week{i}",
