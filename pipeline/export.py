@@ -299,18 +299,19 @@ def run(cfg, store: RunStore) -> dict:
         raise UserError(refusal)
     rows = receipt_rows(cfg, store)
     ingest = store.stage("ingest").get("summary", {})
-    if "rows" in ingest and len(rows) != ingest["rows"] + ingest.get("earlier", 0):
-        expected = ingest["rows"] + ingest.get("earlier", 0)
+    expected = ingest.get("rows", 0) + ingest.get("earlier", 0)
+    if "rows" in ingest and len(rows) != expected:
         raise RuntimeError(f"receipt has {len(rows)} rows but ingest read {expected} (earlier runs' included)")
-    remembered = [r["request_id"] for r in rows if r["status"] == "not_forgotten"]
-    if cfg.ledger.path and remembered:
-        raise UserError(
-            f"export refused: {len(remembered)} requests are still remembered (see eval/report.md), and the ledger "
-            f"{cfg.ledger.path} records a hand-off only when every request in it is erased; fix: rerun with "
-            "--restart-from unlearn and a larger unlearning.stop.max_epochs"
-        )
-    if cfg.ledger.path:
-        ledger.ready(cfg, json.loads(store.artefact("chain").read_text()))
+    chain = json.loads(store.artefact("chain").read_text()) if cfg.ledger.path else None
+    if chain is not None:
+        remembered = [r["request_id"] for r in rows if r["status"] == "not_forgotten"]
+        if remembered:
+            raise UserError(
+                f"export refused: {len(remembered)} requests are still remembered (see eval/report.md), and the "
+                f"ledger {cfg.ledger.path} records a hand-off only when every request in it is erased; fix: rerun "
+                "with --restart-from unlearn and a larger unlearning.stop.max_epochs"
+            )
+        ledger.ready(cfg, chain)
     metrics_path, audit_path = store.artefact("metrics"), store.artefact("audit")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
     audited = json.loads(audit_path.read_text()) if audit_path.exists() else None
@@ -328,7 +329,7 @@ def run(cfg, store: RunStore) -> dict:
             f"{sha256_file(p)}  {p.relative_to(tmp)}" for p in sorted(tmp.rglob("*")) if p.is_file()
         ]  # sha256sum -c
         atomic_write_text(tmp / "checksums.sha256", "\n".join(sums) + "\n")
-    entry = _record(cfg, store, rows) if cfg.ledger.path else None
+    entry = _record(cfg, store, rows, chain) if chain is not None else None
     name = str(dtype).removeprefix("torch.")
     log.info(
         "export: %s verified (max logit diff %.2g; in %s %.2g); receipt: %s",
@@ -347,7 +348,7 @@ def run(cfg, store: RunStore) -> dict:
     )
 
 
-def _record(cfg, store: RunStore, rows: list[dict]) -> dict:
+def _record(cfg, store: RunStore, rows: list[dict], chain: dict) -> dict:
     """The run's ledger entry, once its hand-off is verified: the requests this run erased, each with
     its token ids and receipt row (`ledger.record`)."""
     accepted = pd.read_parquet(store.artefact("accepted"), columns=["id", "input_ids", "erased_in"])
@@ -357,7 +358,6 @@ def _record(cfg, store: RunStore, rows: list[dict]) -> dict:
         dict(id=rid, content_hash=receipts[rid]["content_hash"], input_ids=list(map(int, ids)), receipt=receipts[rid])
         for rid, ids in zip(own["id"], own["input_ids"])
     ]
-    chain = json.loads(store.artefact("chain").read_text())
     thresholds = json.loads(store.artefact("unlearn_result").read_text())["thresholds"]
     entry = ledger.record(cfg, chain, store.artefact("handoff"), erased, thresholds)
     log.info("export: ledger %s entry %d: %d requests erased in all", cfg.ledger.path, entry["seq"], len(receipts))

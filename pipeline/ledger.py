@@ -91,10 +91,14 @@ class Ledger:
     def head(self) -> str | None:
         return self.entries[-1]["hash"] if self.entries else None
 
+    def entry_of(self, run: Path) -> dict[str, Any] | None:
+        """The entry `run` appended, if any."""
+        return next((e for e in self.entries if e["run"] == str(Path(run).resolve())), None)
+
     def before(self, run: Path) -> Ledger:
         """The ledger as `run` found it when it started: without its own entry and any after it."""
-        mine = [e["seq"] for e in self.entries if e["run"] == str(Path(run).resolve())]
-        return Ledger(self.folder, self.entries[: mine[0]]) if mine else self
+        mine = self.entry_of(run)
+        return Ledger(self.folder, self.entries[: mine["seq"]]) if mine else self
 
     def expect(self, head: str | None) -> None:
         """Refused unless the ledger still ends at `head` (the one a run started from)."""
@@ -211,15 +215,11 @@ def pinned_inputs(cfg, key_id: str) -> dict[str, str | None]:
     }
 
 
-def own_entry(ledger: Ledger, run: Path) -> dict[str, Any] | None:
-    return next((e for e in ledger.entries if e["run"] == str(Path(run).resolve())), None)
-
-
 def ready(cfg, chain: dict[str, Any]) -> None:
     """Before export writes a hand-off: refused when the ledger moved on since the run started, or when
     a later run already chains from this run's recorded hand-off (a rerun export would replace it)."""
     ledger = Ledger.open(cfg.ledger.path)
-    mine = own_entry(ledger, cfg.run_dir)
+    mine = ledger.entry_of(cfg.run_dir)
     if mine is None:
         ledger.expect(chain["head"])
     elif mine["seq"] != len(ledger.entries) - 1:
@@ -232,7 +232,7 @@ def ready(cfg, chain: dict[str, Any]) -> None:
 
 def refuse_restart(cfg) -> None:
     """`--restart-from` on a run the ledger records would replace the hand-off the ledger names."""
-    mine = own_entry(Ledger.open(cfg.ledger.path), cfg.run_dir)
+    mine = Ledger.open(cfg.ledger.path).entry_of(cfg.run_dir)
     if mine is not None:
         raise UserError(
             f"--restart-from: run {cfg.storage.name} is ledger entry {mine['seq']}; its hand-off is evidence later "
@@ -247,7 +247,7 @@ def record(cfg, chain: dict[str, Any], handoff: Path, requests: list[dict], thre
     and is refused when it is not: an entry is never rewritten."""
     run, digest = str(cfg.run_dir.resolve()), file_digest(handoff)
     ledger = Ledger.open(cfg.ledger.path)
-    mine = own_entry(ledger, cfg.run_dir)
+    mine = ledger.entry_of(cfg.run_dir)
     if mine is not None:
         if mine["handoff"]["digest"] == digest:
             return mine
