@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import cluster, metrics, modeling, report, sharded_eval, suites
-from pipeline.atomic import atomic_write_json, file_digest, write_parquet
-from pipeline.errors import UserError
+from pipeline import cluster, ledger, metrics, modeling, report, sharded_eval, suites
+from pipeline.atomic import atomic_write_json, write_parquet
 from pipeline.scoring import Options, make_units, model_spec, score_model
 from pipeline.store import RunStore, fingerprint, frame_once
 
@@ -207,7 +206,7 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
     if cfg.evaluation.reference_model:  # only what PrivLeak and the kept rows' ceiling read
         models["retrained"], keys["retrained"] = Path(cfg.evaluation.reference_model), fingerprint("reference", alone)
         work["retrained"] = [u for u in units if u["suite"] in ("forget", "unseen", "keep")]
-    first = first_original(store)
+    first = ledger.first_original(json.loads(store.artefact("chain").read_text()))
     if first is not None:  # a chained run: drift is measured against the ledger's first original too
         models["first_original"], keys["first_original"] = first, fingerprint("first original", alone)
         work["first_original"] = units
@@ -269,22 +268,6 @@ def _changes(frames: dict[str, pd.DataFrame], before: str) -> dict[str, dict[str
         for suite, metric in (("classification", "correct"), ("dialogue", "f1"))
         if (change := paired_change(frames[before], frames["unlearned"], suite, metric))
     }
-
-
-def first_original(store: RunStore) -> Path | None:
-    """A chained run's first original model (the ledger's first run started from it), unless this
-    run starts from it; refused when it changed or is gone, since drift is measured against it."""
-    chain = json.loads(store.artefact("chain").read_text())
-    first = chain.get("first_original")
-    if not first or first["digest"] == chain["started_from"]["digest"]:
-        return None
-    path = Path(first["path"])
-    if not path.is_dir() or file_digest(path) != first["digest"]:
-        raise UserError(
-            f"evaluate: the ledger's first original model {path} is gone or changed since the first run; every "
-            "chained run measures drift against it; fix: restore that folder (its digest is in the ledger)"
-        )
-    return path
 
 
 def evaluate_folder(model_dir: Path, cfg, out: Path) -> dict[str, Any]:

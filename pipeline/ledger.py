@@ -165,6 +165,23 @@ def _refused(folder: Path, what: str) -> UserError:
     )
 
 
+def first_original(chain: dict[str, Any], verify: bool = True) -> Path | None:
+    """A chained run's first original model (the ledger's first run started from it), or None when
+    this run starts from it. The terms that hold retained text hold it where the first original had
+    it, and the evaluation measures drift against it (pipeline/method.md, "Continual erasure"), so
+    it is refused when gone or changed (`verify`: the workers rely on the unlearn stage's check)."""
+    first = chain.get("first_original")
+    if not first or first["digest"] == chain["started_from"]["digest"]:
+        return None
+    path = Path(first["path"])
+    if verify and (not path.is_dir() or file_digest(path) != first["digest"]):
+        raise UserError(
+            f"the ledger's first original model {path} is gone or changed since the first run; chained runs hold "
+            "retained text to it and measure drift against it; fix: restore that folder (its digest is in the ledger)"
+        )
+    return path
+
+
 def start(cfg, key_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The chain a run starts from (written by ingest as `chain`: the ledger's head, the first run's
     original model, thresholds and pinned inputs) and every request the ledger holds. Refused in one

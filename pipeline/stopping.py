@@ -5,12 +5,13 @@ One object holds every decision the loop takes from what a check saw (pipeline/m
 - a request's standing at a look: remembered, forgotten, or erased too deep (past the
   strangers' band);
 - which requests train next: the remembered ones, the too-deep ones when the method can pull
-  back, and with the hold (`recover_within`) the forgotten ones too, held in the band (not the
-  requests earlier runs erased: they are watched, and train again only if they resurface);
+  back, and with the hold (`recover_within`) the forgotten ones too, held in the band (the
+  requests earlier runs erased as well: the set's membership AUC covers them);
 - the lr back-off: a request trained since its last look that jumped from one side of the band
   to the other multiplies the lr of every later step by `lr_backoff`;
 - why the run stops: every request forgotten and the run settled (the neighbours' MA back
-  within `recover_within` of the original's, from below or above, the set's LOSS AUC against strangers within
+  within `recover_within` of the original's, from below or above (only from below when the run
+  repairs drift towards an earlier model), the set's LOSS AUC against strangers within
   `mia_within` of 0.5); the paper's set-level rule (`stop.rule: set`); only too-deep requests left
   that the method cannot pull back; the epoch cap.
 Pure: no model, no I/O, no distributed calls.
@@ -36,9 +37,10 @@ class StopRule:
     recover_within: float | None = None  # the hold: forgotten requests train on, held, until the neighbours recover
     mia_within: float | None = None  # ... and until the set is as familiar as strangers
     lr_backoff: float = 1.0
+    repair: bool = False  # the retained text is held to a model before this run's start (a chained run)
 
     @classmethod
-    def of(cls, unlearning, band: bool) -> StopRule:
+    def of(cls, unlearning, band: bool, repair: bool = False) -> StopRule:
         """The rule an `UnlearningConfig` describes, for a method with (`band`) or without a band."""
         s = unlearning.stop
         return cls(
@@ -48,6 +50,7 @@ class StopRule:
             recover_within=s.recover_within,
             mia_within=s.mia_within,
             lr_backoff=unlearning.optim.lr_backoff,
+            repair=repair,
         )
 
     @property
@@ -58,11 +61,9 @@ class StopRule:
         """Remembered, or erased too deep when the method can pull it back."""
         return not record["forgotten"] and (not record["too_deep"] or self.pull_back)
 
-    def trains(self, record: dict, carried: bool = False) -> bool:
-        """Whether a request is in the next steps' batches: it needs training, or it is held. A request
-        an earlier run erased (`carried`, ledger.path) is watched, not held: it trains again only when a
-        check finds it remembered (or too deep) again."""
-        return self.needs_training(record) or self.hold and record["forgotten"] and not carried
+    def trains(self, record: dict) -> bool:
+        """Whether a request is in the next steps' batches: it needs training, or it is held."""
+        return self.needs_training(record) or self.hold and record["forgotten"]
 
     def jumped(self, before: dict[int, dict], after: dict[int, dict], trained: set[int]) -> list[int]:
         """Requests trained since their last look that went from remembered to too deep, or back:
@@ -78,14 +79,15 @@ class StopRule:
         return scale * self.lr_backoff if jumped else scale
 
     def recovered(self, neighbour_ma: list[float]) -> bool:
-        """The neighbours' MA at the last check is within `recover_within` of the original model's
+        """The neighbours' MA at the last check is within `recover_within` of the starting model's
         (the first check's), either way: below it the retained text was damaged, above it the model
-        was taught text it had not memorized. True without the hold or without neighbours."""
-        return (
-            self.recover_within is None
-            or not neighbour_ma
-            or abs(neighbour_ma[-1] - neighbour_ma[0]) <= self.recover_within
-        )
+        was taught text it had not memorized. With `repair` only below counts: the hold pulls the
+        retained text back towards an earlier model that had it, which is no teaching. True without
+        the hold or without neighbours."""
+        if self.recover_within is None or not neighbour_ma:
+            return True
+        fell = neighbour_ma[0] - neighbour_ma[-1]
+        return fell <= self.recover_within and (self.repair or -fell <= self.recover_within)
 
     def familiar(self, set_auc: list[float]) -> bool:
         """The set's LOSS AUC against the strangers at the last check is within `mia_within` of 0.5.

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipeline import adapter, checkpoints, modeling, shards
+from pipeline import adapter, checkpoints, ledger, modeling, shards
 from pipeline.ranks import launch
 from pipeline.atomic import atomic_path, atomic_write_text, file_digest
 from pipeline.config import AdapterConfig, Config
@@ -79,6 +79,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         check_adapter(cfg)
     check_hardening(cfg)
     check_layer(cfg)
+    ledger.first_original(json.loads(store.artefact("chain").read_text()))  # the workers' reference: refused if changed
     stage_key = key(cfg, store, resumable=True)
     folder = store.artefact("checkpoints")
     stamp = folder / "fingerprint"

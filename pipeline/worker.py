@@ -24,6 +24,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -31,7 +32,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from pipeline import adapter, checkpoints, modeling, probes, quantize, ranks, suites
+from pipeline import adapter, checkpoints, ledger, modeling, probes, quantize, ranks, suites
 from pipeline.atomic import atomic_path, atomic_write_json, write_parquet
 from pipeline.iur import (
     Thresholds,
@@ -153,6 +154,7 @@ class Worker:
         self.hidden = modeling.hidden_size(self.model_dir)
         u = self.cfg.unlearning
         self.method, self.settings = method(u.loss.name), u.loss.settings
+        self.lora = adapter.enabled(self.cfg.unlearning.adapter)
         self.pairs = load_pairs(self.store, self.cfg.retrieval.pairs_per_request)
         # the never-seen rows each check measures the band on (two-sided line, band methods)
         self.strangers = (
@@ -160,17 +162,17 @@ class Worker:
             if u.stop.stranger_quantile or self.method.band
             else []
         )
-        self.rule = StopRule.of(u, self.method.band)
-        # a chained run (ledger.path): the requests earlier runs erased, and the first run's thresholds
+        # a chained run (ledger.path): the first run's thresholds, and the frozen reference is the
+        # ledger's first original (the unlearn stage verified it), so each run can repair earlier drift
         chain = self.store.artefact("chain")
         self.chain = json.loads(chain.read_text()) if chain.exists() else {}
-        carried = pd.read_parquet(self.store.artefact("accepted"), columns=["erased_in"])["erased_in"]
-        self.carried = set(np.flatnonzero(carried.notna().to_numpy()).tolist())
+        first = ledger.first_original(self.chain, verify=False) if self.chain else None
+        self.reference_dir = first if first is not None and not self.lora else self.model_dir
+        self.rule = StopRule.of(u, self.method.band, repair=self.reference_dir != self.model_dir)
         self.ckpt_dir = self.store.artefact("checkpoints")
         self.replica = None  # set by setup(): the unsharded model IUR generates with, if it fits
         self.models_loaded = 0
         self.lr_scale = 1.0  # unlearning.optim.lr_backoff (LoopState.lr_scale), read by every step
-        self.lora = adapter.enabled(self.cfg.unlearning.adapter)
         self.seconds = {"start": 0.0, "checks": 0.0, "looks": 0.0, "training": 0.0, "saves": 0.0}
 
     # -- setup ---------------------------------------------------------------------
@@ -191,7 +193,8 @@ class Worker:
 
     def build_engines(self) -> None:
         """The trained engine and what the frozen-model terms read: with LoRA, the same engine
-        with its adapters disabled; otherwise a second, frozen ZeRO-3 engine (only if a term reads it)."""
+        with its adapters disabled; otherwise a second, frozen ZeRO-3 engine of `reference_dir` (only
+        if a term reads it)."""
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -207,13 +210,13 @@ class Worker:
         self.ref = None
         if self.method.reference(self.settings) and not self.lora:
             ref_ds = deepspeed_config(self.cfg, self.world, self.hidden, with_optimizer=False)
-            ref = self._load_model()
+            ref = self._load_model(self.reference_dir)
             ref.requires_grad_(False)
             self.ref, *_ = deepspeed.initialize(model=ref, config=ref_ds)
             self.ref.eval()
 
     def reference_forward(self, ids: torch.Tensor, attend: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """The frozen original model's logits, or with `layer` its residual stream after that many
+        """The frozen reference model's logits, or with `layer` its residual stream after that many
         blocks (no gradient)."""
 
         def forward(model):
@@ -248,12 +251,12 @@ class Worker:
             )
         return model.to(self.device).eval().requires_grad_(False) if use else None
 
-    def _load_model(self):
+    def _load_model(self, folder: Path | None = None):
         from transformers import AutoModelForCausalLM
 
         self.models_loaded += 1
         return AutoModelForCausalLM.from_pretrained(
-            self.model_dir,
+            folder or self.model_dir,
             dtype=modeling.torch_dtype(self.cfg.model.dtype),
             local_files_only=True,
             trust_remote_code=self.cfg.model.trust_remote_code,
@@ -439,7 +442,7 @@ class Worker:
             for k, i in enumerate(looked_at):
                 for whole, part in zip(band, targets):
                     whole[i] = part[k]
-        return {i for i in training if i not in now or self.rule.trains(now[i], i in self.carried)}
+        return {i for i in training if i not in now or self.rule.trains(now[i])}
 
     def _back_off(self, state: LoopState, now: dict[int, dict]) -> None:
         """`unlearning.optim.lr_backoff`: a request trained since its last look that is now on the other side
@@ -503,7 +506,7 @@ class Worker:
 
         u, p = self.cfg.unlearning.optim, self.pairs
         epoch = state.epoch + 1
-        training = {i for i, r in enumerate(look.records) if self.rule.trains(r, i in self.carried)}
+        training = {i for i, r in enumerate(look.records) if self.rule.trains(r)}
         band = None if look.band is None else tuple(list(part) for part in look.band)
         active = [k for k, i in enumerate(p.pair_request) if i in training]
         dealt = [epoch_batches(active, epoch, u.seed, rank, self.world, u.batch_size) for rank in range(self.world)]
@@ -635,6 +638,7 @@ class Worker:
             too_deep=[r["request_id"] for r in records if r["too_deep"]],
             thresholds=self.thr.to_dict(),
             method=self.cfg.unlearning.loss.name,
+            held_to=str(self.reference_dir) if self.method.reference(self.settings) else None,  # the frozen reference
             resumed_from=state.resumed_from,
             neighbour_ma=state.neighbour_ma,
             set_auc=state.set_auc,

@@ -121,6 +121,13 @@ def test_a_chain_from_a_model_that_is_not_the_last_hand_off_or_with_other_strang
     assert "\n" not in str(err.value)
     chain, earlier = ledger.start(_cfg(tmp_path, handoff), "k")
     assert chain["first_original"]["path"] == str(first) and [r["id"] for r in earlier] == ["r0"]
+    assert ledger.first_original(chain) == first  # the chained run's reference and drift baseline
+    assert ledger.first_original(dict(chain, started_from=chain["first_original"])) is None  # the first run
+    (first / "model.safetensors").write_text("retouched")
+    with pytest.raises(UserError, match="first original model .*first is gone or changed") as err:
+        ledger.first_original(chain)
+    assert "\n" not in str(err.value) and ledger.first_original(chain, verify=False) == first
+    (first / "model.safetensors").write_text("original")
     (handoff / "model.safetensors").write_text("changed after export")
     with pytest.raises(UserError, match="not the ledger's latest hand-off"):
         ledger.start(_cfg(tmp_path, handoff), "k")

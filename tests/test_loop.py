@@ -117,6 +117,8 @@ def test_recover_within_waits_for_the_neighbours_after_every_request_is_forgotte
     assert StopRule(max_epochs=30).recovered([0.9, 0.7, 0.86]) and rule.recovered([0.9, 0.7, 0.86])
     assert not rule.recovered([0.9, 0.7, 0.84]) and rule.recovered([])  # no neighbours: nothing to wait for
     assert rule.recovered([0.5, 0.54]) and not rule.recovered([0.5, 0.56])  # taught text it had not memorized
+    repair = StopRule(max_epochs=30, pull_back=True, recover_within=0.05, repair=True)  # held to an earlier model
+    assert repair.recovered([0.5, 0.56]) and not repair.recovered([0.9, 0.7, 0.84])  # climbing back is repair
     assert rule.reason(done, thr, 3, [0.9, 0.7]) is None
     assert rule.reason(done, thr, 30, [0.9, 0.7]) == "max_epochs"
     assert rule.reason(done, thr, 3, [0.9, 0.88]) == "all_forgotten"
