@@ -128,7 +128,9 @@ def main() -> int:
             f"Written by the bench at commit {commit()} from the runs in runs/sequential/ (one run each, this "
             f"machine). SmolLM2-135M fine-tuned on {total + KEPT} made-up customers; week k erases {args.size} of them "
             "from week k-1's hand-off through one erasure ledger (`ledger:`), with `ray_jobs/configs/demo.yaml`'s "
-            "recipe unchanged; the last row erases all of them in one run from the original. Every figure is the "
+            "recipe unchanged"
+            + ("; the last row erases all of them in one run from the original" if not args.no_single else "")
+            + ". Every figure is the "
             "run's hand-off against the first original model, over every request erased so far: forgotten whole "
             "(at or below the MA, EL10 and span thresholds over the whole request, the evaluation's); robust (no "
             "audit probe leaks from any cut point); earlier still forgotten (the receipt's requests from earlier "

@@ -138,7 +138,8 @@ class Ledger:
 
 def lines(ledger: Ledger) -> list[str]:
     """`icu ledger PATH`: the verified chain, one line per run (ids and digests only, never text)."""
-    out = [f"ledger {ledger.folder.resolve()}: {len(ledger.entries)} runs, every link verified"]
+    runs = f"{len(ledger.entries)} run" + "s" * (len(ledger.entries) != 1)
+    out = [f"ledger {ledger.folder.resolve()}: {runs}, every link verified"]
     for e in ledger.entries:
         statuses = [r["receipt"].get("status") for r in e["requests"]]
         out.append(

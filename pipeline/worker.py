@@ -731,7 +731,7 @@ class Worker:
             nll = sorted(r["nll"] for r in records)
             band = f", band edge {records[0]['band_high']:.2f}" if records[0]["band_high"] is not None else ""
             if state.neighbour_ma:
-                band += f"; neighbours' MA {state.neighbour_ma[-1]:.3f} (original {state.neighbour_ma[0]:.3f})"
+                band += f"; neighbours' MA {state.neighbour_ma[-1]:.3f} (start {state.neighbour_ma[0]:.3f})"
             if state.set_auc:
                 band += f"; set LOSS AUC vs strangers {state.set_auc[-1]:.3f}"
             log.info("unlearn: %s; %d too deep; request NLL %.2f..%.2f%s", note, deep, nll[0], nll[-1], band)

@@ -209,7 +209,9 @@ def test_a_chained_run_catches_an_earlier_request_its_training_brings_back_and_e
     assert all(r["robust"] for r in receipt)
     book2 = ledger.Ledger.open(book)
     assert [e["run_name"] for e in book2.entries] == ["week1", "week2"]
-    assert json.loads(store2.artefact("unlearn_result").read_text())["thresholds"] == entries[0]["thresholds"]
+    result2 = json.loads(store2.artefact("unlearn_result").read_text())
+    assert result2["thresholds"] == entries[0]["thresholds"]
+    assert result2["held_to"] == str(implanted["root"] / "model")  # the first original, not week 1's hand-off
     assert main(["ledger", str(book)]) == 0
     shown = capsys.readouterr().out
     assert "2 runs, every link verified" in shown and "8 requests erased in all" in shown
