@@ -206,7 +206,7 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
     if cfg.evaluation.reference_model:  # only what PrivLeak and the kept rows' ceiling read
         models["retrained"], keys["retrained"] = Path(cfg.evaluation.reference_model), fingerprint("reference", alone)
         work["retrained"] = [u for u in units if u["suite"] in ("forget", "unseen", "keep")]
-    first = ledger.first_original(json.loads(store.artefact("chain").read_text()))
+    first = ledger.first_original(ledger.run_chain(store))
     if first is not None:  # a chained run: drift is measured against the ledger's first original too
         models["first_original"], keys["first_original"] = first, fingerprint("first original", alone)
         work["first_original"] = units

@@ -302,7 +302,7 @@ def run(cfg, store: RunStore) -> dict:
     expected = ingest.get("rows", 0) + ingest.get("earlier", 0)
     if "rows" in ingest and len(rows) != expected:
         raise RuntimeError(f"receipt has {len(rows)} rows but ingest read {expected} (earlier runs' included)")
-    chain = json.loads(store.artefact("chain").read_text()) if cfg.ledger.path else None
+    chain = ledger.run_chain(store) if cfg.ledger.path else None
     if chain is not None:
         remembered = [r["request_id"] for r in rows if r["status"] == "not_forgotten"]
         if remembered:

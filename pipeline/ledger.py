@@ -166,6 +166,12 @@ def _refused(folder: Path, what: str) -> UserError:
     )
 
 
+def run_chain(store) -> dict[str, Any]:
+    """The chain ingest wrote for a run (`start`; empty without a ledger)."""
+    path = store.artefact("chain")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def first_original(chain: dict[str, Any], verify: bool = True) -> Path | None:
     """A chained run's first original model (the ledger's first run started from it), or None when
     this run starts from it. The terms that hold retained text hold it where the first original had

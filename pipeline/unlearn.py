@@ -79,7 +79,7 @@ def run(cfg: Config, store: RunStore) -> dict[str, Any]:
         check_adapter(cfg)
     check_hardening(cfg)
     check_layer(cfg)
-    ledger.first_original(json.loads(store.artefact("chain").read_text()))  # the workers' reference: refused if changed
+    ledger.first_original(ledger.run_chain(store))  # the workers' reference: refused if changed
     stage_key = key(cfg, store, resumable=True)
     folder = store.artefact("checkpoints")
     stamp = folder / "fingerprint"

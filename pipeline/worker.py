@@ -164,9 +164,8 @@ class Worker:
         )
         # a chained run (ledger.path): the first run's thresholds, and the frozen reference is the
         # ledger's first original (the unlearn stage verified it), so each run can repair earlier drift
-        chain = self.store.artefact("chain")
-        self.chain = json.loads(chain.read_text()) if chain.exists() else {}
-        first = ledger.first_original(self.chain, verify=False) if self.chain else None
+        self.chain = ledger.run_chain(self.store)
+        first = ledger.first_original(self.chain, verify=False)
         self.reference_dir = first if first is not None and not self.lora else self.model_dir
         self.rule = StopRule.of(u, self.method.band, repair=self.reference_dir != self.model_dir)
         self.ckpt_dir = self.store.artefact("checkpoints")
