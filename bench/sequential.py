@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from pipeline.atomic import atomic_write_text  # noqa: E402
 from pipeline.store import RunStore  # noqa: E402
 from ray_jobs import customers  # noqa: E402
-from scalability import _change, _share, commit, table, write_jsonl  # noqa: E402
+from scalability import _share, commit, perplexities, table, write_jsonl  # noqa: E402
 
 RUNS = ROOT / "runs" / "sequential"
 KEPT = 32
@@ -82,8 +82,7 @@ def measure(label: str, store: RunStore, erased: int) -> dict:
         "earlier brought back, re-erased": back if earlier else "-",
         "LOSS / Min-K% AUC": f"{unl['mia_auc']['loss']:.3f} / {unl['mia_auc']['min_k']:.3f}",
         "PrivLeak (Min-K%)": f"{100 * unl['privleak']['min_k']:+.1f} %",
-        "Pile / WikiText PPL vs first": f"{_change(first['ppl']['pile'], unl['ppl']['pile'])} / "
-        f"{_change(first['ppl']['wikitext'], unl['ppl']['wikitext'])}",
+        "Pile / WikiText PPL vs first": perplexities(first, unl, ret),
         "kept MA % vs first": f"{100 * first['keep']['ma']:.1f} -> {100 * unl['keep']['ma']:.1f} "
         f"(retrained {100 * ret['keep']['ma']:.1f})",
         "kept whole vs first": f"{_share(first['keep']['whole'])} -> {_share(unl['keep']['whole'])} "

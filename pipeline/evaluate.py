@@ -128,6 +128,11 @@ def _perplexity(group: pd.DataFrame) -> float:
 # --- the stage -------------------------------------------------------------------------------
 
 
+# what the retrained reference is scored on: what PrivLeak reads (forget, unseen) and the ceilings of
+# what unlearning can keep (the kept rows, perplexity)
+REFERENCE_SUITES = ("forget", "unseen", "keep", "ppl")
+
+
 def options(cfg) -> Options:
     e, r = cfg.evaluation, cfg.requests
     return Options(
@@ -203,9 +208,10 @@ def run(cfg, store: RunStore) -> dict[str, Any]:
     alone = fingerprint("evaluate-original", *_scoring(cfg, store))
     keys = {"original": alone, "unlearned": key(cfg, store)}
     work = {"original": units, "unlearned": units}
-    if cfg.evaluation.reference_model:  # only what PrivLeak and the kept rows' ceiling read
-        models["retrained"], keys["retrained"] = Path(cfg.evaluation.reference_model), fingerprint("reference", alone)
-        work["retrained"] = [u for u in units if u["suite"] in ("forget", "unseen", "keep")]
+    if cfg.evaluation.reference_model:
+        models["retrained"] = Path(cfg.evaluation.reference_model)
+        keys["retrained"] = fingerprint("reference", REFERENCE_SUITES, alone)
+        work["retrained"] = [u for u in units if u["suite"] in REFERENCE_SUITES]
     first = ledger.first_original(ledger.run_chain(store))
     if first is not None:  # a chained run: drift is measured against the ledger's first original too
         models["first_original"], keys["first_original"] = first, fingerprint("first original", alone)

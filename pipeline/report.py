@@ -84,8 +84,9 @@ def write_report(
         parts += [
             "The retrained model (`evaluation.reference_model`: the same base trained without the requests) is "
             "what a perfect unlearner would give: PrivLeak is MUSE's (AUC unlearned - AUC retrained) / AUC "
-            "retrained, requests against the never-seen rows (MUSE passes within ±5 %), and its kept rows are the "
-            "ceiling of what unlearning can keep.",
+            "retrained, requests against the never-seen rows (MUSE passes within ±5 %), and its kept rows and "
+            "perplexity are what unlearning should end at (a model fine-tuned on the requests can be worse on "
+            "general text than one fine-tuned without them).",
             "",
         ]
     u = results.get("unlearn") or {}

@@ -125,6 +125,10 @@ def test_shortened_demo(short_run):
     before, after = metrics["original"], metrics["unlearned"]
     assert before["forget"]["ma"] > 0.9 and before["keep"]["ma"] > 0.9  # the fine-tuned model knows them all
     assert after["forget"]["ma"] < before["forget"]["ma"]
+    reference = metrics["retrained"]  # the perfect unlearner's perplexity beside the original's and ours
+    assert set(reference["ppl"]) == set(before["ppl"]) == {"pile", "wikitext"}
+    auc = reference["mia_auc"]["min_k"]
+    assert after["privleak"]["min_k"] == pytest.approx((after["mia_auc"]["min_k"] - auc) / auc)
     print(
         f"\nshortened demo: forget MA {before['forget']['ma']:.3f} -> {after['forget']['ma']:.3f}, kept customers' "
         f"MA {before['keep']['ma']:.3f} -> {after['keep']['ma']:.3f}, Pile PPL {before['ppl']['pile']:.2f} -> "
