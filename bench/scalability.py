@@ -121,7 +121,7 @@ def fields_reproduced(model_dir: Path, texts: list[str]) -> dict[str, int]:
     the record up to the field (teacher forced: every hit from the field's first token to its last)."""
     tok, model = modeling.load_tokenizer(model_dir), modeling.load_model(model_dir).eval()
     encoded = [tok(t, add_special_tokens=False, return_offsets_mapping=True) for t in texts]
-    _, hits = metrics.nll_and_hits(
+    _, _, hits = metrics.nll_and_hits(
         model, [e["input_ids"] for e in encoded], batch_size=16, pad_token_id=tok.pad_token_id
     )
     counts = {name: 0 for name in FIELDS.groupindex}

@@ -1,7 +1,8 @@
 """Continual erasure (MUSE's sustainability test): customers erased in batches, one week after another,
 each batch a full `icu run` chained through one erasure ledger, beside one batch of the same customers.
 
-    python bench/sequential.py [--batches 4] [--size 8] [--no-single] [--out bench/results/sequential.md]
+    python bench/sequential.py [--batches 4] [--size 8] [--no-single] [--runs runs/sequential]
+        [--out bench/results/sequential.md]
 
 Inputs (`ray_jobs.customers`, cached per machine): SmolLM2-135M fine-tuned on 64 made-up customers;
 the first batches x size are erased, `size` a week, from the previous week's hand-off; the other 32
@@ -31,23 +32,40 @@ from pipeline.store import RunStore  # noqa: E402
 from ray_jobs import customers  # noqa: E402
 from scalability import _share, commit, perplexities, table, write_jsonl  # noqa: E402
 
-RUNS = ROOT / "runs" / "sequential"
+RUNS = ROOT / "runs" / "sequential"  # --runs
 KEPT = 32
 
 
-def icu_run(name: str, config: dict) -> RunStore:
-    """`icu run` of one config (written to runs/sequential/NAME.yaml); a finished run is skipped."""
-    path = RUNS / f"{name}.yaml"
+def icu_run(runs: Path, name: str, config: dict) -> RunStore:
+    """`icu run` of one config (written to RUNS/NAME.yaml); a finished run is skipped."""
+    path = runs / f"{name}.yaml"
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)], cwd=ROOT)
     if proc.returncode not in (0, 3):  # 3: requests remembered (the table says so); with a ledger, export refuses
         raise SystemExit(f"{name}: icu run exited with {proc.returncode}")
-    return RunStore(RUNS / name)
+    return RunStore(runs / name)
 
 
-def config_for(name: str, inputs: dict, requests: Path, pool: Path, model: Path, ledger: Path | None) -> dict:
-    """The demo's config with this run's paths."""
+def config_for(
+    runs: Path,
+    name: str,
+    inputs: dict,
+    requests: Path,
+    pool: Path,
+    model: Path,
+    ledger: Path | None,
+    settings: dict[str, object],
+) -> dict:
+    """The demo's config with this run's paths and the bench's `--set` settings (dotted keys)."""
     config = yaml.safe_load((ROOT / "ray_jobs" / "configs" / "demo.yaml").read_text())
+    for key, value in settings.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+            if isinstance(node, str):  # `loss: icu_band` written as a name: the mapping form
+                raise SystemExit(f"--set {key}: {part} is {node!r} in demo.yaml, not a mapping")
+        node[leaf] = value
     config["model"]["name"] = str(model)
     config["requests"]["path"] = str(requests)
     config["retain"]["paths"][0] = str(pool)
@@ -55,7 +73,7 @@ def config_for(name: str, inputs: dict, requests: Path, pool: Path, model: Path,
     config["evaluation"].update(
         unseen_path=str(inputs["unseen"]), keep_path=str(inputs["keep"]), reference_model=str(inputs["retrained"])
     )
-    config["storage"] = {"runs_dir": str(RUNS), "name": name}
+    config["storage"] = {"runs_dir": str(runs), "name": name}
     if ledger is not None:
         config["ledger"] = str(ledger)
     return config
@@ -93,41 +111,66 @@ def measure(label: str, store: RunStore, erased: int) -> dict:
     }
 
 
+def _shown(path: Path) -> str:
+    """A path relative to the project where it lies inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--size", type=int, default=8)
+    parser.add_argument("--weeks", type=int, help="run only the first WEEKS batches (the inputs are made for all)")
     parser.add_argument("--no-single", action="store_true", help="skip the one run erasing every batch at once")
     parser.add_argument("--data", default=os.environ.get("ICU_DATA", str(ROOT.parent / "shared" / "data")))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sequential.md"))
+    parser.add_argument("--runs", default=str(RUNS), help="the folder of the runs, the ledger and the inputs")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a setting every run gets on top of demo.yaml (dotted key, JSON value); the table's header names it",
+    )
     args = parser.parse_args()
+    settings = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.set)}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     total = args.batches * args.size
-    inputs = customers.prepare(RUNS / "inputs", Path(args.data), total + KEPT, total)
+    runs = Path(args.runs).resolve()
+    inputs = customers.prepare(runs / "inputs", Path(args.data), total + KEPT, total)
     erase = [json.loads(line) for line in inputs["erase"].read_text().splitlines()]
     keep = [json.loads(line) for line in inputs["keep"].read_text().splitlines()]
     rows, model = [], inputs["model"]
-    for week in range(args.batches):
-        batch = RUNS / "inputs" / f"week{week + 1}.jsonl"
-        pool = RUNS / "inputs" / f"pool{week + 1}.jsonl"  # the customers nobody has asked to erase yet
+    for week in range(args.weeks or args.batches):
+        batch = runs / "inputs" / f"week{week + 1}.jsonl"
+        pool = runs / "inputs" / f"pool{week + 1}.jsonl"  # the customers nobody has asked to erase yet
         write_jsonl(batch, erase[week * args.size : (week + 1) * args.size])
         write_jsonl(pool, erase[(week + 1) * args.size :] + keep)
         name = f"week{week + 1}"
-        store = icu_run(name, config_for(name, inputs, batch, pool, model, RUNS / "ledger"))
+        store = icu_run(runs, name, config_for(runs, name, inputs, batch, pool, model, runs / "ledger", settings))
         rows.append(measure(name, store, (week + 1) * args.size))
         model = store.artefact("handoff")
         print(table(rows), flush=True)
     if not args.no_single:
         name = f"all{total}"
-        store = icu_run(name, config_for(name, inputs, inputs["erase"], inputs["keep"], inputs["model"], None))
+        store = icu_run(
+            runs,
+            name,
+            config_for(runs, name, inputs, inputs["erase"], inputs["keep"], inputs["model"], None, settings),
+        )
         rows.append(measure(f"one batch of {total}", store, total))
     text = "\n\n".join(
         [
-            f"# Continual erasure: {args.batches} batches of {args.size}, one after another (`bench/sequential.py`)",
-            f"Written by the bench at commit {commit()} from the runs in runs/sequential/ (one run each, this "
+            f"# Continual erasure: {len(rows) if args.no_single else len(rows) - 1} batches of {args.size}, one after "
+            f"another (`bench/sequential.py`{''.join(f', `{k}: {json.dumps(v)}`' for k, v in settings.items())})",
+            f"Written by the bench at commit {commit()} from the runs in {_shown(runs)}/ (one run each, this "
             f"machine). SmolLM2-135M fine-tuned on {total + KEPT} made-up customers; week k erases {args.size} of them "
             "from week k-1's hand-off through one erasure ledger (`ledger:`), with `ray_jobs/configs/demo.yaml`'s "
-            "recipe unchanged"
+            + (
+                "recipe unchanged"
+                if not settings
+                else "recipe but for " + ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in settings.items())
+            )
             + ("; the last row erases all of them in one run from the original" if not args.no_single else "")
             + ". Every figure is the "
             "run's hand-off against the first original model, over every request erased so far: forgotten whole "

@@ -91,7 +91,7 @@ def memorization(
         el = metrics.extraction_likelihood(
             model, ids, mask, n=el_n, prompt_range=el_range, sync_calls=sync_calls, pad_token_id=pad_id, out=out
         ).tolist()
-        nll, hits = metrics.nll_and_hits_of(out.logits, ids, mask)
+        nll, _, hits = metrics.nll_and_hits_of(out.logits, ids, mask)
         span = [metrics.extractable_span(h, prefix) for h in hits]
         part = [
             dict(ma=m, el=e, span=float(sp), whole=float(sp >= len(r) - prefix), nll=float(n), hits=h)
@@ -162,12 +162,13 @@ def score_requests(
 
 
 def screen(model, rows: list[list[int]], *, prefix: int, batch_size: int, pad_id: int) -> list[dict]:
-    """{"ma", "span", "nll", "hits"} of each row from one teacher-forced pass: what a look between
-    two checks decides a request's side of the line on (no decoding, no generation)."""
-    nll, hits = metrics.nll_and_hits(model, rows, batch_size=batch_size, pad_token_id=pad_id)
+    """{"ma", "span", "nll", "tail", "hits"} of each row from one teacher-forced pass (tail:
+    `metrics.tail_nll`): what a look between two checks decides a request's side of the line on (no
+    decoding, no generation), and the strangers' band."""
+    nll, tail, hits = metrics.nll_and_hits(model, rows, batch_size=batch_size, pad_token_id=pad_id)
     return [
-        dict(ma=sum(h) / max(len(h), 1), span=float(metrics.extractable_span(h, prefix)), nll=n, hits=h)
-        for n, h in zip(nll.tolist(), hits)
+        dict(ma=sum(h) / max(len(h), 1), span=float(metrics.extractable_span(h, prefix)), nll=n, tail=t, hits=h)
+        for n, t, h in zip(nll.tolist(), tail.tolist(), hits)
     ]
 
 
@@ -225,16 +226,20 @@ def band_targets(
     hits: list[list[bool]],
     share: dict[tuple[int, int], float],
     unseen_nll: list[float],
+    unseen_tail: list[float],
     ma_threshold: float,
     shared_at: float = 0.5,
     hold: bool = False,
-) -> tuple[list[list[float]], list[float], list[float]]:
-    """icu_band's per-request (push mask over positions, low, high) for the next epoch.
+) -> tuple[list[list[float]], list[float], list[float], list[float], list[float]]:
+    """icu_band's per-request (push mask over positions, low, high, tail low, tail high) for the next
+    epoch.
 
     A remembered request is pushed at every position whose bigram strangers do not mostly get
     right (share < `shared_at`: what is specific to the person), towards the strangers' median NLL
-    (`low`), never pulled back (high = inf). When its template hits alone (`hits`: its greedy hits
-    now) keep its MA above the threshold, with every personal hit lost, it has more template than
+    (`low`) and their median `losses.tail_nll` (`tail low`: its least likely tokens as unlikely as a
+    stranger's, or Min-K% still tells it from one), never pulled back (high = inf). When its
+    template hits alone (`hits`: its greedy hits now) keep its MA above the threshold, with every
+    personal hit lost, it has more template than
     a stranger's record: pushing the personal tokens deeper would not bring it to the line, so
     template hits are pushed too, least shared first and only as many as the threshold needs (a
     comma after a name can stay a hit for epochs while the rest of the record is gone). One
@@ -244,11 +249,13 @@ def band_targets(
     `margin` logits, so it acts only on a token the neighbours' training (or the pull) brings
     back: the template tokens that were pushed to cross the line stay crossed, and a request
     pulled back from too deep comes back by its NLL, not by becoming remembered again. Its NLL is
-    kept in the strangers' middle half (`low`, `high`: their 25th and 75th percentiles).
+    kept in the strangers' middle half (`low`, `high`: their 25th and 75th percentiles), and so is
+    its tail (`tail low`, `tail high`: the 25th and 75th percentiles of theirs).
     """
-    low = float(np.median(unseen_nll))
+    low, tail_low = float(np.median(unseen_nll)), float(np.median(unseen_tail))
     middle = [float(q) for q in np.quantile(unseen_nll, [0.25, 0.75])]
-    push, lows, high = [], [], []
+    tail_middle = [float(q) for q in np.quantile(unseen_tail, [0.25, 0.75])]
+    push, lows, high, tail_lows, tail_highs = [], [], [], [], []
     for rec, row, row_hits in zip(records, rows, hits):
         remembered = not rec["forgotten"] and not rec["too_deep"]
         held = hold and not remembered
@@ -265,8 +272,10 @@ def band_targets(
                 mask[t] = 1.0
         push.append(mask)
         lows.append(middle[0] if held else low)
+        tail_lows.append(tail_middle[0] if held else tail_low)
+        tail_highs.append(tail_middle[1] if held else float("inf"))
         high.append(float("inf") if remembered or rec["band_high"] is None else middle[1] if held else rec["band_high"])
-    return push, lows, high
+    return push, lows, high, tail_lows, tail_highs
 
 
 def set_auc(nll: list[float], unseen_nll: list[float]) -> float:

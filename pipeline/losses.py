@@ -25,10 +25,12 @@ loss here, one `METHODS` line and, for a named recipe, one YAML file.
   Forget row i and neighbour row i are a pair; the neighbour is passed as `retain_*`.
 - icu_band: icu with a bounded forget term per request, uw * (mean_t push_t * relu(z_true - z_best_other
        + margin) + relu(low - NLL(forget)) + relu(NLL(forget) - high)), the middle term's gradient
-       through the pushed tokens only: the tokens specific to the person (`forget_push`) are
-       pushed just off the top and their NLL raised to the strangers' median (`forget_low`),
-       and no further; a request erased past the strangers' edge (`forget_high`) is pulled back
-       (pipeline/method.md, "Stopping at a stranger's level"). All three come from the loop.
+       through the pushed tokens only: the tokens specific to the person (`forget_push`) are pushed
+       just off the top and their NLL raised to the strangers' median (`forget_low`), and no further;
+       a request erased past the strangers' edge (`forget_high`) is pulled back (pipeline/method.md,
+       "Stopping at a stranger's level"). With `tail_band` the same two relu terms also act on the
+       row's tail NLL (`tail_nll`: the mean of its least likely 20 %, minus Min-K% Prob) against
+       `forget_tail_low` / `forget_tail_high`. All of them come from the loop.
        Its neighbour NLL is held, not taught: lw * relu(NLL_theta(x_n) - NLL_ref(x_n)), per row or
        (hold_tokens) per token.
 - ga:  -NLL(forget)                                    (Knowledge Unlearning).
@@ -95,6 +97,9 @@ class ICUBand(ICU):
     # the hold per token, mean_t relu(NLL_theta,t - NLL_ref,t), instead of on the row's mean NLL: a
     # token that gets worse is not paid for by one that gets better
     hold_tokens: bool = False
+    # the band on each request's tail NLL too (tail_nll, minus Min-K% Prob): raised to the strangers'
+    # median while pushed, held in their middle half after (pipeline/method.md, "The tail band")
+    tail_band: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,8 @@ class LossInputs:
     forget_push: Tensor | None = None  # [B, T-1] icu_band: 1 = push the prediction of ids[:, t+1]
     forget_low: Tensor | None = None  # [B] icu_band: the token-mean NLL a pushed row is raised to
     forget_high: Tensor | None = None  # [B] icu_band: the token-mean NLL a row is pulled back to
+    forget_tail_low: Tensor | None = None  # [B] icu_band: the tail NLL (tail_nll) a pushed row is raised to
+    forget_tail_high: Tensor | None = None  # [B] icu_band: the tail NLL a row is pulled back to
     retain_general: Tensor | None = None  # [R] bool: general retain rows (not a request's neighbour)
     forget_hidden: Tensor | None = None  # [B, T, D] rmu: the trained model's activations at its layer
     retain_hidden: Tensor | None = None
@@ -260,6 +267,20 @@ def _shifted_nll(logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Ten
     return nll[:, :-1], valid[:, :-1]
 
 
+MIN_K = 0.2  # Min-K% Prob's share of a row's least likely tokens (Shi et al. 2024's default)
+
+
+def tail_nll(nll: Tensor, valid: Tensor, share: float = MIN_K) -> Tensor:
+    """[B] the mean of each row's max(1, floor(share * n)) largest per-token NLLs [B, T] among its n
+    counted positions (`valid`): minus Min-K% Prob. It tells a row a model has met from one it has not
+    where the mean NLL cannot: the names and numbers a stranger's record makes it guess. Differentiable
+    through the tokens chosen; 0 for a row with nothing counted."""
+    k = (valid.sum(-1) * share).floor().long().clamp(min=1)
+    highest = nll.masked_fill(~valid, 0.0).sort(-1, descending=True).values  # NLL >= 0: pads sort last
+    take = torch.arange(highest.shape[-1], device=highest.device) < k[:, None]
+    return torch.where(take, highest, 0.0).sum(-1) / k
+
+
 def token_nll(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     """[B] token-mean causal-LM cross-entropy per sequence; 0 for rows with nothing to predict."""
     nll, valid = _shifted_nll(logits, ids, mask)
@@ -321,8 +342,12 @@ def _icu_band(x: LossInputs, p: ICUBand) -> tuple[Tensor, Parts]:
     push = x.forget_push.bool() & valid
     nll = per_token.sum(1) / count
     margin = torch.where(push, margins, 0.0).sum(1) / count
-    raised = torch.where(push, per_token, per_token.detach()).sum(1) / count  # nll's value, pushed tokens' gradient
-    outside = margin + push.any(1) * F.relu(x.forget_low - raised) + F.relu(nll - x.forget_high)
+    pushed = torch.where(push, per_token, per_token.detach())  # each token's NLL, the gradient through pushed ones
+    short, deep = F.relu(x.forget_low - pushed.sum(1) / count), F.relu(nll - x.forget_high)
+    if p.tail_band:
+        short = short + F.relu(x.forget_tail_low - tail_nll(pushed, valid))
+        deep = deep + F.relu(tail_nll(per_token, valid) - x.forget_tail_high)
+    outside = margin + push.any(1) * short + deep
     active = valid.any(1)
     parts = {"forget_nll": _row_mean(nll.detach(), active), "band_gap": _row_mean(outside, active)}
     return _neighbour_terms(p.uw * parts["band_gap"], parts, x, p, hold="token" if p.hold_tokens else "row")
@@ -433,7 +458,8 @@ class Method:
     `retain(p)`: whether the loss reads a retain/neighbour batch (`retain_*`).
     `reference(p)`: which rows the frozen original model must see ("retain", "forget")
     or None; the step runs that extra forward pass only then.
-    `band`: the loss reads each forget row's `forget_push` / `forget_low` / `forget_high`, so it
+    `band`: the loss reads each forget row's `forget_push` / `forget_low` / `forget_high` /
+    `forget_tail_low` / `forget_tail_high`, so it
     can also pull back a request erased past the strangers' level.
     `layer(p)`: the residual stream after how many blocks the loss reads (`*_hidden`), or None.
     """
@@ -478,7 +504,7 @@ def _check_inputs(m: Method, x: LossInputs, settings: Settings) -> None:
     if m.reference(settings):
         required.append(f"ref_{m.reference(settings)}_logits")
     if m.band:
-        required += ["forget_push", "forget_low", "forget_high"]
+        required += ["forget_push", "forget_low", "forget_high", "forget_tail_low", "forget_tail_high"]
     if m.layer(settings) is not None:
         required = [k for k in required if k != "ref_retain_logits"] + [
             "forget_hidden",

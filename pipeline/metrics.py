@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel
 
+from pipeline.losses import MIN_K, tail_nll
+
 PromptRange = Literal["icu", "ku"]
 SyncCalls = Callable[[int], int]  # this rank's generate() call count -> the count every rank must make
 
@@ -372,30 +374,34 @@ def _dummy_forwards(model: PreTrainedModel, count: int, pad_token_id: int) -> No
 @torch.no_grad()
 def nll_and_hits(
     model: PreTrainedModel, rows: Sequence[Sequence[int]], *, batch_size: int = 8, pad_token_id: int = 0
-) -> tuple[torch.Tensor, list[list[bool]]]:
-    """From one forward pass per batch: each row's mean token NLL (float64 [N], as `sequence_losses`)
-    and, per position t = 0..len-2, whether the greedy prediction from x_<=t is x_{t+1} (the
-    positions MA averages over). IUR needs both for the requests and the strangers at every check."""
+) -> tuple[torch.Tensor, torch.Tensor, list[list[bool]]]:
+    """From one forward pass per batch: each row's mean token NLL (float64 [N], as `sequence_losses`),
+    its `losses.tail_nll` and, per position t = 0..len-2, whether the greedy prediction from x_<=t is
+    x_{t+1} (the positions MA averages over). IUR needs them for the requests and the strangers at
+    every check."""
     if any(len(r) < 2 for r in rows):
         raise ValueError("sequence losses: every row needs at least 2 tokens")
-    losses, hits = [], []
+    losses, tails, hits = [], [], []
     for group in _chunks(range(len(rows)), batch_size):
         ids, mask = pad_rows([rows[k] for k in group], pad_token_id, left=False, device=model.device)
-        nll, row_hits = nll_and_hits_of(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+        nll, tail, row_hits = nll_and_hits_of(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
         losses.append(nll)
+        tails.append(tail)
         hits += row_hits
-    return (torch.cat(losses).cpu() if losses else torch.empty(0, dtype=torch.float64)), hits
+    empty = torch.empty(0, dtype=torch.float64)
+    return (torch.cat(losses) if losses else empty), (torch.cat(tails) if tails else empty), hits
 
 
 def nll_and_hits_of(
     logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> tuple[torch.Tensor, list[list[bool]]]:
+) -> tuple[torch.Tensor, torch.Tensor, list[list[bool]]]:
     """`nll_and_hits` of one right-padded batch, read off the logits of a pass already made."""
     logits, targets, valid = logits[:, :-1].float(), input_ids[:, 1:], attention_mask[:, 1:].bool()
-    nll = _masked_nll(logits, targets, valid).sum(-1).double() / valid.sum(-1).clamp_min(1)
+    per_token = _masked_nll(logits, targets, valid)
+    nll = per_token.sum(-1).double() / valid.sum(-1).clamp_min(1)
     correct = ((logits.argmax(-1) == targets) & valid).cpu()
-    lengths = valid.sum(-1).tolist()
-    return nll.cpu(), [correct[i, :n].tolist() for i, n in enumerate(lengths)]
+    hits = [correct[i, :n].tolist() for i, n in enumerate(valid.sum(-1).tolist())]
+    return nll.cpu(), tail_nll(per_token.double(), valid).cpu(), hits
 
 
 def extractable_span(hits: Sequence[bool], prefix: int) -> int:
@@ -562,7 +568,7 @@ def mia_scores(
     attention_mask: torch.Tensor,
     texts: Sequence[str],
     *,
-    min_k: float = 0.2,
+    min_k: float = MIN_K,
     logits: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Membership scores per row, every one oriented so that HIGHER = more likely a member.
@@ -583,10 +589,7 @@ def mia_scores(
     zlib_len = torch.tensor(
         [len(zlib.compress(t.encode("utf-8"))) for t in texts], dtype=torch.float64, device=mean_nll.device
     )
-    k = (count.double() * min_k).floor().long().clamp_min(1)
-    lowest = (-nll).masked_fill(~valid, float("inf")).sort(-1).values  # ascending log-probs
-    take = torch.arange(lowest.shape[1], device=lowest.device) < k[:, None]
-    min_k_score = lowest.masked_fill(~take, 0.0).sum(-1).double() / k
+    min_k_score = -tail_nll(nll.double(), valid, min_k)
     return {"loss": (-mean_nll).cpu(), "zlib": (-mean_nll / zlib_len).cpu(), "min_k": min_k_score.cpu()}
 
 

@@ -77,7 +77,7 @@ def expected(
     gens = metrics.greedy_continuations(
         model, prompts, [len(t) for t in truths], batch_size=batch_size, pad_token_id=pad_token_id
     )
-    _, hits = metrics.nll_and_hits(model, [r for _, _, r in rows], batch_size=batch_size, pad_token_id=pad_token_id)
+    _, _, hits = metrics.nll_and_hits(model, [r for _, _, r in rows], batch_size=batch_size, pad_token_id=pad_token_id)
     out = []
     for (group, rid, row), prompt, gen, truth, row_hits in zip(rows, prompts, gens, truths, hits):
         ids = torch.tensor([prompt + list(gen)], device=model.device)

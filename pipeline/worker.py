@@ -94,11 +94,11 @@ class LoopState:
 @dataclass
 class Look:
     """What one check saw: one record per request (in request order), icu_band's targets for the
-    next steps (push masks, low, high per request), the set's LOSS AUC against the strangers, and
-    the neighbours' MA (with the hold)."""
+    next steps (push masks, low, high, tail low, tail high per request), the set's LOSS AUC against the
+    strangers, and the neighbours' MA (with the hold)."""
 
     records: list[dict]
-    band: tuple[list, list, list] | None = None
+    band: tuple[list, list, list, list, list] | None = None
     set_auc: float | None = None
     neighbour_ma: float | None = None
 
@@ -406,6 +406,7 @@ class Worker:
                 hits,
                 bigram_share(self.strangers, [s["hits"] for s in strangers]),
                 unseen,
+                [s["tail"] for s in strangers],
                 self.thr.ma,
                 hold=self.rule.hold,
             )
@@ -435,6 +436,7 @@ class Worker:
                 [s["hits"] for s in seen],
                 bigram_share(self.strangers, [s["hits"] for s in strangers]),
                 unseen,
+                [s["tail"] for s in strangers],
                 self.thr.ma,
                 hold=self.rule.hold,
             )
@@ -579,15 +581,16 @@ class Worker:
             )
         if m.band:  # an empty row's band is never read (the row is inactive)
             rows = [p.pair_request[k] if k is not None else None for k in batch]
-            push, low, high = band
+            push, low, high, tail_low, tail_high = band
             width = ids.shape[1] - 1
             kwargs["forget_push"] = torch.tensor(
                 [(push[i] + [0.0] * width)[:width] if i is not None else [0.0] * width for i in rows],
                 dtype=torch.float32,
                 device=self.device,
             )
-            for name, edge in (("forget_low", low), ("forget_high", high)):
-                kwargs[name] = torch.tensor(
+            edges = {"low": low, "high": high, "tail_low": tail_low, "tail_high": tail_high}
+            for name, edge in edges.items():
+                kwargs[f"forget_{name}"] = torch.tensor(
                     [edge[i] if i is not None else 0.0 for i in rows], dtype=torch.float32, device=self.device
                 )
         if layer is not None:  # the loss reads the residual stream after `layer` blocks

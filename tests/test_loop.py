@@ -176,6 +176,7 @@ def _quantile(values, q):
 
 
 UNSEEN = [2.0, 2.4, 2.1, 3.0, 2.7, 2.2, 2.9, 2.5, 2.6, 2.3]  # token-mean NLL of 10 strangers
+TAILS = [9.0, 11.5, 8.0, 12.5, 10.0, 9.5, 13.0, 10.5, 11.0, 12.0]  # their tail NLL (losses.tail_nll)
 
 
 def test_two_sided_rule_flags_requests_past_the_strangers_band():
@@ -262,23 +263,30 @@ def test_band_targets_push_what_is_personal_and_pull_back_the_too_deep():
     rows = [[1, 2, 3, 7], [1, 2, 3], [4, 5], [1, 2]]
     hits = [[True, True, False], [True, True], [False], [True]]
     share = {(1, 2): 0.9, (2, 3): 0.2, (3, 7): 0.5}
-    push, low, hi = band_targets(
-        [rec(), rec(deep=True), rec(forgotten=True), rec(edge=None)], rows, hits, share, UNSEEN, ma_threshold=0.5
+    push, low, hi, tail_low, tail_hi = band_targets(
+        [rec(), rec(deep=True), rec(forgotten=True), rec(edge=None)], rows, hits, share, UNSEEN, TAILS, ma_threshold=0.5
     )
     # (1, 2) and (3, 7) are template: not pushed while a personal token is still a hit (row 0),
     # pushed when only template hits keep MA above the threshold (row 3: MA 1 > 0.5)
     assert push == [[0.0, 1.0, 0.0], [0.0, 0.0], [0.0], [1.0]]
     assert low == [pytest.approx(_quantile(UNSEEN, 0.5))] * 4
+    assert tail_low == [pytest.approx(_quantile(TAILS, 0.5))] * 4  # as unlikely as a stranger's rarest tokens
+    assert tail_hi == [math.inf] * 4
     assert hi[0] == hi[3] == math.inf and hi[1] == pytest.approx(high) == hi[2]
     # held (recover_within): a forgotten or too-deep row keeps its personal positions and every
     # position it misses now (row 4: the template (1, 2) is off the top), and is kept within the
     # strangers' middle half (their 25th to 75th percentile NLL)
     rows, hits = rows + [[1, 2, 3]], hits + [[False, True]]
     recs = [rec(), rec(deep=True), rec(forgotten=True), rec(edge=None), rec(forgotten=True)]
-    held, held_low, held_hi = band_targets(recs, rows, hits, share, UNSEEN, ma_threshold=0.5, hold=True)
+    held, held_low, held_hi, held_tail, held_tail_hi = band_targets(
+        recs, rows, hits, share, UNSEEN, TAILS, ma_threshold=0.5, hold=True
+    )
     assert held == [push[0], [0.0, 1.0], [1.0], push[3], [1.0, 1.0]]
     q25, q75 = pytest.approx(_quantile(UNSEEN, 0.25)), pytest.approx(_quantile(UNSEEN, 0.75))
     assert held_low == [low[0], q25, q25, low[3], q25] and held_hi == [math.inf, q75, q75, math.inf, q75]
+    t25, t75 = pytest.approx(_quantile(TAILS, 0.25)), pytest.approx(_quantile(TAILS, 0.75))
+    assert held_tail == [tail_low[0], t25, t25, tail_low[3], t25]
+    assert held_tail_hi == [math.inf, t75, t75, math.inf, t75]
 
 
 def test_set_auc_is_the_loss_auc_of_the_requests_against_strangers():
@@ -323,7 +331,7 @@ def test_band_targets_push_template_hits_the_personal_ones_cannot_make_up_for(se
     ]
     thr = rng.choice([0.1, 0.2, 0.3])
     rec = {"forgotten": False, "too_deep": False, "band_high": 9.0}
-    push, _, _ = band_targets([rec] * len(rows), rows, hits, share, UNSEEN, ma_threshold=thr)
+    push, *_ = band_targets([rec] * len(rows), rows, hits, share, UNSEEN, TAILS, ma_threshold=thr)
     assert push == [_naive_push(r, h, share, thr) for r, h in zip(rows, hits)]
     personal = [[float(share.get(q, 0.0) < 0.5) for q in zip(r, r[1:])] for r in rows]
     assert any(p != q for p, q in zip(push, personal))

@@ -116,11 +116,12 @@ def naive_simnpo(logits, ids, mask, beta, gamma):
     return batch_mean(per_row)
 
 
-def naive_band(logits, ids, mask, push, low, high, margin):
+def naive_band(logits, ids, mask, push, low, high, margin, tail_low, tail_high, tail_band):
     """icu_band's forget term, per row with a prediction: the mean over its positions of
-    push_t * relu(z_true - max over other tokens + margin); how far its token-mean NLL lies below
-    `low` (if any position is pushed; gradient through the pushed positions only); how far it lies
-    above `high`. Averaged over those rows."""
+    push_t * relu(z_true - max over other tokens + margin); how far its token-mean NLL, and its tail
+    (the mean of its max(1, floor(n / 5)) largest token NLLs), lie below `low` and `tail_low` (if any
+    position is pushed; gradient through the pushed positions only); how far they lie above `high` and
+    `tail_high`; the tail's two only with `tail_band`. Averaged over those rows."""
     per_row = []
     for b, terms in enumerate(naive_token_terms(logits, ids, mask)):
         if terms:
@@ -131,8 +132,16 @@ def naive_band(logits, ids, mask, push, low, high, margin):
                 gaps.append(push[b, t] * torch.clamp(z[y] - best_other + margin, min=0))
                 raised.append(terms[k] if push[b, t] else terms[k].detach())
             nll, pushed = sum(terms) / len(terms), sum(raised) / len(terms)
-            below = torch.clamp(low[b].double() - pushed, min=0) if any(push[b, : len(terms)]) else 0.0
-            per_row.append(sum(gaps) / len(terms) + below + torch.clamp(nll - high[b].double(), min=0))
+            k = max(1, len(terms) // 5)
+            tail = sum(sorted(raised, key=lambda t: float(t.detach()), reverse=True)[:k]) / k
+            whole_tail = sum(sorted(terms, key=lambda t: float(t.detach()), reverse=True)[:k]) / k
+            above = torch.clamp(nll - high[b].double(), min=0)
+            below = torch.clamp(low[b].double() - pushed, min=0)
+            if tail_band:
+                above = above + torch.clamp(whole_tail - tail_high[b].double(), min=0)
+                below = below + torch.clamp(tail_low[b].double() - tail, min=0)
+            below = below if any(push[b, : len(terms)]) else 0.0
+            per_row.append(sum(gaps) / len(terms) + below + above)
     return batch_mean(per_row)
 
 
@@ -156,6 +165,18 @@ LENGTHS = [6, 4, 2, 0, 5]
 def test_token_nll_matches_naive():
     logits, ids, mask = make_batch(LENGTHS)
     assert_close_with_grads(token_nll(logits, ids, mask), row_means(naive_token_terms(logits, ids, mask)), [logits])
+
+
+def test_tail_nll_matches_naive():
+    """Minus Min-K% Prob (k = 20 %): the mean of each row's floor(n / 5) (at least 1) largest token NLLs,
+    the gradient through those tokens only; 0 for a row with no prediction."""
+    logits, ids, mask = make_batch([12, 6, 4, 2, 0], T=12)
+    naive = []
+    for terms in naive_token_terms(logits, ids, mask):
+        k = max(1, len(terms) // 5)
+        top = sorted(terms, key=lambda t: float(t.detach()), reverse=True)[:k]
+        naive.append(sum(top) / k if terms else torch.zeros((), dtype=torch.float64))
+    assert_close_with_grads(losses.tail_nll(*losses._shifted_nll(logits, ids, mask)), torch.stack(naive), [logits])
 
 
 def test_sequence_logprob_matches_naive():
@@ -252,7 +273,7 @@ def test_property_pad_content_is_irrelevant(seed: int, n: int, extra: int):
 
 CUSTOM = {
     "icu": ICU(uw=0.7, lw=0.3, kl=1.5),
-    "icu_band": ICUBand(uw=0.7, lw=0.3, kl=1.5, margin=2.0, hold_tokens=True),
+    "icu_band": ICUBand(uw=0.7, lw=0.3, kl=1.5, margin=2.0, hold_tokens=True, tail_band=True),
     "ga": losses.GA(),
     "gd": GD(retain_weight=0.4),
     "npo": NPO(beta=0.2, retain_weight=0.4),
@@ -274,10 +295,15 @@ def method_inputs(forget_lengths=LENGTHS, retain_lengths=(6, 3, 5, 0, 6)):
     push = (pushed_rows[:, None] & (torch.arange(width) % 3 != 1)).float()  # some positions of pushed rows
     low = nll + torch.tensor([0.5, 0.5, 0.5, -0.5, 0.3] * rows)[:rows]  # row 3: already above its low
     high = torch.where(torch.tensor([False, True, False, False, True] * rows)[:rows], nll - 0.5, math.inf)
+    tail = losses.tail_nll(*losses._shifted_nll(forget_logits, forget_ids, forget_mask)).detach()
+    tail_low = tail + torch.tensor([1.0, 0.5, -1.0, 0.5, -0.2] * rows)[:rows]  # rows 2, 4: tails above theirs
+    tail_high = torch.where(torch.tensor([False, False, True, False, True] * rows)[:rows], tail - 0.3, math.inf)
     return dict(
         forget_push=push,
         forget_low=low,
         forget_high=high,
+        forget_tail_low=tail_low,
+        forget_tail_high=tail_high,
         forget_logits=forget_logits,
         forget_ids=forget_ids,
         forget_mask=forget_mask,
@@ -324,6 +350,9 @@ def naive_method(name: str, w, x: dict) -> torch.Tensor:
             x["forget_low"],
             x["forget_high"],
             w.margin,
+            x["forget_tail_low"],
+            x["forget_tail_high"],
+            w.tail_band,
         )
         return w.uw * band + naive_held(x, [w.lw] * len(x["retain_ids"]), w.hold_tokens) + w.kl * kl
     if name == "simnpo":
@@ -419,8 +448,13 @@ def whole_method(name: str, w, x: dict) -> torch.Tensor:
     push = x["forget_push"].bool() & valid
     nll = per_token.sum(1) / count
     margin = torch.where(push, whole_margins(x["forget_logits"], x["forget_ids"], valid, w.margin), 0.0).sum(1) / count
-    raised = torch.where(push, per_token, per_token.detach()).sum(1) / count
-    outside = margin + push.any(1) * torch.relu(x["forget_low"] - raised) + torch.relu(nll - x["forget_high"])
+    pushed = torch.where(push, per_token, per_token.detach())
+    k = (valid.sum(1) // 5).clamp(min=1)
+    tail = torch.stack([row.sort(descending=True).values[:n].sum() / n for row, n in zip(pushed, k.tolist())])
+    whole_tail = torch.stack([row.sort(descending=True).values[:n].sum() / n for row, n in zip(per_token, k.tolist())])
+    short = torch.relu(x["forget_low"] - pushed.sum(1) / count) + w.tail_band * torch.relu(x["forget_tail_low"] - tail)
+    deep = torch.relu(nll - x["forget_high"]) + w.tail_band * torch.relu(whole_tail - x["forget_tail_high"])
+    outside = margin + push.any(1) * short + deep
     now, kept = whole_shifted_nll(x["retain_logits"], x["retain_ids"], x["retain_mask"])
     ref, _ = whole_shifted_nll(x["ref_retain_logits"], x["retain_ids"], x["retain_mask"])
     tokens = kept.sum(1).clamp(min=1)
@@ -447,6 +481,10 @@ def test_chunked_loss_equals_the_whole_tensor_loss(name: str):
     x["ref_retain_logits"] = 4 * torch.randn(rows, T, vocab, generator=g, dtype=torch.float64)
     x["forget_push"] = (torch.rand(rows, T - 1, generator=g) < 0.6).float()
     x["forget_low"], x["forget_high"] = torch.tensor([9.0, 2.0, 9.5, 0.0]), torch.tensor([20.0, 20.0, 1.0, 20.0])
+    x["forget_tail_low"], x["forget_tail_high"] = (
+        torch.tensor([12.0, 3.0, 14.0, 0.0]),
+        torch.tensor([30.0, 2.0, 30.0, 30.0]),
+    )
     leaves = [x["forget_logits"], x["retain_logits"]]
     want = whole_method(name, CUSTOM[name], x)
     want_grads = torch.autograd.grad(want, leaves)
@@ -556,7 +594,9 @@ def test_icu_band_pushes_pulls_and_leaves_the_rest_alone():
     plus gradient ascent while the row is below `low`; unpushed positions of a pushed row: nothing;
     a row above `high`: descent on its NLL; a row neither pushed nor too deep: no gradient."""
     x = method_inputs(forget_lengths=[6, 6, 6], retain_lengths=[0, 0, 0])
-    x["forget_low"] = torch.tensor([-1.0, 0.0, 0.0])  # row 0 is past its low: only the margin acts
+    x["forget_low"] = torch.tensor([-1.0, 0.0, 0.0])  # row 0 is past its lows: only the margin acts
+    x["forget_tail_low"] = torch.tensor([-1.0, 0.0, 0.0])
+    x["forget_tail_high"] = torch.tensor([math.inf, math.inf, math.inf])
     loss, parts = unlearning_loss("icu_band", ICUBand(lw=0.0, kl=0.0, margin=1.0), **x)
     grad = torch.autograd.grad(loss, x["forget_logits"])[0]
     nll_grad = torch.autograd.grad(
@@ -580,7 +620,7 @@ def test_icu_band_pushes_pulls_and_leaves_the_rest_alone():
 
 def test_missing_inputs_are_named():
     x = method_inputs()
-    with pytest.raises(ValueError, match="forget_push, forget_low, forget_high"):
+    with pytest.raises(ValueError, match="forget_push, forget_low, forget_high, forget_tail_low, forget_tail_high"):
         unlearning_loss(
             "icu_band",
             **{

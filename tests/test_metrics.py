@@ -321,20 +321,24 @@ def test_chunk_losses_match_token_by_token_nll(model, doc_lengths, chunks):
 
 
 def test_nll_and_hits_match_one_unpadded_forward_per_row(model):
-    """Per row, the mean token NLL and, per position, greedy next token == the true one, for rows of
-    different lengths batched together."""
+    """Per row, the mean token NLL, the mean of its 20 % least likely tokens and, per position, greedy
+    next token == the true one, for rows of different lengths batched together."""
     gen = torch.Generator().manual_seed(11)
     rows = [torch.randint(0, VOCAB, (k,), generator=gen).tolist() for k in (9, 2, 14, 5)]
     rows[2][5:9] = rows[2][1:5]  # a repeat the tiny model may predict
-    want_hits, want_nll = [], []
+    want_hits, want_nll, want_tail = [], [], []
     for row in rows:
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([row])).logits[0]
         want_hits.append([int(logits[t].argmax()) == row[t + 1] for t in range(len(row) - 1)])
-        want_nll.append(float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(row[1:]))))
-    nll, hits = metrics.nll_and_hits(model, rows, batch_size=3)
+        per_token = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(row[1:]), reduction="none").tolist()
+        want_nll.append(sum(per_token) / len(per_token))
+        k = max(1, int(0.2 * len(per_token)))  # Min-K%'s share of the least likely tokens
+        want_tail.append(sum(sorted(per_token, reverse=True)[:k]) / k)
+    nll, tail, hits = metrics.nll_and_hits(model, rows, batch_size=3)
     assert hits == want_hits
     assert nll.tolist() == pytest.approx(want_nll, abs=1e-5)
+    assert tail.tolist() == pytest.approx(want_tail, abs=1e-5)
     assert not nll.requires_grad
 
 
