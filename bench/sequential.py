@@ -159,18 +159,15 @@ def main() -> int:
             config_for(runs, name, inputs, inputs["erase"], inputs["keep"], inputs["model"], None, settings),
         )
         rows.append(measure(f"one batch of {total}", store, total))
+    variant = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in settings.items())
     text = "\n\n".join(
         [
             f"# Continual erasure: {len(rows) if args.no_single else len(rows) - 1} batches of {args.size}, one after "
-            f"another (`bench/sequential.py`{''.join(f', `{k}: {json.dumps(v)}`' for k, v in settings.items())})",
+            f"another (`bench/sequential.py`{', ' + variant if variant else ''})",
             f"Written by the bench at commit {commit()} from the runs in {_shown(runs)}/ (one run each, this "
             f"machine). SmolLM2-135M fine-tuned on {total + KEPT} made-up customers; week k erases {args.size} of them "
             "from week k-1's hand-off through one erasure ledger (`ledger:`), with `ray_jobs/configs/demo.yaml`'s "
-            + (
-                "recipe unchanged"
-                if not settings
-                else "recipe but for " + ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in settings.items())
-            )
+            + (f"recipe but for {variant}" if variant else "recipe unchanged")
             + ("; the last row erases all of them in one run from the original" if not args.no_single else "")
             + ". Every figure is the "
             "run's hand-off against the first original model, over every request erased so far: forgotten whole "

@@ -163,7 +163,7 @@ def score_requests(
 
 def screen(model, rows: list[list[int]], *, prefix: int, batch_size: int, pad_id: int) -> list[dict]:
     """{"ma", "span", "nll", "tail", "hits"} of each row from one teacher-forced pass (tail:
-    `metrics.tail_nll`): what a look between two checks decides a request's side of the line on (no
+    `losses.tail_nll`): what a look between two checks decides a request's side of the line on (no
     decoding, no generation), and the strangers' band."""
     nll, tail, hits = metrics.nll_and_hits(model, rows, batch_size=batch_size, pad_token_id=pad_id)
     return [
@@ -234,22 +234,21 @@ def band_targets(
     """icu_band's per-request (push mask over positions, low, high, tail low, tail high) for the next
     epoch.
 
-    A remembered request is pushed at every position whose bigram strangers do not mostly get
-    right (share < `shared_at`: what is specific to the person), towards the strangers' median NLL
-    (`low`) and their median `losses.tail_nll` (`tail low`: its least likely tokens as unlikely as a
+    A remembered request is pushed at every position whose bigram strangers do not mostly get right
+    (share < `shared_at`: what is specific to the person), towards the strangers' median NLL (`low`)
+    and their median `losses.tail_nll` (`tail low`: its least likely tokens as unlikely as a
     stranger's, or Min-K% still tells it from one), never pulled back (high = inf). When its
     template hits alone (`hits`: its greedy hits now) keep its MA above the threshold, with every
-    personal hit lost, it has more template than
-    a stranger's record: pushing the personal tokens deeper would not bring it to the line, so
-    template hits are pushed too, least shared first and only as many as the threshold needs (a
-    comma after a name can stay a hit for epochs while the rest of the record is gone). One
-    erased too deep is not pushed and is pulled back to the strangers' edge. With `hold` a
-    forgotten or too-deep request is held: every personal position and every position greedy
-    decoding misses now keep their margin, which is 0 while those tokens trail the best other by
-    `margin` logits, so it acts only on a token the neighbours' training (or the pull) brings
-    back: the template tokens that were pushed to cross the line stay crossed, and a request
-    pulled back from too deep comes back by its NLL, not by becoming remembered again. Its NLL is
-    kept in the strangers' middle half (`low`, `high`: their 25th and 75th percentiles), and so is
+    personal hit lost, it has more template than a stranger's record: pushing the personal tokens
+    deeper would not bring it to the line, so template hits are pushed too, least shared first and
+    only as many as the threshold needs (a comma after a name can stay a hit for epochs while the
+    rest of the record is gone). One erased too deep is not pushed and is pulled back to the
+    strangers' edge. With `hold` a forgotten or too-deep request is held: every personal position
+    and every position greedy decoding misses now keep their margin, which is 0 while those tokens
+    trail the best other by `margin` logits, so it acts only on a token the neighbours' training (or
+    the pull) brings back: the template tokens that were pushed to cross the line stay crossed, and
+    a request pulled back from too deep comes back by its NLL, not by becoming remembered again. Its
+    NLL is kept in the strangers' middle half (`low`, `high`: their 25th and 75th percentiles), and so is
     its tail (`tail low`, `tail high`: the 25th and 75th percentiles of theirs).
     """
     low, tail_low = float(np.median(unseen_nll)), float(np.median(unseen_tail))
